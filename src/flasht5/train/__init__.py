@@ -1,0 +1,1 @@
+"""Training: typed configs, AdamWScale, schedules, the one training loop, checkpoints."""
