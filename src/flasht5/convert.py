@@ -1,0 +1,357 @@
+"""Hugging Face T5 / mT5 / umT5 (also ByT5, UL2, FLAN-T5: same formats) checkpoints in and out.
+
+One declarative table, :data:`KEY_MAP`, pairs every Hugging Face key pattern with the flasht5 key it becomes;
+the export direction is derived from it. Loading accepts ``model.safetensors``, sharded safetensors with an
+index, and ``pytorch_model.bin`` (sharded or not). A missing, unexpected or mis-shaped weight is an error that
+names it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from flasht5.config import FlashT5Config
+
+HF_MODEL_TYPES = ("t5", "mt5", "umt5")
+
+# (Hugging Face pattern, flasht5 pattern). {i}: layer index; {p}: attention projection; {w}: MLP weight.
+KEY_MAP: list[tuple[str, str]] = [
+    ("shared.weight", "model.shared.weight"),
+    ("lm_head.weight", "model.lm_head.weight"),
+    ("{stack}.final_layer_norm.weight", "model.{stack}.final_norm.weight"),
+    ("{stack}.block.{i}.layer.0.layer_norm.weight", "model.{stack}.layers.{i}.attn_norm.weight"),
+    ("{stack}.block.{i}.layer.0.SelfAttention.{p}.weight", "model.{stack}.layers.{i}.attn.{p}.weight"),
+    (
+        "{stack}.block.{i}.layer.0.SelfAttention.relative_attention_bias.weight",
+        "model.{stack}.layers.{i}.attn.relative_attention_bias.weight",
+    ),
+    ("encoder.block.{i}.layer.1.layer_norm.weight", "model.encoder.layers.{i}.ffn_norm.weight"),
+    ("encoder.block.{i}.layer.1.DenseReluDense.{w}.weight", "model.encoder.layers.{i}.mlp.{w}.weight"),
+    ("decoder.block.{i}.layer.1.layer_norm.weight", "model.decoder.layers.{i}.cross_norm.weight"),
+    ("decoder.block.{i}.layer.1.EncDecAttention.{p}.weight", "model.decoder.layers.{i}.cross_attn.{p}.weight"),
+    ("decoder.block.{i}.layer.2.layer_norm.weight", "model.decoder.layers.{i}.ffn_norm.weight"),
+    ("decoder.block.{i}.layer.2.DenseReluDense.{w}.weight", "model.decoder.layers.{i}.mlp.{w}.weight"),
+    # Task heads keep their transformers names.
+    ("classification_head.{lin}.{wb}", "classification_head.{lin}.{wb}"),
+    ("classifier.{wb}", "classifier.{wb}"),
+    ("qa_outputs.{wb}", "qa_outputs.{wb}"),
+]
+_FIELDS = {
+    "stack": "encoder|decoder",
+    "i": r"\d+",
+    "p": "q|k|v|o",
+    "w": "wi|wi_0|wi_1|wo",
+    "lin": "dense|out_proj",
+    "wb": "weight|bias",
+}
+# Hugging Face keys that carry no information of their own: tied copies of `shared`, and a cross-attention
+# position table that old checkpoints hold but never use.
+HF_REDUNDANT = re.compile(
+    r"^(encoder\.embed_tokens\.weight|decoder\.embed_tokens\.weight|"
+    r"decoder\.block\.0\.layer\.1\.EncDecAttention\.relative_attention_bias\.weight)$"
+)
+# Heads of transformers wrap the base model under `transformer.` (sequence / token classification).
+HF_PREFIX = "transformer."
+
+
+def _compile(pattern: str) -> re.Pattern:
+    out, pos = "", 0
+    for m in re.finditer(r"\{(\w+)\}", pattern):
+        out += re.escape(pattern[pos : m.start()]) + f"(?P<{m.group(1)}>{_FIELDS[m.group(1)]})"
+        pos = m.end()
+    return re.compile("^" + out + re.escape(pattern[pos:]) + "$")
+
+
+_TO_OURS = [(_compile(hf), ours) for hf, ours in KEY_MAP]
+_TO_HF = [(_compile(ours), hf) for hf, ours in KEY_MAP]
+
+
+def _translate(key: str, table: list[tuple[re.Pattern, str]]) -> str | None:
+    for regex, target in table:
+        m = regex.match(key)
+        if m:
+            return target.format(**m.groupdict())
+    return None
+
+
+def hf_key_to_ours(key: str) -> str | None:
+    """flasht5 name of a Hugging Face key; None for redundant keys. Unknown keys raise."""
+    key = key.removeprefix(HF_PREFIX)
+    if HF_REDUNDANT.match(key):
+        return None
+    ours = _translate(key, _TO_OURS)
+    if ours is None:
+        raise ValueError(f"unexpected weight {key!r} in the Hugging Face checkpoint: no flasht5 parameter holds it.")
+    return ours
+
+
+def our_key_to_hf(key: str) -> str:
+    hf = _translate(key, _TO_HF)
+    if hf is None:
+        raise ValueError(f"flasht5 weight {key!r} has no Hugging Face T5 equivalent.")
+    return hf
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Files
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def read_config(folder: str | Path) -> dict[str, Any]:
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise ValueError(f"{folder} has no config.json")
+    return json.loads(path.read_text())
+
+
+def is_hf_t5_folder(path: str | Path) -> bool:
+    """A local folder whose config.json is a stock transformers T5 / mT5 / umT5 config."""
+    p = Path(path)
+    return p.is_dir() and (p / "config.json").is_file() and read_config(p).get("model_type") in HF_MODEL_TYPES
+
+
+def weight_files(folder: str | Path) -> list[Path]:
+    """The checkpoint's weight files, in the formats transformers writes."""
+    folder = Path(folder)
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = folder / index_name
+        if index.is_file():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            missing = [s for s in shards if not (folder / s).is_file()]
+            if missing:
+                raise ValueError(f"{index} lists shards that are not in {folder}: {missing}")
+            return [folder / s for s in shards]
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (folder / name).is_file():
+            return [folder / name]
+    raise ValueError(
+        f"no weights in {folder}: expected model.safetensors, model.safetensors.index.json (+ shards), "
+        "pytorch_model.bin or pytorch_model.bin.index.json (+ shards)."
+    )
+
+
+def load_state_dict(folder: str | Path) -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = {}
+    for f in weight_files(folder):
+        if f.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            part = load_file(str(f))
+        else:
+            part = torch.load(f, map_location="cpu", weights_only=True)
+        dup = state.keys() & part.keys()
+        if dup:
+            raise ValueError(f"weights {sorted(dup)[:5]} appear in more than one shard of {folder}")
+        state.update(part)
+    return state
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Config
+# ----------------------------------------------------------------------------------------------------------------
+
+_HF_CONFIG_FIELDS = (
+    "vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_decoder_layers", "num_heads",
+    "relative_attention_num_buckets", "relative_attention_max_distance", "dropout_rate", "layer_norm_epsilon",
+    "initializer_factor", "feed_forward_proj", "pad_token_id", "eos_token_id", "decoder_start_token_id",
+    "classifier_dropout", "use_cache", "id2label", "label2id", "problem_type",
+)  # fmt: skip
+
+
+def config_from_hf(hf: dict[str, Any], state: dict[str, torch.Tensor] | None = None) -> FlashT5Config:
+    """A ``FlashT5Config`` from a transformers T5 / mT5 / umT5 ``config.json`` dict.
+
+    Whether the output projection is tied is read from the weights when given (transformers >= 5 writes
+    ``tie_word_embeddings: true`` for every T5 it saves, and a separate ``lm_head`` when they differ); the
+    d_model**-0.5 rescale follows ``scale_decoder_outputs`` where transformers 5 wrote it, else the original
+    ``tie_word_embeddings`` (T5 v1.0 semantics).
+    """
+    model_type = hf.get("model_type")
+    if model_type not in HF_MODEL_TYPES:
+        raise ValueError(f"config model_type {model_type!r} is not one of {HF_MODEL_TYPES}")
+    kw = {k: hf[k] for k in _HF_CONFIG_FIELDS if k in hf and hf[k] is not None}
+    declared_tie = hf.get("tie_word_embeddings", model_type == "t5")
+    tie = declared_tie
+    if state is not None:
+        head = state.get("lm_head.weight")
+        tie = head is None or (head.shape == state["shared.weight"].shape and torch.equal(head, state["shared.weight"]))
+    if "scale_decoder_outputs" in hf:
+        scale = bool(hf["scale_decoder_outputs"])
+    elif model_type == "mt5":  # transformers' mT5 never rescales
+        scale = False
+    else:  # T5 v1.0 semantics; also transformers 5's umT5, which rescales whenever the config says "tied"
+        scale = bool(declared_tie)
+    kw.setdefault("decoder_start_token_id", 0)
+    return FlashT5Config(
+        **kw,
+        tie_word_embeddings=bool(tie),
+        scale_decoder_outputs=scale,
+        relative_attention_per_layer=model_type == "umt5",
+        hf_model_type=model_type,
+        position_encoding="t5",
+    )
+
+
+def config_to_hf(cfg: FlashT5Config, architecture: str) -> dict[str, Any]:
+    if cfg.position_encoding != "t5":
+        raise ValueError(
+            f"position_encoding={cfg.position_encoding!r} has no Hugging Face T5 equivalent; only 't5' exports."
+        )
+    if cfg.relative_attention_per_layer != (cfg.hf_model_type == "umt5"):
+        raise ValueError(
+            "relative_attention_per_layer=True exports only as umT5 (hf_model_type='umt5') and umT5 needs it; "
+            f"got relative_attention_per_layer={cfg.relative_attention_per_layer}, hf_model_type={cfg.hf_model_type!r}."
+        )
+    out = {k: getattr(cfg, k) for k in _HF_CONFIG_FIELDS if getattr(cfg, k, None) is not None}
+    out.update(
+        model_type=cfg.hf_model_type,
+        architectures=[architecture],
+        is_encoder_decoder=True,
+        tie_word_embeddings=bool(cfg.tie_word_embeddings),
+        scale_decoder_outputs=bool(cfg.scale_decoder_outputs),
+    )
+    out.pop("id2label", None) if cfg.id2label and len(cfg.id2label) == 2 and "LABEL_0" in cfg.id2label.values() else None
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checking what a load did
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _head_owned(key: str) -> bool:
+    return key.startswith(("classification_head.", "classifier.", "qa_outputs.", "model.lm_head."))
+
+
+def check_keys(cls: type, expected: Iterable[str], found: dict[str, torch.Tensor], shapes: dict[str, torch.Size]) -> None:
+    """Raise for missing, unexpected or mis-shaped weights (task-head weights may be absent or extra)."""
+    expected = set(expected)
+    missing = sorted(k for k in expected - found.keys() if not _head_owned(k))
+    unexpected = sorted(k for k in found.keys() - expected if not _head_owned(k))
+    if missing:
+        raise ValueError(f"checkpoint is missing weights {missing[:8]}{' ...' if len(missing) > 8 else ''} for {cls.__name__}")
+    if unexpected:
+        raise ValueError(
+            f"checkpoint has unexpected weights {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''} "
+            f"for {cls.__name__} (is the config right?)"
+        )
+    for k in expected & found.keys():
+        if tuple(found[k].shape) != tuple(shapes[k]):
+            raise ValueError(f"weight {k!r} has shape {tuple(found[k].shape)}, the model expects {tuple(shapes[k])}")
+
+
+def check_loading_info(cls: type, info: dict[str, Any]) -> None:
+    """The same rule for transformers' own ``from_pretrained`` on flasht5 folders (it only warns)."""
+    missing = sorted(k for k in info.get("missing_keys", ()) if not _head_owned(k))
+    unexpected = sorted(k for k in info.get("unexpected_keys", ()) if not _head_owned(k))
+    mismatched = list(info.get("mismatched_keys", ()))
+    if missing or unexpected or mismatched:
+        raise ValueError(
+            f"checkpoint does not fit {cls.__name__}: missing {missing[:8]}, unexpected {unexpected[:8]}, "
+            f"mis-shaped {mismatched[:8]}"
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# In and out
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def from_hf(
+    src: str | Path,
+    cls: type | None = None,
+    *,
+    dtype: torch.dtype | str | None = None,
+    torch_dtype: torch.dtype | str | None = None,
+    attn_implementation: str | None = None,
+    device: str | torch.device | None = None,
+    device_map: str | torch.device | None = None,
+    **config_overrides: Any,
+):
+    """Load a stock transformers T5-family folder as a flasht5 model (``FlashT5ForConditionalGeneration`` unless
+    ``cls`` names another flasht5 class). Half-precision ``dtype`` keeps ``wo`` in fp32, as transformers does."""
+    from flasht5.modeling import FlashT5ForConditionalGeneration
+
+    cls = cls or FlashT5ForConditionalGeneration
+    hf_cfg = read_config(src)
+    raw = load_state_dict(src)
+    state: dict[str, torch.Tensor] = {}
+    for key, value in raw.items():
+        ours = hf_key_to_ours(key)
+        if ours is not None:
+            state[ours] = value
+    cfg = config_from_hf(hf_cfg, {k.removeprefix(HF_PREFIX): v for k, v in raw.items()})
+    for k, v in config_overrides.items():
+        if not hasattr(cfg, k):
+            raise ValueError(f"unknown argument {k!r} for from_hf / from_pretrained")
+        setattr(cfg, k, v)
+    cfg.check()
+    if cfg.tie_word_embeddings:
+        state.pop("model.lm_head.weight", None)
+    if attn_implementation is not None:
+        cfg._attn_implementation = attn_implementation
+    with torch.device("meta"):
+        model = cls(cfg)
+    expected = model.state_dict()
+    check_keys(cls, expected.keys(), state, {k: v.shape for k, v in expected.items()})
+    dtype = dtype or torch_dtype
+    if isinstance(dtype, str) and dtype != "auto":
+        dtype = getattr(torch, dtype)
+    target = device or (device_map if isinstance(device_map, (str, torch.device)) else None) or "cpu"
+    for k, v in list(state.items()):
+        keep_fp32 = k.endswith("wo.weight") and dtype in (torch.float16, torch.bfloat16)
+        if isinstance(dtype, torch.dtype) and v.is_floating_point() and not keep_fp32:
+            v = v.to(dtype)
+        elif keep_fp32:
+            v = v.float()
+        state[k] = v.to(target)
+    model.load_state_dict(state, strict=False, assign=True)
+    _init_fresh(model, target)
+    model.eval()
+    return model
+
+
+def _init_fresh(model: torch.nn.Module, device: str | torch.device) -> None:
+    """Materialise and initialise the parameters a base checkpoint lacks (a new task head), as transformers does
+    for fine-tuning; loaded tensors are flagged so the initialisers leave them alone."""
+    for p in model.parameters():
+        if not p.is_meta:
+            p._is_hf_initialized = True
+    if not any(p.is_meta for p in model.parameters()):
+        return
+    for module in model.modules():
+        if any(p.is_meta for p in module.parameters(recurse=False)):
+            module.to_empty(device=device, recurse=False)
+    for module in reversed(list(model.modules())):  # children first, so a head's own init has the last word
+        model._init_weights(module)
+
+
+def to_hf(model: Any, out_dir: str | Path, *, safe_serialization: bool = True) -> Path:
+    """Write a folder that stock transformers loads with no remote code (``T5ForConditionalGeneration``,
+    ``MT5ForConditionalGeneration`` or ``UMT5ForConditionalGeneration`` by ``config.hf_model_type``)."""
+    cfg: FlashT5Config = model.config
+    family = {"t5": "T5", "mt5": "MT5", "umt5": "UMT5"}[cfg.hf_model_type]
+    head = type(model).__name__.removeprefix("FlashT5")
+    hf_cfg = config_to_hf(cfg, f"{family}{head}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {}
+    for k, v in model.state_dict().items():
+        hf = our_key_to_hf(k)
+        if head in ("ForSequenceClassification", "ForTokenClassification") and not _head_owned(k):
+            hf = HF_PREFIX + hf
+        state[hf] = v.detach().contiguous().cpu()
+    (out / "config.json").write_text(json.dumps(hf_cfg, indent=2, sort_keys=True))
+    if safe_serialization:
+        from safetensors.torch import save_file
+
+        save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    else:
+        torch.save(state, out / "pytorch_model.bin")
+    return out
