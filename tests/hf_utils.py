@@ -7,8 +7,14 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-from transformers import MT5Config, MT5ForConditionalGeneration, T5Config, T5ForConditionalGeneration
-from transformers import UMT5Config, UMT5ForConditionalGeneration
+from transformers import (
+    MT5Config,
+    MT5ForConditionalGeneration,
+    T5Config,
+    T5ForConditionalGeneration,
+    UMT5Config,
+    UMT5ForConditionalGeneration,
+)
 
 TINY = dict(vocab_size=97, d_model=32, d_kv=8, d_ff=48, num_heads=4, dropout_rate=0.0, decoder_start_token_id=0,
             relative_attention_num_buckets=8, relative_attention_max_distance=20)  # fmt: skip

@@ -139,7 +139,7 @@ class FlashT5Config(PretrainedConfig):
                 )
         if self.position_encoding == "rope":
             rot = int(self.d_kv * self.rope_fraction)
-            if not 0 < self.rope_fraction <= 1 or rot % 2:
+            if not 0 < self.rope_fraction <= 1 or rot < 2 or rot % 2:
                 raise ValueError(
                     f"rope_fraction={self.rope_fraction} must be in (0, 1] and give an even number of rotary dims "
                     f"of d_kv={self.d_kv} (got {rot})."
@@ -190,8 +190,15 @@ PRESETS: dict[str, dict[str, Any]] = {
     "byt5-small": dict(_BYT5, d_model=1472, d_kv=64, d_ff=3584, num_layers=12, num_decoder_layers=4, num_heads=6),
     "byt5-base": dict(_BYT5, d_model=1536, d_kv=64, d_ff=3968, num_layers=18, num_decoder_layers=6, num_heads=12),
     "ul2": dict(
-        feed_forward_proj="gated-silu", tie_word_embeddings=False, vocab_size=32128,
-        d_model=4096, d_kv=256, d_ff=16384, num_layers=32, num_decoder_layers=32, num_heads=16,
+        feed_forward_proj="gated-silu",
+        tie_word_embeddings=False,
+        vocab_size=32128,
+        d_model=4096,
+        d_kv=256,
+        d_ff=16384,
+        num_layers=32,
+        num_decoder_layers=32,
+        num_heads=16,
     ),  # fmt: skip
     # What `make demo` trains on a laptop CPU in a few minutes.
     "demo": dict(_V11, vocab_size=4096, d_model=256, d_kv=32, d_ff=640, num_layers=4, num_heads=8, dropout_rate=0.0),

@@ -216,7 +216,6 @@ def config_to_hf(cfg: FlashT5Config, architecture: str) -> dict[str, Any]:
         tie_word_embeddings=bool(cfg.tie_word_embeddings),
         scale_decoder_outputs=bool(cfg.scale_decoder_outputs),
     )
-    out.pop("id2label", None) if cfg.id2label and len(cfg.id2label) == 2 and "LABEL_0" in cfg.id2label.values() else None
     return out
 
 
@@ -229,13 +228,25 @@ def _head_owned(key: str) -> bool:
     return key.startswith(("classification_head.", "classifier.", "qa_outputs.", "model.lm_head."))
 
 
-def check_keys(cls: type, expected: Iterable[str], found: dict[str, torch.Tensor], shapes: dict[str, torch.Size]) -> None:
+def _ignorable_extra(cls: type, key: str) -> bool:
+    """Weights a checkpoint may hold beyond what ``cls`` uses: other heads, and the decoder for encoder models."""
+    return _head_owned(key) or (cls.__name__ in ENCODER_ONLY and key.startswith("model.decoder."))
+
+
+ENCODER_ONLY = ("FlashT5EncoderModel", "FlashT5ForTokenClassification")
+
+
+def check_keys(
+    cls: type, expected: Iterable[str], found: dict[str, torch.Tensor], shapes: dict[str, torch.Size]
+) -> None:
     """Raise for missing, unexpected or mis-shaped weights (task-head weights may be absent or extra)."""
     expected = set(expected)
     missing = sorted(k for k in expected - found.keys() if not _head_owned(k))
-    unexpected = sorted(k for k in found.keys() - expected if not _head_owned(k))
+    unexpected = sorted(k for k in found.keys() - expected if not _ignorable_extra(cls, k))
     if missing:
-        raise ValueError(f"checkpoint is missing weights {missing[:8]}{' ...' if len(missing) > 8 else ''} for {cls.__name__}")
+        raise ValueError(
+            f"checkpoint is missing weights {missing[:8]}{' ...' if len(missing) > 8 else ''} for {cls.__name__}"
+        )
     if unexpected:
         raise ValueError(
             f"checkpoint has unexpected weights {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''} "
@@ -249,7 +260,7 @@ def check_keys(cls: type, expected: Iterable[str], found: dict[str, torch.Tensor
 def check_loading_info(cls: type, info: dict[str, Any]) -> None:
     """The same rule for transformers' own ``from_pretrained`` on flasht5 folders (it only warns)."""
     missing = sorted(k for k in info.get("missing_keys", ()) if not _head_owned(k))
-    unexpected = sorted(k for k in info.get("unexpected_keys", ()) if not _head_owned(k))
+    unexpected = sorted(k for k in info.get("unexpected_keys", ()) if not _ignorable_extra(cls, k))
     mismatched = list(info.get("mismatched_keys", ()))
     if missing or unexpected or mismatched:
         raise ValueError(
@@ -300,6 +311,7 @@ def from_hf(
         model = cls(cfg)
     expected = model.state_dict()
     check_keys(cls, expected.keys(), state, {k: v.shape for k, v in expected.items()})
+    state = {k: v for k, v in state.items() if k in expected}
     dtype = dtype or torch_dtype
     if isinstance(dtype, str) and dtype != "auto":
         dtype = getattr(torch, dtype)

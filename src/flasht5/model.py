@@ -81,7 +81,9 @@ class Seqs:
             if batch != 1:
                 raise ValueError(f"cu_seqlens needs flattened tokens of shape (1, T) in {name}, got batch {batch}.")
             if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-                raise ValueError(f"cu_seqlens must be 1-D with num_seqs + 1 >= 2 entries, got {tuple(cu_seqlens.shape)}.")
+                raise ValueError(
+                    f"cu_seqlens must be 1-D with num_seqs + 1 >= 2 entries, got {tuple(cu_seqlens.shape)}."
+                )
             if attention_mask is not None or segment_ids is not None:
                 raise ValueError("pass either cu_seqlens or attention_mask/segment_ids, not both.")
             cu = cu_seqlens.to(device=device, dtype=torch.int32)
@@ -100,7 +102,11 @@ class Seqs:
             max_len = int(max_seqlen) if max_seqlen is not None else int(lengths.max())
             return cls(positions=pos, segment_ids=seg, cu_seqlens=cu, max_seqlen=max_len)
 
-        for arg, value in (("attention_mask", attention_mask), ("segment_ids", segment_ids), ("position_ids", position_ids)):
+        for arg, value in (
+            ("attention_mask", attention_mask),
+            ("segment_ids", segment_ids),
+            ("position_ids", position_ids),
+        ):
             if value is not None and tuple(value.shape) != (batch, length):
                 raise ValueError(
                     f"{arg} has shape {tuple(value.shape)} but {name} has shape {(batch, length)}; they must match."
@@ -164,7 +170,9 @@ def relative_position_bucket(
     is_small = relative_position < max_exact
     # The same float32 ops as Hugging Face, in the same order, so bucket boundaries round identically.
     large = max_exact + (
-        torch.log(relative_position.float() / max_exact) / math.log(max_distance / max_exact) * (num_buckets - max_exact)
+        torch.log(relative_position.float() / max_exact)
+        / math.log(max_distance / max_exact)
+        * (num_buckets - max_exact)
     ).to(relative_position.dtype)
     large = torch.clamp(large, max=num_buckets - 1)
     return buckets + torch.where(is_small, relative_position, large)
@@ -220,7 +228,8 @@ class FIRE(nn.Module):
         """Bias (B, H, Lq, Lk) in fp32 for positions q_pos (B, Lq) and k_pos (B, Lk)."""
         c = self.log_c.exp()
         psi = lambda x: torch.log(c * x + 1.0)
-        qp, kp = q_pos.float()[:, :, None], k_pos.float()[:, None, :]
+        dtype = self.mlp_in.weight.dtype if self.mlp_in.weight.dtype == torch.float64 else torch.float32
+        qp, kp = q_pos.to(dtype)[:, :, None], k_pos.to(dtype)[:, None, :]
         rel = kp - qp
         if bidirectional:
             num = torch.sign(rel) * psi(rel.abs())
@@ -228,8 +237,8 @@ class FIRE(nn.Module):
         else:
             num = psi(torch.clamp(-rel, min=0))
             den = psi(torch.maximum(qp, self.threshold.abs()))
-        x = (num / den)[..., None]  # (B, Lq, Lk, 1)
-        return self.mlp_out(F.relu(self.mlp_in(x))).permute(0, 3, 1, 2)
+        x = (num / den)[..., None].to(self.mlp_in.weight.dtype)  # (B, Lq, Lk, 1)
+        return self.mlp_out(F.relu(self.mlp_in(x))).permute(0, 3, 1, 2).to(dtype)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -317,11 +326,12 @@ def _attend_reference(
     allowed = _allowed(ctx_q, ctx_k, causal)
     qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, L, D)
     if impl == "eager":
-        scores = torch.matmul(qh, kh.transpose(-1, -2)).float()
+        scores = torch.matmul(qh, kh.transpose(-1, -2))
+        scores = scores.float() if scores.dtype in (torch.float16, torch.bfloat16) else scores  # softmax in >= fp32
         if bias is not None:
             scores = scores + bias
         if allowed is not None:
-            scores = scores.masked_fill(~allowed, torch.finfo(torch.float32).min)
+            scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
         probs = torch.softmax(scores, dim=-1).to(vh.dtype)
         probs = F.dropout(probs, p=dropout, training=training)
         out = torch.matmul(probs, vh)
@@ -565,9 +575,9 @@ class Stack(nn.Module):
         super().__init__()
         self.is_decoder = is_decoder
         n = cfg.num_decoder_layers if is_decoder else cfg.num_layers
-        per_layer = cfg.relative_attention_per_layer
+        self.per_layer = cfg.relative_attention_per_layer
         self.layers = nn.ModuleList(
-            [Block(cfg, is_decoder=is_decoder, owns_position=per_layer or i == 0) for i in range(n)]
+            [Block(cfg, is_decoder=is_decoder, owns_position=self.per_layer or i == 0) for i in range(n)]
         )
         self.final_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
         self.dropout = nn.Dropout(cfg.dropout_rate)
@@ -576,6 +586,9 @@ class Stack(nn.Module):
     def forward(self, embeds: torch.Tensor, ctx: StackContext, enc_hidden: torch.Tensor | None = None) -> torch.Tensor:
         h = self.dropout(embeds)
         owner = self.layers[0].attn if len(self.layers) else None
+        if ctx.impl != "flash" and owner is not None and not self.per_layer:
+            # Materialise the shared bias once, outside any checkpointed layer (recomputation must not differ).
+            _materialised_bias(owner.position_spec(owner), ctx.q, ctx.k, ctx.bias_cache)
         for i, layer in enumerate(self.layers):
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 h = checkpoint(layer, h, ctx, i, owner, enc_hidden, use_reentrant=False)
@@ -664,7 +677,9 @@ class T5(nn.Module):
             else:
                 key_mask = torch.cat([attention_mask.new_ones(B, past), attention_mask], dim=1)
         if seqs is None:
-            seqs = Seqs.build(B, Lq, embeds.device, attention_mask=attention_mask, offset=past, name="decoder_input_ids")
+            seqs = Seqs.build(
+                B, Lq, embeds.device, attention_mask=attention_mask, offset=past, name="decoder_input_ids"
+            )
         k_seqs = seqs
         if past:
             if seqs.packed:

@@ -28,7 +28,7 @@ from transformers.modeling_outputs import (
 
 from flasht5.config import ATTN_IMPLEMENTATIONS, FlashT5Config
 from flasht5.generation import GenerationHooks, HFCacheAdapter, new_hf_cache
-from flasht5.model import FIRE, MLP, Attention, RMSNorm, Seqs, T5
+from flasht5.model import FIRE, MLP, T5, Attention, RMSNorm, Seqs
 
 HEAD_PREFIXES = ("classification_head.", "classifier.", "qa_outputs.", "model.lm_head.")
 
@@ -236,7 +236,13 @@ def _packing(kwargs: dict[str, Any]) -> dict[str, Any]:
         "decoder_segment_ids", "decoder_position_ids", "decoder_cu_seqlens", "decoder_max_seqlen",
     )  # fmt: skip
     packing = {k: kwargs.pop(k) for k in names if k in kwargs}
-    for ignorable in ("cache_position", "num_items_in_batch", "return_dict", "output_attentions", "output_hidden_states"):
+    for ignorable in (
+        "cache_position",
+        "num_items_in_batch",
+        "return_dict",
+        "output_attentions",
+        "output_hidden_states",
+    ):
         kwargs.pop(ignorable, None)
     if kwargs:
         raise ValueError(f"unexpected forward arguments: {sorted(kwargs)}")
