@@ -1,0 +1,423 @@
+"""Cross-entropy with ignore_index, label smoothing and z-loss in Triton, without an fp32 copy of the logits.
+
+What it computes, per token i with label y_i != ignore_index (fp32 math inside, any input dtype):
+
+    lse_i  = logsumexp_j logits[i, j]
+    ce_i   = (1 - eps) * (lse_i - logits[i, y_i]) + eps * (lse_i - mean_j logits[i, j])
+    z_i    = z_loss * lse_i ** 2
+    loss_i = ce_i + z_i                      (tokens with y_i == ignore_index contribute 0)
+
+``reduction="mean"`` divides the sums by the number of non-ignored tokens (so padding never changes the loss),
+``"sum"`` sums, ``"none"`` returns loss_i per token. The label-smoothing term is exactly
+``torch.nn.functional.cross_entropy(..., label_smoothing=eps, ignore_index=...)``'s; the z-loss is PaLM's /
+T5X's ``z_loss * mean(logsumexp**2)`` over the same tokens. A batch whose every label is ignored gives loss 0 and
+zero gradients (torch's mean gives NaN there). ``return_z_loss=True`` returns ``(loss, z_term)``; ``loss``
+already includes ``z_term``; ``z_term`` is detached (it is for logging: gradients flow through ``loss`` only).
+The loss is returned in fp32 whatever the logits' dtype.
+
+How: one Triton program per token streams its row twice: an online max / sum-of-exp pass (Milakov & Gimelshein
+2018) that also gathers the label's logit and the row sum for smoothing, then a pass that writes the gradient
+``softmax * (1 + 2 z lse) - eps / V - (1 - eps) * onehot`` in the logits' dtype (bf16 / fp16 / fp32; never an fp32
+(N, V) buffer). The gradient is computed in the forward pass (as Liger-Kernel does) and kept per token, without the
+1/n of the mean; backward multiplies it by ``grad_output`` (/ n) in fp32 in one pass, so fp16 logits under a loss
+scaler keep their small gradients.
+
+In place: Liger overwrites the logits buffer with its gradient. This op does not, because the caller may still
+hold the logits (HF returns them as ``outputs.logits``) and a custom op that silently mutated its input would
+break ``torch.compile``'s functionalisation; the gradient goes to a separate buffer of the logits' dtype. Where the
+logits are private -- inside ``linear_cross_entropy``'s chunks -- the kernel writes the gradient in place.
+
+Shapes and dtypes: ``logits`` (..., V) fp32/fp16/bf16 (any V: 32100, 32128, 250112 are tested), ``labels`` (...)
+of an integer dtype. Rows may have any stride; a non-unit stride along V is copied to contiguous first. Labels
+outside [0, V) that are not ``ignore_index`` raise ``ValueError``: this is a host-side check (one device sync per
+call), skipped while a CUDA graph is being captured; the kernel clamps the label's address, so an unchecked bad
+label can give a wrong loss but never an out-of-bounds read.
+
+Tuned and tested on an H200 (sm90); the launch configs use nothing beyond sm80. Registered as
+``torch.library.custom_op`` ``flasht5::cross_entropy_fwd`` and ``flasht5::scale_rows`` with fake implementations
+and an autograd formula, so ``torch.compile(fullgraph=True)`` traces through it (defining the ops is the only thing
+done at import).
+
+Credits: Liger-Kernel (Hsu et al. 2024) for the gradient-in-the-forward-pass and in-place tricks; FAT5 for its
+Triton CE + z-loss (whose mean over ignored tokens this file fixes); z-loss from PaLM (Chowdhery et al. 2022) /
+ST-MoE (Zoph et al. 2022); online softmax from Milakov & Gimelshein (2018).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from torch import Tensor
+
+__all__ = ["cross_entropy", "cross_entropy_ref"]
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_REDUCTIONS = ("mean", "sum", "none")
+
+# Set by benchmarks to sweep (BLOCK_V, num_warps); None means the built-in choice below.
+_CONFIG_OVERRIDE: tuple[int, int] | None = None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Reference (plain PyTorch, fp32 math)
+# --------------------------------------------------------------------------------------------------------------
+def cross_entropy_ref(
+    logits: Tensor,
+    labels: Tensor,
+    *,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    reduction: str = "mean",
+    return_z_loss: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Plain-PyTorch reference: the usual fp32 upcast + ``F.cross_entropy``, plus z-loss, mean over kept tokens.
+
+    Same semantics as :func:`cross_entropy` (all-ignored batch -> 0, z_term detached), but it materialises the fp32
+    logits, their log-softmax and an fp32 gradient.
+    """
+    v = logits.shape[-1]
+    x = logits.reshape(-1, v).to(torch.promote_types(logits.dtype, torch.float32))  # (N, V) fp32 (fp64 stays)
+    y = labels.reshape(-1)
+    keep = y != ignore_index
+    per_tok = F.cross_entropy(x, y, ignore_index=ignore_index, label_smoothing=label_smoothing, reduction="none")
+    z_tok = z_loss * torch.logsumexp(x, dim=-1).pow(2) * keep
+    per_tok = per_tok + z_tok
+    if reduction == "none":
+        loss, z_term = per_tok.view(labels.shape), z_tok.view(labels.shape)
+    elif reduction == "sum":
+        loss, z_term = per_tok.sum(), z_tok.sum()
+    else:
+        n = keep.sum().clamp(min=1)
+        loss, z_term = per_tok.sum() / n, z_tok.sum() / n
+    return (loss, z_term.detach()) if return_z_loss else loss
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _ce_fwd_kernel(
+    X,
+    G,
+    Y,
+    LOSS,
+    Z,
+    ROW_SCALE,
+    stride_x,
+    stride_g,
+    n_cols,
+    ignore_index,
+    smoothing,
+    z_coef,
+    HAS_GRAD: tl.constexpr,
+    HAS_ROW_SCALE: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = X + row * stride_x
+    g_row = G + row * stride_g
+    cols = tl.arange(0, BLOCK_V)
+    label = tl.load(Y + row).to(tl.int64)
+
+    if label == ignore_index:
+        tl.store(LOSS + row, 0.0)
+        tl.store(Z + row, 0.0)
+        if HAS_GRAD:
+            for start in range(0, n_cols, BLOCK_V):
+                offs = start + cols
+                tl.store(g_row + offs, tl.zeros([BLOCK_V], dtype=G.dtype.element_ty), mask=offs < n_cols)
+        return
+
+    # Pass 1: running max m and sum of exp(x - m) (one exp per element), plus the row sum for smoothing.
+    m = -3.0e38  # finite start: exp(m_old - m_new) is never exp(-inf + inf) = NaN
+    s = 0.0
+    row_sum = 0.0
+    for start in range(0, n_cols, BLOCK_V):
+        offs = start + cols
+        mask = offs < n_cols
+        x = tl.load(x_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(x, axis=0))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+        m = m_new
+        if HAS_SMOOTHING:
+            row_sum += tl.sum(tl.where(mask, x, 0.0), axis=0)
+    lse = m + tl.log(s)
+
+    safe_label = tl.minimum(tl.maximum(label, 0), n_cols - 1)  # never read out of bounds
+    x_label = tl.load(x_row + safe_label).to(tl.float32)
+    loss = lse - x_label
+    if HAS_SMOOTHING:
+        loss = (1.0 - smoothing) * loss + smoothing * (lse - row_sum / n_cols)
+    z_term = z_coef * lse * lse
+    tl.store(LOSS + row, loss + z_term)
+    tl.store(Z + row, z_term)
+
+    # Pass 2: d loss_i / d x_ij = p_ij * (1 + 2 z lse) - eps / V - (1 - eps) * [j == y]
+    if HAS_GRAD:
+        p_scale = 1.0 + 2.0 * z_coef * lse
+        scale = 1.0
+        if HAS_ROW_SCALE:
+            scale = tl.load(ROW_SCALE + row)
+        uniform = smoothing / n_cols
+        for start in range(0, n_cols, BLOCK_V):
+            offs = start + cols
+            mask = offs < n_cols
+            x = tl.load(x_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
+            g = tl.exp(x - lse) * p_scale - uniform
+            g = tl.where(offs == label, g - (1.0 - smoothing), g)
+            tl.store(g_row + offs, (g * scale).to(G.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _scale_rows_kernel(
+    X,
+    OUT,
+    FACTOR,
+    n_rows,
+    n_cols,
+    stride_x,
+    stride_o,
+    PER_ROW: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < n_rows
+    mask = row_mask[:, None] & (cols < n_cols)[None, :]
+    r64 = rows.to(tl.int64)[:, None]
+    if PER_ROW:
+        f = tl.load(FACTOR + rows, mask=row_mask, other=0.0)[:, None]
+    else:
+        f = tl.load(FACTOR)
+    x = tl.load(X + r64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(OUT + r64 * stride_o + cols[None, :], (x * f).to(OUT.dtype.element_ty), mask=mask)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Launchers (shared with linear_cross_entropy.py)
+# --------------------------------------------------------------------------------------------------------------
+def _ce_config(n_cols: int) -> tuple[int, int]:
+    if _CONFIG_OVERRIDE is not None:
+        return _CONFIG_OVERRIDE
+    block_v = min(triton.next_power_of_2(n_cols), 8192)
+    return block_v, 8 if block_v >= 4096 else 4
+
+
+def _launch_ce(
+    logits: Tensor,
+    labels: Tensor,
+    loss_rows: Tensor,
+    z_rows: Tensor,
+    grad: Tensor | None,
+    row_scale: Tensor | None,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+) -> None:
+    """Per-row loss (ce + z) into ``loss_rows``, z-term into ``z_rows``, and the per-row gradient into ``grad``
+    (which may be ``logits`` itself: each element is read before it is overwritten), scaled by ``row_scale``."""
+    n_rows, n_cols = logits.shape
+    if n_rows == 0:
+        return
+    block_v, num_warps = _ce_config(n_cols)
+    _ce_fwd_kernel[(n_rows,)](
+        logits,
+        grad if grad is not None else logits,
+        labels,
+        loss_rows,
+        z_rows,
+        row_scale if row_scale is not None else loss_rows,
+        logits.stride(0),
+        grad.stride(0) if grad is not None else 0,
+        n_cols,
+        ignore_index,
+        float(label_smoothing),
+        float(z_loss),
+        HAS_GRAD=grad is not None,
+        HAS_ROW_SCALE=row_scale is not None,
+        HAS_SMOOTHING=label_smoothing != 0.0,
+        BLOCK_V=block_v,
+        num_warps=num_warps,
+    )
+
+
+def _scale_rows_into(x: Tensor, factor: Tensor, out: Tensor) -> Tensor:
+    """out[i, :] = x[i, :] * factor (0-d) or factor[i] ((N,)), computed in fp32, rounded to out's dtype."""
+    n_rows, n_cols = x.shape
+    if x.numel() > 0:
+        block_n = min(triton.next_power_of_2(n_cols), 1024)
+        # big tiles under the CPU interpreter (its cost is per program), 4k elements per program on the GPU
+        block_m = max(1, (4096 if x.is_cuda else 65536) // block_n)
+        _scale_rows_kernel[(triton.cdiv(n_rows, block_m), triton.cdiv(n_cols, block_n))](
+            x, out, factor, n_rows, n_cols, x.stride(0), out.stride(0),
+            PER_ROW=factor.dim() == 1, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
+        )  # fmt: skip
+    return out
+
+
+def _rows_2d(t: Tensor, n_cols: int) -> Tensor:
+    t2 = t.reshape(-1, n_cols)  # (N, V); a view whenever the strides allow it
+    return t2 if t2.stride(-1) == 1 or t2.numel() == 0 else t2.contiguous()
+
+
+def _check_labels(labels: Tensor, n_classes: int, ignore_index: int, arg: str = "labels") -> None:
+    """Host-side range check (one sync); skipped during CUDA graph capture, where a sync is not allowed."""
+    if labels.numel() == 0:
+        return
+    if labels.is_cuda and torch.cuda.is_current_stream_capturing():
+        return
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= n_classes))
+    if bool(bad.any()):
+        first = labels[bad][0].item()
+        raise ValueError(f"{arg} must be in [0, {n_classes}) or equal ignore_index={ignore_index}; found {first}")
+
+
+def _reduce(rows: Tensor, inv_n: Tensor, reduction: str) -> Tensor:
+    if reduction == "none":
+        return rows
+    total = rows.sum()
+    return total * inv_n if reduction == "mean" else total
+
+
+def _inv_count(labels: Tensor, ignore_index: int) -> Tensor:
+    # 1 / (number of kept tokens), 0-d fp32 on the device (no sync); an all-ignored batch divides by 1
+    return 1.0 / (labels != ignore_index).sum().clamp(min=1).to(torch.float32)
+
+
+def _grad_factor(grad_output: Tensor, inv_n: Tensor, reduction: str) -> Tensor:
+    if reduction == "none":
+        return grad_output.reshape(-1).to(torch.float32).contiguous()
+    go = grad_output.to(torch.float32).reshape(())
+    return go * inv_n if reduction == "mean" else go
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Custom ops
+# --------------------------------------------------------------------------------------------------------------
+@torch.library.custom_op("flasht5::scale_rows", mutates_args=())
+def _scale_rows(x: Tensor, factor: Tensor) -> Tensor:
+    """x (N, M) times a 0-d or (N,) fp32 factor, in x's dtype (the backward of the precomputed gradients)."""
+    x2 = x if x.dim() == 2 and x.stride(-1) == 1 else x.reshape(x.shape[0], -1).contiguous()
+    out = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
+    return _scale_rows_into(x2, factor.to(torch.float32).contiguous(), out).view(x.shape)
+
+
+@_scale_rows.register_fake
+def _(x: Tensor, factor: Tensor) -> Tensor:
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("flasht5::cross_entropy_fwd", mutates_args=())
+def _cross_entropy_fwd(
+    logits: Tensor,
+    labels: Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    reduction: str,
+    need_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """logits (N, V), labels (N,) -> (loss, z_term, per-token gradient (N, V) or empty, 1/n_kept)."""
+    n_rows, n_cols = logits.shape
+    x = _rows_2d(logits, n_cols)
+    y = labels.contiguous()
+    _check_labels(y, n_cols, ignore_index)
+    loss_rows = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
+    z_rows = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
+    grad = torch.empty((n_rows, n_cols), dtype=logits.dtype, device=logits.device) if need_grad else None
+    _launch_ce(x, y, loss_rows, z_rows, grad, None, ignore_index, label_smoothing, z_loss)
+    inv_n = _inv_count(y, ignore_index)
+    grad = grad if grad is not None else logits.new_empty(0)
+    return _reduce(loss_rows, inv_n, reduction), _reduce(z_rows, inv_n, reduction), grad, inv_n
+
+
+@_cross_entropy_fwd.register_fake
+def _(logits, labels, ignore_index, label_smoothing, z_loss, reduction, need_grad):
+    shape = (logits.shape[0],) if reduction == "none" else ()
+    loss = logits.new_empty(shape, dtype=torch.float32)
+    grad = logits.new_empty(logits.shape) if need_grad else logits.new_empty(0)
+    return loss, loss.new_empty(shape), grad, logits.new_empty((), dtype=torch.float32)
+
+
+def _ce_setup_context(ctx, inputs, output) -> None:
+    _logits, _labels, _ii, _ls, _z, reduction, need_grad = inputs
+    _loss, _z_term, grad, inv_n = output
+    ctx.reduction = reduction
+    ctx.need_grad = need_grad
+    ctx.save_for_backward(grad, inv_n)
+
+
+def _ce_backward(ctx, grad_loss: Tensor, _grad_z: Tensor, _grad_g: Tensor, _grad_inv: Tensor):
+    grad, inv_n = ctx.saved_tensors
+    if not ctx.need_grad:
+        raise RuntimeError("cross_entropy was called without gradients enabled for logits; cannot backpropagate")
+    factor = _grad_factor(grad_loss, inv_n, ctx.reduction)
+    return torch.ops.flasht5.scale_rows(grad, factor), None, None, None, None, None, None
+
+
+torch.library.register_autograd("flasht5::cross_entropy_fwd", _ce_backward, setup_context=_ce_setup_context)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Public function
+# --------------------------------------------------------------------------------------------------------------
+def _check_common(labels: Tensor, label_smoothing: float, z_loss: float, reduction: str) -> None:
+    if not isinstance(labels, Tensor) or labels.dtype.is_floating_point or labels.dtype.is_complex:
+        raise ValueError(f"labels must be an integer tensor, got {getattr(labels, 'dtype', type(labels))}")
+    if labels.dtype == torch.bool:
+        raise ValueError("labels must be an integer tensor, got torch.bool")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    if not 0.0 <= float(label_smoothing) <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+    if float(z_loss) < 0.0:
+        raise ValueError(f"z_loss must be >= 0, got {z_loss}")
+
+
+def cross_entropy(
+    logits: Tensor,
+    labels: Tensor,
+    *,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    reduction: str = "mean",
+    return_z_loss: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Cross-entropy of ``logits`` (..., V) against integer ``labels`` (...); see the module docstring.
+
+    Returns the fp32 loss (0-d for "mean"/"sum", ``labels.shape`` for "none"), or ``(loss, z_term)`` with
+    ``return_z_loss=True`` (``loss`` includes ``z_term``; ``z_term`` is detached). Raises ``ValueError`` for wrong
+    shapes or dtypes, labels outside [0, V) other than ``ignore_index`` (host check), unknown ``reduction``.
+    """
+    if not isinstance(logits, Tensor) or logits.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"logits must be a float32/float16/bfloat16 tensor, got {getattr(logits, 'dtype', None)}")
+    _check_common(labels, label_smoothing, z_loss, reduction)
+    if logits.dim() < 1 or logits.shape[:-1] != labels.shape:
+        raise ValueError(
+            f"logits must have shape labels.shape + (V,); got logits {tuple(logits.shape)}, "
+            f"labels {tuple(labels.shape)}"
+        )
+    if logits.shape[-1] == 0:
+        raise ValueError("logits must have at least one class (V >= 1)")
+    if labels.device != logits.device:
+        raise ValueError(f"labels are on {labels.device} but logits are on {logits.device}")
+    n_cols = logits.shape[-1]
+    need_grad = logits.requires_grad and torch.is_grad_enabled()
+    loss, z_term, _, _ = torch.ops.flasht5.cross_entropy_fwd(
+        logits.reshape(-1, n_cols),  # (N, V)
+        labels.reshape(-1),  # (N,)
+        int(ignore_index),
+        float(label_smoothing),
+        float(z_loss),
+        reduction,
+        need_grad,
+    )
+    if reduction == "none":
+        loss, z_term = loss.view(labels.shape), z_term.view(labels.shape)
+    return (loss, z_term.detach()) if return_z_loss else loss

@@ -1,0 +1,340 @@
+"""The LM head fused with its cross-entropy: ``cross_entropy((scale * hidden) @ weight.T, labels)`` without ever
+holding the full (N, V) logits.
+
+What it computes: exactly :func:`flasht5.ops.cross_entropy.cross_entropy` of the logits ``(scale * hidden) @
+weight.T`` (same ``ignore_index`` / ``label_smoothing`` / ``z_loss`` / ``reduction`` / ``return_z_loss``
+semantics; fp32 loss). ``scale`` multiplies ``hidden`` before the matmul, in ``hidden``'s dtype, as T5 v1.0 does
+with ``d_model ** -0.5`` before its tied LM head; the gradient includes it. ``weight`` (V, d) may be a tied input
+embedding: its gradient is returned through autograd and accumulates with the embedding's as usual.
+
+How (mean / sum): the tokens are processed in chunks of C rows. For each chunk the logits (C, V) come from one
+cuBLAS matmul in the hidden's dtype, the cross-entropy kernel turns them *in place* into their per-token gradient
+(safe: the chunk is private), then ``grad_hidden[chunk] = G @ weight`` and ``grad_weight += G.T @ (scale *
+hidden[chunk])`` (accumulated in fp32 across chunks: cuBLAS ``addmm`` with an fp32 output where torch has it, so
+no extra rounding per chunk). Gradients are therefore finished in the forward pass and stored; backward only
+multiplies them by ``grad_output`` (/ n for the mean, * scale for hidden). ``reduction="none"`` cannot fold the
+per-token ``grad_output`` into ``grad_weight`` ahead of time, so there the forward computes the loss only and the
+backward recomputes the chunks (one extra matmul).
+
+Memory: one chunk of logits (C = ceil(N / 16) tokens, at least min(N, 1024): 1/16 of the bf16 logits at N >= 16k),
+the fp32 ``grad_weight`` accumulator (V x d x 4 bytes) and the gradients themselves -- flat in V and N, instead of
+the 2-3 copies of (N, V) that ``matmul + cross_entropy`` keeps. Throughput: the three matmuls of the unfused path
+plus one streaming pass per chunk.
+
+Dtypes and shapes: ``hidden`` (..., d) and ``weight`` (V, d) of one dtype (fp32 / fp16 / bf16), ``labels``
+``hidden.shape[:-1]`` of an integer dtype; labels outside [0, V) other than ``ignore_index`` raise ``ValueError``
+(host check, as in ``cross_entropy``). fp16 note: gradients are formed in the forward pass assuming
+``grad_output == 1`` (the mean's 1/n is applied to ``grad_weight`` before it is rounded to fp16); with fp16 and a
+loss scaler, gradient entries below fp16's range can flush to zero before the scale arrives (as with Liger).
+bf16 and fp32 are unaffected.
+
+Tuned and tested on an H200 (sm90); the Triton kernel and cuBLAS paths run on sm80 unchanged. Registered as
+``torch.library.custom_op`` ``flasht5::linear_cross_entropy_fwd`` / ``_bwd`` with fake implementations and an
+autograd formula, so ``torch.compile(fullgraph=True)`` traces through it.
+
+Credits: Liger-Kernel (Hsu et al. 2024) for the chunked fused linear + cross-entropy with gradients computed in the
+forward pass and the in-place CE gradient (after mgmalek/efficient_cross_entropy); Apple's Cut Cross-Entropy
+(Wijmans et al. 2024, "Cut Your Losses in Large-Vocabulary Language Models") for the case against materialising
+logits; FAT5 for the T5 framing.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import Tensor
+
+from flasht5.ops.cross_entropy import (
+    _check_common,
+    _check_labels,
+    _grad_factor,
+    _inv_count,
+    _launch_ce,
+    _reduce,
+    _scale_rows_into,
+    cross_entropy_ref,
+)
+
+__all__ = ["linear_cross_entropy", "linear_cross_entropy_ref"]
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def linear_cross_entropy_ref(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    *,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    reduction: str = "mean",
+    return_z_loss: bool = False,
+    scale: float | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Plain PyTorch: ``cross_entropy_ref((hidden * scale) @ weight.T, labels)`` with the full logits."""
+    h = hidden * scale if scale is not None else hidden
+    logits = h @ weight.t()  # (..., V)
+    return cross_entropy_ref(
+        logits,
+        labels,
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        reduction=reduction,
+        return_z_loss=return_z_loss,
+    )
+
+
+def _default_chunk_tokens(n_tokens: int, n_classes: int) -> int:
+    """Rows per chunk: 1/16 of the tokens (so a chunk's logits are 1/16 of the full ones) but at least 1024 rows,
+    where the matmuls stay efficient. (Tests monkeypatch this to force many chunks.)"""
+    del n_classes  # the chunk is a fraction of the tokens, so its share of the logits' size is the same for any V
+    return max(1, min(n_tokens, max(1024, -(-n_tokens // 16))))
+
+
+@functools.cache
+def _has_fp32_out_addmm(device_index: int) -> bool:
+    """Whether cuBLAS ``addmm(out_dtype=float32)`` works here (torch >= 2.8 on CUDA): bf16/fp16 products added into
+    an fp32 accumulator without a rounded temporary."""
+    try:
+        dev = torch.device("cuda", device_index)
+        a = torch.randn(64, 32, device=dev, dtype=torch.bfloat16)
+        b = torch.randn(32, 48, device=dev, dtype=torch.bfloat16)
+        acc = torch.ones(64, 48, device=dev, dtype=torch.float32)
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+        return bool(torch.allclose(acc, 1 + a.float() @ b.float(), atol=1e-2, rtol=1e-2))
+    except (RuntimeError, TypeError):
+        return False
+
+
+def _accumulate_mm(acc: Tensor, a: Tensor, b: Tensor) -> None:
+    """acc (fp32) += a @ b."""
+    if a.dtype == torch.float32:
+        acc.addmm_(a, b)
+    elif acc.is_cuda and _has_fp32_out_addmm(acc.device.index or 0):
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:
+        acc.add_(torch.mm(a, b))  # rounded product, then an fp32 add (CPU, or older torch)
+
+
+def _chunks(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    scale: float,
+    loss_rows: Tensor | None,
+    z_rows: Tensor | None,
+    row_scale: Tensor | None,
+    grad_hidden: Tensor | None,
+    grad_weight32: Tensor | None,
+) -> None:
+    """Walk the token chunks: logits, CE (loss rows and/or in-place gradient), then grad_hidden / grad_weight."""
+    n_tokens = hidden.shape[0]
+    need_grad = grad_hidden is not None or grad_weight32 is not None
+    chunk = _default_chunk_tokens(n_tokens, weight.shape[0])
+    # loss rows are needed by the kernel even when only gradients are wanted
+    scratch_loss = loss_rows if loss_rows is not None else torch.empty(n_tokens, device=hidden.device)
+    scratch_z = z_rows if z_rows is not None else torch.empty(n_tokens, device=hidden.device)
+    for start in range(0, n_tokens, chunk):
+        end = min(start + chunk, n_tokens)
+        hs = hidden[start:end]
+        if scale != 1.0:
+            hs = hs * scale  # in hidden's dtype, exactly like the unfused model
+        logits = torch.mm(hs, weight.t())  # (C, V), the only logits alive
+        _launch_ce(
+            logits,
+            labels[start:end],
+            scratch_loss[start:end],
+            scratch_z[start:end],
+            logits if need_grad else None,  # in place: the chunk is private
+            row_scale[start:end] if row_scale is not None else None,
+            ignore_index,
+            label_smoothing,
+            z_loss,
+        )
+        if grad_hidden is not None:
+            torch.mm(logits, weight, out=grad_hidden[start:end])  # (C, d) = dL/d(scale * hidden)
+        if grad_weight32 is not None:
+            _accumulate_mm(grad_weight32, logits.t(), hs)  # (V, d)
+        del logits, hs  # free this chunk before the next one is allocated
+
+
+def _rows(hidden: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+    h = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
+    w = weight if weight.stride(-1) == 1 else weight.contiguous()
+    return h, w
+
+
+@torch.library.custom_op("flasht5::linear_cross_entropy_fwd", mutates_args=())
+def _lce_fwd(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    reduction: str,
+    scale: float,
+    need_grad_hidden: bool,
+    need_grad_weight: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """hidden (N, d), weight (V, d), labels (N,) -> (loss, z_term, dL/d(scale*hidden) per token (N, d) or empty,
+    grad_weight already divided by n for the mean (V, d) or empty, 1/n_kept). For reduction "none" no gradient is
+    formed here (the backward recomputes)."""
+    h, w = _rows(hidden, weight)
+    y = labels.contiguous()
+    n_tokens, n_classes = h.shape[0], w.shape[0]
+    _check_labels(y, n_classes, ignore_index)
+    precompute = reduction != "none"
+    grad_hidden = torch.empty(h.shape, dtype=h.dtype, device=h.device) if precompute and need_grad_hidden else None
+    grad_weight32 = (
+        torch.zeros(w.shape, dtype=torch.float32, device=w.device) if precompute and need_grad_weight else None
+    )
+    loss_rows = torch.empty(n_tokens, dtype=torch.float32, device=h.device)
+    z_rows = torch.empty(n_tokens, dtype=torch.float32, device=h.device)
+    _chunks(h, w, y, ignore_index, label_smoothing, z_loss, scale, loss_rows, z_rows, None, grad_hidden, grad_weight32)
+    inv_n = _inv_count(y, ignore_index)
+    if grad_weight32 is not None:
+        grad_weight = torch.empty(w.shape, dtype=w.dtype, device=w.device)
+        factor = inv_n if reduction == "mean" else torch.ones((), device=w.device)
+        _scale_rows_into(grad_weight32, factor, grad_weight)
+        del grad_weight32
+    else:
+        grad_weight = w.new_empty(0)
+    grad_hidden = grad_hidden if grad_hidden is not None else h.new_empty(0)
+    return _reduce(loss_rows, inv_n, reduction), _reduce(z_rows, inv_n, reduction), grad_hidden, grad_weight, inv_n
+
+
+@_lce_fwd.register_fake
+def _(hidden, weight, labels, ignore_index, label_smoothing, z_loss, reduction, scale, need_gh, need_gw):
+    shape = (hidden.shape[0],) if reduction == "none" else ()
+    loss = hidden.new_empty(shape, dtype=torch.float32)
+    precompute = reduction != "none"
+    gh = hidden.new_empty(hidden.shape) if precompute and need_gh else hidden.new_empty(0)
+    gw = weight.new_empty(weight.shape) if precompute and need_gw else weight.new_empty(0)
+    return loss, loss.new_empty(shape), gh, gw, hidden.new_empty((), dtype=torch.float32)
+
+
+@torch.library.custom_op("flasht5::linear_cross_entropy_bwd", mutates_args=())
+def _lce_bwd(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    grad_rows: Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    scale: float,
+    need_grad_hidden: bool,
+    need_grad_weight: bool,
+) -> tuple[Tensor, Tensor]:
+    """Recomputing backward for reduction "none": per-token grad_rows (N,) fp32 -> (grad_hidden, grad_weight)."""
+    h, w = _rows(hidden, weight)
+    y = labels.contiguous()
+    grad_hidden = torch.empty(h.shape, dtype=h.dtype, device=h.device) if need_grad_hidden else None
+    grad_weight32 = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_grad_weight else None
+    _chunks(h, w, y, ignore_index, label_smoothing, z_loss, scale, None, None, grad_rows, grad_hidden, grad_weight32)
+    if grad_hidden is not None and scale != 1.0:
+        _scale_rows_into(grad_hidden, torch.full((), scale, device=h.device), grad_hidden)
+    grad_weight = grad_weight32.to(w.dtype) if grad_weight32 is not None else w.new_empty(0)
+    return (grad_hidden if grad_hidden is not None else h.new_empty(0)), grad_weight
+
+
+@_lce_bwd.register_fake
+def _(hidden, weight, labels, grad_rows, ignore_index, label_smoothing, z_loss, scale, need_gh, need_gw):
+    gh = hidden.new_empty(hidden.shape) if need_gh else hidden.new_empty(0)
+    gw = weight.new_empty(weight.shape) if need_gw else weight.new_empty(0)
+    return gh, gw
+
+
+def _lce_setup_context(ctx, inputs, output) -> None:
+    hidden, weight, labels, ii, ls, z, reduction, scale, need_gh, need_gw = inputs
+    _loss, _z, grad_hidden, grad_weight, inv_n = output
+    ctx.reduction, ctx.scale, ctx.need_gh, ctx.need_gw = reduction, scale, need_gh, need_gw
+    ctx.ce_args = (ii, ls, z)
+    if reduction == "none":
+        ctx.save_for_backward(hidden, weight, labels)
+    else:
+        ctx.save_for_backward(grad_hidden, grad_weight, inv_n)
+
+
+def _lce_backward(ctx, grad_loss: Tensor, _gz: Tensor, _ggh: Tensor, _ggw: Tensor, _ginv: Tensor):
+    if ctx.reduction == "none":
+        hidden, weight, labels = ctx.saved_tensors
+        grad_rows = grad_loss.reshape(-1).to(torch.float32).contiguous()
+        gh, gw = torch.ops.flasht5.linear_cross_entropy_bwd(
+            hidden, weight, labels, grad_rows, *ctx.ce_args, ctx.scale, ctx.need_gh, ctx.need_gw
+        )
+    else:
+        grad_hidden, grad_weight, inv_n = ctx.saved_tensors
+        factor = _grad_factor(grad_loss, inv_n, ctx.reduction)  # go / n (mean) or go (sum)
+        gh = torch.ops.flasht5.scale_rows(grad_hidden, factor * ctx.scale) if ctx.need_gh else None
+        gw = torch.ops.flasht5.scale_rows(grad_weight, grad_loss.to(torch.float32).reshape(())) if ctx.need_gw else None
+    gh = gh if ctx.need_gh else None
+    gw = gw if ctx.need_gw else None
+    return gh, gw, None, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("flasht5::linear_cross_entropy_fwd", _lce_backward, setup_context=_lce_setup_context)
+
+
+def linear_cross_entropy(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    *,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    reduction: str = "mean",
+    return_z_loss: bool = False,
+    scale: float | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Fused ``cross_entropy((hidden * scale) @ weight.T, labels, ...)``; see the module docstring.
+
+    ``hidden`` (..., d), ``weight`` (V, d), ``labels`` ``hidden.shape[:-1]``. Returns the fp32 loss (0-d, or
+    ``labels.shape`` for "none"), or ``(loss, z_term)`` with ``return_z_loss=True`` (z_term detached). Raises
+    ``ValueError`` for wrong shapes, dtypes, devices, labels, reduction.
+    """
+    for name, t in (("hidden", hidden), ("weight", weight)):
+        if not isinstance(t, Tensor) or t.dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"{name} must be a float32/float16/bfloat16 tensor, got {getattr(t, 'dtype', None)}")
+    _check_common(labels, label_smoothing, z_loss, reduction)
+    if weight.dim() != 2 or hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"weight must be (V, d) with d = hidden.shape[-1]; got hidden {tuple(hidden.shape)}, weight "
+            f"{tuple(weight.shape)}"
+        )
+    if weight.dtype != hidden.dtype:
+        raise ValueError(f"weight dtype {weight.dtype} must match hidden dtype {hidden.dtype}")
+    if hidden.shape[:-1] != labels.shape:
+        raise ValueError(f"labels must have shape {tuple(hidden.shape[:-1])}, got {tuple(labels.shape)}")
+    if weight.shape[0] == 0:
+        raise ValueError("weight must have at least one row (V >= 1)")
+    if not (weight.device == hidden.device == labels.device):
+        raise ValueError(
+            f"hidden, weight and labels must share a device; got {hidden.device}, {weight.device}, {labels.device}"
+        )
+    if scale is not None and not isinstance(scale, (int, float)):
+        raise ValueError(f"scale must be a Python float or None, got {type(scale)}")
+    grad_on = torch.is_grad_enabled()
+    loss, z_term, _, _, _ = torch.ops.flasht5.linear_cross_entropy_fwd(
+        hidden.reshape(-1, hidden.shape[-1]),  # (N, d)
+        weight,
+        labels.reshape(-1),  # (N,)
+        int(ignore_index),
+        float(label_smoothing),
+        float(z_loss),
+        reduction,
+        1.0 if scale is None else float(scale),
+        grad_on and hidden.requires_grad,
+        grad_on and weight.requires_grad,
+    )
+    if reduction == "none":
+        loss, z_term = loss.view(labels.shape), z_term.view(labels.shape)
+    return (loss, z_term.detach()) if return_z_loss else loss
