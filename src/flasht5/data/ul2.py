@@ -335,8 +335,7 @@ def apply_denoiser(
     if length < 2:
         return np.concatenate([prefix, tokens]), tokens[:0].copy()
     lengths = _span_lengths(length, denoiser, rng)
-    nonnoise, noise = lengths[0::2], lengths[1::2]
-    num_spans = noise.shape[0]
+    num_spans = lengths.shape[0] // 2
     sentinels = np.asarray(sentinel_ids)
     if sentinels.shape[0] < num_spans:
         raise ValueError(
@@ -344,10 +343,20 @@ def apply_denoiser(
             "use max_chunk_length(..., num_sentinels=len(sentinel_ids)) to size chunks"
         )
     sentinels = sentinels[:num_spans].astype(dtype, copy=False)
+    noise_starts = np.cumsum(lengths)[0::2]  # first index of noise span i (non-noise span i ends just before)
     mask = np.repeat(np.tile(np.array([False, True]), num_spans), lengths)  # (length,) True = noise
-    # Sentinel i goes after non-noise span i in the input and before noise span i in the target.
-    inputs = np.insert(tokens[~mask], np.cumsum(nonnoise), sentinels)
-    targets = np.insert(tokens[mask], np.cumsum(noise) - noise, sentinels)
+    # Input: the first token of each noise span becomes its sentinel, the rest of the span is dropped.
+    buf = tokens.copy()
+    buf[noise_starts] = sentinels
+    keep = ~mask
+    keep[noise_starts] = True
+    inputs = buf[keep]
+    # Target: the last token of each non-noise span becomes the sentinel, the rest of that span is dropped.
+    buf = tokens.copy()
+    buf[noise_starts - 1] = sentinels
+    keep = mask.copy()
+    keep[noise_starts - 1] = True
+    targets = buf[keep]
     if prefix.size:
         inputs = np.concatenate([prefix, inputs])
     return inputs, targets
