@@ -40,7 +40,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from flasht5.data.store import TokenStore
-from flasht5.data.ul2 import Denoiser, apply_denoiser, denoised_lengths, max_chunk_length, resolve_mixture
+from flasht5.data.ul2 import Denoiser, _corrupt, denoised_lengths, max_chunk_length, resolve_mixture
 
 MODES = ("varlen", "padded")
 _MAX_WAIT = 4  # batches an example may be passed over before it is packed first
@@ -168,6 +168,8 @@ class UL2Dataset(IterableDataset):
         self._worker_shards: list[int] | None = None  # set by ResumableLoader: new worker id -> old shard
         self._attach_state = False  # set by ResumableLoader: batches carry their worker's state
         self._gen: np.random.Generator | None = None
+        self._eos = np.array([self.eos_id], dtype=np.int32)
+        self._sentinels32 = self.sentinel_ids.astype(np.int32)  # the store yields int32 tokens
         if not 0 <= self.seed < 2**63 or len(self.store) >= 2**40:
             raise ValueError(f"seed must be in [0, 2**63) and the store below 2**40 documents, got seed={seed}")
 
@@ -210,17 +212,15 @@ class UL2Dataset(IterableDataset):
         """All examples of one document: (encoder ids + EOS, target ids + EOS, denoiser, raw chunk length)."""
         rng = self._rng_for(epoch, doc_id)
         tokens = self.store[doc_id]
-        eos = np.array([self.eos_id], dtype=np.int32)
+        eos = self._eos
         out = []
         cursor, n = 0, len(tokens)
         while cursor < n:
             k = min(int(np.searchsorted(self._cum, rng.random() * self._cum[-1], side="right")), len(self._cum) - 1)
             chunk = tokens[cursor : cursor + int(self.chunk_lens[k])]
             cursor += len(chunk)
-            inputs, targets = apply_denoiser(
-                chunk, self.denoisers[k], sentinel_ids=self.sentinel_ids, rng=rng, prefix_ids=self.prefixes[k]
-            )
-            out.append((np.concatenate([inputs, eos]), np.concatenate([targets, eos]), k, len(chunk)))
+            enc, dec = _corrupt(chunk, self.denoisers[k], rng, self._sentinels32, self.prefixes[k], eos)
+            out.append((enc, dec, k, len(chunk)))
         return out
 
     def _order(self, epoch: int, shard: int, num_shards: int) -> np.ndarray:

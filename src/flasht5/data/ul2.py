@@ -23,6 +23,7 @@ sentinels) fit for every chunk length up to it, so that nothing is ever truncate
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -331,35 +332,52 @@ def apply_denoiser(
         tokens = tokens.astype(np.int64)
     dtype = tokens.dtype
     prefix = np.asarray(prefix_ids, dtype=dtype).reshape(-1)
+    sentinels = np.asarray(sentinel_ids).astype(dtype, copy=False).reshape(-1)
+    return _corrupt(tokens, denoiser, rng, sentinels, prefix, tokens[:0])
+
+
+@functools.cache
+def _alternating(num_spans: int) -> np.ndarray:
+    """[False, True] * num_spans (read-only, cached: the hot path builds one per chunk)."""
+    out = np.tile(np.array([False, True]), num_spans)
+    out.setflags(write=False)
+    return out
+
+
+def _corrupt(
+    tokens: np.ndarray,
+    denoiser: Denoiser,
+    rng: np.random.Generator,
+    sentinels: np.ndarray,
+    prefix: np.ndarray,
+    eos: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The body of :func:`apply_denoiser` on validated arrays of one dtype, with ``eos`` (``[eos_id]`` or empty)
+    appended to both outputs; the dataset calls it directly to skip the per-call conversions."""
     length = tokens.shape[0]
     if length < 2:
-        return np.concatenate([prefix, tokens]), tokens[:0].copy()
+        return np.concatenate([prefix, tokens, eos]), np.concatenate([tokens[:0], eos])
     lengths = _span_lengths(length, denoiser, rng)
     num_spans = lengths.shape[0] // 2
-    sentinels = np.asarray(sentinel_ids)
     if sentinels.shape[0] < num_spans:
         raise ValueError(
             f"sentinel_ids has {sentinels.shape[0]} ids but this {length}-token chunk needs {num_spans} spans; "
             "use max_chunk_length(..., num_sentinels=len(sentinel_ids)) to size chunks"
         )
-    sentinels = sentinels[:num_spans].astype(dtype, copy=False)
+    sentinels = sentinels[:num_spans]
     noise_starts = np.cumsum(lengths)[0::2]  # first index of noise span i (non-noise span i ends just before)
-    mask = np.repeat(np.tile(np.array([False, True]), num_spans), lengths)  # (length,) True = noise
+    mask = np.repeat(_alternating(num_spans), lengths)  # (length,) True = noise
     # Input: the first token of each noise span becomes its sentinel, the rest of the span is dropped.
     buf = tokens.copy()
     buf[noise_starts] = sentinels
     keep = ~mask
     keep[noise_starts] = True
-    inputs = buf[keep]
+    inputs = np.concatenate([prefix, buf[keep], eos])
     # Target: the last token of each non-noise span becomes the sentinel, the rest of that span is dropped.
     buf = tokens.copy()
     buf[noise_starts - 1] = sentinels
-    keep = mask.copy()
-    keep[noise_starts - 1] = True
-    targets = buf[keep]
-    if prefix.size:
-        inputs = np.concatenate([prefix, inputs])
-    return inputs, targets
+    mask[noise_starts - 1] = True
+    return inputs, np.concatenate([buf[mask], eos])
 
 
 def merge_denoised(
