@@ -1,41 +1,133 @@
-"""The ``flasht5`` command: train, convert, generate, tokenizer, pretokenize, bench.
+"""The ``flasht5`` command: train, convert, generate, tokenizer, pretokenize.
 
 Subcommands whose arguments belong to one module (``tokenizer``, ``pretokenize``) are configured by that module's
-``configure_cli(parser)``, which adds the arguments and sets ``func``; modules are imported lazily so that
-``flasht5 --help`` stays fast.
+``configure_cli(parser)``, which adds the arguments and sets ``func``. Heavy imports happen inside the commands so
+that ``flasht5 --help`` stays fast.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 
-def _add_tokenizer(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("tokenizer", help="train a SentencePiece tokenizer with T5 sentinels and UL2 mode tokens")
-    from flasht5.data.tokenizer import configure_cli
+def _train(args: argparse.Namespace) -> int:
+    from flasht5.train.config import load_config
+    from flasht5.train.loop import train
 
-    configure_cli(p)
+    cfg = load_config(args.config, args.overrides)
+    summary = train(cfg)
+    print()
+    print(f"held-out loss: step 0 {summary['initial_eval_loss']:.4f} -> step {summary['steps']} "
+          f"{summary['final_eval_loss']:.4f}")  # fmt: skip
+    print(f"model saved to {summary['model_dir']}; metrics {summary['metrics']}; loss curve {summary['loss_plot']}")
+    for i, s in enumerate(summary["samples"]):
+        print(f"\n--- span filling {i + 1} ---\ninput : {s['input']}\ntruth : {s['truth']}\nmodel : {s['model']}")
+    return 0
 
 
-def _add_pretokenize(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("pretokenize", help="tokenize text/JSONL/Parquet/datasets into a memory-mapped token store")
-    from flasht5.data.store import configure_cli
+def _convert(args: argparse.Namespace) -> int:
+    import torch
 
-    configure_cli(p)
+    from flasht5 import convert
+    from flasht5.modeling import FlashT5ForConditionalGeneration
+
+    direction = args.to or ("flasht5" if convert.is_hf_t5_folder(args.src) else "hf")
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    model = FlashT5ForConditionalGeneration.from_pretrained(args.src, dtype=dtype)
+    if direction == "hf":
+        convert.to_hf(model, args.out)
+    else:
+        model.save_pretrained(args.out)
+    _copy_tokenizer(args.src, args.out)
+    print(f"wrote {direction} checkpoint to {args.out}")
+    return 0
+
+
+def _copy_tokenizer(src: str, out: str) -> None:
+    import shutil
+    from pathlib import Path
+
+    for name in ("tokenizer.json", "tokenizer_config.json", "spiece.model", "special_tokens_map.json"):
+        if (Path(src) / name).is_file():
+            shutil.copy(Path(src) / name, Path(out) / name)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from flasht5.data.tokenizer import load_tokenizer
+    from flasht5.modeling import FlashT5ForConditionalGeneration
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.startswith("cuda") else None
+    model = FlashT5ForConditionalGeneration.from_pretrained(args.model, dtype=dtype).to(device).eval()
+    tokenizer = load_tokenizer(args.tokenizer or args.model)
+    texts = args.text or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    if not texts:
+        raise ValueError("give TEXT arguments or lines on stdin")
+    enc = tokenizer(texts, return_tensors="pt", padding=True).to(device)
+    kw = dict(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, do_sample=args.sample)
+    if args.sample:
+        kw.update(temperature=args.temperature, top_p=args.top_p)
+    out = model.generate(**enc, **kw)
+    for text, ids in zip(texts, out):
+        result = tokenizer.decode(ids, skip_special_tokens=not args.keep_special)
+        print(json.dumps({"input": text, "output": result}, ensure_ascii=False) if args.json else result)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flasht5", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    _add_tokenizer(sub)
-    _add_pretokenize(sub)
+
+    p = sub.add_parser("train", help="train (pretrain or fine-tune) from a YAML config")
+    p.add_argument("config", help="YAML file, e.g. configs/pretrain/demo.yaml")
+    p.add_argument("overrides", nargs="*", help="--section.key=value overrides, e.g. --train.steps=100")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("convert", help="Hugging Face T5/mT5/umT5 folder <-> flasht5 folder")
+    p.add_argument("src", help="checkpoint folder (stock transformers or flasht5)")
+    p.add_argument("out", help="output folder")
+    p.add_argument("--to", choices=["flasht5", "hf"], help="target format (default: the other one)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="cast weights (wo stays fp32)")
+    p.set_defaults(func=_convert)
+
+    p = sub.add_parser("generate", help="generate text with a checkpoint")
+    p.add_argument("model", help="checkpoint folder (flasht5 or transformers T5)")
+    p.add_argument("text", nargs="*", help="input texts (default: one per line on stdin)")
+    p.add_argument("--tokenizer", help="tokenizer folder (default: the model folder)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--num-beams", type=int, default=1)
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy/beam search")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--keep-special", action="store_true", help="keep sentinels and special tokens in the output")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if present)")
+    p.set_defaults(func=_generate)
+
+    from flasht5.data.store import configure_cli as store_cli
+    from flasht5.data.tokenizer import configure_cli as tokenizer_cli
+
+    tokenizer_cli(sub.add_parser("tokenizer", help="train a SentencePiece tokenizer (T5 sentinels, UL2 mode tokens)"))
+    store_cli(sub.add_parser("pretokenize", help="tokenize text/JSONL/Parquet/datasets into a token store"))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if args.command == "train":
+        args.overrides = list(args.overrides) + unknown  # --section.key=value look like options to argparse
+    elif unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    try:
+        return int(args.func(args) or 0)
+    except ValueError as e:  # bad input: a clear message, not a traceback
+        print(f"flasht5 {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

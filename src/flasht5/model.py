@@ -51,6 +51,7 @@ class Seqs:
     cu_seqlens: torch.Tensor | None = None
     max_seqlen: int | None = None
     _varlen: tuple | None = field(default=None, repr=False)
+    _padded: tuple | None = field(default=None, repr=False)
 
     @property
     def packed(self) -> bool:
@@ -124,6 +125,21 @@ class Seqs:
         else:
             positions = position_ids.to(device=device, dtype=torch.long)
         return cls(positions=positions, mask=mask, segment_ids=segment_ids, max_seqlen=length)
+
+    def padded(self) -> tuple[Seqs, torch.Tensor | None]:
+        """For the reference paths: a flattened batch as (num_seqs, max_seqlen) rows, and the flat index of each
+        token in those rows (None when the layout is already rows). Attention then costs sum(L_i^2), not T^2."""
+        if self.cu_seqlens is None:
+            return self, None
+        if self._padded is None:
+            cu = self.cu_seqlens.long()
+            n, width = cu.numel() - 1, max(int(self.max_seqlen), 1)
+            doc = self.segment_ids[0] - 1  # (T,) document of each token
+            index = doc * width + self.positions[0]
+            mask = torch.zeros(n * width, dtype=torch.bool, device=cu.device).index_fill_(0, index, True)
+            rows = Seqs(positions=torch.arange(width, device=cu.device)[None], mask=mask.view(n, width))
+            self._padded = (rows, index)
+        return self._padded
 
     def varlen(self) -> tuple[torch.Tensor | None, torch.Tensor, int]:
         """(indices of real tokens in the flattened (B*L) rows or None, cu_seqlens int32, max_seqlen), cached."""
@@ -318,10 +334,19 @@ def _allowed(q: Seqs, k: Seqs, causal: bool) -> torch.Tensor | None:
     return None if allowed is None else allowed[:, None]
 
 
+def _to_rows(x: torch.Tensor, rows: Seqs, index: torch.Tensor) -> torch.Tensor:
+    """(1, T, H, D) flattened tokens -> (N, L, H, D) zero-padded rows."""
+    flat = x.new_zeros(rows.mask.numel(), *x.shape[2:]).index_copy_(0, index, x[0])
+    return flat.view(*rows.mask.shape, *x.shape[2:])
+
+
 def _attend_reference(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: PositionSpec, ctx_q: Seqs, ctx_k: Seqs, *,
     causal: bool, impl: str, dropout: float, bias_cache: dict, training: bool,
 ) -> torch.Tensor:  # fmt: skip
+    (ctx_q, q_index), (ctx_k, k_index) = ctx_q.padded(), ctx_k.padded()
+    if q_index is not None:  # flattened documents -> one padded row each, and back at the end
+        q, k, v = _to_rows(q, ctx_q, q_index), _to_rows(k, ctx_k, k_index), _to_rows(v, ctx_k, k_index)
     bias = _materialised_bias(pos, ctx_q, ctx_k, bias_cache)
     allowed = _allowed(ctx_q, ctx_k, causal)
     qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, L, D)
@@ -347,7 +372,10 @@ def _attend_reference(
         out = F.scaled_dot_product_attention(
             qh, kh, vh, attn_mask=mask, dropout_p=dropout if training else 0.0, is_causal=is_causal, scale=1.0
         )
-    return out.transpose(1, 2)  # (B, Lq, H, D)
+    out = out.transpose(1, 2)  # (B, Lq, H, D)
+    if q_index is not None:
+        out = out.reshape(-1, *out.shape[2:]).index_select(0, q_index)[None]
+    return out
 
 
 def _attend_flash(
@@ -588,7 +616,7 @@ class Stack(nn.Module):
         owner = self.layers[0].attn if len(self.layers) else None
         if ctx.impl != "flash" and owner is not None and not self.per_layer:
             # Materialise the shared bias once, outside any checkpointed layer (recomputation must not differ).
-            _materialised_bias(owner.position_spec(owner), ctx.q, ctx.k, ctx.bias_cache)
+            _materialised_bias(owner.position_spec(owner), ctx.q.padded()[0], ctx.k.padded()[0], ctx.bias_cache)
         for i, layer in enumerate(self.layers):
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 h = checkpoint(layer, h, ctx, i, owner, enc_hidden, use_reentrant=False)

@@ -1,0 +1,367 @@
+"""The one training loop: corpus -> tokenizer -> pretokenized store -> denoised, packed batches -> AdamWScale.
+
+``train(cfg)`` prepares whatever is missing (it trains the tokenizer and pretokenizes the corpus on first use),
+then trains with a progress bar (loss, tokens/s), writes ``metrics.jsonl`` and ``loss.png``, evaluates on held-out
+text, checkpoints periodically (and resumes from the newest checkpoint), saves ``final/`` and prints span-filling
+samples. On a CUDA machine it trains on the GPU in bf16 autocast with the flash kernels.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from flasht5.config import FlashT5Config
+from flasht5.modeling import FlashT5ForConditionalGeneration
+from flasht5.train.config import Config
+from flasht5.train.optim import AdamWScale, lr_at
+
+
+def log(msg: str) -> None:
+    print(f"[flasht5] {msg}", flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Set-up
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"train.device={name!r} but no CUDA device is available")
+    return device
+
+
+def prepare_data(cfg: Config) -> tuple[Any, Any, Any | None]:
+    """(tokenizer, train store, held-out store or None), building the tokenizer and stores when missing."""
+    from flasht5.data.store import TokenStore, pretokenize
+    from flasht5.data.tokenizer import load_tokenizer, train_tokenizer
+
+    d = cfg.data
+    out = Path(cfg.train.out_dir)
+    if not d.corpus:
+        raise ValueError("data.corpus is empty: give the training text files")
+    tok_dir = Path(d.tokenizer)
+    if not tok_dir.exists():
+        log(f"training a {d.vocab_size}-piece SentencePiece tokenizer on {d.corpus} -> {tok_dir}")
+        train_tokenizer(d.corpus, tok_dir, vocab_size=d.vocab_size, text_key=d.text_key, seed=cfg.train.seed)
+    tokenizer = load_tokenizer(tok_dir)
+    store_dir = Path(d.store) if d.store else out / "store"
+    stats = pretokenize(d.corpus, tok_dir, store_dir, text_key=d.text_key, progress=cfg.train.progress)
+    log(f"train store {store_dir}: {stats.get('documents', '?')} documents, {stats.get('tokens', '?')} tokens")
+    heldout = None
+    if d.heldout:
+        held_dir = store_dir.parent / (store_dir.name + "-heldout")
+        pretokenize(d.heldout, tok_dir, held_dir, text_key=d.text_key, progress=False)
+        heldout = TokenStore(held_dir)
+    return tokenizer, TokenStore(store_dir), heldout
+
+
+def make_dataset(store: Any, tokenizer: Any, cfg: Config, *, seed: int, rank: int = 0, world_size: int = 1):
+    from flasht5.data.packing import UL2Dataset
+    from flasht5.data.tokenizer import mode_token_ids, sentinel_ids
+    from flasht5.data.ul2 import resolve_mixture
+
+    d = cfg.data
+    mixture = resolve_mixture(d.denoisers if d.denoisers is not None else d.objective)
+    return UL2Dataset(
+        store,
+        denoisers=mixture,
+        sentinel_ids=sentinel_ids(tokenizer),
+        prefix_ids=mode_token_ids(tokenizer, {dn.prefix for dn, _ in mixture}),
+        eos_id=tokenizer.eos_token_id,
+        pad_id=tokenizer.pad_token_id,
+        decoder_start_id=tokenizer.pad_token_id,
+        max_input_len=d.max_input_len,
+        max_target_len=d.max_target_len,
+        max_tokens=d.max_tokens,
+        max_target_tokens=d.max_target_tokens,
+        mode=d.mode,
+        seed=seed,
+        rank=rank,
+        world_size=world_size,
+    )
+
+
+def build_model(cfg: Config, vocab_size: int, device: torch.device) -> FlashT5ForConditionalGeneration:
+    m = cfg.model
+    kwargs = {} if m.attn_implementation is None else {"attn_implementation": m.attn_implementation}
+    if m.init_from:
+        model = FlashT5ForConditionalGeneration.from_pretrained(m.init_from, **kwargs)
+        if model.config.vocab_size < vocab_size:
+            raise ValueError(
+                f"model.init_from has vocab_size {model.config.vocab_size} < the tokenizer's {vocab_size} ids"
+            )
+    else:
+        # Round the vocabulary up to a multiple of 128 (tensor-core friendly, as T5's 32128 = 32100 rounded).
+        config = FlashT5Config.from_preset(m.preset, **{"vocab_size": -(-vocab_size // 128) * 128, **m.overrides})
+        if config.vocab_size < vocab_size:
+            raise ValueError(f"model.overrides.vocab_size={config.vocab_size} < the tokenizer's {vocab_size} ids")
+        if m.attn_implementation is not None:
+            config._attn_implementation = m.attn_implementation
+        model = FlashT5ForConditionalGeneration(config)
+    return model.to(device)
+
+
+def model_inputs(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """The model's keyword arguments from a collated batch (tensors moved, bookkeeping dropped)."""
+    out = {}
+    for k, v in batch.items():
+        if k == "stats":
+            continue
+        out[k] = v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+    return out
+
+
+def count_tokens(batch: dict[str, Any]) -> tuple[int, int]:
+    """(real encoder + decoder tokens, target tokens with a label)."""
+    labels = batch["labels"]
+    n_target = int((labels != -100).sum())
+    if "attention_mask" in batch:
+        n_in = int(batch["attention_mask"].sum())
+    else:
+        n_in = int(batch["input_ids"].numel())
+    return n_in + n_target, n_target
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Evaluation, samples, checkpoints
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate(model, batches: list[dict[str, Any]], device: torch.device, autocast) -> float:
+    """Token-weighted mean loss over fixed held-out batches."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for batch in batches:
+        n = count_tokens(batch)[1]
+        with autocast():
+            loss = model(**model_inputs(batch, device)).loss
+        total += float(loss) * n
+        count += n
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def span_filling_samples(model, tokenizer, store, n: int, device: torch.device, seed: int) -> list[dict[str, str]]:
+    """Corrupt held-out passages with T5 span corruption and let the model fill the sentinels."""
+    from flasht5.data.tokenizer import sentinel_ids
+    from flasht5.data.ul2 import PRESETS, apply_denoiser
+
+    rng = np.random.default_rng(seed)
+    denoiser = PRESETS["t5"][0][0]
+    sentinels = sentinel_ids(tokenizer)
+    model.eval()
+    out = []
+    for i in range(min(n, len(store))):
+        tokens = np.asarray(store[i][:48], dtype=np.int64)
+        if len(tokens) < 8:
+            continue
+        inputs, targets = apply_denoiser(tokens, denoiser, sentinel_ids=sentinels, rng=rng, prefix_ids=[])
+        ids = torch.tensor([*inputs, tokenizer.eos_token_id], device=device)[None]
+        gen = model.generate(ids, max_new_tokens=len(targets) + 8, do_sample=False, num_beams=1)
+        out.append(
+            {
+                "input": tokenizer.decode(inputs),
+                "truth": tokenizer.decode(targets),
+                "model": tokenizer.decode(gen[0], skip_special_tokens=False).replace("<pad>", "").strip(),
+            }
+        )
+    return out
+
+
+def _checkpoints(out: Path) -> list[Path]:
+    return sorted((out / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+
+
+def save_checkpoint(out: Path, step: int, model, optimizer, data_state: dict | None, keep: int) -> Path:
+    path = out / "checkpoints" / f"step-{step:07d}"
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    torch.save({"step": step, "optimizer": optimizer.state_dict(), "data": data_state}, tmp / "trainer.pt")
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.rename(path)  # atomic: an interrupted save never looks like a checkpoint
+    for old in _checkpoints(out)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def plot_losses(metrics_path: Path, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="train loss", lw=1)
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="held-out loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def train(cfg: Config) -> dict[str, Any]:
+    """Train as configured; returns a summary (losses, paths, samples)."""
+    from tqdm.auto import tqdm
+
+    t = cfg.train
+    out = Path(t.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2, default=str))
+    torch.manual_seed(t.seed)
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    device = resolve_device(t.device)
+    bf16 = t.precision == "bf16" or (t.precision == "auto" and device.type == "cuda")
+    autocast = (
+        (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else (lambda: contextlib.nullcontext())
+    )
+
+    tokenizer, store, heldout = prepare_data(cfg)
+    model = build_model(cfg, len(tokenizer), device)
+    if t.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    n_params = sum(p.numel() for p in model.parameters())
+    log(
+        f"model: {n_params / 1e6:.1f}M parameters, attention {model.config._attn_implementation}, device {device}, "
+        f"{'bf16 autocast' if bf16 else 'fp32'}"
+    )
+    optimizer = AdamWScale(
+        model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
+        weight_decay=cfg.optim.weight_decay,
+    )  # fmt: skip
+    dataset = make_dataset(store, tokenizer, cfg, seed=t.seed)
+
+    start_step = 0
+    ckpts = _checkpoints(out) if t.resume else []
+    if ckpts:
+        from safetensors.torch import load_file
+
+        state = torch.load(ckpts[-1] / "trainer.pt", map_location="cpu", weights_only=False)
+        model.load_state_dict(load_file(ckpts[-1] / "model.safetensors", device=str(device)))
+        optimizer.load_state_dict(state["optimizer"])
+        if state.get("data") is not None:
+            dataset.load_state_dict(state["data"])
+        start_step = state["step"]
+        log(f"resumed from {ckpts[-1]} at step {start_step}")
+
+    eval_batches: list[dict[str, Any]] = []
+    if heldout is not None:
+        eval_data = make_dataset(heldout, tokenizer, cfg, seed=t.seed + 1)
+        for batch in eval_data:
+            eval_batches.append(batch)
+            if len(eval_batches) >= cfg.data.eval_batches:
+                break
+
+    train_model = torch.compile(model) if t.compile else model
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=None, num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda"
+    )
+    metrics_path = out / "metrics.jsonl"
+    metrics = metrics_path.open("a")
+    first_eval = evaluate(model, eval_batches, device, autocast) if eval_batches else math.nan
+    if eval_batches:
+        metrics.write(json.dumps({"step": start_step, "eval_loss": first_eval}) + "\n")
+        log(f"held-out loss at step {start_step}: {first_eval:.4f}")
+
+    model.train()
+    bar = tqdm(total=t.steps, initial=start_step, desc="train", disable=not t.progress, dynamic_ncols=True)
+    step, window_tokens, window_t0, last_eval = start_step, 0, time.perf_counter(), first_eval
+    losses: list[float] = []
+    data_iter = iter(loader)
+    while step < t.steps:
+        try:
+            batch = next(data_iter)
+        except StopIteration:  # the dataset ended an epoch: start the next one
+            data_iter = iter(loader)
+            batch = next(data_iter)
+        stats = batch.get("stats", {})
+        scale = lr_at(
+            step, total=t.steps, warmup=cfg.optim.warmup_steps, schedule=cfg.optim.schedule,
+            final_ratio=cfg.optim.final_lr_ratio,
+        )  # fmt: skip
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.optim.lr * scale
+        with autocast():
+            loss = train_model(**model_inputs(batch, device)).loss
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            model.parameters(), cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+        )
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        window_tokens += count_tokens(batch)[0]
+        losses.append(float(loss))
+        bar.update(1)
+        if step % t.log_every == 0 or step == t.steps:
+            elapsed = time.perf_counter() - window_t0
+            row = {
+                "step": step,
+                "loss": sum(losses[-t.log_every :]) / len(losses[-t.log_every :]),
+                "lr": cfg.optim.lr * scale,
+                "grad_norm": float(grad_norm),
+                "tokens_per_s": window_tokens / max(elapsed, 1e-9),
+                **{f"data_{k}": v for k, v in stats.items() if isinstance(v, (int, float))},
+            }
+            metrics.write(json.dumps(row) + "\n")
+            metrics.flush()
+            bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}", lr=f"{row['lr']:.2e}")
+            window_tokens, window_t0 = 0, time.perf_counter()
+        if eval_batches and (step % t.eval_every == 0 or step == t.steps):
+            last_eval = evaluate(model, eval_batches, device, autocast)
+            metrics.write(json.dumps({"step": step, "eval_loss": last_eval}) + "\n")
+            metrics.flush()
+            bar.write(f"step {step}: held-out loss {last_eval:.4f}")
+        if (t.save_every and step % t.save_every == 0) or step == t.steps:
+            save_checkpoint(out, step, model, optimizer, dataset.state_dict(), t.keep_checkpoints)
+    bar.close()
+    metrics.close()
+
+    final = out / "final"
+    model.save_pretrained(final)
+    tokenizer.save_pretrained(final)
+    plot_losses(metrics_path, out / "loss.png")
+    samples = span_filling_samples(model, tokenizer, heldout or store, t.samples, device, t.seed) if t.samples else []
+    summary = {
+        "steps": step,
+        "initial_eval_loss": first_eval,
+        "final_eval_loss": last_eval,
+        "final_train_loss": losses[-1] if losses else math.nan,
+        "model_dir": str(final),
+        "metrics": str(metrics_path),
+        "loss_plot": str(out / "loss.png"),
+        "samples": samples,
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
