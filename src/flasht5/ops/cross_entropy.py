@@ -15,17 +15,22 @@ zero gradients (torch's mean gives NaN there). ``return_z_loss=True`` returns ``
 already includes ``z_term``; ``z_term`` is detached (it is for logging: gradients flow through ``loss`` only).
 The loss is returned in fp32 whatever the logits' dtype.
 
-How: one Triton program per token streams its row twice: an online max / sum-of-exp pass (Milakov & Gimelshein
-2018) that also gathers the label's logit and the row sum for smoothing, then a pass that writes the gradient
-``softmax * (1 + 2 z lse) - eps / V - (1 - eps) * onehot`` in the logits' dtype (bf16 / fp16 / fp32; never an fp32
-(N, V) buffer). The gradient is computed in the forward pass (as Liger-Kernel does) and kept per token, without the
-1/n of the mean; backward multiplies it by ``grad_output`` (/ n) in fp32 in one pass, so fp16 logits under a loss
-scaler keep their small gradients.
+How: forward runs one Triton program per token that streams its row: an online max / sum-of-exp pass (Milakov &
+Gimelshein 2018) that also gathers the label's logit and the row sum for smoothing; it stores the loss terms and
+the row's logsumexp (4 bytes per token). Backward is one tiled pass over (tokens, vocab) that reads the logits once
+and writes ``(softmax * (1 + 2 z lse) - eps / V - (1 - eps) * onehot) * grad_output (/ n)`` in the logits' dtype
+(bf16 / fp16 / fp32; never an fp32 (N, V) buffer), as flash-attention's cross-entropy does. ``grad_output`` is
+applied in fp32 before the single rounding, so fp16 logits under a loss scaler keep their small gradients, and
+``retain_graph`` / double backward calls stay correct.
 
-In place: Liger overwrites the logits buffer with its gradient. This op does not, because the caller may still
-hold the logits (HF returns them as ``outputs.logits``) and a custom op that silently mutated its input would
-break ``torch.compile``'s functionalisation; the gradient goes to a separate buffer of the logits' dtype. Where the
-logits are private -- inside ``linear_cross_entropy``'s chunks -- the kernel writes the gradient in place.
+In place: Liger-Kernel writes the gradient into the logits buffer during the forward pass and skips backward work
+when ``grad_output == 1``. Here the standalone op does not, on purpose: the caller may still hold the logits (HF
+returns them as ``outputs.logits``), a custom op that silently mutated its input would break ``torch.compile``'s
+functionalisation, and the ``grad_output == 1`` test needs a host sync. Against a gradient precomputed into a
+separate buffer (which backward must still scale by ``grad_output``), the recompute moves fewer bytes (2 reads + 1
+read/write instead of 2 reads + 1 write + 1 read/write) at the same peak memory (logits + one gradient buffer of
+the logits' dtype). Where the logits are private -- inside ``linear_cross_entropy``'s chunks -- the forward kernel
+writes the gradient in place (its pass-2 path, ``HAS_GRAD``), which is where the memory matters most.
 
 Shapes and dtypes: ``logits`` (..., V) fp32/fp16/bf16 (any V: 32100, 32128, 250112 are tested), ``labels`` (...)
 of an integer dtype. Rows may have any stride; a non-unit stride along V is copied to contiguous first. Labels
@@ -34,11 +39,13 @@ call), skipped while a CUDA graph is being captured; the kernel clamps the label
 label can give a wrong loss but never an out-of-bounds read.
 
 Tuned and tested on an H200 (sm90); the launch configs use nothing beyond sm80. Registered as
-``torch.library.custom_op`` ``flasht5::cross_entropy_fwd`` and ``flasht5::scale_rows`` with fake implementations
+``torch.library.custom_op`` ``flasht5::cross_entropy_fwd`` / ``_bwd`` and ``flasht5::scale_rows`` with fake
+implementations
 and an autograd formula, so ``torch.compile(fullgraph=True)`` traces through it (defining the ops is the only thing
 done at import).
 
-Credits: Liger-Kernel (Hsu et al. 2024) for the gradient-in-the-forward-pass and in-place tricks; FAT5 for its
+Credits: Liger-Kernel (Hsu et al. 2024) for the gradient-in-the-forward-pass and in-place tricks (used by the fused
+linear + CE); flash-attention's cross-entropy (Dao et al.) for saving lse and recomputing in backward; FAT5 for its
 Triton CE + z-loss (whose mean over ignored tokens this file fixes); z-loss from PaLM (Chowdhery et al. 2022) /
 ST-MoE (Zoph et al. 2022); online softmax from Milakov & Gimelshein (2018).
 """
@@ -105,6 +112,7 @@ def _ce_fwd_kernel(
     Y,
     LOSS,
     Z,
+    LSE,
     ROW_SCALE,
     stride_x,
     stride_g,
@@ -126,6 +134,7 @@ def _ce_fwd_kernel(
     if label == ignore_index:
         tl.store(LOSS + row, 0.0)
         tl.store(Z + row, 0.0)
+        tl.store(LSE + row, 0.0)
         if HAS_GRAD:
             for start in range(0, n_cols, BLOCK_V):
                 offs = start + cols
@@ -155,6 +164,7 @@ def _ce_fwd_kernel(
     z_term = z_coef * lse * lse
     tl.store(LOSS + row, loss + z_term)
     tl.store(Z + row, z_term)
+    tl.store(LSE + row, lse)
 
     # Pass 2: d loss_i / d x_ij = p_ij * (1 + 2 z lse) - eps / V - (1 - eps) * [j == y]
     if HAS_GRAD:
@@ -170,6 +180,45 @@ def _ce_fwd_kernel(
             g = tl.exp(x - lse) * p_scale - uniform
             g = tl.where(offs == label, g - (1.0 - smoothing), g)
             tl.store(g_row + offs, (g * scale).to(G.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _ce_bwd_kernel(
+    X,
+    G,
+    Y,
+    LSE,
+    FACTOR,
+    n_rows,
+    n_cols,
+    stride_x,
+    stride_g,
+    ignore_index,
+    smoothing,
+    z_coef,
+    PER_ROW: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    # One read of the logits and one write of the gradient, tiled over (rows, vocab): the same formula as pass 2
+    # of the forward kernel, with the saved lse and grad_output (/ n) folded in as a per-row factor.
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < n_rows
+    mask = row_mask[:, None] & (cols < n_cols)[None, :]
+    r64 = rows.to(tl.int64)[:, None]
+    label = tl.load(Y + rows, mask=row_mask, other=ignore_index).to(tl.int64)
+    lse = tl.load(LSE + rows, mask=row_mask, other=0.0)
+    if PER_ROW:
+        f = tl.load(FACTOR + rows, mask=row_mask, other=0.0)
+    else:
+        f = tl.load(FACTOR)
+    x = tl.load(X + r64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    g = tl.exp(x - lse[:, None]) * (1.0 + 2.0 * z_coef * lse)[:, None] - smoothing / n_cols
+    g = tl.where(cols[None, :] == label[:, None], g - (1.0 - smoothing), g)
+    # ignored rows: exactly 0 (their lse is a placeholder, so exp(x - lse) may be inf there)
+    g = tl.where((label == ignore_index)[:, None], 0.0, g * f[:, None])
+    tl.store(G + r64 * stride_g + cols[None, :], g.to(G.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -213,14 +262,16 @@ def _launch_ce(
     labels: Tensor,
     loss_rows: Tensor,
     z_rows: Tensor,
+    lse_rows: Tensor,
     grad: Tensor | None,
     row_scale: Tensor | None,
     ignore_index: int,
     label_smoothing: float,
     z_loss: float,
 ) -> None:
-    """Per-row loss (ce + z) into ``loss_rows``, z-term into ``z_rows``, and the per-row gradient into ``grad``
-    (which may be ``logits`` itself: each element is read before it is overwritten), scaled by ``row_scale``."""
+    """Per-row loss (ce + z) into ``loss_rows``, z-term into ``z_rows``, logsumexp into ``lse_rows`` and,
+    optionally, the per-row gradient into ``grad`` (which may be ``logits`` itself: each element is read before it
+    is overwritten), scaled by ``row_scale``."""
     n_rows, n_cols = logits.shape
     if n_rows == 0:
         return
@@ -231,6 +282,7 @@ def _launch_ce(
         labels,
         loss_rows,
         z_rows,
+        lse_rows,
         row_scale if row_scale is not None else loss_rows,
         logits.stride(0),
         grad.stride(0) if grad is not None else 0,
@@ -244,6 +296,28 @@ def _launch_ce(
         BLOCK_V=block_v,
         num_warps=num_warps,
     )
+
+
+def _launch_ce_bwd(
+    logits: Tensor,
+    labels: Tensor,
+    lse: Tensor,
+    factor: Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+) -> Tensor:
+    n_rows, n_cols = logits.shape
+    grad = torch.empty((n_rows, n_cols), dtype=logits.dtype, device=logits.device)
+    if grad.numel() > 0:
+        block_n = min(triton.next_power_of_2(n_cols), 4096 if logits.is_cuda else 32768)
+        block_m = 1 if logits.is_cuda else 8  # the interpreter's cost is per program
+        _ce_bwd_kernel[(triton.cdiv(n_rows, block_m), triton.cdiv(n_cols, block_n))](
+            logits, grad, labels, lse, factor, n_rows, n_cols, logits.stride(0), grad.stride(0), ignore_index,
+            float(label_smoothing), float(z_loss), PER_ROW=factor.dim() == 1, BLOCK_M=block_m, BLOCK_N=block_n,
+            num_warps=8 if block_n >= 4096 else 4,
+        )  # fmt: skip
+    return grad
 
 
 def _scale_rows_into(x: Tensor, factor: Tensor, out: Tensor) -> Tensor:
@@ -320,44 +394,64 @@ def _cross_entropy_fwd(
     label_smoothing: float,
     z_loss: float,
     reduction: str,
-    need_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """logits (N, V), labels (N,) -> (loss, z_term, per-token gradient (N, V) or empty, 1/n_kept)."""
+    """logits (N, V), labels (N,) -> (loss, z_term, per-token logsumexp (N,), 1/n_kept)."""
     n_rows, n_cols = logits.shape
     x = _rows_2d(logits, n_cols)
     y = labels.contiguous()
     _check_labels(y, n_cols, ignore_index)
     loss_rows = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
     z_rows = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
-    grad = torch.empty((n_rows, n_cols), dtype=logits.dtype, device=logits.device) if need_grad else None
-    _launch_ce(x, y, loss_rows, z_rows, grad, None, ignore_index, label_smoothing, z_loss)
+    lse = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
+    _launch_ce(x, y, loss_rows, z_rows, lse, None, None, ignore_index, label_smoothing, z_loss)
     inv_n = _inv_count(y, ignore_index)
-    grad = grad if grad is not None else logits.new_empty(0)
-    return _reduce(loss_rows, inv_n, reduction), _reduce(z_rows, inv_n, reduction), grad, inv_n
+    return _reduce(loss_rows, inv_n, reduction), _reduce(z_rows, inv_n, reduction), lse, inv_n
 
 
 @_cross_entropy_fwd.register_fake
-def _(logits, labels, ignore_index, label_smoothing, z_loss, reduction, need_grad):
+def _(logits, labels, ignore_index, label_smoothing, z_loss, reduction):
     shape = (logits.shape[0],) if reduction == "none" else ()
     loss = logits.new_empty(shape, dtype=torch.float32)
-    grad = logits.new_empty(logits.shape) if need_grad else logits.new_empty(0)
-    return loss, loss.new_empty(shape), grad, logits.new_empty((), dtype=torch.float32)
+    lse = logits.new_empty((logits.shape[0],), dtype=torch.float32)
+    return loss, loss.new_empty(shape), lse, logits.new_empty((), dtype=torch.float32)
+
+
+@torch.library.custom_op("flasht5::cross_entropy_bwd", mutates_args=())
+def _cross_entropy_bwd(
+    logits: Tensor,
+    labels: Tensor,
+    lse: Tensor,
+    factor: Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+) -> Tensor:
+    """d loss / d logits (N, V) in the logits' dtype; ``factor`` is grad_output (/ n), 0-d or per row (N,)."""
+    x = _rows_2d(logits, logits.shape[1])
+    return _launch_ce_bwd(
+        x, labels.contiguous(), lse.contiguous(), factor.to(torch.float32).contiguous(), ignore_index,
+        label_smoothing, z_loss,
+    )  # fmt: skip
+
+
+@_cross_entropy_bwd.register_fake
+def _(logits, labels, lse, factor, ignore_index, label_smoothing, z_loss):
+    return logits.new_empty(logits.shape)
 
 
 def _ce_setup_context(ctx, inputs, output) -> None:
-    _logits, _labels, _ii, _ls, _z, reduction, need_grad = inputs
-    _loss, _z_term, grad, inv_n = output
+    logits, labels, ignore_index, label_smoothing, z_loss, reduction = inputs
+    _loss, _z_term, lse, inv_n = output
     ctx.reduction = reduction
-    ctx.need_grad = need_grad
-    ctx.save_for_backward(grad, inv_n)
+    ctx.ce_args = (ignore_index, label_smoothing, z_loss)
+    ctx.save_for_backward(logits, labels, lse, inv_n)
 
 
-def _ce_backward(ctx, grad_loss: Tensor, _grad_z: Tensor, _grad_g: Tensor, _grad_inv: Tensor):
-    grad, inv_n = ctx.saved_tensors
-    if not ctx.need_grad:
-        raise RuntimeError("cross_entropy was called without gradients enabled for logits; cannot backpropagate")
+def _ce_backward(ctx, grad_loss: Tensor, _grad_z: Tensor, _grad_lse: Tensor, _grad_inv: Tensor):
+    logits, labels, lse, inv_n = ctx.saved_tensors
     factor = _grad_factor(grad_loss, inv_n, ctx.reduction)
-    return torch.ops.flasht5.scale_rows(grad, factor), None, None, None, None, None, None
+    grad = torch.ops.flasht5.cross_entropy_bwd(logits, labels, lse, factor, *ctx.ce_args)
+    return grad, None, None, None, None, None
 
 
 torch.library.register_autograd("flasht5::cross_entropy_fwd", _ce_backward, setup_context=_ce_setup_context)
@@ -408,7 +502,6 @@ def cross_entropy(
     if labels.device != logits.device:
         raise ValueError(f"labels are on {labels.device} but logits are on {logits.device}")
     n_cols = logits.shape[-1]
-    need_grad = logits.requires_grad and torch.is_grad_enabled()
     loss, z_term, _, _ = torch.ops.flasht5.cross_entropy_fwd(
         logits.reshape(-1, n_cols),  # (N, V)
         labels.reshape(-1),  # (N,)
@@ -416,7 +509,6 @@ def cross_entropy(
         float(label_smoothing),
         float(z_loss),
         reduction,
-        need_grad,
     )
     if reduction == "none":
         loss, z_term = loss.view(labels.shape), z_term.view(labels.shape)

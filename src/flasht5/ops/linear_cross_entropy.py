@@ -140,6 +140,7 @@ def _chunks(
     # loss rows are needed by the kernel even when only gradients are wanted
     scratch_loss = loss_rows if loss_rows is not None else torch.empty(n_tokens, device=hidden.device)
     scratch_z = z_rows if z_rows is not None else torch.empty(n_tokens, device=hidden.device)
+    scratch_lse = torch.empty(n_tokens, device=hidden.device)
     for start in range(0, n_tokens, chunk):
         end = min(start + chunk, n_tokens)
         hs = hidden[start:end]
@@ -151,6 +152,7 @@ def _chunks(
             labels[start:end],
             scratch_loss[start:end],
             scratch_z[start:end],
+            scratch_lse[start:end],
             logits if need_grad else None,  # in place: the chunk is private
             row_scale[start:end] if row_scale is not None else None,
             ignore_index,

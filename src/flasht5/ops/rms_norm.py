@@ -47,6 +47,10 @@ __all__ = ["rms_norm", "rms_norm_ref"]
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_D = 65536
 
+# Set by benchmarks to sweep launch settings: (BLOCK_M, num_warps) and backward programs per SM.
+_CONFIG_OVERRIDE: tuple[int, int] | None = None
+_PROGRAMS_PER_SM = 4
+
 
 # --------------------------------------------------------------------------------------------------------------
 # Reference (plain PyTorch, HF T5LayerNorm semantics)
@@ -176,6 +180,8 @@ def _rms_norm_bwd_kernel(
 def _config(n_cols: int) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps): one row block of ~4-8k elements in registers per program."""
     block_n = triton.next_power_of_2(n_cols)
+    if _CONFIG_OVERRIDE is not None:
+        return _CONFIG_OVERRIDE[0], block_n, _CONFIG_OVERRIDE[1]
     block_m = max(1, min(16, 4096 // block_n))
     elems = block_m * block_n
     num_warps = 4 if elems <= 2048 else 8 if elems <= 8192 else 16
@@ -185,7 +191,7 @@ def _config(n_cols: int) -> tuple[int, int, int]:
 def _num_programs(device: torch.device, n_row_blocks: int) -> int:
     if device.type == "cuda":
         sms = torch.cuda.get_device_properties(device).multi_processor_count
-        return max(1, min(n_row_blocks, sms * 4))
+        return max(1, min(n_row_blocks, sms * _PROGRAMS_PER_SM))
     return max(1, min(n_row_blocks, 4))  # interpreter: few programs keep CPU tests fast
 
 
