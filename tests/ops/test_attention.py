@@ -221,8 +221,9 @@ def test_buckets_match_hf(bidirectional, num_buckets, max_distance):
     R = max_distance
     r = torch.arange(-11 * R - 5, 11 * R + 6)
     hf = T5Attention._relative_position_bucket(r, bidirectional, num_buckets, max_distance)
-    ours = A._lut_buckets(torch.device("cpu"), bidirectional, num_buckets, max_distance)[r.clamp(-R, R) + R]
-    assert torch.equal(ours, hf)
+    lut_buckets, Re = A._lut_buckets(torch.device("cpu"), bidirectional, num_buckets, max_distance)
+    assert 1 <= Re <= R and lut_buckets.shape == (2 * Re + 1,)
+    assert torch.equal(lut_buckets[r.clamp(-Re, Re) + Re], hf)
     rel2d = torch.arange(300)[None, :] - torch.arange(260)[:, None]
     assert torch.equal(
         relative_position_bucket(rel2d, bidirectional, num_buckets, max_distance),
@@ -368,8 +369,8 @@ def test_gpu_buckets_match_hf_on_device():
     for bidir in (True, False):
         r = torch.arange(-2000, 2001, device="cuda")
         hf = T5Attention._relative_position_bucket(r, bidir, 32, 128)
-        ours = A._lut_buckets(r.device, bidir, 32, 128)[r.clamp(-128, 128) + 128]
-        assert torch.equal(ours, hf)
+        lut_buckets, Re = A._lut_buckets(r.device, bidir, 32, 128)
+        assert torch.equal(lut_buckets[r.clamp(-Re, Re) + Re], hf)
 
 
 @pytest.mark.gpu

@@ -118,30 +118,35 @@ def relative_position_bucket(
     return relative_buckets
 
 
-_BUCKET_CACHE: dict[tuple, torch.Tensor] = {}
+_BUCKET_CACHE: dict[tuple, tuple[torch.Tensor, int]] = {}
 
 
-def _lut_buckets(device: torch.device, bidirectional: bool, num_buckets: int, max_distance: int) -> torch.Tensor:
-    """Buckets of the distances ``-R..R`` (``R = max_distance``), int64 ``(2R+1,)``, computed on ``device`` once."""
+def _lut_buckets(
+    device: torch.device, bidirectional: bool, num_buckets: int, max_distance: int
+) -> tuple[torch.Tensor, int]:
+    """Buckets of the distances ``-Re..Re`` (int64, ``(2 Re + 1,)``) and ``Re``, the radius beyond which the bucket
+    is constant on both sides (``Re <= max_distance``; 91 for T5's 32 buckets / 128, whose last log bucket starts
+    at 91). Computed with HF's formula on ``device``, once per configuration (one host sync, then cached)."""
     key = (str(device), bidirectional, num_buckets, max_distance)
-    buckets = _BUCKET_CACHE.get(key)
-    if buckets is None:
-        r = torch.arange(-max_distance, max_distance + 1, device=device)
-        buckets = relative_position_bucket(r, bidirectional, num_buckets, max_distance)
-        # One-time check (a sync, once per configuration): the kernel clamps |r| to R, which is exact only if the
-        # bucket has saturated there; also no garbage buckets from degenerate (num_buckets, max_distance).
-        far = relative_position_bucket(
-            torch.tensor([-11 * max_distance, 11 * max_distance], device=device),
-            bidirectional,
-            num_buckets,
-            max_distance,
-        )
-        if bool((buckets < 0).any() | (buckets >= num_buckets).any()) or bool(
-            (far != buckets[[0, -1]]).any()
-        ):  # pragma: no cover - excluded by validation
-            raise ValueError("rel_max_distance: bucket formula does not saturate at rel_max_distance")
-        _BUCKET_CACHE[key] = buckets
-    return buckets
+    hit = _BUCKET_CACHE.get(key)
+    if hit is None:
+        R = max_distance
+        r = torch.arange(-11 * R, 11 * R + 1, device=device)
+        full = relative_position_bucket(r, bidirectional, num_buckets, max_distance).cpu()
+        if bool((full < 0).any() | (full >= num_buckets).any()):  # pragma: no cover - excluded by validation
+            raise ValueError("rel_max_distance: degenerate bucket formula for this num_buckets / max distance")
+        # the kernel clamps |distance| to Re: exact only where the bucket has saturated on both sides
+        left = full[: 10 * R + 1]  # distances -11R .. -R
+        right = full[12 * R :]  # distances R .. 11R
+        if bool((left != left[0]).any() | (right != right[-1]).any()):  # pragma: no cover
+            raise ValueError("rel_max_distance: the bucket formula does not saturate at rel_max_distance")
+        mid = full[10 * R : 12 * R + 1]  # distances -R .. R
+        lo_change = int((mid != mid[0]).nonzero().min()) if bool((mid != mid[0]).any()) else R
+        hi_change = int((mid != mid[-1]).nonzero().max()) if bool((mid != mid[-1]).any()) else R
+        Re = max(1, R - lo_change + 1, hi_change + 1 - R)  # buckets constant for d <= -Re and d >= Re
+        hit = (mid[R - Re : R + Re + 1].to(device), Re)
+        _BUCKET_CACHE[key] = hit
+    return hit
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -156,7 +161,8 @@ def _bias_and_mask(
     HAS_BIAS: tl.constexpr,
 ):  # fmt: skip
     """Add the bias terms (log2 units) to scores ``s`` and mask. ``mi``/``nj``: broadcastable query-row / key
-    indices inside the sequence, so the same code serves ``(M, N)`` and transposed ``(N, M)`` tiles."""
+    indices inside the sequence, so the same code serves ``(M, N)`` and transposed ``(N, M)`` tiles. Far tiles
+    (``NEAR=False``) need no mask and take the T5 bias as one scalar."""
     if HAS_REL:
         if NEAR:
             rel = nj - (mi + off)
@@ -174,6 +180,26 @@ def _bias_and_mask(
         if CAUSAL:
             valid = valid & (nj <= mi + off)
         s = tl.where(valid, s, float("-inf"))
+    return s
+
+
+@triton.jit
+def _scores(
+    s, near, blk_is_first_far, mi, nj, off, c_first, c_second, lut_base, alibi2, bias_base, sbm, sbn, Lq, Lk, R,
+    CAUSAL: tl.constexpr, HAS_REL: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr,
+):  # fmt: skip
+    """Runtime near/far split of one tile (a single pipelined loop per kernel keeps shared memory to one set of
+    stage buffers; separate loops per segment doubled it)."""
+    if near:
+        s = _bias_and_mask(
+            s, mi, nj, off, c_first, lut_base, alibi2, bias_base, sbm, sbn, Lq, Lk, R,
+            True, CAUSAL, HAS_REL, HAS_ALIBI, HAS_BIAS,
+        )  # fmt: skip
+    else:
+        s = _bias_and_mask(
+            s, mi, nj, off, tl.where(blk_is_first_far, c_first, c_second), lut_base, alibi2, bias_base, sbm, sbn,
+            Lq, Lk, R, False, CAUSAL, HAS_REL, HAS_ALIBI, HAS_BIAS,
+        )  # fmt: skip
     return s
 
 
@@ -207,43 +233,6 @@ def _kv_segments(m0, off, Lk, R, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, C
 
 
 @triton.jit
-def _fwd_loop(
-    acc, l_i, m_i, q, k_base, v_base, skn, svn, offs_m, off, lo, hi, far_const, lut_base, alibi2, bias_base,
-    sbm, sbn, Lq, Lk, R, scale2,
-    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, NEAR: tl.constexpr, CAUSAL: tl.constexpr,
-    HAS_REL: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr,
-):  # fmt: skip
-    offs_d = tl.arange(0, HEAD_DIM)
-    for start_n in range(lo * BLOCK_N, hi * BLOCK_N, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        if NEAR:
-            kmask = offs_n[:, None] < Lk
-            k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :], mask=kmask, other=0.0)
-            v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :], mask=kmask, other=0.0)
-        else:
-            k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :])
-            v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :])
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale2  # (BLOCK_M, BLOCK_N), log2 units
-        s = _bias_and_mask(
-            s, offs_m[:, None], offs_n[None, :], off, far_const, lut_base, alibi2, bias_base, sbm, sbn, Lq, Lk, R,
-            NEAR, CAUSAL, HAS_REL, HAS_ALIBI, HAS_BIAS,
-        )  # fmt: skip
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        if NEAR or HAS_BIAS:
-            # a row may still have seen only -inf: keep exp2 away from (-inf) - (-inf)
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        else:
-            m_use = m_new
-        p = tl.math.exp2(s - m_use[:, None])
-        alpha = tl.math.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
-        m_i = m_new
-    return acc, l_i, m_i
-
-
-@triton.jit
 def _seq_info(CU_Q, CU_K, b, LQ, LK, VARLEN: tl.constexpr):
     """Sequence ``b``: (first query row, first key row, first LSE row, Lq, Lk). Dense tensors are addressed with
     their batch stride (rows start at 0); the LSE is (H, total query tokens) for both layouts."""
@@ -263,6 +252,25 @@ def _seq_info(CU_Q, CU_K, b, LQ, LK, VARLEN: tl.constexpr):
 
 
 @triton.jit
+def _head_consts(LUT, ALIBI, h, R, HAS_REL: tl.constexpr, HAS_ALIBI: tl.constexpr):
+    """Per-head scalars in log2 units: the T5 bias of the far-left / far-right tiles, the ALiBi slope."""
+    lut_base = LUT + h * (2 * R + 1)
+    c_left = 0.0
+    c_right = 0.0
+    if HAS_REL:
+        c_left = tl.load(lut_base) * 1.4426950408889634
+        c_right = tl.load(lut_base + 2 * R) * 1.4426950408889634
+    alibi2 = 0.0
+    if HAS_ALIBI:
+        alibi2 = tl.load(ALIBI + h).to(tl.float32) * 1.4426950408889634
+    return lut_base, c_left, c_right, alibi2
+
+
+# Lengths and counts are not specialised (divisibility by 16 buys nothing for them): one compile serves all shapes.
+_NO_SPEC = ["H", "LQ", "LK", "T_LSE", "R", "MAX_Q", "MAX_K", "NUM_BH", "SEQ_KEY", "L"]
+
+
+@triton.jit(do_not_specialize=[n for n in _NO_SPEC if n not in ("MAX_K", "L")])
 def _attn_fwd(
     Q, K, V, O, LSE, LUT, ALIBI, BIAS, CU_Q, CU_K,
     sqb, sqm, sqh, skb, skm, skh, svb, svm, svh, sob, som, soh, sbb, sbh, sbm, sbn,
@@ -293,42 +301,33 @@ def _attn_fwd(
     k_base = K + b.to(tl.int64) * skb + k0.to(tl.int64) * skm + h * skh
     v_base = V + b.to(tl.int64) * svb + k0.to(tl.int64) * svm + h * svh
     q = tl.load(q_base + offs_m[:, None] * sqm + offs_d[None, :], mask=offs_m[:, None] < Lq, other=0.0)
-
-    lut_base = LUT + h * (2 * R + 1)
-    c_left = 0.0
-    c_right = 0.0
-    if HAS_REL:
-        c_left = tl.load(lut_base) * 1.4426950408889634
-        c_right = tl.load(lut_base + 2 * R) * 1.4426950408889634
-    alibi2 = 0.0
-    if HAS_ALIBI:
-        alibi2 = tl.load(ALIBI + h).to(tl.float32) * 1.4426950408889634
+    lut_base, c_left, c_right, alibi2 = _head_consts(LUT, ALIBI, h, R, HAS_REL, HAS_ALIBI)
     bias_base = BIAS + b.to(tl.int64) * sbb + h.to(tl.int64) * sbh
 
     n_a, n_b, n_full, n_end = _kv_segments(m0, off, Lk, R, BLOCK_M, BLOCK_N, CAUSAL, HAS_REL)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    if HAS_REL or CAUSAL:
-        acc, l_i, m_i = _fwd_loop(
-            acc, l_i, m_i, q, k_base, v_base, skm, svm, offs_m, off, 0, n_a, c_left, lut_base, alibi2, bias_base,
-            sbm, sbn, Lq, Lk, R, scale2, HEAD_DIM, BLOCK_N, False, CAUSAL, HAS_REL, HAS_ALIBI, HAS_BIAS, DOT_PREC,
+    for start_n in range(0, n_end * BLOCK_N, BLOCK_N):
+        blk = start_n // BLOCK_N
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        kmask = offs_n[:, None] < Lk
+        k = tl.load(k_base + offs_n[:, None] * skm + offs_d[None, :], mask=kmask, other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * svm + offs_d[None, :], mask=kmask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale2  # (BLOCK_M, BLOCK_N), log2 units
+        near = ((blk >= n_a) & (blk < n_b)) | (blk >= n_full)
+        s = _scores(
+            s, near, blk < n_a, offs_m[:, None], offs_n[None, :], off, c_left, c_right, lut_base, alibi2,
+            bias_base, sbm, sbn, Lq, Lk, R, CAUSAL, HAS_REL, HAS_ALIBI, HAS_BIAS,
         )  # fmt: skip
-        acc, l_i, m_i = _fwd_loop(
-            acc, l_i, m_i, q, k_base, v_base, skm, svm, offs_m, off, n_a, n_b, c_left, lut_base, alibi2, bias_base,
-            sbm, sbn, Lq, Lk, R, scale2, HEAD_DIM, BLOCK_N, True, CAUSAL, HAS_REL, HAS_ALIBI, HAS_BIAS, DOT_PREC,
-        )  # fmt: skip
-    if not CAUSAL:
-        acc, l_i, m_i = _fwd_loop(
-            acc, l_i, m_i, q, k_base, v_base, skm, svm, offs_m, off, n_b, n_full, c_right, lut_base, alibi2,
-            bias_base, sbm, sbn, Lq, Lk, R, scale2, HEAD_DIM, BLOCK_N, False, CAUSAL, HAS_REL, HAS_ALIBI, HAS_BIAS,
-            DOT_PREC,
-        )  # fmt: skip
-        acc, l_i, m_i = _fwd_loop(
-            acc, l_i, m_i, q, k_base, v_base, skm, svm, offs_m, off, n_full, n_end, c_right, lut_base, alibi2,
-            bias_base, sbm, sbn, Lq, Lk, R, scale2, HEAD_DIM, BLOCK_N, True, CAUSAL, HAS_REL, HAS_ALIBI, HAS_BIAS,
-            DOT_PREC,
-        )  # fmt: skip
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen only -inf so far
+        p = tl.math.exp2(s - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
+        m_i = m_new
 
     empty = l_i == 0.0  # no visible key: output 0, LSE +inf (so the backward's P is exactly 0)
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -339,7 +338,7 @@ def _attn_fwd(
     tl.store(LSE + h * T_LSE + r0 + offs_m, lse, mask=rmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["L", "T_LSE"])
 def _bwd_delta(
     O, DO, DELTA, sob, som, soh, sdob, sdom, sdoh, L, T_LSE,
     HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr,
@@ -359,41 +358,7 @@ def _bwd_delta(
     tl.store(DELTA + h * T_LSE + b * L + offs, delta, mask=offs < L)
 
 
-@triton.jit
-def _dkdv_loop(
-    dk, dv, k, v, q_base, do_base, sqm, sdom, lse_base, delta_base, offs_n, off, lo, hi, far_const, lut_base,
-    alibi2, bias_base, sbm, sbn, Lq, Lk, R, scale2,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, NEAR: tl.constexpr, CAUSAL: tl.constexpr,
-    HAS_REL: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr,
-):  # fmt: skip
-    offs_d = tl.arange(0, HEAD_DIM)
-    for start_m in range(lo * BLOCK_M, hi * BLOCK_M, BLOCK_M):
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        if NEAR:
-            rmask = offs_m < Lq
-            q = tl.load(q_base + offs_m[:, None] * sqm + offs_d[None, :], mask=rmask[:, None], other=0.0)
-            do = tl.load(do_base + offs_m[:, None] * sdom + offs_d[None, :], mask=rmask[:, None], other=0.0)
-            lse = tl.load(lse_base + offs_m, mask=rmask, other=float("inf"))  # +inf: P = 0 for padding rows
-            delta = tl.load(delta_base + offs_m, mask=rmask, other=0.0)
-        else:
-            q = tl.load(q_base + offs_m[:, None] * sqm + offs_d[None, :])
-            do = tl.load(do_base + offs_m[:, None] * sdom + offs_d[None, :])
-            lse = tl.load(lse_base + offs_m)
-            delta = tl.load(delta_base + offs_m)
-        st = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * scale2  # (BLOCK_N, BLOCK_M): S^T, log2 units
-        st = _bias_and_mask(
-            st, offs_m[None, :], offs_n[:, None], off, far_const, lut_base, alibi2, bias_base, sbm, sbn, Lq, Lk, R,
-            NEAR, CAUSAL, HAS_REL, HAS_ALIBI, HAS_BIAS,
-        )  # fmt: skip
-        pt = tl.math.exp2(st - lse[None, :])
-        dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PREC)
-        dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
-        dst = pt * (dpt - delta[None, :])
-        dk = tl.dot(dst.to(q.dtype), q, dk, input_precision=DOT_PREC)
-    return dk, dv
-
-
-@triton.jit
+@triton.jit(do_not_specialize=[n for n in _NO_SPEC if n not in ("MAX_Q", "NUM_BH", "L")])
 def _attn_bwd_dkdv(
     Q, K, V, DO, DK, DV, LSE, DELTA, LUT, ALIBI, BIAS, CU_Q, CU_K,
     sqb, sqm, sqh, skb, skm, skh, svb, svm, svh, sdob, sdom, sdoh, sdkb, sdkm, sdkh, sdvb, sdvm, sdvh,
@@ -425,16 +390,7 @@ def _attn_bwd_dkdv(
     do_base = DO + b.to(tl.int64) * sdob + q0.to(tl.int64) * sdom + h * sdoh
     lse_base = LSE + h * T_LSE + r0
     delta_base = DELTA + h * T_LSE + r0
-
-    lut_base = LUT + h * (2 * R + 1)
-    c_left = 0.0
-    c_right = 0.0
-    if HAS_REL:
-        c_left = tl.load(lut_base) * 1.4426950408889634
-        c_right = tl.load(lut_base + 2 * R) * 1.4426950408889634
-    alibi2 = 0.0
-    if HAS_ALIBI:
-        alibi2 = tl.load(ALIBI + h).to(tl.float32) * 1.4426950408889634
+    lut_base, c_left, c_right, alibi2 = _head_consts(LUT, ALIBI, h, R, HAS_REL, HAS_ALIBI)
     bias_base = BIAS + b.to(tl.int64) * sbb + h.to(tl.int64) * sbh
 
     # Query-block segments for this key block: far-right [m_start, m_a) (every distance >= R), near [m_a, m_b),
@@ -459,28 +415,25 @@ def _attn_bwd_dkdv(
 
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-    if HAS_REL:
-        dk, dv = _dkdv_loop(
-            dk, dv, k, v, q_base, do_base, sqm, sdom, lse_base, delta_base, offs_n, off, m_start, m_a, c_right,
-            lut_base, alibi2, bias_base, sbm, sbn, Lq, Lk, R, scale2, HEAD_DIM, BLOCK_M, False, CAUSAL, HAS_REL,
-            HAS_ALIBI, HAS_BIAS, DOT_PREC,
+    for start_m in range(m_start * BLOCK_M, m_end * BLOCK_M, BLOCK_M):
+        blk = start_m // BLOCK_M
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        rmask = offs_m < Lq
+        q = tl.load(q_base + offs_m[:, None] * sqm + offs_d[None, :], mask=rmask[:, None], other=0.0)
+        do = tl.load(do_base + offs_m[:, None] * sdom + offs_d[None, :], mask=rmask[:, None], other=0.0)
+        lse = tl.load(lse_base + offs_m, mask=rmask, other=float("inf"))  # +inf: P = 0 for padding rows
+        delta = tl.load(delta_base + offs_m, mask=rmask, other=0.0)
+        st = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * scale2  # (BLOCK_N, BLOCK_M): S^T, log2 units
+        near = ((blk >= m_a) & (blk < m_b)) | (blk >= m_full)
+        st = _scores(
+            st, near, blk < m_a, offs_m[None, :], offs_n[:, None], off, c_right, c_left, lut_base, alibi2,
+            bias_base, sbm, sbn, Lq, Lk, R, CAUSAL, HAS_REL, HAS_ALIBI, HAS_BIAS,
         )  # fmt: skip
-    if HAS_REL or CAUSAL:
-        dk, dv = _dkdv_loop(
-            dk, dv, k, v, q_base, do_base, sqm, sdom, lse_base, delta_base, offs_n, off, m_a, m_b, c_right,
-            lut_base, alibi2, bias_base, sbm, sbn, Lq, Lk, R, scale2, HEAD_DIM, BLOCK_M, True, CAUSAL, HAS_REL,
-            HAS_ALIBI, HAS_BIAS, DOT_PREC,
-        )  # fmt: skip
-    dk, dv = _dkdv_loop(
-        dk, dv, k, v, q_base, do_base, sqm, sdom, lse_base, delta_base, offs_n, off, m_b, m_full, c_left,
-        lut_base, alibi2, bias_base, sbm, sbn, Lq, Lk, R, scale2, HEAD_DIM, BLOCK_M, False, CAUSAL, HAS_REL,
-        HAS_ALIBI, HAS_BIAS, DOT_PREC,
-    )  # fmt: skip
-    dk, dv = _dkdv_loop(
-        dk, dv, k, v, q_base, do_base, sqm, sdom, lse_base, delta_base, offs_n, off, m_full, m_end, c_left,
-        lut_base, alibi2, bias_base, sbm, sbn, Lq, Lk, R, scale2, HEAD_DIM, BLOCK_M, True, CAUSAL, HAS_REL,
-        HAS_ALIBI, HAS_BIAS, DOT_PREC,
-    )  # fmt: skip
+        pt = tl.math.exp2(st - lse[None, :])
+        dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PREC)
+        dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+        dst = pt * (dpt - delta[None, :])
+        dk = tl.dot(dst.to(q.dtype), q, dk, input_precision=DOT_PREC)
     dk *= scale
     dk_base = DK + b.to(tl.int64) * sdkb + k0.to(tl.int64) * sdkm + h * sdkh
     dv_base = DV + b.to(tl.int64) * sdvb + k0.to(tl.int64) * sdvm + h * sdvh
@@ -521,58 +474,7 @@ def _diag_sums_to_lut(ds, c, R, dlut_base, BLOCK_M: tl.constexpr, BLOCK_N: tl.co
         tl.atomic_add(dlut_base + idx, ds, sem="relaxed")
 
 
-@triton.jit
-def _dq_loop(
-    dq, dl, db_rows, q, do, lse, delta, k_base, v_base, skm, svm, m0, offs_m, off, lo, hi, far_const, lut_base,
-    dlut_base, alibi2, bias_base, sbm, sbn, db_base, sdbm, sdbn, Lq, Lk, R, scale2,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NEAR: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_REL: tl.constexpr, REL_GRAD: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, DB_BM: tl.constexpr, DB_BN: tl.constexpr,
-    DB_ATOMIC: tl.constexpr, DIAG_GATHER: tl.constexpr, DOT_PREC: tl.constexpr,
-):  # fmt: skip
-    offs_d = tl.arange(0, HEAD_DIM)
-    for start_n in range(lo * BLOCK_N, hi * BLOCK_N, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        if NEAR:
-            kmask = offs_n[:, None] < Lk
-            k = tl.load(k_base + offs_n[:, None] * skm + offs_d[None, :], mask=kmask, other=0.0)
-            v = tl.load(v_base + offs_n[:, None] * svm + offs_d[None, :], mask=kmask, other=0.0)
-        else:
-            k = tl.load(k_base + offs_n[:, None] * skm + offs_d[None, :])
-            v = tl.load(v_base + offs_n[:, None] * svm + offs_d[None, :])
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale2
-        s = _bias_and_mask(
-            s, offs_m[:, None], offs_n[None, :], off, far_const, lut_base, alibi2, bias_base, sbm, sbn, Lq, Lk, R,
-            NEAR, CAUSAL, HAS_REL, HAS_ALIBI, HAS_BIAS,
-        )  # fmt: skip
-        p = tl.math.exp2(s - lse[:, None])
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
-        ds = p * (dp - delta[:, None])  # dL/dS in natural units (S = scale * q k^T + bias)
-        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
-        if REL_GRAD:
-            if NEAR:
-                c = start_n - (m0 + off)  # distance of tile element (0, 0)
-                _diag_sums_to_lut(
-                    ds, c, R, dlut_base, BLOCK_M, BLOCK_N, DIAG_GATHER, offs_m[:, None], offs_n[None, :], off
-                )
-            else:
-                dl += tl.sum(ds, 1)
-        if BIAS_GRAD:
-            if DB_BN:
-                db_rows += tl.sum(ds, 1)
-            elif DB_BM:
-                tl.atomic_add(db_base + offs_n * sdbn, tl.sum(ds, 0), mask=offs_n < Lk, sem="relaxed")
-            else:
-                db_ptrs = db_base + offs_m[:, None] * sdbm + offs_n[None, :] * sdbn
-                db_mask = (offs_m[:, None] < Lq) & (offs_n[None, :] < Lk)
-                if DB_ATOMIC:
-                    tl.atomic_add(db_ptrs, ds, mask=db_mask, sem="relaxed")
-                else:
-                    tl.store(db_ptrs, ds, mask=db_mask)
-    return dq, dl, db_rows
-
-
-@triton.jit
+@triton.jit(do_not_specialize=[n for n in _NO_SPEC if n not in ("MAX_K", "L")])
 def _attn_bwd_dq(
     Q, K, V, DO, DQ, LSE, DELTA, LUT, DLUT, ALIBI, BIAS, DBIAS, CU_Q, CU_K,
     sqb, sqm, sqh, skb, skm, skh, svb, svm, svh, sdob, sdom, sdoh, sdqb, sdqm, sdqh,
@@ -609,17 +511,8 @@ def _attn_bwd_dq(
     delta = tl.load(DELTA + h * T_LSE + r0 + offs_m, mask=rmask, other=0.0)
     k_base = K + b.to(tl.int64) * skb + k0.to(tl.int64) * skm + h * skh
     v_base = V + b.to(tl.int64) * svb + k0.to(tl.int64) * svm + h * svh
-
-    lut_base = LUT + h * (2 * R + 1)
+    lut_base, c_left, c_right, alibi2 = _head_consts(LUT, ALIBI, h, R, HAS_REL, HAS_ALIBI)
     dlut_base = DLUT + h * (2 * R + 1)
-    c_left = 0.0
-    c_right = 0.0
-    if HAS_REL:
-        c_left = tl.load(lut_base) * 1.4426950408889634
-        c_right = tl.load(lut_base + 2 * R) * 1.4426950408889634
-    alibi2 = 0.0
-    if HAS_ALIBI:
-        alibi2 = tl.load(ALIBI + h).to(tl.float32) * 1.4426950408889634
     bias_base = BIAS + b.to(tl.int64) * sbb + h.to(tl.int64) * sbh
     db_base = DBIAS + b.to(tl.int64) * sdbb + h.to(tl.int64) * sdbh
 
@@ -628,37 +521,49 @@ def _attn_bwd_dq(
     dl_left = tl.zeros([BLOCK_M], dtype=tl.float32)
     dl_right = tl.zeros([BLOCK_M], dtype=tl.float32)
     db_rows = tl.zeros([BLOCK_M], dtype=tl.float32)
-    if HAS_REL or CAUSAL:
-        dq, dl_left, db_rows = _dq_loop(
-            dq, dl_left, db_rows, q, do, lse, delta, k_base, v_base, skm, svm, m0, offs_m, off, 0, n_a, c_left,
-            lut_base, dlut_base, alibi2, bias_base, sbm, sbn, db_base, sdbm, sdbn, Lq, Lk, R, scale2, HEAD_DIM,
-            BLOCK_M, BLOCK_N, False, CAUSAL, HAS_REL, REL_GRAD, HAS_ALIBI, HAS_BIAS, BIAS_GRAD, DB_BM, DB_BN,
-            DB_ATOMIC, DIAG_GATHER, DOT_PREC,
+    for start_n in range(0, n_end * BLOCK_N, BLOCK_N):
+        blk = start_n // BLOCK_N
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        kmask = offs_n[:, None] < Lk
+        k = tl.load(k_base + offs_n[:, None] * skm + offs_d[None, :], mask=kmask, other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * svm + offs_d[None, :], mask=kmask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale2
+        near = ((blk >= n_a) & (blk < n_b)) | (blk >= n_full)
+        s = _scores(
+            s, near, blk < n_a, offs_m[:, None], offs_n[None, :], off, c_left, c_right, lut_base, alibi2,
+            bias_base, sbm, sbn, Lq, Lk, R, CAUSAL, HAS_REL, HAS_ALIBI, HAS_BIAS,
         )  # fmt: skip
-        dq, dl_left, db_rows = _dq_loop(
-            dq, dl_left, db_rows, q, do, lse, delta, k_base, v_base, skm, svm, m0, offs_m, off, n_a, n_b, c_left,
-            lut_base, dlut_base, alibi2, bias_base, sbm, sbn, db_base, sdbm, sdbn, Lq, Lk, R, scale2, HEAD_DIM,
-            BLOCK_M, BLOCK_N, True, CAUSAL, HAS_REL, REL_GRAD, HAS_ALIBI, HAS_BIAS, BIAS_GRAD, DB_BM, DB_BN,
-            DB_ATOMIC, DIAG_GATHER, DOT_PREC,
-        )  # fmt: skip
-    if not CAUSAL:
-        dq, dl_right, db_rows = _dq_loop(
-            dq, dl_right, db_rows, q, do, lse, delta, k_base, v_base, skm, svm, m0, offs_m, off, n_b, n_full, c_right,
-            lut_base, dlut_base, alibi2, bias_base, sbm, sbn, db_base, sdbm, sdbn, Lq, Lk, R, scale2, HEAD_DIM,
-            BLOCK_M, BLOCK_N, False, CAUSAL, HAS_REL, REL_GRAD, HAS_ALIBI, HAS_BIAS, BIAS_GRAD, DB_BM, DB_BN,
-            DB_ATOMIC, DIAG_GATHER, DOT_PREC,
-        )  # fmt: skip
-        dq, dl_right, db_rows = _dq_loop(
-            dq, dl_right, db_rows, q, do, lse, delta, k_base, v_base, skm, svm, m0, offs_m, off, n_full, n_end, c_right,
-            lut_base, dlut_base, alibi2, bias_base, sbm, sbn, db_base, sdbm, sdbn, Lq, Lk, R, scale2, HEAD_DIM,
-            BLOCK_M, BLOCK_N, True, CAUSAL, HAS_REL, REL_GRAD, HAS_ALIBI, HAS_BIAS, BIAS_GRAD, DB_BM, DB_BN,
-            DB_ATOMIC, DIAG_GATHER, DOT_PREC,
-        )  # fmt: skip
+        p = tl.math.exp2(s - lse[:, None])
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+        ds = p * (dp - delta[:, None])  # dL/dS in natural units (S = scale * q k^T + bias)
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
+        if REL_GRAD:
+            if near:
+                c = start_n - (m0 + off)  # distance of tile element (0, 0)
+                _diag_sums_to_lut(
+                    ds, c, R, dlut_base, BLOCK_M, BLOCK_N, DIAG_GATHER, offs_m[:, None], offs_n[None, :], off
+                )
+            else:  # the whole far tile shares the bucket of distance -R (left) or +R (right): row sums suffice
+                rs = tl.sum(ds, 1)
+                dl_left += tl.where(blk < n_a, rs, 0.0)
+                dl_right += tl.where(blk < n_a, 0.0, rs)
+        if BIAS_GRAD:
+            if DB_BN:
+                db_rows += tl.sum(ds, 1)
+            elif DB_BM:
+                tl.atomic_add(db_base + offs_n * sdbn, tl.sum(ds, 0), mask=offs_n < Lk, sem="relaxed")
+            else:
+                db_ptrs = db_base + offs_m[:, None] * sdbm + offs_n[None, :] * sdbn
+                db_mask = (offs_m[:, None] < Lq) & (offs_n[None, :] < Lk)
+                if DB_ATOMIC:
+                    tl.atomic_add(db_ptrs, ds, mask=db_mask, sem="relaxed")
+                else:
+                    tl.store(db_ptrs, ds, mask=db_mask)
     dq *= scale
     dq_base = DQ + b.to(tl.int64) * sdqb + q0.to(tl.int64) * sdqm + h * sdqh
     tl.store(dq_base + offs_m[:, None] * sdqm + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=rmask[:, None])
     if REL_GRAD:
-        # far tiles: the whole tile shares one distance bucket (index 0 or 2R); two atomics per program
+        # far tiles: two atomics per program
         tl.atomic_add(dlut_base, tl.sum(dl_left, 0), sem="relaxed")
         if not CAUSAL:
             tl.atomic_add(dlut_base + 2 * R, tl.sum(dl_right, 0), sem="relaxed")
@@ -686,27 +591,27 @@ class _Cfg(NamedTuple):
 # (kernel, head_dim) -> config. fwd: BLOCK_M queries owned, BLOCK_N keys streamed; dkdv: BLOCK_N keys owned,
 # BLOCK_M queries streamed; dq: BLOCK_M queries owned, BLOCK_N keys streamed.
 _SM90: dict[tuple[str, int], _Cfg] = {
-    ("fwd", 16): _Cfg(128, 64, 4, 3),
-    ("fwd", 32): _Cfg(128, 64, 4, 3),
-    ("fwd", 64): _Cfg(128, 64, 4, 3),
+    ("fwd", 16): _Cfg(128, 64, 8, 3),
+    ("fwd", 32): _Cfg(128, 64, 8, 3),
+    ("fwd", 64): _Cfg(128, 64, 8, 3),
     ("fwd", 128): _Cfg(128, 64, 8, 3),
-    ("fwd", 256): _Cfg(64, 64, 4, 2),
-    ("dkdv", 16): _Cfg(32, 128, 4, 3),
-    ("dkdv", 32): _Cfg(32, 128, 4, 3),
-    ("dkdv", 64): _Cfg(32, 128, 4, 3),
-    ("dkdv", 128): _Cfg(64, 128, 8, 2),
-    ("dkdv", 256): _Cfg(32, 64, 4, 2),
-    ("dq", 16): _Cfg(128, 32, 4, 3),
-    ("dq", 32): _Cfg(128, 32, 4, 3),
-    ("dq", 64): _Cfg(128, 32, 4, 3),
-    ("dq", 128): _Cfg(128, 64, 8, 2),
-    ("dq", 256): _Cfg(64, 32, 4, 2),
+    ("fwd", 256): _Cfg(64, 64, 8, 2),
+    ("dkdv", 16): _Cfg(32, 128, 8, 3),
+    ("dkdv", 32): _Cfg(32, 128, 8, 3),
+    ("dkdv", 64): _Cfg(32, 128, 8, 3),
+    ("dkdv", 128): _Cfg(32, 128, 8, 3),
+    ("dkdv", 256): _Cfg(32, 64, 8, 2),
+    ("dq", 16): _Cfg(128, 32, 8, 3),
+    ("dq", 32): _Cfg(128, 32, 8, 3),
+    ("dq", 64): _Cfg(128, 32, 8, 3),
+    ("dq", 128): _Cfg(128, 32, 8, 3),
+    ("dq", 256): _Cfg(64, 32, 8, 2),
 }
 # Ampere (164 KB shared memory on A100; 100 KB on sm86/89 -> these small tiles fit both).
 _SM80: dict[tuple[str, int], _Cfg] = {
-    ("fwd", 16): _Cfg(128, 64, 4, 2),
-    ("fwd", 32): _Cfg(128, 64, 4, 2),
-    ("fwd", 64): _Cfg(128, 64, 4, 2),
+    ("fwd", 16): _Cfg(128, 64, 8, 2),
+    ("fwd", 32): _Cfg(128, 64, 8, 2),
+    ("fwd", 64): _Cfg(128, 64, 8, 2),
     ("fwd", 128): _Cfg(128, 32, 4, 2),
     ("fwd", 256): _Cfg(64, 32, 4, 2),
     ("dkdv", 16): _Cfg(32, 64, 4, 2),
@@ -722,12 +627,12 @@ _SM80: dict[tuple[str, int], _Cfg] = {
 }
 # Short autotune lists (FLASHT5_ATTN_AUTOTUNE=1), sm90 only; the table entry is always the first candidate.
 _SM90_TUNE: dict[tuple[str, bool], list[_Cfg]] = {
-    ("fwd", False): [_Cfg(128, 64, 4, 3), _Cfg(128, 128, 8, 3), _Cfg(64, 64, 4, 4)],
-    ("fwd", True): [_Cfg(128, 64, 8, 3), _Cfg(128, 128, 8, 2), _Cfg(64, 64, 4, 3)],
-    ("dkdv", False): [_Cfg(32, 128, 4, 3), _Cfg(64, 128, 8, 3), _Cfg(64, 64, 4, 3)],
-    ("dkdv", True): [_Cfg(64, 128, 8, 2), _Cfg(32, 128, 8, 3), _Cfg(64, 64, 4, 2)],
-    ("dq", False): [_Cfg(128, 32, 4, 3), _Cfg(128, 64, 8, 3), _Cfg(64, 64, 4, 3)],
-    ("dq", True): [_Cfg(128, 64, 8, 2), _Cfg(128, 32, 8, 3), _Cfg(64, 64, 4, 2)],
+    ("fwd", False): [_Cfg(128, 128, 8, 3), _Cfg(64, 64, 4, 3)],
+    ("fwd", True): [_Cfg(64, 64, 4, 3), _Cfg(128, 32, 8, 3)],
+    ("dkdv", False): [_Cfg(64, 64, 4, 3), _Cfg(64, 128, 8, 3)],
+    ("dkdv", True): [_Cfg(64, 64, 8, 3), _Cfg(32, 64, 4, 3)],
+    ("dq", False): [_Cfg(64, 32, 4, 3), _Cfg(128, 64, 8, 3)],
+    ("dq", True): [_Cfg(64, 64, 8, 3), _Cfg(64, 32, 4, 3)],
 }
 _INTERPRET_CFG = _Cfg(16, 16, 4, 1)
 # Tests may force configurations: {"fwd": _Cfg, "dkdv": _Cfg, "dq": _Cfg} or {"arch": 8} to use the sm80 table.
@@ -744,11 +649,14 @@ def _arch(device: torch.device) -> int:
     return torch.cuda.get_device_capability(device)[0]
 
 
-def _config(kernel: str, head_dim: int, device: torch.device) -> _Cfg:
+def _config(kernel: str, head_dim: int, device: torch.device, dtype: torch.dtype) -> _Cfg:
     if kernel in _FORCE:
         return _FORCE[kernel]  # type: ignore[return-value]
     if _interpreting():
         return _INTERPRET_CFG
+    if dtype == torch.float32:  # 4-byte tiles: the small Ampere tiles, single-stage at D=256 (shared memory)
+        cfg = _SM80[(kernel, head_dim)]
+        return cfg._replace(num_stages=1) if head_dim == 256 else cfg
     table = _SM90 if _arch(device) >= 9 else _SM80
     return table[(kernel, head_dim)]
 
@@ -756,13 +664,15 @@ def _config(kernel: str, head_dim: int, device: torch.device) -> _Cfg:
 _TUNERS: dict[tuple[str, int], object] = {}
 
 
-def _tuned(kernel: str, fn, head_dim: int, device: torch.device):
+def _tuned(kernel: str, fn, head_dim: int, device: torch.device, dtype: torch.dtype):
     """Autotuned launcher over a short list, or None when autotuning is off / not applicable."""
     if os.environ.get("FLASHT5_ATTN_AUTOTUNE", "0") != "1" or _interpreting() or _FORCE or _arch(device) < 9:
         return None
+    if dtype == torch.float32:
+        return None
     key = (kernel, head_dim)
     if key not in _TUNERS:
-        cands = [_config(kernel, head_dim, device)]
+        cands = [_config(kernel, head_dim, device, dtype)]
         cands += [c for c in _SM90_TUNE[(kernel, head_dim >= 128)] if c not in cands and head_dim <= 128]
         configs = [
             triton.Config({"BLOCK_M": c.block_m, "BLOCK_N": c.block_n}, num_warps=c.num_warps, num_stages=c.num_stages)
@@ -830,20 +740,21 @@ def _bcast_strides(t: torch.Tensor | None) -> tuple[int, int, int, int]:
     return tuple(0 if n == 1 else s for n, s in zip(t.shape, t.stride()))  # type: ignore[return-value]
 
 
-def _build_lut(rel_table: torch.Tensor, bidirectional: bool, R: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(H, 2R+1) fp32 lookup of the T5 bias by distance -R..R, and the buckets it was gathered with."""
-    buckets = _lut_buckets(rel_table.device, bidirectional, rel_table.shape[0], R)
-    lut = rel_table[buckets].t().to(torch.float32).contiguous()  # (2R+1, H) -> (H, 2R+1)
-    return lut, buckets
+def _build_lut(rel_table: torch.Tensor, bidirectional: bool, R: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(H, 2Re+1) fp32 lookup of the T5 bias by distance -Re..Re, the buckets it was gathered with, and Re."""
+    buckets, Re = _lut_buckets(rel_table.device, bidirectional, rel_table.shape[0], R)
+    lut = rel_table[buckets].t().to(torch.float32).contiguous()  # (2Re+1, H) -> (H, 2Re+1)
+    return lut, buckets, Re
 
 
-def _launch(name: str, fn, head_dim: int, device: torch.device, n_programs, args: dict) -> None:
+def _launch(name: str, fn, x: torch.Tensor, n_programs, args: dict) -> None:
     """Launch ``fn`` with the table config (or the autotuner); ``n_programs(BLOCK_M, BLOCK_N)`` sizes the grid."""
-    tuner = _tuned(name, fn, head_dim, device)
+    head_dim, device, dtype = x.shape[-1], x.device, x.dtype
+    tuner = _tuned(name, fn, head_dim, device, dtype)
     if tuner is not None:
         tuner[lambda meta: (max(1, n_programs(meta["BLOCK_M"], meta["BLOCK_N"])),)](**args)
         return
-    cfg = _config(name, head_dim, device)
+    cfg = _config(name, head_dim, device, dtype)
     n = n_programs(cfg.block_m, cfg.block_n)
     if n > 0:
         fn[(n,)](**args, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -857,7 +768,7 @@ def _fwd_impl(q, k, v, rel_table, alibi, bias, cu_q, cu_k, max_q, max_k, scale, 
     lse = torch.empty((g.H, g.Tq), device=q.device, dtype=torch.float32)
     if g.Tq == 0 or g.H == 0:
         return out, lse
-    lut = _build_lut(rel_table.detach(), rel_bidir, R)[0] if rel_table is not None else None
+    lut, _, R = _build_lut(rel_table.detach(), rel_bidir, R) if rel_table is not None else (None, None, R)
     bias4 = _bias4(bias)
     sb = _bcast_strides(bias4)
     (sqb, sqm, sqh), (skb, skm, skh), (svb, svm, svh), (sob, som, soh) = (_strides(x, varlen) for x in (q, k, v, out))
@@ -873,7 +784,7 @@ def _fwd_impl(q, k, v, rel_table, alibi, bias, cu_q, cu_k, max_q, max_k, scale, 
         HEAD_DIM=g.D, CAUSAL=causal, HAS_REL=lut is not None, HAS_ALIBI=alibi is not None,
         HAS_BIAS=bias4 is not None, VARLEN=varlen, DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
     )  # fmt: skip
-    _launch("fwd", _attn_fwd, g.D, q.device, lambda bm, bn: triton.cdiv(g.max_q, bm) * g.nb * g.H, args)
+    _launch("fwd", _attn_fwd, q, lambda bm, bn: triton.cdiv(g.max_q, bm) * g.nb * g.H, args)
     return out, lse
 
 
@@ -918,8 +829,9 @@ def _bwd_impl(
         out, dout, delta, sob, som, soh, sdob, sdom, sdoh, rows, g.Tq, HEAD_DIM=g.D, BLOCK=blk, num_warps=4,
     )  # fmt: skip
 
-    lut, buckets = _build_lut(rel_table.detach(), rel_bidir, R) if rel_table is not None else (None, None)
-    dlut = torch.zeros_like(lut) if rel_grad else lse
+    lut, buckets, R = _build_lut(rel_table.detach(), rel_bidir, R) if rel_table is not None else (None, None, R)
+    unused = torch.zeros(1, device=q.device, dtype=torch.float32)  # never the LSE: autotune zeroes DLUT/DBIAS
+    dlut = torch.zeros_like(lut) if rel_grad else unused
     bias4 = _bias4(bias)
     sb = _bcast_strides(bias4)
     if bias_grad:
@@ -928,7 +840,7 @@ def _bwd_impl(
         bc = [n == 1 and full > 1 for n, full in zip(bias4.shape, (g.nb, g.H, g.Lq, g.Lk))]
         db_atomic, db_bm, db_bn = bc[0] or bc[1], bc[2], bc[3]
     else:
-        dbias32, sdb, db_atomic, db_bm, db_bn = lse, (0, 0, 0, 0), False, False, False
+        dbias32, sdb, db_atomic, db_bm, db_bn = unused, (0, 0, 0, 0), False, False, False
     dummy = lse
     common = dict(
         Q=q, K=k, V=v, DO=dout, LSE=lse, DELTA=delta, LUT=lut if lut is not None else dummy,
@@ -945,7 +857,7 @@ def _bwd_impl(
     dkdv_args = dict(
         DK=dk, DV=dv, sdkb=sdkb, sdkm=sdkm, sdkh=sdkh, sdvb=sdvb, sdvm=sdvm, sdvh=sdvh, MAX_K=g.max_k, **common
     )
-    _launch("dkdv", _attn_bwd_dkdv, g.D, q.device, lambda bm, bn: triton.cdiv(g.max_k, bn) * g.nb * g.H, dkdv_args)
+    _launch("dkdv", _attn_bwd_dkdv, q, lambda bm, bn: triton.cdiv(g.max_k, bn) * g.nb * g.H, dkdv_args)
     # dQ (+ d_lut, d_bias): one program per query block, looping over keys
     dq_args = dict(
         DQ=dq, DLUT=dlut, DBIAS=dbias32, sdqb=sdqb, sdqm=sdqm, sdqh=sdqh,
@@ -953,7 +865,7 @@ def _bwd_impl(
         REL_GRAD=rel_grad, BIAS_GRAD=bias_grad, DB_BM=db_bm, DB_BN=db_bn, DB_ATOMIC=db_atomic,
         DIAG_GATHER=bool(_FORCE.get("diag_gather", True)), **common,
     )  # fmt: skip
-    _launch("dq", _attn_bwd_dq, g.D, q.device, lambda bm, bn: triton.cdiv(g.max_q, bm) * g.nb * g.H, dq_args)
+    _launch("dq", _attn_bwd_dq, q, lambda bm, bn: triton.cdiv(g.max_q, bm) * g.nb * g.H, dq_args)
 
     if rel_grad:
         # d_lut (H, 2R+1) -> d_rel_table (num_buckets, H): scatter-add of 2R+1 rows, returned in the table's dtype
