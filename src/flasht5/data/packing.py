@@ -7,9 +7,10 @@ Pipeline, per shard (a shard is one (rank, DataLoader worker) pair; shards read 
    tokens as that denoiser can encode within ``max_input_len`` / ``max_target_len`` (:func:`ul2.max_chunk_length`),
    so overlong documents are split and nothing is ever truncated or dropped; all randomness of a document comes from
    ``np.random.default_rng([seed, epoch, doc_id])``, so a document is corrupted the same way on any number of ranks;
-3. examples wait in a pool of about ``lookahead`` batches and are packed by best-fit decreasing (examples carried
-   over from an earlier batch go first, so none waits for ever) into bins: one bin of ``max_tokens`` encoder and
-   ``max_target_tokens`` decoder tokens in ``"varlen"`` mode, ``max_tokens // row_len`` rows in ``"padded"`` mode;
+3. examples wait in a pool of about ``lookahead`` batches and are packed (see :meth:`UL2Dataset._pack`) into bins
+   with an encoder and a decoder budget: one bin of ``max_tokens`` / ``max_target_tokens`` tokens in ``"varlen"``
+   mode, ``max_tokens // row_len`` rows of ``row_len`` / ``row_target_len`` in ``"padded"`` mode. Rows only pack
+   well when they hold several examples: for UL2 mixtures use ``row_len`` of a few ``max_input_len``;
 4. the batch becomes tensors (see :meth:`UL2Dataset.collate_varlen` / :meth:`UL2Dataset.collate_padded`) plus
    ``stats``, python numbers for logging.
 
@@ -63,12 +64,13 @@ class UL2Dataset(IterableDataset):
         max_target_tokens: decoder tokens per batch in varlen mode (default: ``max_tokens`` times the mixture's
             expected target/input ratio plus 10 %, so that the encoder budget is the one that binds).
         mode: ``"varlen"`` (padding-free, cu_seqlens) or ``"padded"`` (rows with segment ids).
-        row_len, row_target_len: padded row lengths (default ``max_input_len`` / ``max_target_len``).
+        row_len, row_target_len: padded row lengths (default ``max_input_len``, and ``max_target_len`` or
+            ``row_len`` times the mixture's expected target/input ratio, whichever is larger).
         seed: seeds document order and every corruption.
         rank, world_size: distributed sharding; each rank (and each DataLoader worker in it) reads its own documents.
         shuffle: permute documents every epoch (else store order).
         epochs: stop after this many passes over the data (``None``: never stop).
-        lookahead: pool size in batches for best-fit packing.
+        lookahead: pool size, in batches, that packing chooses from.
     """
 
     def __init__(
@@ -133,7 +135,7 @@ class UL2Dataset(IterableDataset):
         )
         self.mode = mode
         self.row_len = int(row_len or max_input_len)
-        self.row_target_len = int(row_target_len or max_target_len)
+        self.row_target_len = int(row_target_len or max_target_len)  # final default set below, needs chunk_lens
         if self.row_len < max_input_len or self.row_target_len < max_target_len:
             raise ValueError("row_len / row_target_len must be >= max_input_len / max_target_len")
         self.max_tokens = int(max_tokens if max_tokens is not None else 16 * self.row_len)
@@ -151,6 +153,11 @@ class UL2Dataset(IterableDataset):
             self.bins_enc = np.array([self.max_tokens], dtype=np.int64)
             self.bins_dec = np.array([self.max_target_tokens], dtype=np.int64)
         else:
+            if row_target_len is None:
+                # Rows whose decoder part matches the mixture's target/input ratio (rounded up to 8), so neither
+                # half of a row is mostly padding; T5's own ratio keeps max_target_len.
+                fit = int(np.ceil(self.row_len * self.expected_target_ratio() / 8) * 8)
+                self.row_target_len = max(self.max_target_len, fit)
             rows = self.max_tokens // self.row_len
             if rows < 1:
                 raise ValueError(f"max_tokens={self.max_tokens} holds no row of row_len={self.row_len}")
@@ -173,19 +180,29 @@ class UL2Dataset(IterableDataset):
         if not 0 <= self.seed < 2**63 or len(self.store) >= 2**40:
             raise ValueError(f"seed must be in [0, 2**63) and the store below 2**40 documents, got seed={seed}")
 
-    def expected_target_ratio(self) -> float:
-        """Expected decoder tokens per encoder token of the mixture on documents longer than the chunks."""
-        enc = dec = 0.0
-        for d, p, n, pre in zip(self.denoisers, self.probs, self.chunk_lens, self.prefixes):
-            if d.is_prefix_lm:
-                tgt = d.density * n + 2.0  # sentinel + EOS
-                inp = n - d.density * n + len(pre) + 2.0
+    def expected_target_ratio(self, sample_docs: int = 2000) -> float:
+        """Expected decoder tokens per encoder token of the mixture on this store (EOS, prefixes, sentinels in).
+
+        Estimated on up to ``sample_docs`` evenly spaced documents: a document of n tokens is cut into about
+        ``n / sum_k p_k min(n, L_k)`` chunks, a chunk of denoiser k holding ``min(n, L_k)`` tokens.
+        """
+        n_docs = len(self.store)
+        idx = np.linspace(0, n_docs - 1, num=min(n_docs, sample_docs)).astype(np.int64) if n_docs else []
+        lengths = np.asarray(self.store.lengths)[idx].astype(np.float64)
+        if lengths.size == 0:
+            lengths = self.chunk_lens.astype(np.float64)
+        raw = np.minimum(lengths[None, :], self.chunk_lens[:, None])  # (denoisers, docs) chunk sizes
+        chunks = lengths / (self.probs @ raw)  # (docs,) chunks per document
+        enc = np.zeros_like(raw)
+        dec = np.zeros_like(raw)
+        for k, (d, pre) in enumerate(zip(self.denoisers, self.prefixes)):
+            if d.is_prefix_lm:  # the split is random: use its mean
+                dec[k] = d.density * raw[k] + 2.0  # + sentinel + EOS
+                enc[k] = raw[k] - d.density * raw[k] + len(pre) + 2.0
             else:
-                inp_a, tgt_a, _ = denoised_lengths(int(n), d, len(pre))
-                inp, tgt = float(inp_a) + 1.0, float(tgt_a) + 1.0
-            enc += p * inp
-            dec += p * tgt
-        return dec / enc
+                inp, tgt, _ = denoised_lengths(raw[k].astype(np.int64), d, len(pre))
+                enc[k], dec[k] = inp + 1.0, tgt + 1.0
+        return float((chunks * (self.probs @ dec)).sum() / (chunks * (self.probs @ enc)).sum())
 
     # -- document -> examples ----------------------------------------------------------------------------------
 
@@ -234,40 +251,46 @@ class UL2Dataset(IterableDataset):
     # -- packing -----------------------------------------------------------------------------------------------
 
     def _pack(self, pool: list[Example]) -> tuple[list[list[Example]], list[Example]]:
-        """Best-fit decreasing into the bins.
+        """Fill the bins from the pool; return (examples per bin, leftovers in pool order, one batch older).
 
-        Examples go in decreasing order of their dominant share of a bin (max of encoder and decoder fraction), which
-        packs two budgets better than sorting by one; an example carried over ``_MAX_WAIT`` batches goes first, so
-        none waits for ever. Each goes to the bin it fits most tightly (least encoder room left).
+        Two budgets (encoder and decoder tokens) make this vector bin packing. Examples passed over ``_MAX_WAIT``
+        times go first, largest first, each into the bin it fits most tightly, so none waits for ever. Then each bin
+        is filled best-fit, again and again with the fitting example that maximises its size (encoder + decoder
+        share of a bin) minus the imbalance it would leave between the bin's two remaining shares: sizing alone
+        would fill the encoder half of every bin with long R chunks and leave the decoder-heavy X and S examples
+        waiting (and the decoder half empty). In the spirit of the dot-product heuristics of Panigrahy et al.,
+        "Heuristics for Vector Bin Packing" (2011).
         """
-        ce, cd = int(self.bins_enc.max()), int(self.bins_dec.max())
-        order = sorted(
-            range(len(pool)),
-            key=lambda i: (
-                -(pool[i][5] >= _MAX_WAIT),
-                -max(len(pool[i][0]) / ce, len(pool[i][1]) / cd),
-                i,
-            ),
-        )
+        n = len(pool)
+        ce, cd = float(self.bins_enc.max()), float(self.bins_dec.max())
+        enc = np.fromiter((len(x[0]) for x in pool), dtype=np.int64, count=n)
+        dec = np.fromiter((len(x[1]) for x in pool), dtype=np.int64, count=n)
         rem_e, rem_d = self.bins_enc.copy(), self.bins_dec.copy()
         bins: list[list[Example]] = [[] for _ in rem_e]
-        left: list[int] = []
-        one = len(rem_e) == 1
-        for i in order:
-            e, d = len(pool[i][0]), len(pool[i][1])
-            if one:
-                j = 0 if rem_e[0] >= e and rem_d[0] >= d else -1
-            else:
-                fits = (rem_e >= e) & (rem_d >= d)
-                j = int(np.argmin(np.where(fits, rem_e - e, np.iinfo(np.int64).max))) if fits.any() else -1
-            if j < 0:
-                left.append(i)
-                continue
-            rem_e[j] -= e
-            rem_d[j] -= d
-            bins[j].append(pool[i])
-        # Leftovers keep their pool order (so a restored pool replays identically) and grow one batch older.
-        return bins, [(*pool[i][:5], pool[i][5] + 1) for i in sorted(left)]  # type: ignore[misc]
+        avail = np.ones(n, dtype=bool)
+        old = [i for i in range(n) if pool[i][5] >= _MAX_WAIT]
+        for i in sorted(old, key=lambda i: (-max(enc[i] / ce, dec[i] / cd), i)):
+            fits = (rem_e >= enc[i]) & (rem_d >= dec[i])
+            if fits.any():
+                j = int(np.argmin(np.where(fits, rem_e - enc[i], np.iinfo(np.int64).max)))
+                rem_e[j] -= enc[i]
+                rem_d[j] -= dec[i]
+                bins[j].append(pool[i])
+                avail[i] = False
+        es, ds = enc / ce, dec / cd
+        size = es + ds
+        for j in range(len(bins)):
+            while True:
+                fits = avail & (enc <= rem_e[j]) & (dec <= rem_d[j])
+                if not fits.any():
+                    break
+                score = size - np.abs((rem_e[j] / ce - es) - (rem_d[j] / cd - ds))
+                i = int(np.argmax(np.where(fits, score, -np.inf)))
+                rem_e[j] -= enc[i]
+                rem_d[j] -= dec[i]
+                bins[j].append(pool[i])
+                avail[i] = False
+        return bins, [(*pool[i][:5], pool[i][5] + 1) for i in np.flatnonzero(avail).tolist()]  # type: ignore[misc]
 
     # -- the stream --------------------------------------------------------------------------------------------
 
