@@ -126,14 +126,17 @@ def test_varlen_contract(store) -> None:
 
 
 def test_padded_contract(store) -> None:
-    ds = _ds(store, mode="padded", max_tokens=1024)  # 8 rows of 128 / 64
+    ds = _ds(store, mode="padded", max_tokens=1024, row_len=256)  # 4 rows of 256 / row_target_len
+    ld = ds.row_target_len
+    multi = 0
     for batch in [b for _, b in zip(range(8), ds)]:
-        assert batch["input_ids"].shape == (8, 128) and batch["labels"].shape == (8, 64)
+        assert batch["input_ids"].shape == (4, 256) and batch["labels"].shape == (4, ld)
+        multi += int((batch["segment_ids"].amax(1) >= 2).sum())
         seg, dseg = batch["segment_ids"], batch["decoder_segment_ids"]
         assert torch.equal(batch["attention_mask"], (seg > 0).long())
         assert torch.equal(batch["decoder_attention_mask"], (dseg > 0).long())
         assert torch.equal(batch["labels"] == -100, dseg == 0)
-        for r in range(8):
+        for r in range(4):
             k = int(seg[r].max())
             assert int(dseg[r].max()) == k  # decoder segment s belongs to encoder segment s of the same row
             for s in range(1, k + 1):
@@ -146,7 +149,8 @@ def test_padded_contract(store) -> None:
             # Padding only after the last example.
             assert torch.all(seg[r, int((seg[r] > 0).sum()) :] == 0)
         st = batch["stats"]
-        assert st["input_padding"] == int((seg == 0).sum()) and st["padding_frac"] == st["input_padding"] / (8 * 128)
+        assert st["input_padding"] == int((seg == 0).sum()) and st["padding_frac"] == st["input_padding"] / (4 * 256)
+    assert multi > 8  # rows do hold several examples
 
 
 def test_varlen_budget_is_filled(store) -> None:
