@@ -266,3 +266,22 @@ def test_bad_arguments(store, tmp_path: Path) -> None:
     tiny = build_store(tmp_path / "tiny", [[5, 6, 7]], vocab_size=VOCAB)
     with pytest.raises(ValueError, match="fewer than"):
         next(iter(_ds(tiny, world_size=2, rank=1)))
+
+
+def test_end_to_end_from_tokenizer(tmp_path, corpus_file, tiny_tokenizer_dir) -> None:
+    from flasht5.data.store import pretokenize
+    from flasht5.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tiny_tokenizer_dir)
+    pretokenize([corpus_file], tiny_tokenizer_dir, tmp_path / "st", progress=False)
+    st = TokenStore(tmp_path / "st")
+    ds = UL2Dataset.from_tokenizer(
+        st, tok, denoisers="ul2", max_input_len=256, max_target_len=128, max_tokens=2048, epochs=1, shuffle=False
+    )
+    assert ds.eos_id == tok.eos_token_id == 1 and ds.decoder_start_id == tok.pad_token_id == 0
+    batch = next(iter(ds))
+    enc, dec = _varlen_examples(batch)[0]
+    assert tok.convert_ids_to_tokens(int(enc[0])) in ("[R]", "[S]", "[X]")  # the mode token leads the input
+    restored = merge_denoised(enc[:-1], dec[:-1], ds.sentinel_ids, 1)
+    assert ds.sentinel_ids[0] == len(tok) - 1
+    assert any(tok.decode(restored) in tok.decode(st[i]) for i in range(len(st)))  # a piece of a real chapter

@@ -180,6 +180,11 @@ class UL2Dataset(IterableDataset):
         if not 0 <= self.seed < 2**63 or len(self.store) >= 2**40:
             raise ValueError(f"seed must be in [0, 2**63) and the store below 2**40 documents, got seed={seed}")
 
+    @classmethod
+    def from_tokenizer(cls, store: TokenStore | str | Path, tokenizer: Any, **kwargs: Any) -> UL2Dataset:
+        """Build the dataset with the tokenizer's sentinels, mode tokens, EOS, pad and decoder start (= pad, as T5)."""
+        return cls(store, **tokenizer_kwargs(tokenizer, kwargs.get("denoisers", "t5")), **kwargs)
+
     def expected_target_ratio(self, sample_docs: int = 2000) -> float:
         """Expected decoder tokens per encoder token of the mixture on this store (EOS, prefixes, sentinels in).
 
@@ -187,8 +192,9 @@ class UL2Dataset(IterableDataset):
         ``n / sum_k p_k min(n, L_k)`` chunks, a chunk of denoiser k holding ``min(n, L_k)`` tokens.
         """
         n_docs = len(self.store)
-        idx = np.linspace(0, n_docs - 1, num=min(n_docs, sample_docs)).astype(np.int64) if n_docs else []
-        lengths = np.asarray(self.store.lengths)[idx].astype(np.float64)
+        idx = np.linspace(0, n_docs - 1, num=min(n_docs, sample_docs)).astype(np.int64)
+        offsets = self.store.offsets  # read only the sampled boundaries, not every document length
+        lengths = (offsets[idx + 1] - offsets[idx]).astype(np.float64)
         if lengths.size == 0:
             lengths = self.chunk_lens.astype(np.float64)
         raw = np.minimum(lengths[None, :], self.chunk_lens[:, None])  # (denoisers, docs) chunk sizes
@@ -592,6 +598,23 @@ class ResumableLoader:
         if state.get("world_size") != self.dataset.world_size or state.get("rank") != self.dataset.rank:
             raise ValueError("data state was saved for another rank / world_size")
         self._pending = json.loads(json.dumps(dict(state)))  # a private copy with string worker keys
+
+
+def tokenizer_kwargs(tokenizer: Any, denoisers: str | Sequence[Any] = "t5") -> dict[str, Any]:
+    """``sentinel_ids``, ``prefix_ids`` (for the mixture's mode tokens), ``eos_id``, ``pad_id`` and
+    ``decoder_start_id`` of a tokenizer, to pass to :class:`UL2Dataset` or :func:`eval_examples`."""
+    from flasht5.data.tokenizer import mode_token_ids, sentinel_ids
+
+    prefixes = {d.prefix for d, _ in resolve_mixture(denoisers)}
+    if tokenizer.eos_token_id is None or tokenizer.pad_token_id is None:
+        raise ValueError("tokenizer must have EOS and pad tokens")
+    return {
+        "sentinel_ids": sentinel_ids(tokenizer),
+        "prefix_ids": mode_token_ids(tokenizer, sorted(prefixes)),
+        "eos_id": tokenizer.eos_token_id,
+        "pad_id": tokenizer.pad_token_id,
+        "decoder_start_id": tokenizer.pad_token_id,
+    }
 
 
 # -------------------------------------------------------------------------------------------------------------
