@@ -575,6 +575,8 @@ class ResumableLoader:
     def state_dict(self) -> dict[str, Any]:
         if self.num_workers == 0:
             return {"num_workers": 0, "dataset": self.dataset.state_dict()}
+        if self._pending is not None:  # loaded but not iterated yet: still the loaded position
+            return json.loads(json.dumps(self._pending))
         return {
             "num_workers": self.num_workers,
             "fingerprint": self.dataset._fingerprint(),
