@@ -6,7 +6,8 @@ Pipeline, per shard (a shard is one (rank, DataLoader worker) pair; shards read 
 2. each document is cut into consecutive chunks; every chunk draws its denoiser from the mixture and takes as many
    tokens as that denoiser can encode within ``max_input_len`` / ``max_target_len`` (:func:`ul2.max_chunk_length`),
    so overlong documents are split and nothing is ever truncated or dropped; all randomness of a document comes from
-   ``np.random.default_rng([seed, epoch, doc_id])``, so a document is corrupted the same way on any number of ranks;
+   its own Philox stream keyed by (seed, epoch, doc id), so a document is corrupted the same way on any number of
+   ranks and workers;
 3. examples wait in a pool of about ``lookahead`` batches and are packed (see :meth:`UL2Dataset._pack`) into bins
    with an encoder and a decoder budget: one bin of ``max_tokens`` / ``max_target_tokens`` tokens in ``"varlen"``
    mode, ``max_tokens // row_len`` rows of ``row_len`` / ``row_target_len`` in ``"padded"`` mode. Rows only pack
@@ -62,7 +63,7 @@ class UL2Dataset(IterableDataset):
         max_input_len, max_target_len: per-example limits, EOS and mode tokens included.
         max_tokens: encoder tokens per batch (varlen: the budget; padded: ``max_tokens // row_len`` rows).
         max_target_tokens: decoder tokens per batch in varlen mode (default: ``max_tokens`` times the mixture's
-            expected target/input ratio plus 10 %, so that the encoder budget is the one that binds).
+            expected target/input ratio plus 25 %, so that the encoder budget is the one that binds).
         mode: ``"varlen"`` (padding-free, cu_seqlens) or ``"padded"`` (rows with segment ids).
         row_len, row_target_len: padded row lengths (default ``max_input_len``, and ``max_target_len`` or
             ``row_len`` times the mixture's expected target/input ratio, whichever is larger).
@@ -142,7 +143,7 @@ class UL2Dataset(IterableDataset):
         if mode == "varlen":
             if self.max_tokens < max_input_len:
                 raise ValueError(f"max_tokens={self.max_tokens} must be >= max_input_len={max_input_len}")
-            # Size the decoder budget to the mixture's target/input ratio plus 10 %, so the encoder budget binds.
+            # Size the decoder budget to the mixture's target/input ratio plus 25 %, so the encoder budget binds.
             ratio = self.expected_target_ratio()
             default_tgt = max(int(np.ceil(self.max_tokens * ratio * 1.25)), max_target_len)
             self.max_target_tokens = int(max_target_tokens if max_target_tokens is not None else default_tgt)

@@ -107,9 +107,11 @@ PRESETS: dict[str, list[tuple[Denoiser, float]]] = {
     # T5 span corruption (Raffel et al. 2020, §3.1.4): no mode token.
     "t5": [(Denoiser(3.0, 0.15, None, ""), 1.0)],
     # UL2's seven denoisers (arXiv:2205.05131 §3.1.2 and Table 1): R (3, .15), (8, .15); S; X (3, .5), (8, .5),
-    # (64, .15), (64, .5), with the paper's paradigm tokens. The S-denoiser gets 20 % (the share the paper's
-    # ablations recommend, §4.5) and R and X split the rest equally (40 % each), as in the paper's appendix code
-    # when run with per-task rates. Use UL2_CHECKPOINT_MODE_TOKENS to map to [NLU]/[NLG]/[S2S].
+    # (64, .15), (64, .5), with the paper's paradigm tokens. Shares: S 20 %, R 40 % and X 40 %, each split evenly
+    # inside its group -- the paper's §4.5 recommendation as public UL2 reproductions apply it (the appendix code
+    # takes the rates as an argument). S is a prefix LM with a uniform split point (r = 0.5, as the appendix's
+    # prefix_lm; mu = 2 gives the same share under the r = 0 convention). UL2_CHECKPOINT_MODE_TOKENS maps the
+    # tokens to the [NLU]/[NLG]/[S2S] of the released checkpoints.
     "ul2": [
         (Denoiser(3.0, 0.15, None, "[R]"), 0.2),
         (Denoiser(8.0, 0.15, None, "[R]"), 0.2),
