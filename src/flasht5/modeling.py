@@ -102,6 +102,12 @@ class FlashT5PreTrainedModel(PreTrainedModel):
         return (model, info) if want_info else model
 
     # -- T5 initialisation (Mesh TensorFlow's scheme, as transformers implements it) -----------------------------
+    def _initialize_weights(self, module: nn.Module, is_custom_code: bool = False) -> None:
+        # transformers skips modules of "custom code" that own no parameters directly, which would skip Attention
+        # and MLP, whose children's init they set. Every init here goes through transformers.initialization, which
+        # leaves loaded tensors alone, so nothing needs skipping.
+        super()._initialize_weights(module, is_custom_code=False)
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
@@ -111,7 +117,10 @@ class FlashT5PreTrainedModel(PreTrainedModel):
         elif isinstance(module, T5):
             init.normal_(module.shared.weight, mean=0.0, std=f * 1.0)
             if module.lm_head is not None:
-                init.normal_(module.lm_head.weight, mean=0.0, std=f * 1.0)
+                # Mesh TensorFlow's fan-in init of an untied logits layer: unit-variance logits, so training starts
+                # at loss ~ln(vocab). (transformers uses std 1.0 here, i.e. logits of std sqrt(d_model).)
+                std = f * (1.0 if cfg.scale_decoder_outputs else cfg.d_model**-0.5)
+                init.normal_(module.lm_head.weight, mean=0.0, std=std)
         elif isinstance(module, MLP):
             for name in ("wi", "wi_0", "wi_1"):
                 if hasattr(module, name):

@@ -34,7 +34,8 @@ class DataConfig:
     heldout: list[str] = field(default_factory=list)  # held-out files for evaluation (same formats)
     text_key: str = "text"  # field holding the text in JSONL / Parquet
     tokenizer: str = "runs/tokenizer"  # tokenizer folder; trained on `corpus` if it does not exist
-    vocab_size: int = 4096  # size of a tokenizer trained here (sentinels and mode tokens included)
+    vocab_size: int = 4096  # SentencePiece pieces of a tokenizer trained here (the 100 sentinels come on top)
+    tokenizer_sample: int | None = None  # train the tokenizer on this many sampled sentences (None: all)
     store: str | None = None  # pretokenized store folder; default: <train.out_dir>/store
     objective: str = "t5"  # denoiser mixture: "t5", "ul2", "fat5" (flasht5.data.ul2.PRESETS)
     denoisers: list[dict[str, Any]] | None = None  # a custom mixture instead of `objective`

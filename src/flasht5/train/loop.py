@@ -56,7 +56,10 @@ def prepare_data(cfg: Config) -> tuple[Any, Any, Any | None]:
     tok_dir = Path(d.tokenizer)
     if not tok_dir.exists():
         log(f"training a {d.vocab_size}-piece SentencePiece tokenizer on {d.corpus} -> {tok_dir}")
-        train_tokenizer(d.corpus, tok_dir, vocab_size=d.vocab_size, text_key=d.text_key, seed=cfg.train.seed)
+        train_tokenizer(
+            d.corpus, tok_dir, vocab_size=d.vocab_size, text_key=d.text_key, seed=cfg.train.seed,
+            max_sentences=d.tokenizer_sample,
+        )  # fmt: skip
     tokenizer = load_tokenizer(tok_dir)
     store_dir = Path(d.store) if d.store else out / "store"
     stats = pretokenize(d.corpus, tok_dir, store_dir, text_key=d.text_key, progress=cfg.train.progress)
@@ -322,7 +325,7 @@ def train(cfg: Config) -> dict[str, Any]:
         optimizer.zero_grad(set_to_none=True)
         step += 1
         window_tokens += count_tokens(batch)[0]
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         bar.update(1)
         if step % t.log_every == 0 or step == t.steps:
             elapsed = time.perf_counter() - window_t0
