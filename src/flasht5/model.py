@@ -50,6 +50,7 @@ class Seqs:
     segment_ids: torch.Tensor | None = None
     cu_seqlens: torch.Tensor | None = None
     max_seqlen: int | None = None
+    batch: int = 1
     _varlen: tuple | None = field(default=None, repr=False)
     _padded: tuple | None = field(default=None, repr=False)
 
@@ -124,7 +125,7 @@ class Seqs:
             positions = (torch.arange(length, device=device) + offset)[None]
         else:
             positions = position_ids.to(device=device, dtype=torch.long)
-        return cls(positions=positions, mask=mask, segment_ids=segment_ids, max_seqlen=length)
+        return cls(positions=positions, mask=mask, segment_ids=segment_ids, max_seqlen=length, batch=batch)
 
     def padded(self) -> tuple[Seqs, torch.Tensor | None]:
         """For the reference paths: a flattened batch as (num_seqs, max_seqlen) rows, and the flat index of each
@@ -146,6 +147,10 @@ class Seqs:
         if self._varlen is None:
             if self.cu_seqlens is not None:
                 self._varlen = (None, self.cu_seqlens, int(self.max_seqlen))
+            elif self.mask is None:  # full rows (the other side of a cross-attention is padded)
+                length, device = self.positions.shape[1], self.positions.device
+                cu = torch.arange(self.batch + 1, device=device, dtype=torch.int32) * length
+                self._varlen = (None, cu, length)
             elif self.segment_ids is None:  # padded rows: one document per row
                 lengths = self.mask.sum(1, dtype=torch.int32)
                 idx = self.mask.flatten().nonzero().squeeze(1)

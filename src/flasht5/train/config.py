@@ -44,6 +44,8 @@ class DataConfig:
     max_tokens: int = 4096  # encoder-token budget of one batch
     max_target_tokens: int | None = None  # decoder-token budget of one batch (default: scaled from max_tokens)
     mode: str = "varlen"  # "varlen" (padding-free) or "padded" (rows packed with segment ids)
+    row_len: int | None = None  # padded mode: encoder row length (None: max_input_len; ~4x suits ul2/fat5)
+    row_target_len: int | None = None  # padded mode: decoder row length (None: max_target_len)
     num_workers: int = 0  # DataLoader worker processes
     eval_batches: int = 8  # held-out batches evaluated each time
 

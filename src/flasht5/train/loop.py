@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from flasht5.config import FlashT5Config
+from flasht5.data.packing import ResumableLoader
 from flasht5.modeling import FlashT5ForConditionalGeneration
 from flasht5.train.config import Config
 from flasht5.train.optim import AdamWScale, lr_at
@@ -74,24 +75,19 @@ def prepare_data(cfg: Config) -> tuple[Any, Any, Any | None]:
 
 def make_dataset(store: Any, tokenizer: Any, cfg: Config, *, seed: int, rank: int = 0, world_size: int = 1):
     from flasht5.data.packing import UL2Dataset
-    from flasht5.data.tokenizer import mode_token_ids, sentinel_ids
-    from flasht5.data.ul2 import resolve_mixture
 
     d = cfg.data
-    mixture = resolve_mixture(d.denoisers if d.denoisers is not None else d.objective)
-    return UL2Dataset(
+    return UL2Dataset.from_tokenizer(
         store,
-        denoisers=mixture,
-        sentinel_ids=sentinel_ids(tokenizer),
-        prefix_ids=mode_token_ids(tokenizer, {dn.prefix for dn, _ in mixture}),
-        eos_id=tokenizer.eos_token_id,
-        pad_id=tokenizer.pad_token_id,
-        decoder_start_id=tokenizer.pad_token_id,
+        tokenizer,
+        denoisers=d.denoisers if d.denoisers is not None else d.objective,
         max_input_len=d.max_input_len,
         max_target_len=d.max_target_len,
         max_tokens=d.max_tokens,
         max_target_tokens=d.max_target_tokens,
         mode=d.mode,
+        row_len=d.row_len,
+        row_target_len=d.row_target_len,
         seed=seed,
         rank=rank,
         world_size=world_size,
@@ -265,7 +261,7 @@ def train(cfg: Config) -> dict[str, Any]:
     )  # fmt: skip
     dataset = make_dataset(store, tokenizer, cfg, seed=t.seed)
 
-    start_step = 0
+    start_step, data_state = 0, None
     ckpts = _checkpoints(out) if t.resume else []
     if ckpts:
         from safetensors.torch import load_file
@@ -273,8 +269,7 @@ def train(cfg: Config) -> dict[str, Any]:
         state = torch.load(ckpts[-1] / "trainer.pt", map_location="cpu", weights_only=False)
         model.load_state_dict(load_file(ckpts[-1] / "model.safetensors", device=str(device)))
         optimizer.load_state_dict(state["optimizer"])
-        if state.get("data") is not None:
-            dataset.load_state_dict(state["data"])
+        data_state = state.get("data")
         start_step = state["step"]
         log(f"resumed from {ckpts[-1]} at step {start_step}")
 
@@ -287,9 +282,11 @@ def train(cfg: Config) -> dict[str, Any]:
                 break
 
     train_model = torch.compile(model) if t.compile else model
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=None, num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda"
-    )
+    # The loader's state (every worker's position) is what a checkpoint stores, so a resumed run sees the exact
+    # stream an uninterrupted one would have seen.
+    loader = ResumableLoader(dataset, num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda")
+    if data_state is not None:
+        loader.load_state_dict(data_state)
     metrics_path = out / "metrics.jsonl"
     metrics = metrics_path.open("a")
     first_eval = evaluate(model, eval_batches, device, autocast) if eval_batches else math.nan
@@ -347,7 +344,7 @@ def train(cfg: Config) -> dict[str, Any]:
             metrics.flush()
             bar.write(f"step {step}: held-out loss {last_eval:.4f}")
         if (t.save_every and step % t.save_every == 0) or step == t.steps:
-            save_checkpoint(out, step, model, optimizer, dataset.state_dict(), t.keep_checkpoints)
+            save_checkpoint(out, step, model, optimizer, loader.state_dict(), t.keep_checkpoints)
     bar.close()
     metrics.close()
 
