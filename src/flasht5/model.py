@@ -659,7 +659,7 @@ class T5(nn.Module):
     def embed(self, input_ids: torch.Tensor, name: str = "input_ids") -> torch.Tensor:
         if input_ids.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"{name} must hold integer token ids, got dtype {input_ids.dtype}.")
-        if input_ids.numel():
+        if input_ids.numel() and not torch.compiler.is_compiling():  # one host sync; skipped inside compiled graphs
             lo, hi = torch.aminmax(input_ids)
             lo, hi = int(lo), int(hi)
             if lo < 0 or hi >= self.shared.num_embeddings:
