@@ -223,6 +223,31 @@ def sweep_configs(D: int, L: int = 2048) -> list[dict]:
     return out
 
 
+def shape_sweep(D: int = 64) -> list[dict]:
+    """Forward tiles per (causal, L) with the T5 bias, against the no-bias ceiling measured alongside."""
+    rows = []
+    for causal in (False, True):
+        for L in (512, 1024, 2048, 4096):
+            B = TOKENS // L
+            fwd, _ = make_sdpa_nobias(B, L, D, causal)
+            ceil_ms = utils.bench(fwd, warmup=10, rep=40)
+            flops = utils.attention_flops(B, H, L, L, D, causal=causal, mode="fwd")
+            for c in SWEEP[D]["fwd"]:
+                A._FORCE.clear()
+                A._FORCE["fwd"] = A._Cfg(*c)
+                row = dict(D=D, causal=causal, L=L, cfg=str(c), ceiling_tflops=utils.tflops(flops, ceil_ms))
+                try:
+                    fwd, _ = make_ours(B, L, D, causal, "t5")
+                    ms = utils.bench(fwd, warmup=10, rep=40)
+                    row.update(ms=ms, tflops=utils.tflops(flops, ms), x_ceiling=ceil_ms / ms)
+                except Exception as e:
+                    row["note"] = f"FAILED: {type(e).__name__}"
+                A._FORCE.clear()
+                rows.append(row)
+                print(row, flush=True)
+    return rows
+
+
 def varlen_rows(D: int, quick: bool) -> list[dict]:
     """Packed documents of mixed lengths (32k tokens) vs dense batches doing the same work (T5 bias, bidir)."""
     lengths = [4096, 512, 2048, 1024, 512, 4096, 1024, 2048, 512, 1024, 4096, 2048, 512, 1024, 2048, 2048, 1024]
@@ -280,7 +305,7 @@ def memory_rows(L: int = 16384, D: int = 64) -> list[dict]:
     return rows
 
 
-def _precompile(shard: int, nshards: int, quick: bool, sweep: bool) -> None:
+def _precompile(shard: int, nshards: int, quick: bool, sweep: bool, shape_sweep_: bool = False) -> None:
     """Run each distinct kernel specialisation once at a tiny batch so that Triton's disk cache is warm."""
     jobs = []
     for D in (64,) if quick else (64, 128):
@@ -294,6 +319,8 @@ def _precompile(shard: int, nshards: int, quick: bool, sweep: bool) -> None:
     if sweep:
         for D in (64, 128):
             jobs.append(("ours", D, False, "t5", ("diag_gather", False)))
+    if shape_sweep_:
+        jobs = [("ours", 64, causal, "t5", ("fwd", c)) for c in SWEEP[64]["fwd"] for causal in (False, True)]
     jobs.append(("varlen", 64, False, "t5", None))
     for i, (what, D, causal, kind, force) in enumerate(jobs):
         if i % nshards != shard:
@@ -350,23 +377,32 @@ def main() -> None:
     p.add_argument("--sweep", action="store_true", help="also sweep tile configurations (L=2048, D=64/128)")
     p.add_argument("--out", default=None, help="markdown results file to append to (default: results/<date>-<gpu>.md)")
     p.add_argument("--plot", default=None, help="PNG path for the TFLOP/s-vs-L plot")
+    p.add_argument("--shape-sweep", action="store_true", help="only: forward tiles per (causal, L), D=64, T5 bias")
     p.add_argument("--jobs", type=int, default=8, help="parallel processes that pre-compile the kernels (0: none)")
     p.add_argument("--_precompile", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args._precompile:
         shard, n = map(int, args._precompile.split("/"))
-        _precompile(shard, n, args.quick, args.sweep)
+        _precompile(shard, n, args.quick, args.sweep, args.shape_sweep)
         return
 
     t_start = time.perf_counter()
     if args.jobs > 0:  # compile in parallel processes (Triton's disk cache is shared), time in this one
         base = [sys.executable, __file__] + (["--quick"] if args.quick else []) + (["--sweep"] if args.sweep else [])
+        base += ["--shape-sweep"] if args.shape_sweep else []
         procs = [subprocess.Popen(base + ["--_precompile", f"{i}/{args.jobs}"]) for i in range(args.jobs)]
         for pr in procs:
             pr.wait()
         print(f"precompile: {time.perf_counter() - t_start:.1f} s", flush=True)
 
     sections = []
+    if args.shape_sweep:
+        ss = shape_sweep(64)
+        body = "### Forward tiles per shape (T5 bias, D=64, bf16, H=12, 32k tokens)\n\n" + utils.markdown_table(ss)
+        path = utils.write_results("flash attention: per-shape forward tiles (bench_attention.py)", body, out=args.out)
+        print(body)
+        print(f"wrote {path}")
+        return
     if args.sweep:
         sw = sweep_configs(64) + (sweep_configs(128) if not args.quick else [])
         chosen = []

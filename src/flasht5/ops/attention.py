@@ -605,22 +605,25 @@ class _Cfg(NamedTuple):
 # (kernel, head_dim) -> config. fwd: BLOCK_M queries owned, BLOCK_N keys streamed; dkdv: BLOCK_N keys owned,
 # BLOCK_M queries streamed; dq: BLOCK_M queries owned, BLOCK_N keys streamed.
 _SM90: dict[tuple[str, int], _Cfg] = {
-    ("fwd", 16): _Cfg(64, 64, 4, 3),
-    ("fwd", 32): _Cfg(64, 64, 4, 3),
-    ("fwd", 64): _Cfg(64, 64, 4, 3),
-    ("fwd", 128): _Cfg(128, 64, 8, 3),
+    ("fwd", 16): _Cfg(128, 128, 8, 3),
+    ("fwd", 32): _Cfg(128, 128, 8, 3),
+    ("fwd", 64): _Cfg(128, 128, 8, 3),
+    ("fwd", 128): _Cfg(64, 64, 4, 3),
     ("fwd", 256): _Cfg(64, 64, 8, 2),
     ("dkdv", 16): _Cfg(64, 64, 4, 3),
     ("dkdv", 32): _Cfg(64, 64, 4, 3),
     ("dkdv", 64): _Cfg(64, 64, 4, 3),
-    ("dkdv", 128): _Cfg(32, 64, 4, 3),
+    ("dkdv", 128): _Cfg(32, 64, 4, 4),
     ("dkdv", 256): _Cfg(32, 64, 8, 2),
-    ("dq", 16): _Cfg(64, 32, 4, 3),
-    ("dq", 32): _Cfg(64, 32, 4, 3),
-    ("dq", 64): _Cfg(64, 32, 4, 3),
+    ("dq", 16): _Cfg(64, 32, 4, 4),
+    ("dq", 32): _Cfg(64, 32, 4, 4),
+    ("dq", 64): _Cfg(64, 32, 4, 4),
     ("dq", 128): _Cfg(64, 32, 4, 3),
     ("dq", 256): _Cfg(64, 32, 8, 2),
 }
+# Overrides by (kernel, head_dim, causal, short) where short = max_seqlen_q <= 1024 (filled from the per-shape sweep
+# of bench_attention.py --shape-sweep, H200).
+_SM90_SHAPE: dict[tuple[str, int, bool, bool], _Cfg] = {}
 # Ampere (164 KB shared memory on A100; 100 KB on sm86/89 -> these small tiles fit both).
 _SM80: dict[tuple[str, int], _Cfg] = {
     ("fwd", 16): _Cfg(128, 64, 8, 2),
@@ -663,7 +666,9 @@ def _arch(device: torch.device) -> int:
     return torch.cuda.get_device_capability(device)[0]
 
 
-def _config(kernel: str, head_dim: int, device: torch.device, dtype: torch.dtype) -> _Cfg:
+def _config(
+    kernel: str, head_dim: int, device: torch.device, dtype: torch.dtype, causal: bool = False, max_q: int = 0
+) -> _Cfg:
     if kernel in _FORCE:
         return _FORCE[kernel]  # type: ignore[return-value]
     if _interpreting():
@@ -671,8 +676,9 @@ def _config(kernel: str, head_dim: int, device: torch.device, dtype: torch.dtype
     if dtype == torch.float32:  # 4-byte tiles: the small Ampere tiles, single-stage at D=256 (shared memory)
         cfg = _SM80[(kernel, head_dim)]
         return cfg._replace(num_stages=1) if head_dim == 256 else cfg
-    table = _SM90 if _arch(device) >= 9 else _SM80
-    return table[(kernel, head_dim)]
+    if _arch(device) < 9:
+        return _SM80[(kernel, head_dim)]
+    return _SM90_SHAPE.get((kernel, head_dim, causal, max_q <= 1024), _SM90[(kernel, head_dim)])
 
 
 _TUNERS: dict[tuple[str, int], object] = {}
@@ -768,7 +774,7 @@ def _launch(name: str, fn, x: torch.Tensor, n_programs, args: dict) -> None:
     if tuner is not None:
         tuner[lambda meta: (max(1, n_programs(meta["BLOCK_M"], meta["BLOCK_N"])),)](**args)
         return
-    cfg = _config(name, head_dim, device, dtype)
+    cfg = _config(name, head_dim, device, dtype, bool(args["CAUSAL"]), int(args.get("MAX_Q", args.get("MAX_K", 0))))
     n = n_programs(cfg.block_m, cfg.block_n)
     if n > 0:
         fn[(n,)](**args, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
