@@ -12,6 +12,7 @@ same run; the losses report peak memory above the inputs.
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 import time
 from collections.abc import Callable
@@ -23,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from utils import bench, markdown_table, peak_memory, write_results  # noqa: E402
 
 import flasht5.ops.cross_entropy as ce_mod  # noqa: E402
+import flasht5.ops.linear_cross_entropy as lce_mod  # noqa: E402
 import flasht5.ops.rms_norm as rms_mod  # noqa: E402
 from flasht5.ops.activations import gated_act, gated_act_ref  # noqa: E402
 from flasht5.ops.cross_entropy import cross_entropy, cross_entropy_ref  # noqa: E402
@@ -71,11 +73,21 @@ def _fwd_bwd(fn: Callable, inputs: list[torch.Tensor], grad_out: torch.Tensor | 
     return run
 
 
-def _measure(name: str, run: Callable[[], None], *, memory: bool = False, warmup: int = 10, rep: int = 50) -> dict:
-    """Time (median ms) and optionally peak memory; an OOM or error becomes a row that says so."""
+def _measure(
+    name: str, run: Callable[[], None], *, memory: bool = False, graph: bool = False, warmup: int = 10, rep: int = 50
+) -> dict:
+    """Median ms (inside a CUDA graph when ``graph``: kernel time without Python/launch overhead, which otherwise
+    dominates the small bandwidth-bound ops on this machine's CPU), optional peak memory; OOM/errors become rows."""
     try:
         run()  # compile / first-call costs out of the timing
-        ms = bench(run, warmup=0, rep=0) if _QUICK else bench(run, warmup=warmup, rep=rep)
+        if _QUICK:
+            ms, mode = bench(run, warmup=0, rep=0), "quick"
+        elif graph and torch.cuda.is_available():
+            import triton.testing
+
+            ms, mode = float(triton.testing.do_bench_cudagraph(run, rep=20, return_mode="median")), "graph"
+        else:
+            ms, mode = bench(run, warmup=warmup, rep=rep), "launch"
         mem = peak_memory(run) if memory else 0
     except torch.OutOfMemoryError:
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
@@ -84,8 +96,9 @@ def _measure(name: str, run: Callable[[], None], *, memory: bool = False, warmup
     except Exception as e:  # noqa: BLE001 - a competitor failing must not end the run
         print(f"  {name}: FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
         return {"impl": name, "ms": float("nan"), "mem": float("nan"), "note": f"error: {type(e).__name__}"}
-    print(f"  {name}: {ms:.3f} ms, peak {mem / GB:.2f} GB", flush=True)
-    return {"impl": name, "ms": ms, "mem": mem, "note": ""}
+    gc.collect()
+    print(f"  {name}: {ms:.3f} ms ({mode}), peak {mem / GB:.2f} GB", flush=True)
+    return {"impl": name, "ms": ms, "mem": mem, "note": mode}
 
 
 def copy_bandwidth(device: str, quick: bool) -> float:
@@ -118,7 +131,8 @@ def bench_rms_norm(device, quick, backend, liger, copy_gbs) -> list[dict]:
         if liger:
             impls["liger"] = lambda x, w: liger["rms"].apply(x, w, 1e-6, 0.0, "llama", False)
         bytes_moved = 5 * x.numel() * x.element_size()  # fwd: read x, write y; bwd: read x, dy, write dx
-        res = {k: _measure(k, _fwd_bwd(f, [x, w], dy)) for k, f in impls.items()}
+        res = {k: _measure(k, _fwd_bwd(f, [x, w], dy), graph=True) for k, f in impls.items()}
+        res["flasht5 (no graph)"] = _measure("flasht5 (no graph)", _fwd_bwd(impls["flasht5"], [x, w], dy))
         base = res["flasht5"]["ms"]
         for k, r in res.items():
             gbs = bytes_moved / (r["ms"] * 1e-3) / GB
@@ -142,7 +156,7 @@ def bench_rms_norm(device, quick, backend, liger, copy_gbs) -> list[dict]:
     dy = (torch.randn_like(x), torch.randn_like(x))
     bytes_moved = 11 * x.numel() * x.element_size()  # fwd: r x, r, w y, h; bwd: r h, dy, dh_in, w dh (x2 for dres)
     res = {
-        k: _measure(f"{k} (+residual)", _fwd_bwd(f, [x, w, r_], dy))
+        k: _measure(f"{k} (+residual)", _fwd_bwd(f, [x, w, r_], dy), graph=True)
         for k, f in {
             "flasht5": lambda x, w, r: rms_norm(x, w, 1e-6, r),
             "eager": lambda x, w, r: rms_norm_ref(x, w, 1e-6, r),
@@ -185,10 +199,11 @@ def bench_cross_entropy(device, quick, backend, liger) -> list[dict]:
         if not big:
             impls["eager (fp32 upcast)"] = lambda x, y=labels: cross_entropy_ref(x, y, z_loss=z)
         impls["torch.compile"] = _compile(lambda x, y=labels: cross_entropy_ref(x, y, z_loss=z), backend)
-        res = {k: _measure(k, _fwd_bwd(f, [logits]), memory=True) for k, f in impls.items()}
+        res = {k: _measure(k, _fwd_bwd(f, [logits]), memory=True, graph=True) for k, f in impls.items()}
         if liger:  # Liger overwrites its input with the gradient: give it its own copy, measured last
             own = logits.detach().clone().requires_grad_()
             fn = lambda x, y=labels: liger["ce"].apply(x, y, None, -100, z, 0.0, "mean", None, False, False, False)[0]  # noqa: E731
+            # (no CUDA graph: Liger's backward syncs on grad_output == 1)
             res["liger"] = _measure("liger", _fwd_bwd(fn, [own]), memory=True)
             del own
         eager_ms = res.get("eager (fp32 upcast)", {}).get("ms", float("nan"))
@@ -218,7 +233,8 @@ def bench_linear_cross_entropy(device, quick, liger) -> list[dict]:
     n_tokens = 8 if quick else 32768
     z = 1e-4
     for d_model, n_classes in ((768, 32128), (2048, 32128), (768, 250112), (2048, 250112)):
-        print(f"[linear_cross_entropy] tokens={n_tokens} d_model={d_model} vocab={n_classes}", flush=True)
+        chunk = lce_mod._default_chunk_tokens(n_tokens, n_classes, d_model)
+        print(f"[linear_cross_entropy] tokens={n_tokens} d_model={d_model} vocab={n_classes} chunk={chunk}", flush=True)
         hidden = torch.randn(n_tokens, d_model, device=device, dtype=torch.bfloat16, requires_grad=True)
         weight = (torch.randn(n_classes, d_model, device=device) * d_model**-0.5).to(torch.bfloat16)
         weight.requires_grad_()
@@ -275,7 +291,7 @@ def bench_gated_act(device, quick, backend, liger, copy_gbs) -> list[dict]:
         if liger:
             impls["liger"] = lambda g, u, k=kind: (liger["geglu"] if k == "gelu_tanh" else liger["swiglu"]).apply(g, u)
         bytes_moved = 8 * gate.numel() * gate.element_size()  # fwd r g, u, w out; bwd r dout, g, u, w dg, du
-        res = {k: _measure(k, _fwd_bwd(f, [gate, up], dout)) for k, f in impls.items()}
+        res = {k: _measure(k, _fwd_bwd(f, [gate, up], dout), graph=True) for k, f in impls.items()}
         for k, r in res.items():
             gbs = bytes_moved / (r["ms"] * 1e-3) / GB
             rows.append(
@@ -361,7 +377,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default=None, help="results markdown file to append to (default: results/<date>-<gpu>.md)")
     p.add_argument("--png", default=None, help="bar chart path (default: next to --out)")
     p.add_argument("--quick", action="store_true", help="tiny shapes: checks the script, numbers mean nothing")
-    p.add_argument("--only", default="rms,ce,lce,act,sweep", help="comma list of sections to run")
+    p.add_argument("--only", default="rms,ce,lce,act", help="comma list of sections: rms,ce,lce,act,sweep")
     p.add_argument("--compile-backend", default=None, help="torch.compile backend (default inductor; aot_eager on CPU)")
     args = p.parse_args(argv)
     global _QUICK
@@ -402,7 +418,9 @@ def main(argv: list[str] | None = None) -> None:
     body = [
         f"Device-to-device copy bandwidth measured in this run: **{copy_gbs:.0f} GB/s** (read + write). "
         f"torch.compile backend: {backend}. Liger-Kernel: {'yes' if liger else 'not available'}. "
-        f"Speedup columns: competitor time / flasht5 time. Plot: `{png.name}`.\n"
+        "Speedup columns: competitor time / flasht5 time. `note` says how a row was timed: `graph` = median of "
+        "CUDA-graph replays (kernel time, no Python/launch overhead; no L2 flush between replays), `launch` = "
+        f"do_bench with normal launches (includes host overhead when it exceeds GPU time). Plot: `{png.name}`.\n"
     ]
     for title, rows in tables:
         body.append(f"### {title}\n\n{markdown_table(rows)}")

@@ -21,7 +21,7 @@ def assert_ratio(out, ref_hi, ref_same, dtype, name):
 @pytest.fixture
 def small_chunks(monkeypatch):
     """Force several token chunks (and a ragged last one) so the cross-chunk accumulation is exercised."""
-    monkeypatch.setattr(lce_mod, "_default_chunk_tokens", lambda n, v: 4)
+    monkeypatch.setattr(lce_mod, "_default_chunk_tokens", lambda n, v, d: 4)
 
 
 def _run(fn, hidden, weight, labels, upstream, **kw):

@@ -10,16 +10,18 @@ embedding: its gradient is returned through autograd and accumulates with the em
 How (mean / sum): the tokens are processed in chunks of C rows. For each chunk the logits (C, V) come from one
 cuBLAS matmul in the hidden's dtype, the cross-entropy kernel turns them *in place* into their per-token gradient
 (safe: the chunk is private), then ``grad_hidden[chunk] = G @ weight`` and ``grad_weight += G.T @ (scale *
-hidden[chunk])`` (accumulated in fp32 across chunks: cuBLAS ``addmm`` with an fp32 output where torch has it, so
-no extra rounding per chunk). Gradients are therefore finished in the forward pass and stored; backward only
-multiplies them by ``grad_output`` (/ n for the mean, * scale for hidden). ``reduction="none"`` cannot fold the
-per-token ``grad_output`` into ``grad_weight`` ahead of time, so there the forward computes the loss only and the
-backward recomputes the chunks (one extra matmul).
+hidden[chunk])``, accumulated in an fp32 buffer across chunks (each chunk's product is rounded once, like the
+unfused path's single matmul; a bf16 running sum, as Liger does by default, measured ~3x the unfused path's error
+on grad_weight). Gradients are therefore finished in the forward pass and stored; backward only multiplies them by
+``grad_output`` (/ n for the mean, * scale for hidden). ``reduction="none"`` cannot fold the per-token
+``grad_output`` into ``grad_weight`` ahead of time, so there the forward computes the loss only and the backward
+recomputes the chunks (one extra matmul).
 
-Memory: one chunk of logits (C = ceil(N / 16) tokens, at least min(N, 1024): 1/16 of the bf16 logits at N >= 16k),
-the fp32 ``grad_weight`` accumulator (V x d x 4 bytes) and the gradients themselves -- flat in V and N, instead of
-the 2-3 copies of (N, V) that ``matmul + cross_entropy`` keeps. Throughput: the three matmuls of the unfused path
-plus one streaming pass per chunk.
+Memory: one chunk of logits plus the fp32 ``grad_weight`` accumulator (V x d x 4 bytes), with C = N / 5 - 2 d
+tokens (at least 1024) so that both stay within 1/5 of the bf16 logits' size -- e.g. 1/4 at N = 32k tokens and
+d_model up to 2048; below ~10 d_model tokens the accumulator alone is larger than that. The gradients themselves
+and an 1/8-size temporary come on top. Throughput: the three matmuls of the unfused path plus one streaming pass
+and one accumulator read-modify-write per chunk (larger chunks, i.e. more tokens per step, amortise the latter).
 
 Dtypes and shapes: ``hidden`` (..., d) and ``weight`` (V, d) of one dtype (fp32 / fp16 / bf16), ``labels``
 ``hidden.shape[:-1]`` of an integer dtype; labels outside [0, V) other than ``ignore_index`` raise ``ValueError``
@@ -39,8 +41,6 @@ logits; FAT5 for the T5 framing.
 """
 
 from __future__ import annotations
-
-import functools
 
 import torch
 from torch import Tensor
@@ -87,36 +87,35 @@ def linear_cross_entropy_ref(
     )
 
 
-def _default_chunk_tokens(n_tokens: int, n_classes: int) -> int:
-    """Rows per chunk: 1/16 of the tokens (so a chunk's logits are 1/16 of the full ones) but at least 1024 rows,
-    where the matmuls stay efficient. (Tests monkeypatch this to force many chunks.)"""
-    del n_classes  # the chunk is a fraction of the tokens, so its share of the logits' size is the same for any V
-    return max(1, min(n_tokens, max(1024, -(-n_tokens // 16))))
+def _default_chunk_tokens(n_tokens: int, n_classes: int, d_model: int) -> int:
+    """Rows per chunk, from the memory budget: the chunk's logits (2 C V bytes) plus the fp32 grad_weight
+    accumulator (4 V d bytes) stay within 1/5 of the bf16 logits (2 N V bytes), i.e. C <= N / 5 - 2 d, but at
+    least 1024 rows (smaller matmuls lose efficiency; for small N or large d the budget then does not hold). Larger
+    chunks mean fewer read-modify-writes of the accumulator. (Tests monkeypatch this to force many chunks.)"""
+    del n_classes  # both terms scale with V, so the budget in tokens does not depend on it
+    budget = (n_tokens // 5 - 2 * d_model) // 128 * 128
+    return max(1, min(n_tokens, max(1024, budget)))
 
 
-@functools.cache
-def _has_fp32_out_addmm(device_index: int) -> bool:
-    """Whether cuBLAS ``addmm(out_dtype=float32)`` works here (torch >= 2.8 on CUDA): bf16/fp16 products added into
-    an fp32 accumulator without a rounded temporary."""
-    try:
-        dev = torch.device("cuda", device_index)
-        a = torch.randn(64, 32, device=dev, dtype=torch.bfloat16)
-        b = torch.randn(32, 48, device=dev, dtype=torch.bfloat16)
-        acc = torch.ones(64, 48, device=dev, dtype=torch.float32)
-        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-        return bool(torch.allclose(acc, 1 + a.float() @ b.float(), atol=1e-2, rtol=1e-2))
-    except (RuntimeError, TypeError):
-        return False
+_SLABS = 8  # grad_weight is updated in 8 vocabulary slabs, so its rounded temporary is 1/8 of grad_weight
 
 
-def _accumulate_mm(acc: Tensor, a: Tensor, b: Tensor) -> None:
-    """acc (fp32) += a @ b."""
-    if a.dtype == torch.float32:
-        acc.addmm_(a, b)
-    elif acc.is_cuda and _has_fp32_out_addmm(acc.device.index or 0):
-        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-    else:
-        acc.add_(torch.mm(a, b))  # rounded product, then an fp32 add (CPU, or older torch)
+def _accumulate_grad_weight(acc: Tensor, grad_logits: Tensor, hs: Tensor) -> None:
+    """acc (V, d) fp32 += grad_logits.T (V, C) @ hs (C, d).
+
+    fp32 inputs go straight into ``addmm_``. Half inputs: cuBLAS computes each vocabulary slab's product with fp32
+    accumulation into a temporary of the input dtype, which is then added into the fp32 accumulator; the running
+    sum is never rounded to bf16 (one rounding per chunk product, as the unfused path's single matmul has), and
+    the temporary stays at 1/8 of grad_weight whatever torch's ``addmm(out_dtype=...)`` does internally.
+    """
+    if grad_logits.dtype == torch.float32:
+        acc.addmm_(grad_logits.t(), hs)
+        return
+    n_classes = acc.shape[0]
+    slab = -(-n_classes // _SLABS)
+    for v0 in range(0, n_classes, slab):
+        v1 = min(v0 + slab, n_classes)
+        acc[v0:v1].add_(torch.mm(grad_logits[:, v0:v1].t(), hs))  # (slab, d)
 
 
 def _chunks(
@@ -136,7 +135,7 @@ def _chunks(
     """Walk the token chunks: logits, CE (loss rows and/or in-place gradient), then grad_hidden / grad_weight."""
     n_tokens = hidden.shape[0]
     need_grad = grad_hidden is not None or grad_weight32 is not None
-    chunk = _default_chunk_tokens(n_tokens, weight.shape[0])
+    chunk = _default_chunk_tokens(n_tokens, weight.shape[0], weight.shape[1])
     # loss rows are needed by the kernel even when only gradients are wanted
     scratch_loss = loss_rows if loss_rows is not None else torch.empty(n_tokens, device=hidden.device)
     scratch_z = z_rows if z_rows is not None else torch.empty(n_tokens, device=hidden.device)
@@ -162,7 +161,7 @@ def _chunks(
         if grad_hidden is not None:
             torch.mm(logits, weight, out=grad_hidden[start:end])  # (C, d) = dL/d(scale * hidden)
         if grad_weight32 is not None:
-            _accumulate_mm(grad_weight32, logits.t(), hs)  # (V, d)
+            _accumulate_grad_weight(grad_weight32, logits, hs)  # (V, d)
         del logits, hs  # free this chunk before the next one is allocated
 
 

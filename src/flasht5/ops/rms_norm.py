@@ -184,7 +184,8 @@ def _config(n_cols: int) -> tuple[int, int, int]:
         return _CONFIG_OVERRIDE[0], block_n, _CONFIG_OVERRIDE[1]
     block_m = max(1, min(16, 4096 // block_n))
     elems = block_m * block_n
-    num_warps = 4 if elems <= 2048 else 8 if elems <= 8192 else 16
+    # H200 sweep (benchmarks/bench_ops.py): one 4096-wide row per program runs best with 16 warps
+    num_warps = 4 if elems <= 2048 else 16 if block_n >= 4096 else 8
     return block_m, block_n, num_warps
 
 
