@@ -201,5 +201,5 @@ PRESETS: dict[str, dict[str, Any]] = {
         num_heads=16,
     ),  # fmt: skip
     # What `make demo` trains on a laptop CPU in a few minutes.
-    "demo": dict(_V11, vocab_size=4096, d_model=256, d_kv=32, d_ff=640, num_layers=4, num_heads=8, dropout_rate=0.0),
+    "demo": dict(_V11, vocab_size=4096, d_model=192, d_kv=32, d_ff=512, num_layers=3, num_heads=6, dropout_rate=0.0),
 }
