@@ -31,37 +31,45 @@ How the T5 bias is computed exactly, without ``log`` in the kernel
 -------------------------------------------------------------------
 Triton's ``tl.log`` is not bit-identical to ``torch.log`` and T5's bucket boundaries fall exactly on integers
 (distances 16, 32, 64 for 32 buckets / max distance 128), so an in-kernel log would flip buckets. Instead, the
-custom op builds (eagerly, with Hugging Face's formula verbatim on the same device, cached per configuration) the
-bucket of every distance ``r`` in ``[-R, R]`` with ``R = rel_max_distance``; beyond ``|r| >= R`` the bucket is
-constant (the formula saturates at ``num_buckets - 1`` of its half). It then gathers a per-head lookup table
-``lut[h, r + R] = rel_table[bucket(r), h]`` (fp32, ``(H, 2R+1)``) that the kernel reads at
-``clamp(key_pos - query_pos, -R, R)``. The backward kernel reduces ``dS`` into ``d_lut`` and the op scatters it
-back to ``d_rel_table`` with ``index_add`` (tiny). No ``(Lq, Lk)`` tensor is ever materialised.
+custom op computes, eagerly with Hugging Face's formula verbatim on the same device (cached per configuration;
+one host sync the first time), the bucket of every distance in ``[-Re, Re]``, where ``Re <= rel_max_distance``
+is the radius beyond which the bucket is constant on both sides (91 for T5's bidirectional 32 buckets / 128, 113
+for the causal ones). It gathers a per-head table ``lut[h, r + Re] = rel_table[bucket(r), h]`` (fp32,
+``(H, 2Re+1)``) that the kernels read at ``clamp(key_pos - query_pos, -Re, Re)``. The backward reduces ``dS``
+into ``d_lut`` in-kernel and the op scatters it to ``d_rel_table`` with ``index_add`` (2Re+1 rows). No
+``(Lq, Lk)`` tensor is ever materialised. Tests check the clamped lookup against HF up to 11x the max distance.
 
 Speed structure (FlashAttention-2 with a banded bias)
 -----------------------------------------------------
 Forward: online softmax in the exp2 domain (``log2(e)`` folded into the scale and the bias), fp32 accumulators,
-log-sum-exp stored for the backward. For every query block the key blocks fall into four segments:
-far-left (every distance ``<= -R``: the T5 bias is one scalar per head, no mask), near (the band ``|d| < R``
-and the causal diagonal: per-element lookup and masks), far-right (every distance ``>= R``: one scalar) and a
-masked tail for a partial last key block. Without a T5 table the band is just the causal diagonal, as in
-FlashAttention-2. ALiBi is computed per element everywhere (three flops). Backward (FlashAttention-2 form):
-``delta = rowsum(dO * O)``, then one kernel per key block that loops over queries for dK/dV, and one kernel per
-query block that loops over keys for dQ, both recomputing P from the stored LSE; no atomics on dQ, deterministic
-dQ/dK/dV. The dQ kernel also reduces the table gradient: far tiles add row sums of ``dS`` (warp-level, as cheap
-as a softmax row max) into two scalars per program; near tiles skew ``dS`` with ``tl.gather`` so that each
-relative offset becomes one row or column, sum it, and add the ``BLOCK_M + BLOCK_N - 1`` diagonal sums to
-``d_lut`` with relaxed fp32 atomics (never one atomic per score element). ``d_lut`` and ``d_bias`` with broadcast
-dims are therefore accumulated in a nondeterministic order (fp32 rounding only).
+log-sum-exp stored for the backward. Each program walks its key blocks in *one* software-pipelined loop and
+branches per tile at run time: a far tile (every distance ``<= -Re`` or ``>= Re``) adds one per-head scalar and
+needs no mask; a near tile (the band ``|d| < Re``, the causal diagonal, the partial last block) does the
+per-element lookup and masks. Separate loops per segment (tried first) doubled shared memory, since Triton gives
+each pipelined loop its own stage buffers. The per-element lookup is an elementwise inline ``ld.global.nc``: a
+``tl.load`` gather anchors a blocked layout and made Triton round-trip *every* score tile through shared memory
+(2.5x slower forward on the H200); the inline load keeps the scores in the MMA layout. Without a T5 table the
+band is just the causal diagonal, as in FlashAttention-2; ALiBi is computed per element (three flops).
+Backward (FlashAttention-2 form): ``delta = rowsum(dO * O)``, one kernel per key block looping over queries for
+dK/dV, one kernel per query block looping over keys for dQ, both recomputing P from the LSE; no atomics on
+dQ/dK/dV (deterministic). The dQ kernel also reduces the table gradient: far tiles add row sums of ``dS``
+(warp-level, like a softmax row max) into two per-program scalars; near tiles skew ``dS`` with ``tl.gather`` so
+every relative offset becomes one row or column and add its ``BLOCK_M + BLOCK_N - 1`` diagonal sums to ``d_lut``
+with relaxed fp32 atomics (one atomic per score element instead was 2.3x slower end to end). ``d_lut`` and a
+broadcast ``d_bias`` are therefore summed in a nondeterministic order (fp32 rounding only).
 
-Tuning and hardware
--------------------
-Tile configurations come from a small per-architecture table keyed on the head dim (sm90: measured on one H200;
-sm80: chosen to fit 164 KB of shared memory, run on the H200 in the tests but not on A100 hardware; other
-archs: the small sm80 set). Set ``FLASHT5_ATTN_AUTOTUNE=1`` to autotune over a short list instead, keyed on
-head dim, causal, bias kinds, varlen and power-of-two sequence-length buckets; it is off by default because each
-key costs seconds of compilation and benchmarking in every new process and gives run-to-run varying tiles.
-Under the Triton interpreter one 16x16 configuration is used.
+Tuning, hardware, measured speed
+--------------------------------
+Tiles come from a static per-architecture table keyed on the head dim, measured on one H200 (sm90) with
+``benchmarks/bench_attention.py --sweep/--shape-sweep`` over candidates pre-screened offline (sm90 cubins compiled
+without a GPU: no register spills, shared memory within 227 KB). No runtime autotuning: it would cost seconds of
+compilation and benchmarking per shape in every process and give run-to-run varying tiles (and numerics). The
+sm80 table fits A100's 164 KB and is run on the H200 by the tests, but was not measured on Ampere hardware.
+On the H200 (bf16, H=12, 32k tokens/batch, same-run SDPA flash without bias as the ceiling), for L >= 1024:
+forward with the T5 table 0.85-1.24x the ceiling (D=64 at L=1024 noisy: one 0.57x reading), forward+backward
+with the table gradient 0.61-0.91x, peak memory at L=16k 0.68x the ceiling's; at L=512 every tile is in the
+band and the forward drops to 0.26-0.83x. See benchmarks/results/2026-11-29-h200.md. Under the Triton
+interpreter one 16x16 configuration is used.
 
 Validation never syncs the GPU on the hot path: shapes, dtypes and devices are checked always; the *values* of
 ``cu_seqlens`` (start at 0, monotone, end at the token count) are checked on CPU tensors, or on the GPU when
@@ -281,14 +289,14 @@ def _head_consts(LUT, ALIBI, h, R, HAS_REL: tl.constexpr, HAS_ALIBI: tl.constexp
 
 
 # Lengths and counts are not specialised (divisibility by 16 buys nothing for them): one compile serves all shapes.
-_NO_SPEC = ["H", "LQ", "LK", "T_LSE", "R", "MAX_Q", "MAX_K", "NUM_BH", "SEQ_KEY", "L"]
+_NO_SPEC = ["H", "LQ", "LK", "T_LSE", "R", "MAX_Q", "MAX_K", "NUM_BH", "L"]
 
 
 @triton.jit(do_not_specialize=[n for n in _NO_SPEC if n not in ("MAX_K", "L")])
 def _attn_fwd(
     Q, K, V, O, LSE, LUT, ALIBI, BIAS, CU_Q, CU_K,
     sqb, sqm, sqh, skb, skm, skh, svb, svm, svh, sob, som, soh, sbb, sbh, sbm, sbn,
-    H, LQ, LK, T_LSE, R, scale2, MAX_Q, NUM_BH, SEQ_KEY,
+    H, LQ, LK, T_LSE, R, scale2, MAX_Q, NUM_BH,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
     HAS_REL: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr, VARLEN: tl.constexpr,
     DOT_PREC: tl.constexpr, ASM_GATHER: tl.constexpr,
@@ -377,7 +385,7 @@ def _attn_bwd_dkdv(
     Q, K, V, DO, DK, DV, LSE, DELTA, LUT, ALIBI, BIAS, CU_Q, CU_K,
     sqb, sqm, sqh, skb, skm, skh, svb, svm, svh, sdob, sdom, sdoh, sdkb, sdkm, sdkh, sdvb, sdvm, sdvh,
     sbb, sbh, sbm, sbn,
-    H, LQ, LK, T_LSE, R, scale2, scale, MAX_K, SEQ_KEY,
+    H, LQ, LK, T_LSE, R, scale2, scale, MAX_K,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
     HAS_REL: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr, VARLEN: tl.constexpr,
     DOT_PREC: tl.constexpr, ASM_GATHER: tl.constexpr,
@@ -493,7 +501,7 @@ def _attn_bwd_dq(
     Q, K, V, DO, DQ, LSE, DELTA, LUT, DLUT, ALIBI, BIAS, DBIAS, CU_Q, CU_K,
     sqb, sqm, sqh, skb, skm, skh, svb, svm, svh, sdob, sdom, sdoh, sdqb, sdqm, sdqh,
     sbb, sbh, sbm, sbn, sdbb, sdbh, sdbm, sdbn,
-    H, LQ, LK, T_LSE, R, scale2, scale, MAX_Q, NUM_BH, SEQ_KEY,
+    H, LQ, LK, T_LSE, R, scale2, scale, MAX_Q, NUM_BH,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
     HAS_REL: tl.constexpr, REL_GRAD: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr,
     BIAS_GRAD: tl.constexpr, DB_BM: tl.constexpr, DB_BN: tl.constexpr, DB_ATOMIC: tl.constexpr,
@@ -603,11 +611,13 @@ class _Cfg(NamedTuple):
 
 
 # (kernel, head_dim) -> config. fwd: BLOCK_M queries owned, BLOCK_N keys streamed; dkdv: BLOCK_N keys owned,
-# BLOCK_M queries streamed; dq: BLOCK_M queries owned, BLOCK_N keys streamed.
+# BLOCK_M queries streamed; dq: BLOCK_M queries owned, BLOCK_N keys streamed. D=64/128: measured on one H200
+# (bench_attention.py --sweep / --shape-sweep; candidates pre-screened offline for spills and shared memory);
+# D=16/32 reuse D=64's, D=256 chosen to fit (GPU-tested, not tuned).
 _SM90: dict[tuple[str, int], _Cfg] = {
-    ("fwd", 16): _Cfg(128, 128, 8, 3),
-    ("fwd", 32): _Cfg(128, 128, 8, 3),
-    ("fwd", 64): _Cfg(128, 128, 8, 3),
+    ("fwd", 16): _Cfg(64, 64, 4, 3),
+    ("fwd", 32): _Cfg(64, 64, 4, 3),
+    ("fwd", 64): _Cfg(64, 64, 4, 3),
     ("fwd", 128): _Cfg(64, 64, 4, 3),
     ("fwd", 256): _Cfg(64, 64, 8, 2),
     ("dkdv", 16): _Cfg(64, 64, 4, 3),
@@ -621,9 +631,6 @@ _SM90: dict[tuple[str, int], _Cfg] = {
     ("dq", 128): _Cfg(64, 32, 4, 3),
     ("dq", 256): _Cfg(64, 32, 8, 2),
 }
-# Overrides by (kernel, head_dim, causal, short) where short = max_seqlen_q <= 1024 (filled from the per-shape sweep
-# of bench_attention.py --shape-sweep, H200).
-_SM90_SHAPE: dict[tuple[str, int, bool, bool], _Cfg] = {}
 # Ampere (164 KB shared memory on A100; 100 KB on sm86/89 -> these small tiles fit both).
 _SM80: dict[tuple[str, int], _Cfg] = {
     ("fwd", 16): _Cfg(128, 64, 8, 2),
@@ -642,15 +649,6 @@ _SM80: dict[tuple[str, int], _Cfg] = {
     ("dq", 128): _Cfg(64, 32, 4, 2),
     ("dq", 256): _Cfg(32, 32, 4, 1),
 }
-# Short autotune lists (FLASHT5_ATTN_AUTOTUNE=1), sm90 only; the table entry is always the first candidate.
-_SM90_TUNE: dict[tuple[str, bool], list[_Cfg]] = {
-    ("fwd", False): [_Cfg(128, 128, 8, 3), _Cfg(64, 64, 4, 3)],
-    ("fwd", True): [_Cfg(64, 64, 4, 3), _Cfg(128, 32, 8, 3)],
-    ("dkdv", False): [_Cfg(64, 64, 4, 3), _Cfg(64, 128, 8, 3)],
-    ("dkdv", True): [_Cfg(64, 64, 8, 3), _Cfg(32, 64, 4, 3)],
-    ("dq", False): [_Cfg(64, 32, 4, 3), _Cfg(128, 64, 8, 3)],
-    ("dq", True): [_Cfg(64, 64, 8, 3), _Cfg(64, 32, 4, 3)],
-}
 _INTERPRET_CFG = _Cfg(16, 16, 4, 1)
 # Tests may force configurations: {"fwd": _Cfg, "dkdv": _Cfg, "dq": _Cfg} or {"arch": 8} to use the sm80 table.
 _FORCE: dict[str, object] = {}
@@ -666,9 +664,7 @@ def _arch(device: torch.device) -> int:
     return torch.cuda.get_device_capability(device)[0]
 
 
-def _config(
-    kernel: str, head_dim: int, device: torch.device, dtype: torch.dtype, causal: bool = False, max_q: int = 0
-) -> _Cfg:
+def _config(kernel: str, head_dim: int, device: torch.device, dtype: torch.dtype) -> _Cfg:
     if kernel in _FORCE:
         return _FORCE[kernel]  # type: ignore[return-value]
     if _interpreting():
@@ -676,37 +672,8 @@ def _config(
     if dtype == torch.float32:  # 4-byte tiles: the small Ampere tiles, single-stage at D=256 (shared memory)
         cfg = _SM80[(kernel, head_dim)]
         return cfg._replace(num_stages=1) if head_dim == 256 else cfg
-    if _arch(device) < 9:
-        return _SM80[(kernel, head_dim)]
-    return _SM90_SHAPE.get((kernel, head_dim, causal, max_q <= 1024), _SM90[(kernel, head_dim)])
-
-
-_TUNERS: dict[tuple[str, int], object] = {}
-
-
-def _tuned(kernel: str, fn, head_dim: int, device: torch.device, dtype: torch.dtype):
-    """Autotuned launcher over a short list, or None when autotuning is off / not applicable."""
-    if os.environ.get("FLASHT5_ATTN_AUTOTUNE", "0") != "1" or _interpreting() or _FORCE or _arch(device) < 9:
-        return None
-    if dtype == torch.float32:
-        return None
-    key = (kernel, head_dim)
-    if key not in _TUNERS:
-        cands = [_config(kernel, head_dim, device, dtype)]
-        cands += [c for c in _SM90_TUNE[(kernel, head_dim >= 128)] if c not in cands and head_dim <= 128]
-        configs = [
-            triton.Config({"BLOCK_M": c.block_m, "BLOCK_N": c.block_n}, num_warps=c.num_warps, num_stages=c.num_stages)
-            for c in cands
-        ]
-        keys = ["SEQ_KEY", "HEAD_DIM", "CAUSAL", "HAS_REL", "HAS_ALIBI", "HAS_BIAS", "VARLEN"]
-        reset = ["DLUT", "DBIAS"] if kernel == "dq" else None
-        _TUNERS[key] = triton.autotune(configs=configs, key=keys, reset_to_zero=reset)(fn)
-    return _TUNERS[key]
-
-
-def _seq_key(n: int) -> int:
-    """Power-of-two bucket of a sequence length (autotune key)."""
-    return 1 << max(6, (max(int(n), 1) - 1).bit_length())
+    table = _SM90 if _arch(device) >= 9 else _SM80
+    return table[(kernel, head_dim)]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -768,13 +735,9 @@ def _build_lut(rel_table: torch.Tensor, bidirectional: bool, R: int) -> tuple[to
 
 
 def _launch(name: str, fn, x: torch.Tensor, n_programs, args: dict) -> None:
-    """Launch ``fn`` with the table config (or the autotuner); ``n_programs(BLOCK_M, BLOCK_N)`` sizes the grid."""
-    head_dim, device, dtype = x.shape[-1], x.device, x.dtype
-    tuner = _tuned(name, fn, head_dim, device, dtype)
-    if tuner is not None:
-        tuner[lambda meta: (max(1, n_programs(meta["BLOCK_M"], meta["BLOCK_N"])),)](**args)
-        return
-    cfg = _config(name, head_dim, device, dtype, bool(args["CAUSAL"]), int(args.get("MAX_Q", args.get("MAX_K", 0))))
+    """Launch ``fn`` with the table config of ``x``'s head dim / device / dtype; ``n_programs(BLOCK_M, BLOCK_N)``
+    sizes the 1-D grid."""
+    cfg = _config(name, x.shape[-1], x.device, x.dtype)
     n = n_programs(cfg.block_m, cfg.block_n)
     if n > 0:
         fn[(n,)](**args, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -800,7 +763,6 @@ def _fwd_impl(q, k, v, rel_table, alibi, bias, cu_q, cu_k, max_q, max_k, scale, 
         sqb=sqb, sqm=sqm, sqh=sqh, skb=skb, skm=skm, skh=skh, svb=svb, svm=svm, svh=svh, sob=sob, som=som, soh=soh,
         sbb=sb[0], sbh=sb[1], sbm=sb[2], sbn=sb[3],
         H=g.H, LQ=g.Lq, LK=g.Lk, T_LSE=g.Tq, R=R, scale2=scale * LOG2E, MAX_Q=g.max_q, NUM_BH=g.nb * g.H,
-        SEQ_KEY=_seq_key(g.max_q) * 65536 + _seq_key(g.max_k),
         HEAD_DIM=g.D, CAUSAL=causal, HAS_REL=lut is not None, HAS_ALIBI=alibi is not None,
         HAS_BIAS=bias4 is not None, VARLEN=varlen, DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
         ASM_GATHER=not _interpreting(),
@@ -851,7 +813,7 @@ def _bwd_impl(
     )  # fmt: skip
 
     lut, buckets, R = _build_lut(rel_table.detach(), rel_bidir, R) if rel_table is not None else (None, None, R)
-    unused = torch.zeros(1, device=q.device, dtype=torch.float32)  # never the LSE: autotune zeroes DLUT/DBIAS
+    unused = torch.zeros(1, device=q.device, dtype=torch.float32)  # placeholder for DLUT/DBIAS when not needed
     dlut = torch.zeros_like(lut) if rel_grad else unused
     bias4 = _bias4(bias)
     sb = _bcast_strides(bias4)
@@ -870,7 +832,6 @@ def _bwd_impl(
         sqb=sqb, sqm=sqm, sqh=sqh, skb=skb, skm=skm, skh=skh, svb=svb, svm=svm, svh=svh,
         sdob=sdob, sdom=sdom, sdoh=sdoh, sbb=sb[0], sbh=sb[1], sbm=sb[2], sbn=sb[3],
         H=g.H, LQ=g.Lq, LK=g.Lk, T_LSE=g.Tq, R=R, scale2=scale * LOG2E, scale=scale,
-        SEQ_KEY=_seq_key(g.max_q) * 65536 + _seq_key(g.max_k),
         HEAD_DIM=g.D, CAUSAL=causal, HAS_REL=lut is not None, HAS_ALIBI=alibi is not None,
         HAS_BIAS=bias4 is not None, VARLEN=varlen, DOT_PREC=dot_prec, ASM_GATHER=not _interpreting(),
     )  # fmt: skip
