@@ -82,6 +82,24 @@ def test_rms_norm_non_contiguous_and_mixed_residual(device):
     _check(x, w, r, device)
 
 
+def test_rms_norm_only_one_output_used(device):
+    # unused outputs get no zero-filled gradient (set_materialize_grads(False)); both backward branches must hold
+    torch.manual_seed(0)
+    x = torch.randn(3, 40, device=device, requires_grad=True)
+    r = torch.randn(3, 40, device=device, dtype=torch.float16, requires_grad=True)
+    w = torch.randn(40, device=device, requires_grad=True)
+    _, h = rms_norm(x, w, residual=r)
+    gx, gr = torch.autograd.grad((h * 3).sum(), (x, r))
+    assert gx.dtype == torch.float32 and gr.dtype == torch.float16
+    assert (gx == 3).all() and (gr == 3).all()
+    y, _ = rms_norm(x, w, residual=r)
+    got = torch.autograd.grad(y.sum(), (x, w, r))
+    yr, _ = rms_norm_ref(x, w, residual=r)
+    expect = torch.autograd.grad(yr.sum(), (x, w, r))
+    for a, b in zip(got, expect):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-3)
+
+
 def test_rms_norm_dtype_rule_matches_hf_t5_layer_norm():
     T5LayerNorm = pytest.importorskip("transformers.models.t5.modeling_t5").T5LayerNorm
     torch.manual_seed(0)

@@ -442,6 +442,7 @@ def _(logits, labels, lse, factor, ignore_index, label_smoothing, z_loss):
 def _ce_setup_context(ctx, inputs, output) -> None:
     logits, labels, ignore_index, label_smoothing, z_loss, reduction = inputs
     _loss, _z_term, lse, inv_n = output
+    ctx.set_materialize_grads(False)  # z_term / lse / 1/n get no zero-filled grads
     ctx.reduction = reduction
     ctx.ce_args = (ignore_index, label_smoothing, z_loss)
     ctx.save_for_backward(logits, labels, lse, inv_n)
@@ -449,6 +450,8 @@ def _ce_setup_context(ctx, inputs, output) -> None:
 
 def _ce_backward(ctx, grad_loss: Tensor, _grad_z: Tensor, _grad_lse: Tensor, _grad_inv: Tensor):
     logits, labels, lse, inv_n = ctx.saved_tensors
+    if grad_loss is None:  # only z_term was used downstream, and it is detached by the public function
+        return None, None, None, None, None, None
     factor = _grad_factor(grad_loss, inv_n, ctx.reduction)
     grad = torch.ops.flasht5.cross_entropy_bwd(logits, labels, lse, factor, *ctx.ce_args)
     return grad, None, None, None, None, None

@@ -10,18 +10,19 @@ embedding: its gradient is returned through autograd and accumulates with the em
 How (mean / sum): the tokens are processed in chunks of C rows. For each chunk the logits (C, V) come from one
 cuBLAS matmul in the hidden's dtype, the cross-entropy kernel turns them *in place* into their per-token gradient
 (safe: the chunk is private), then ``grad_hidden[chunk] = G @ weight`` and ``grad_weight += G.T @ (scale *
-hidden[chunk])``, accumulated in an fp32 buffer across chunks (each chunk's product is rounded once, like the
-unfused path's single matmul; a bf16 running sum, as Liger does by default, measured ~3x the unfused path's error
-on grad_weight). Gradients are therefore finished in the forward pass and stored; backward only multiplies them by
-``grad_output`` (/ n for the mean, * scale for hidden). ``reduction="none"`` cannot fold the per-token
-``grad_output`` into ``grad_weight`` ahead of time, so there the forward computes the loss only and the backward
-recomputes the chunks (one extra matmul).
+hidden[chunk])``, accumulated in an fp32 buffer across chunks (cuBLAS adds each product in fp32 where torch has
+``addmm(out_dtype=float32)``, else each product is rounded once, like the unfused path's single matmul; a bf16
+running sum, as Liger does by default, came out at ~3x the unfused path's grad_weight error in a CPU simulation).
+Gradients are therefore finished in the forward pass and stored; backward only multiplies them by ``grad_output``
+(/ n for the mean, * scale for hidden). ``reduction="none"`` cannot fold the per-token ``grad_output`` into
+``grad_weight`` ahead of time, so there the forward computes the loss only and the backward recomputes the chunks
+(one extra matmul).
 
 Memory: one chunk of logits plus the fp32 ``grad_weight`` accumulator (V x d x 4 bytes), with C = N / 5 - 2 d
-tokens (at least 1024) so that both stay within 1/5 of the bf16 logits' size -- e.g. 1/4 at N = 32k tokens and
-d_model up to 2048; below ~10 d_model tokens the accumulator alone is larger than that. The gradients themselves
-and an 1/8-size temporary come on top. Throughput: the three matmuls of the unfused path plus one streaming pass
-and one accumulator read-modify-write per chunk (larger chunks, i.e. more tokens per step, amortise the latter).
+tokens (at least 1024) so that both stay within 1/5 of the bf16 logits' size at N = 32k tokens and d_model up to
+2048; below ~10 d_model tokens the accumulator alone is larger than that. The gradients themselves come on top
+(and, in backward, their copy scaled by ``grad_output``). Throughput: the three matmuls of the unfused path plus
+one streaming pass and one accumulator read-modify-write per chunk (more tokens per step amortise the latter).
 
 Dtypes and shapes: ``hidden`` (..., d) and ``weight`` (V, d) of one dtype (fp32 / fp16 / bf16), ``labels``
 ``hidden.shape[:-1]`` of an integer dtype; labels outside [0, V) other than ``ignore_index`` raise ``ValueError``
@@ -41,6 +42,8 @@ logits; FAT5 for the T5 framing.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 from torch import Tensor
@@ -97,19 +100,37 @@ def _default_chunk_tokens(n_tokens: int, n_classes: int, d_model: int) -> int:
     return max(1, min(n_tokens, max(1024, budget)))
 
 
-_SLABS = 8  # grad_weight is updated in 8 vocabulary slabs, so its rounded temporary is 1/8 of grad_weight
+_SLABS = 8  # fallback path: grad_weight updated in 8 vocabulary slabs, so its rounded temporary is 1/8 of it
+
+
+@functools.cache
+def _has_fp32_out_addmm(device_index: int) -> bool:
+    """Whether cuBLAS ``addmm(out_dtype=float32)`` accepts an fp32 accumulator with bf16 operands here (newer torch
+    on CUDA): the product is added in the GEMM epilogue, without a temporary or an extra rounding."""
+    try:
+        dev = torch.device("cuda", device_index)
+        a = torch.randn(64, 32, device=dev, dtype=torch.bfloat16)
+        b = torch.randn(32, 48, device=dev, dtype=torch.bfloat16)
+        acc = torch.ones(64, 48, device=dev, dtype=torch.float32)
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+        return bool(torch.allclose(acc, 1 + a.float() @ b.float(), atol=1e-2, rtol=1e-2))
+    except (RuntimeError, TypeError):
+        return False
 
 
 def _accumulate_grad_weight(acc: Tensor, grad_logits: Tensor, hs: Tensor) -> None:
-    """acc (V, d) fp32 += grad_logits.T (V, C) @ hs (C, d).
+    """acc (V, d) fp32 += grad_logits.T (V, C) @ hs (C, d); the running sum is never rounded to bf16.
 
-    fp32 inputs go straight into ``addmm_``. Half inputs: cuBLAS computes each vocabulary slab's product with fp32
-    accumulation into a temporary of the input dtype, which is then added into the fp32 accumulator; the running
-    sum is never rounded to bf16 (one rounding per chunk product, as the unfused path's single matmul has), and
-    the temporary stays at 1/8 of grad_weight whatever torch's ``addmm(out_dtype=...)`` does internally.
+    fp32 inputs: ``addmm_``. Half inputs on CUDA: ``addmm(out_dtype=float32, out=acc)`` where torch supports it
+    (measured on the H200 with torch 2.11: no temporary). Otherwise each vocabulary slab's product is rounded once
+    to the input dtype and added into the fp32 accumulator (a temporary of 1/8 of grad_weight; on the H200 this
+    path measured ~10% slower end to end at d_model 2048).
     """
     if grad_logits.dtype == torch.float32:
         acc.addmm_(grad_logits.t(), hs)
+        return
+    if acc.is_cuda and _has_fp32_out_addmm(acc.device.index or 0):
+        torch.addmm(acc, grad_logits.t(), hs, out_dtype=torch.float32, out=acc)
         return
     n_classes = acc.shape[0]
     slab = -(-n_classes // _SLABS)
@@ -256,6 +277,10 @@ def _(hidden, weight, labels, grad_rows, ignore_index, label_smoothing, z_loss, 
 def _lce_setup_context(ctx, inputs, output) -> None:
     hidden, weight, labels, ii, ls, z, reduction, scale, need_gh, need_gw = inputs
     _loss, _z, grad_hidden, grad_weight, inv_n = output
+    # Outputs nobody differentiates (z_term, the stored gradients, 1/n) must not get zero-filled grads in
+    # backward: for the stored (N, d) and (V, d) gradients that would be one more copy of each (measured: +1/8 of
+    # the bf16 logits' size at d_model 2048, vocab 32k).
+    ctx.set_materialize_grads(False)
     ctx.reduction, ctx.scale, ctx.need_gh, ctx.need_gw = reduction, scale, need_gh, need_gw
     ctx.ce_args = (ii, ls, z)
     if reduction == "none":
@@ -265,6 +290,8 @@ def _lce_setup_context(ctx, inputs, output) -> None:
 
 
 def _lce_backward(ctx, grad_loss: Tensor, _gz: Tensor, _ggh: Tensor, _ggw: Tensor, _ginv: Tensor):
+    if grad_loss is None:  # only the (detached) z_term was used downstream
+        return (None,) * 10
     if ctx.reduction == "none":
         hidden, weight, labels = ctx.saved_tensors
         grad_rows = grad_loss.reshape(-1).to(torch.float32).contiguous()

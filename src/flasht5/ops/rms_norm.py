@@ -303,6 +303,7 @@ def _(dy: Tensor, h: Tensor, weight: Tensor, rstd: Tensor, dh_in: Tensor | None)
 def _setup_context(ctx, inputs, output) -> None:
     x, weight, residual, _eps = inputs
     _y, h, rstd = output
+    ctx.set_materialize_grads(False)  # no zero-filled grads for rstd, or for y / h when only one is used
     ctx.has_residual = residual is not None
     ctx.x_dtype = x.dtype
     ctx.res_dtype = residual.dtype if residual is not None else None
@@ -312,6 +313,10 @@ def _setup_context(ctx, inputs, output) -> None:
 def _backward(ctx, grad_y: Tensor, grad_h: Tensor, _grad_rstd: Tensor):
     h, weight, rstd = ctx.saved_tensors
     dh_in = grad_h if ctx.has_residual and grad_h is not None else None
+    if grad_y is None:  # only h = x + residual was used: its gradient passes straight through
+        if dh_in is None:
+            return None, None, None, None
+        return dh_in.to(ctx.x_dtype), None, dh_in.to(ctx.res_dtype), None
     dh, dweight = torch.ops.flasht5.rms_norm_bwd(grad_y, h, weight, rstd, dh_in)
     dx = dh.to(ctx.x_dtype)
     dres = dh.to(ctx.res_dtype) if ctx.has_residual else None
