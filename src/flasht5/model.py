@@ -19,7 +19,9 @@ documents (``segment_ids`` + ``position_ids``), or flattened padding-free tokens
 
 from __future__ import annotations
 
+import functools
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -27,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from flasht5.ops.relative_position import relative_position_bucket
 
 # --------------------------------------------------------------------------------------------------------------
 # Batch layout
@@ -170,33 +174,6 @@ class Seqs:
 # --------------------------------------------------------------------------------------------------------------
 # Position encodings
 # --------------------------------------------------------------------------------------------------------------
-
-
-def relative_position_bucket(
-    relative_position: torch.Tensor, bidirectional: bool = True, num_buckets: int = 32, max_distance: int = 128
-) -> torch.Tensor:
-    """T5's bucket of ``key_pos - query_pos``, exactly as Mesh TensorFlow and Hugging Face compute it.
-
-    Half the buckets are exact small distances, the other half log-spaced up to ``max_distance``; the causal
-    variant maps every future position to bucket 0.
-    """
-    buckets = torch.zeros_like(relative_position)
-    if bidirectional:
-        num_buckets //= 2
-        buckets = buckets + (relative_position > 0).to(relative_position.dtype) * num_buckets
-        relative_position = relative_position.abs()
-    else:
-        relative_position = -torch.clamp(relative_position, max=0)
-    max_exact = num_buckets // 2
-    is_small = relative_position < max_exact
-    # The same float32 ops as Hugging Face, in the same order, so bucket boundaries round identically.
-    large = max_exact + (
-        torch.log(relative_position.float() / max_exact)
-        / math.log(max_distance / max_exact)
-        * (num_buckets - max_exact)
-    ).to(relative_position.dtype)
-    large = torch.clamp(large, max=num_buckets - 1)
-    return buckets + torch.where(is_small, relative_position, large)
 
 
 def alibi_slopes(num_heads: int) -> torch.Tensor:
@@ -383,6 +360,11 @@ def _attend_reference(
     return out
 
 
+@functools.cache
+def _warn_once(message: str) -> None:
+    warnings.warn(message, stacklevel=3)
+
+
 def _attend_flash(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: PositionSpec, ctx_q: Seqs, ctx_k: Seqs, *, causal: bool
 ) -> torch.Tensor:
@@ -421,6 +403,11 @@ def attend(
 ) -> torch.Tensor:  # fmt: skip
     """Attention of q (B, Lq, H, D) over k, v (B, Lk, H, D) with T5 semantics (scale 1.0); returns (B, Lq, H, D)."""
     if impl == "flash":
+        if training and dropout > 0:
+            _warn_once(
+                "attn_implementation='flash' applies no dropout to attention probabilities (hidden-state dropout is "
+                f"applied); dropout_rate={dropout} affects attention only with 'eager' or 'sdpa'."
+            )
         return _attend_flash(q, k, v, pos, ctx_q, ctx_k, causal=causal)
     if impl not in ("eager", "sdpa"):
         raise ValueError(f"attn_implementation={impl!r} is not one of 'eager', 'sdpa', 'flash'.")

@@ -90,6 +90,8 @@ import torch
 import triton
 import triton.language as tl
 
+from flasht5.ops.relative_position import relative_position_bucket
+
 __all__ = ["flash_attention", "flash_attention_ref", "relative_position_bucket"]
 
 LOG2E = 1.4426950408889634
@@ -99,31 +101,6 @@ SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
 # ----------------------------------------------------------------------------------------------------------------
 # T5 buckets (Hugging Face's formula, copied verbatim so ops/ never imports transformers)
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def relative_position_bucket(
-    relative_position: torch.Tensor, bidirectional: bool = True, num_buckets: int = 32, max_distance: int = 128
-) -> torch.Tensor:
-    """T5 bucket of ``relative_position = key_pos - query_pos``; same ops, same order as Hugging Face."""
-    relative_buckets = 0
-    if bidirectional:
-        num_buckets //= 2
-        relative_buckets += (relative_position > 0).to(torch.long) * num_buckets
-        relative_position = torch.abs(relative_position)
-    else:
-        relative_position = -torch.min(relative_position, torch.zeros_like(relative_position))
-    max_exact = num_buckets // 2
-    is_small = relative_position < max_exact
-    relative_position_if_large = max_exact + (
-        torch.log(relative_position.float() / max_exact)
-        / math.log(max_distance / max_exact)
-        * (num_buckets - max_exact)
-    ).to(torch.long)
-    relative_position_if_large = torch.min(
-        relative_position_if_large, torch.full_like(relative_position_if_large, num_buckets - 1)
-    )
-    relative_buckets += torch.where(is_small, relative_position, relative_position_if_large)
-    return relative_buckets
 
 
 _BUCKET_CACHE: dict[tuple, tuple[torch.Tensor, int]] = {}
