@@ -270,3 +270,15 @@ def test_flash_matches_eager_other_position_encodings(pe):
     ids, labels = torch.randint(2, 61, (2, 7)), torch.randint(2, 61, (2, 4))
     a, b = eager(input_ids=ids, labels=labels), flash(input_ids=ids, labels=labels)
     torch.testing.assert_close(b.logits, a.logits, rtol=1e-4, atol=1e-5 * a.logits.abs().max().item())
+
+
+def test_z_loss_is_added_and_reported():
+    model = tiny()
+    model.config.z_loss = 1e-2
+    ids, labels = torch.randint(2, 61, (2, 7)), torch.randint(2, 61, (2, 4))
+    labels[1, 2:] = -100
+    out = model(input_ids=ids, labels=labels)
+    lse = torch.logsumexp(out.logits.float(), -1)[labels != -100]
+    ce = torch.nn.functional.cross_entropy(out.logits.reshape(-1, 61).float(), labels.reshape(-1))
+    torch.testing.assert_close(out.z_loss, 1e-2 * lse.pow(2).mean())
+    torch.testing.assert_close(out.loss, ce + out.z_loss)

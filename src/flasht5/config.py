@@ -43,6 +43,8 @@ class FlashT5Config(PretrainedConfig):
         (T5 v1.0 semantics: the rescale belongs to the tied embedding).
     hf_model_type (`str`, defaults to ``"t5"``):
         Which Hugging Face family (``t5``, ``mt5``, ``umt5``) an export writes.
+    z_loss (`float`, defaults to 0.0):
+        Coefficient of the z-loss ``mean(logsumexp(logits)**2)`` (PaLM) added to the LM loss; reported separately.
     """
 
     model_type = "flasht5"
@@ -83,6 +85,7 @@ class FlashT5Config(PretrainedConfig):
     fire_hidden_size: int = 32
     fire_init_length: int = 512
     hf_model_type: str = "t5"
+    z_loss: float | int = 0.0
 
     def __post_init__(self, **kwargs: Any) -> None:
         if self.num_decoder_layers is None:
@@ -144,6 +147,8 @@ class FlashT5Config(PretrainedConfig):
                     f"rope_fraction={self.rope_fraction} must be in (0, 1] and give an even number of rotary dims "
                     f"of d_kv={self.d_kv} (got {rot})."
                 )
+        if self.z_loss < 0:
+            raise ValueError(f"z_loss must be >= 0, got {self.z_loss}.")
         if not 0 <= self.dropout_rate < 1:
             raise ValueError(f"dropout_rate must be in [0, 1), got {self.dropout_rate}.")
         if self.hf_model_type not in ("t5", "mt5", "umt5"):

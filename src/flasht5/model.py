@@ -284,6 +284,11 @@ class StackContext:
     dropout: float = 0.0
     bias_cache: dict = field(default_factory=dict)
 
+    @property
+    def kernels(self) -> bool:
+        """The Triton kernels (RMSNorm, gated activation) ride on the same switch as the attention backend."""
+        return self.impl == "flash"
+
 
 def _materialised_bias(pos: PositionSpec, q: Seqs, k: Seqs, cache: dict) -> torch.Tensor | None:
     """(B or 1, H, Lq, Lk) fp32 position bias for the reference paths, built once per owner and stack forward."""
@@ -430,7 +435,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kernels: bool = False) -> torch.Tensor:
+        if kernels and x.is_cuda:
+            from flasht5.ops.rms_norm import rms_norm
+
+            return rms_norm(x, self.weight, self.eps)
         variance = x.float().pow(2).mean(-1, keepdim=True)
         x = x * torch.rsqrt(variance + self.eps)
         if self.weight.dtype in (torch.float16, torch.bfloat16):
@@ -454,6 +463,10 @@ ACTIVATIONS = {
 }
 
 
+# Activations the fused Triton gated kernel computes exactly as ACTIVATIONS does.
+FUSED_GATED_ACTS = ("gelu_new", "gelu_tanh", "gelu_pytorch_tanh", "silu", "swish")
+
+
 class MLP(nn.Module):
     """T5's feed-forward: ``wo(act(wi x))`` or, gated (v1.1, UL2), ``wo(act(wi_0 x) * wi_1 x)``."""
 
@@ -466,11 +479,19 @@ class MLP(nn.Module):
         else:
             self.wi = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
         self.wo = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
+        self.act_name = cfg.dense_act_fn
         self.act = ACTIVATIONS[cfg.dense_act_fn]
         self.dropout = nn.Dropout(cfg.dropout_rate)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.act(self.wi_0(x)) * self.wi_1(x) if self.gated else self.act(self.wi(x))
+    def forward(self, x: torch.Tensor, kernels: bool = False) -> torch.Tensor:
+        if self.gated and kernels and x.is_cuda and self.act_name in FUSED_GATED_ACTS:
+            from flasht5.ops.activations import gated_act
+
+            h = gated_act(self.wi_0(x), self.wi_1(x), self.act_name)
+        elif self.gated:
+            h = self.act(self.wi_0(x)) * self.wi_1(x)
+        else:
+            h = self.act(self.wi(x))
         h = self.dropout(h)
         # wo may be kept in fp32 (FLAN-T5-XXL in bf16): compute it in its own dtype, as Hugging Face does.
         if h.dtype != self.wo.weight.dtype and self.wo.weight.dtype != torch.int8:
@@ -582,10 +603,11 @@ class Block(nn.Module):
         self, h: torch.Tensor, ctx: StackContext, layer_idx: int, owner: Attention | None,
         enc_hidden: torch.Tensor | None = None,
     ) -> torch.Tensor:  # fmt: skip
-        h = _clamp_fp16(h + self.dropout(self.attn(self.attn_norm(h), ctx, layer_idx, owner)))
+        k = ctx.kernels
+        h = _clamp_fp16(h + self.dropout(self.attn(self.attn_norm(h, k), ctx, layer_idx, owner)))
         if self.is_decoder:
-            h = _clamp_fp16(h + self.dropout(self.cross_attn(self.cross_norm(h), ctx, layer_idx, None, enc_hidden)))
-        return _clamp_fp16(h + self.dropout(self.mlp(self.ffn_norm(h))))
+            h = _clamp_fp16(h + self.dropout(self.cross_attn(self.cross_norm(h, k), ctx, layer_idx, None, enc_hidden)))
+        return _clamp_fp16(h + self.dropout(self.mlp(self.ffn_norm(h, k), k)))
 
 
 class Stack(nn.Module):
@@ -614,7 +636,7 @@ class Stack(nn.Module):
                 h = checkpoint(layer, h, ctx, i, owner, enc_hidden, use_reentrant=False)
             else:
                 h = layer(h, ctx, i, owner, enc_hidden)
-        return self.dropout(self.final_norm(h))
+        return self.dropout(self.final_norm(h, ctx.kernels))
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ and the same with a ``decoder_`` prefix; packed documents never attend to each o
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -52,11 +53,37 @@ def shift_right(labels: torch.Tensor, positions: torch.Tensor, start_id: int, pa
     return shifted.masked_fill(shifted == -100, pad_id)
 
 
-def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over the tokens whose label is not -100 (0, not NaN, when there are none)."""
-    flat = labels.reshape(-1)
-    total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), flat, ignore_index=-100, reduction="sum")
-    return total / (flat != -100).sum().clamp(min=1)
+def lm_loss(
+    logits: torch.Tensor, labels: torch.Tensor, *, z_loss: float = 0.0, kernels: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(loss, z-term): mean cross-entropy over tokens whose label is not -100 (0, not NaN, when there are none),
+    plus ``z_loss * mean(logsumexp(logits)**2)`` over the same tokens; the z-term (included in the loss) is returned
+    detached for logging, or None when ``z_loss`` is 0. ``kernels`` uses the Triton cross-entropy on CUDA."""
+    flat_logits, flat = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
+    if kernels and logits.is_cuda:
+        from flasht5.ops.cross_entropy import cross_entropy
+
+        loss, z = cross_entropy(flat_logits, flat, z_loss=z_loss, return_z_loss=True)
+        return loss, (z if z_loss else None)
+    logits32 = flat_logits.float()
+    keep = flat != -100
+    count = keep.sum().clamp(min=1)
+    loss = F.cross_entropy(logits32, flat, ignore_index=-100, reduction="sum") / count
+    if not z_loss:
+        return loss, None
+    z = z_loss * (torch.logsumexp(logits32, dim=-1).pow(2) * keep).sum() / count
+    return loss + z, z.detach()
+
+
+@dataclass
+class FlashT5Seq2SeqLMOutput(Seq2SeqLMOutput):
+    """transformers' ``Seq2SeqLMOutput`` plus ``z_loss`` (the z-term included in ``loss``, for logging).
+
+    ``logits`` is None when the loss was computed by the fused LM head + cross-entropy (training on CUDA with
+    ``attn_implementation="flash"``): the full logits are never materialised there.
+    """
+
+    z_loss: torch.FloatTensor | None = None
 
 
 def _flat_tokens(x: torch.Tensor | None, cu: torch.Tensor | None) -> torch.Tensor | None:
@@ -334,16 +361,33 @@ class FlashT5ForConditionalGeneration(GenerationHooks, FlashT5PreTrainedModel, G
         **kwargs: Any,
     ) -> Seq2SeqLMOutput | tuple:
         self._unsupported(output_attentions, output_hidden_states)
+        packing = _packing(kwargs)
         hidden, enc, cache = self._seq2seq(
             input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids,
             decoder_attention_mask=decoder_attention_mask, encoder_outputs=encoder_outputs,
             past_key_values=past_key_values, inputs_embeds=inputs_embeds, decoder_inputs_embeds=decoder_inputs_embeds,
-            labels=labels, use_cache=use_cache, packing=_packing(kwargs),
+            labels=labels, use_cache=use_cache, packing=packing,
         )  # fmt: skip
-        logits = self.model.logits(hidden)
-        loss = lm_loss(logits, _flat_tokens(labels, kwargs.get("decoder_cu_seqlens"))) if labels is not None else None
-        out = Seq2SeqLMOutput(
-            loss=loss, logits=logits, past_key_values=cache, encoder_last_hidden_state=enc.last_hidden_state
+        kernels = self.model.attn_implementation == "flash" and hidden.is_cuda
+        logits, loss, z = None, None, None
+        if labels is not None:
+            labels = _flat_tokens(labels, packing.get("decoder_cu_seqlens")).reshape(hidden.shape[:-1])
+        if labels is not None and kernels and self.training:
+            # LM head + loss fused: the (tokens, vocab) logits are never materialised.
+            from flasht5.ops.linear_cross_entropy import linear_cross_entropy
+
+            dt = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else hidden.dtype
+            loss, z = linear_cross_entropy(
+                hidden.to(dt), self.model.output_weight().to(dt), labels, z_loss=self.config.z_loss,
+                scale=self.model.output_scale(), return_z_loss=True,
+            )  # fmt: skip
+            z = z if self.config.z_loss else None
+        else:
+            logits = self.model.logits(hidden)
+            if labels is not None:
+                loss, z = lm_loss(logits, labels, z_loss=self.config.z_loss, kernels=kernels)
+        out = FlashT5Seq2SeqLMOutput(
+            loss=loss, logits=logits, past_key_values=cache, encoder_last_hidden_state=enc.last_hidden_state, z_loss=z
         )
         return out if return_dict is not False else out.to_tuple()
 

@@ -298,6 +298,7 @@ def train(cfg: Config) -> dict[str, Any]:
     bar = tqdm(total=t.steps, initial=start_step, desc="train", disable=not t.progress, dynamic_ncols=True)
     step, window_tokens, window_t0, last_eval = start_step, 0, time.perf_counter(), first_eval
     losses: list[float] = []
+    z_terms: list[float] = []
     data_iter = iter(loader)
     while step < t.steps:
         try:
@@ -313,7 +314,8 @@ def train(cfg: Config) -> dict[str, Any]:
         for group in optimizer.param_groups:
             group["lr"] = cfg.optim.lr * scale
         with autocast():
-            loss = train_model(**model_inputs(batch, device)).loss
+            out = train_model(**model_inputs(batch, device))
+        loss = out.loss
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(
             model.parameters(), cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
@@ -323,6 +325,8 @@ def train(cfg: Config) -> dict[str, Any]:
         step += 1
         window_tokens += count_tokens(batch)[0]
         losses.append(float(loss.detach()))
+        if out.z_loss is not None:
+            z_terms.append(float(out.z_loss))
         bar.update(1)
         if step % t.log_every == 0 or step == t.steps:
             elapsed = time.perf_counter() - window_t0
@@ -331,6 +335,7 @@ def train(cfg: Config) -> dict[str, Any]:
                 "loss": sum(losses[-t.log_every :]) / len(losses[-t.log_every :]),
                 "lr": cfg.optim.lr * scale,
                 "grad_norm": float(grad_norm),
+                **({"z_loss": sum(z_terms[-t.log_every :]) / len(z_terms[-t.log_every :])} if z_terms else {}),
                 "tokens_per_s": window_tokens / max(elapsed, 1e-9),
                 **{f"data_{k}": v for k, v in stats.items() if isinstance(v, (int, float))},
             }
