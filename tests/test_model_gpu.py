@@ -11,10 +11,11 @@ pytestmark = pytest.mark.gpu
 
 
 def _model(impl: str, **kw) -> FlashT5ForConditionalGeneration:
-    cfg = FlashT5Config(
+    fields = dict(
         vocab_size=1024, d_model=512, d_kv=64, d_ff=1024, num_layers=3, num_decoder_layers=3, num_heads=8,
-        dropout_rate=0.0, feed_forward_proj="gated-gelu", tie_word_embeddings=False, attn_implementation=impl, **kw,
+        dropout_rate=0.0, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
     )  # fmt: skip
+    cfg = FlashT5Config(**{**fields, **kw}, attn_implementation=impl)
     torch.manual_seed(0)
     return FlashT5ForConditionalGeneration(cfg).cuda().eval()  # eval: logits are returned (dropout is 0 anyway)
 
@@ -23,11 +24,11 @@ def _batch(B=4, L=300, T=70):
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(2, 1024, (B, L), generator=g)
     mask = torch.ones_like(ids)
-    mask[1, 211:] = 0
-    mask[3, 17:] = 0
+    mask[1, (2 * L) // 3 :] = 0
+    mask[B - 1, L // 20 :] = 0
     labels = torch.randint(2, 1024, (B, T), generator=g)
     dmask = torch.ones_like(labels)
-    dmask[2, 33:] = 0
+    dmask[B - 1, T // 2 :] = 0
     labels[dmask == 0] = -100
     return {k: v.cuda() for k, v in dict(input_ids=ids, attention_mask=mask, labels=labels,
                                          decoder_attention_mask=dmask).items()}  # fmt: skip

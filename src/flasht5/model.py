@@ -123,6 +123,8 @@ class Seqs:
             mask = segment_ids != 0
         elif attention_mask is not None:
             mask = attention_mask.to(device=device) != 0
+            if bool(mask.all()):  # one host sync; an all-ones mask takes the dense (no unpadding) path
+                mask = None
         if position_ids is None:
             if segment_ids is not None:
                 raise ValueError("segment_ids (packed rows) need position_ids that restart in every document.")

@@ -314,8 +314,8 @@ def train(cfg: Config) -> dict[str, Any]:
         for group in optimizer.param_groups:
             group["lr"] = cfg.optim.lr * scale
         with autocast():
-            out = train_model(**model_inputs(batch, device))
-        loss = out.loss
+            outputs = train_model(**model_inputs(batch, device))
+        loss = outputs.loss
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(
             model.parameters(), cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
@@ -325,8 +325,8 @@ def train(cfg: Config) -> dict[str, Any]:
         step += 1
         window_tokens += count_tokens(batch)[0]
         losses.append(float(loss.detach()))
-        if out.z_loss is not None:
-            z_terms.append(float(out.z_loss))
+        if outputs.z_loss is not None:
+            z_terms.append(float(outputs.z_loss))
         bar.update(1)
         if step % t.log_every == 0 or step == t.steps:
             elapsed = time.perf_counter() - window_t0
