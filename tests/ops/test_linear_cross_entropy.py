@@ -3,19 +3,10 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from ratio import assert_ratio
 
 import flasht5.ops.linear_cross_entropy as lce_mod
 from flasht5.ops.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_ref
-
-ATOL = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}  # times max|ref|
-
-
-def assert_ratio(out, ref_hi, ref_same, dtype, name):
-    """max|out - ref_hi| <= 2 * max|torch_same_dtype - ref_hi| + atol(dtype) * max|ref_hi|."""
-    err = (out.double() - ref_hi.double()).abs().max().item()
-    base = (ref_same.double() - ref_hi.double()).abs().max().item()
-    atol = ATOL[dtype] * max(ref_hi.double().abs().max().item(), 1e-30)
-    assert err <= 2 * base + atol, f"{name}: err {err:.3e} > 2 * {base:.3e} + {atol:.3e}"
 
 
 @pytest.fixture
