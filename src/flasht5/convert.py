@@ -224,6 +224,9 @@ def config_to_hf(cfg: FlashT5Config, architecture: str) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+ENCODER_ONLY = ("FlashT5EncoderModel", "FlashT5ForTokenClassification")
+
+
 def _head_owned(key: str) -> bool:
     return key.startswith(("classification_head.", "classifier.", "qa_outputs.", "model.lm_head."))
 
@@ -231,9 +234,6 @@ def _head_owned(key: str) -> bool:
 def _ignorable_extra(cls: type, key: str) -> bool:
     """Weights a checkpoint may hold beyond what ``cls`` uses: other heads, and the decoder for encoder models."""
     return _head_owned(key) or (cls.__name__ in ENCODER_ONLY and key.startswith("model.decoder."))
-
-
-ENCODER_ONLY = ("FlashT5EncoderModel", "FlashT5ForTokenClassification")
 
 
 def check_keys(

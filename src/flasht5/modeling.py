@@ -31,8 +31,6 @@ from flasht5.config import ATTN_IMPLEMENTATIONS, FlashT5Config
 from flasht5.generation import GenerationHooks, HFCacheAdapter, new_hf_cache
 from flasht5.model import FIRE, MLP, T5, Attention, RMSNorm, Seqs
 
-HEAD_PREFIXES = ("classification_head.", "classifier.", "qa_outputs.", "model.lm_head.")
-
 
 def default_attn_implementation() -> str:
     """``flash`` where a CUDA GPU and Triton are present, ``sdpa`` otherwise."""
