@@ -198,18 +198,23 @@ class FlashT5PreTrainedModel(PreTrainedModel):
         ref = input_ids if input_ids is not None else inputs_embeds
         if ref is None:
             raise ValueError("pass input_ids or inputs_embeds.")
-        seqs = Seqs.build(
-            ref.shape[0], ref.shape[1], ref.device, attention_mask=attention_mask, segment_ids=segment_ids,
-            position_ids=position_ids, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
-        )  # fmt: skip
+        seqs = self._enc_seqs(ref, attention_mask, segment_ids, position_ids, cu_seqlens, max_seqlen, "input_ids")
         return self.model.encode(input_ids, inputs_embeds=inputs_embeds, seqs=seqs)
 
-    def _enc_seqs(self, hidden: torch.Tensor, attention_mask, segment_ids, position_ids, cu_seqlens, max_seqlen):
-        """The encoder layout when the encoder output is given (generation): rebuilt from the same arguments."""
+    @staticmethod
+    def _enc_seqs(
+        ref: torch.Tensor, attention_mask, segment_ids, position_ids, cu_seqlens, max_seqlen, name="encoder_outputs"
+    ) -> Seqs:
+        """The encoder layout of ``ref`` (token ids, embeddings, or a given encoder output during generation)."""
         return Seqs.build(
-            hidden.shape[0], hidden.shape[1], hidden.device, attention_mask=attention_mask, segment_ids=segment_ids,
-            position_ids=position_ids, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, name="encoder_outputs",
+            ref.shape[0], ref.shape[1], ref.device, attention_mask=attention_mask, segment_ids=segment_ids,
+            position_ids=position_ids, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, name=name,
         )  # fmt: skip
+
+    def _shift_right(self, ids: torch.Tensor) -> torch.Tensor:
+        """Decoder inputs from one-document rows (labels, or input_ids for the classification / QA heads)."""
+        positions = torch.arange(ids.shape[-1], device=ids.device)[None]
+        return shift_right(ids, positions, self.config.decoder_start_token_id, self.config.pad_token_id)
 
     def _seq2seq(
         self, *, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, encoder_outputs,
@@ -252,10 +257,12 @@ class FlashT5PreTrainedModel(PreTrainedModel):
         if decoder_input_ids is None and decoder_inputs_embeds is None:
             if labels is None:
                 raise ValueError("pass decoder_input_ids, decoder_inputs_embeds or labels.")
-            positions = dec_seqs.positions if dec_seqs is not None else torch.arange(labels.shape[-1])[None]
-            decoder_input_ids = shift_right(
-                labels, positions.to(labels.device), self.config.decoder_start_token_id, self.config.pad_token_id
-            )
+            if dec_seqs is None:
+                decoder_input_ids = self._shift_right(labels)
+            else:  # packed documents each start with the start token
+                decoder_input_ids = shift_right(
+                    labels, dec_seqs.positions, self.config.decoder_start_token_id, self.config.pad_token_id
+                )
         hidden = self.model.decode(
             decoder_input_ids, enc_hidden, enc_seqs, inputs_embeds=decoder_inputs_embeds, seqs=dec_seqs,
             cache=cache, attention_mask=decoder_attention_mask if cache is not None else None,
@@ -338,8 +345,7 @@ class FlashT5ForConditionalGeneration(GenerationHooks, FlashT5PreTrainedModel, G
         return _EncoderView(self)
 
     def prepare_decoder_input_ids_from_labels(self, labels: torch.Tensor) -> torch.Tensor:
-        positions = torch.arange(labels.shape[-1], device=labels.device)[None]
-        return shift_right(labels, positions, self.config.decoder_start_token_id, self.config.pad_token_id)
+        return self._shift_right(labels)
 
     def forward(
         self,
@@ -491,7 +497,7 @@ class FlashT5ForSequenceClassification(FlashT5PreTrainedModel):
         if input_ids is None:
             raise ValueError("FlashT5ForSequenceClassification needs input_ids (it locates the EOS tokens).")
         if decoder_input_ids is None and decoder_inputs_embeds is None:
-            decoder_input_ids = self.prepare_decoder_input_ids(input_ids)
+            decoder_input_ids = self._shift_right(input_ids)
         hidden, enc, _ = self._seq2seq(
             input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids,
             decoder_attention_mask=decoder_attention_mask, encoder_outputs=encoder_outputs, past_key_values=None,
@@ -511,10 +517,6 @@ class FlashT5ForSequenceClassification(FlashT5PreTrainedModel):
         loss = classification_loss(self.config, logits, labels) if labels is not None else None
         out = Seq2SeqSequenceClassifierOutput(loss=loss, logits=logits, encoder_last_hidden_state=enc.last_hidden_state)
         return out if return_dict is not False else out.to_tuple()
-
-    def prepare_decoder_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
-        positions = torch.arange(input_ids.shape[-1], device=input_ids.device)[None]
-        return shift_right(input_ids, positions, self.config.decoder_start_token_id, self.config.pad_token_id)
 
 
 class FlashT5ForTokenClassification(FlashT5PreTrainedModel):
@@ -582,10 +584,7 @@ class FlashT5ForQuestionAnswering(FlashT5PreTrainedModel):
         if decoder_input_ids is None and decoder_inputs_embeds is None:
             if input_ids is None:
                 raise ValueError("pass input_ids, decoder_input_ids or decoder_inputs_embeds.")
-            positions = torch.arange(input_ids.shape[-1], device=input_ids.device)[None]
-            decoder_input_ids = shift_right(
-                input_ids, positions, self.config.decoder_start_token_id, self.config.pad_token_id
-            )
+            decoder_input_ids = self._shift_right(input_ids)
         hidden, enc, _ = self._seq2seq(
             input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids,
             decoder_attention_mask=decoder_attention_mask, encoder_outputs=encoder_outputs, past_key_values=None,

@@ -13,6 +13,7 @@ import json
 import math
 import shutil
 import time
+from collections import deque
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -297,8 +298,9 @@ def train(cfg: Config) -> dict[str, Any]:
     model.train()
     bar = tqdm(total=t.steps, initial=start_step, desc="train", disable=not t.progress, dynamic_ncols=True)
     step, window_tokens, window_t0, last_eval = start_step, 0, time.perf_counter(), first_eval
-    losses: list[float] = []
-    z_terms: list[float] = []
+    # The last log window only, on the device (a deque keeps long runs from holding every step's scalar).
+    losses: deque[torch.Tensor] = deque(maxlen=t.log_every)
+    z_terms: deque[torch.Tensor] = deque(maxlen=t.log_every)
     data_iter = iter(loader)
     while step < t.steps:
         try:
@@ -324,18 +326,19 @@ def train(cfg: Config) -> dict[str, Any]:
         optimizer.zero_grad(set_to_none=True)
         step += 1
         window_tokens += count_tokens(batch)[0]
-        losses.append(float(loss.detach()))
+        # Not converted here: that would wait for the GPU every step; the log rows sync once.
+        losses.append(loss.detach())
         if outputs.z_loss is not None:
-            z_terms.append(float(outputs.z_loss))
+            z_terms.append(outputs.z_loss.detach())
         bar.update(1)
         if step % t.log_every == 0 or step == t.steps:
             elapsed = time.perf_counter() - window_t0
             row = {
                 "step": step,
-                "loss": sum(losses[-t.log_every :]) / len(losses[-t.log_every :]),
+                "loss": float(torch.stack(list(losses)).mean()),
                 "lr": cfg.optim.lr * scale,
                 "grad_norm": float(grad_norm),
-                **({"z_loss": sum(z_terms[-t.log_every :]) / len(z_terms[-t.log_every :])} if z_terms else {}),
+                **({"z_loss": float(torch.stack(list(z_terms)).mean())} if z_terms else {}),
                 "tokens_per_s": window_tokens / max(elapsed, 1e-9),
                 **{f"data_{k}": v for k, v in stats.items() if isinstance(v, (int, float))},
             }
@@ -362,7 +365,7 @@ def train(cfg: Config) -> dict[str, Any]:
         "steps": step,
         "initial_eval_loss": first_eval,
         "final_eval_loss": last_eval,
-        "final_train_loss": losses[-1] if losses else math.nan,
+        "final_train_loss": float(losses[-1]) if losses else math.nan,
         "model_dir": str(final),
         "metrics": str(metrics_path),
         "loss_plot": str(out / "loss.png"),
