@@ -3,15 +3,18 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# CPU pins (torch +cpu, triton, numpy<2.4, transformers) unless a CUDA torch is already present.
-CONSTRAINTS ?= .ci/constraints-cpu.txt
+# On a machine with an NVIDIA GPU the venv sees the system's CUDA torch and gets no CPU pins; elsewhere the CPU pins
+# (torch +cpu, triton, numpy<2.4, transformers) keep pip from pulling a multi-GB CUDA build.
+HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
+CONSTRAINTS ?= $(if $(HAS_GPU),,.ci/constraints-cpu.txt)
+VENV_FLAGS := $(if $(HAS_GPU),--system-site-packages,)
 
 .PHONY: install test test-gpu lint demo clean
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
-	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	test -x $(BIN)/python || $(PY) -m venv $(VENV_FLAGS) $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c $(CONSTRAINTS) -e ".[dev]"
+	$(BIN)/python -m pip install -q $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e ".[dev]"
 	touch $(STAMP)
 
 install: $(STAMP)

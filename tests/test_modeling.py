@@ -345,3 +345,17 @@ def test_trains_with_hf_trainer(tmp_path):
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(losses) == 12 and losses[-1] < losses[0]
+
+
+def test_convert_cli_both_directions(tmp_path):
+    from flasht5.cli import main
+
+    hf = tiny_hf("umt5")
+    src = save_hf(hf, tmp_path / "hf")
+    assert main(["convert", str(src), str(tmp_path / "ft5")]) == 0  # HF -> flasht5 (direction detected)
+    assert main(["convert", str(tmp_path / "ft5"), str(tmp_path / "back")]) == 0  # flasht5 -> HF
+    back = transformers.UMT5ForConditionalGeneration.from_pretrained(tmp_path / "back").eval()
+    batch = padded_batch()
+    with torch.no_grad():
+        _close_to_scale(back(**batch).logits, hf(**batch).logits)
+    assert main(["convert", str(tmp_path / "missing"), str(tmp_path / "x")]) == 2  # a clear error, exit code 2

@@ -33,6 +33,7 @@ def _convert(args: argparse.Namespace) -> int:
     from flasht5 import convert
     from flasht5.modeling import FlashT5ForConditionalGeneration
 
+    _require_folder(args.src, "src")
     direction = args.to or ("flasht5" if convert.is_hf_t5_folder(args.src) else "hf")
     dtype = getattr(torch, args.dtype) if args.dtype else None
     model = FlashT5ForConditionalGeneration.from_pretrained(args.src, dtype=dtype)
@@ -43,6 +44,14 @@ def _convert(args: argparse.Namespace) -> int:
     _copy_tokenizer(args.src, args.out)
     print(f"wrote {direction} checkpoint to {args.out}")
     return 0
+
+
+def _require_folder(path: str, what: str) -> None:
+    """Nothing here downloads: a path that is not a local checkpoint folder is an error, not a hub lookup."""
+    from pathlib import Path
+
+    if not (Path(path) / "config.json").is_file():
+        raise ValueError(f"{what} {path!r} is not a checkpoint folder (no config.json there)")
 
 
 def _copy_tokenizer(src: str, out: str) -> None:
@@ -60,6 +69,7 @@ def _generate(args: argparse.Namespace) -> int:
     from flasht5.data.tokenizer import load_tokenizer
     from flasht5.modeling import FlashT5ForConditionalGeneration
 
+    _require_folder(args.model, "model")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.startswith("cuda") else None
     model = FlashT5ForConditionalGeneration.from_pretrained(args.model, dtype=dtype).to(device).eval()
