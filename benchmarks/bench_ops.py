@@ -310,7 +310,7 @@ def bench_gated_act(device, quick, backend, liger, copy_gbs) -> list[dict]:
 
 
 def sweep_configs(device, quick) -> list[dict]:
-    """Launch-setting sweeps for the two bandwidth kernels that have knobs (informs the defaults; not applied)."""
+    """Launch-setting sweeps for the bandwidth kernels that have knobs (informs the defaults; `None` = the default)."""
     rows = []
     n_tokens, n_classes = (4, 32128) if quick else (16384, 32128)
     logits = torch.randn(n_tokens, n_classes, device=device).to(torch.bfloat16).requires_grad_()
@@ -320,23 +320,24 @@ def sweep_configs(device, quick) -> list[dict]:
         r = _measure(f"ce {cfg}", _fwd_bwd(lambda x: cross_entropy(x, labels), [logits]))
         rows.append({"kernel": "cross_entropy", "shape": f"{n_tokens}x{n_classes}", "config": str(cfg), "ms": r["ms"]})
     ce_mod._CONFIG_OVERRIDE = None
-    for d_model, cfgs in ((1024, [None, (2, 4), (8, 8)]), (4096, [None, (1, 16), (2, 16)])):
+    # RMSNorm: forward (BLOCK_M, warps) timed alone; backward (BLOCK_M, warps, stages, programs/SM) as fwd+bwd
+    fwd_cfgs = [None, (1, 2), (4, 4), (4, 16), (1, 16)]
+    bwd_cfgs = [None, (1, 2, 3, 8), (2, 4, 3, 4), (4, 4, 1, 4), (4, 4, 4, 4), (2, 8, 3, 2), (1, 16, 3, 4)]
+    for d_model in (768, 1024, 4096):
         x = torch.randn(16 if quick else 65536, d_model, device=device, dtype=torch.bfloat16, requires_grad=True)
         w = torch.ones(d_model, device=device, dtype=torch.bfloat16, requires_grad=True)
         dy = torch.randn_like(x)
-        for per_sm in (4, 8):
-            for cfg in cfgs:
-                rms_mod._CONFIG_OVERRIDE, rms_mod._PROGRAMS_PER_SM = cfg, per_sm
-                r = _measure(f"rms {d_model} {cfg} x{per_sm}", _fwd_bwd(lambda x, w: rms_norm(x, w), [x, w], dy))
-                rows.append(
-                    {
-                        "kernel": "rms_norm",
-                        "shape": f"{x.shape[0]}x{d_model}",
-                        "config": f"{cfg} P={per_sm}/SM",
-                        "ms": r["ms"],
-                    }  # fmt: skip
-                )
-    rms_mod._CONFIG_OVERRIDE, rms_mod._PROGRAMS_PER_SM = None, 4
+        shape = f"{x.shape[0]}x{d_model}"
+        for cfg in fwd_cfgs:
+            rms_mod._FWD_OVERRIDE = cfg
+            r = _measure(f"rms fwd {d_model} {cfg}", lambda x=x, w=w: rms_norm(x, w), graph=True)
+            rows.append({"kernel": "rms_norm fwd", "shape": shape, "config": str(cfg), "ms": r["ms"]})
+        rms_mod._FWD_OVERRIDE = None
+        for cfg in bwd_cfgs:
+            rms_mod._BWD_OVERRIDE = cfg
+            r = _measure(f"rms fwd+bwd {d_model} {cfg}", _fwd_bwd(lambda x, w: rms_norm(x, w), [x, w], dy), graph=True)
+            rows.append({"kernel": "rms_norm fwd+bwd (bwd config)", "shape": shape, "config": str(cfg), "ms": r["ms"]})
+        rms_mod._BWD_OVERRIDE = None
     return rows
 
 
@@ -425,7 +426,7 @@ def main(argv: list[str] | None = None) -> None:
     for title, rows in tables:
         body.append(f"### {title}\n\n{markdown_table(rows)}")
     if sweep:
-        body.append(f"### Launch-config sweep (fwd+bwd ms; `None` = the shipped default)\n\n{markdown_table(sweep)}")
+        body.append(f"### Launch-config sweep (ms; `None` = the shipped default)\n\n{markdown_table(sweep)}")
     text = "\n".join(body)
     print(text, flush=True)
     path = write_results("flasht5 ops: RMSNorm, cross-entropy, linear+CE, gated act (issue 5)", text, out=out)
