@@ -322,7 +322,7 @@ def sweep_configs(device, quick) -> list[dict]:
     ce_mod._CONFIG_OVERRIDE = None
     # RMSNorm: forward (BLOCK_M, warps) timed alone; backward (BLOCK_M, warps, stages, programs/SM) as fwd+bwd
     fwd_cfgs = [None, (1, 2), (4, 4), (4, 16), (1, 16)]
-    bwd_cfgs = [None, (1, 2, 3, 8), (2, 4, 3, 4), (4, 4, 1, 4), (4, 4, 4, 4), (2, 8, 3, 2), (1, 16, 3, 4)]
+    bwd_cfgs = [None, (1, 2, 3, 8), (2, 4, 1, 4), (4, 4, 3, 4), (2, 8, 3, 2), (1, 8, 3, 4), (1, 16, 3, 4)]
     for d_model in (768, 1024, 4096):
         x = torch.randn(16 if quick else 65536, d_model, device=device, dtype=torch.bfloat16, requires_grad=True)
         w = torch.ones(d_model, device=device, dtype=torch.bfloat16, requires_grad=True)

@@ -200,35 +200,40 @@ def _dw_sum_kernel(DW_PART, DW, n_parts, n_cols, BLOCK_P: tl.constexpr, BLOCK_C:
 # --------------------------------------------------------------------------------------------------------------
 # Launch configuration
 # --------------------------------------------------------------------------------------------------------------
-def _fwd_config(n_cols: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps) of the forward: ~2048 elements per program, 16 per thread.
+def _block_config(n_cols: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps): ~2048 elements per program (a row block), 16 per thread.
 
-    H200 sweep (d_model 768/1024/4096, bf16): within 2% of the best of 40 shapes at each size; more elements per
-    thread, or a persistent grid, was never faster.
+    H200 sweep (benchmarks/bench_ops.py, d_model 768/1024/4096, bf16): within 2% of the best of ~40 forward shapes
+    at each size, and the best backward shape at 768/1024 (3% off at 4096); more elements per program or per
+    thread made the backward 10-30% slower (fewer programs in flight), and a persistent forward was never faster.
     """
     block_n = triton.next_power_of_2(n_cols)
-    if _FWD_OVERRIDE is not None:
-        return _FWD_OVERRIDE[0], block_n, _FWD_OVERRIDE[1]
     block_m = max(1, min(16, 2048 // block_n))
     return block_m, block_n, max(2, min(32, block_m * block_n // 512))
 
 
+def _fwd_config(n_cols: int) -> tuple[int, int, int]:
+    if _FWD_OVERRIDE is not None:
+        return _FWD_OVERRIDE[0], triton.next_power_of_2(n_cols), _FWD_OVERRIDE[1]
+    return _block_config(n_cols)
+
+
 def _bwd_config(n_cols: int, bytes_per_col: int, device: torch.device) -> tuple[int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the backward, and its persistent grid size.
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages, programs) of the persistent, software-pipelined backward.
 
     ``bytes_per_col``: bytes one row element brings in through the pipelined loads (h, dy, and dh_in if any).
-    H200 sweep: up to 4 rows and ~8192 elements per program, 32 per thread, 3 pipeline stages; the grid is as many
-    programs as fit at once in shared memory (at most 4 per SM).
+    Three stages while they take at most 96 KB of shared memory, and as many programs as fit at once in ~160 KB of
+    an SM's shared memory (at most 4): a grid larger than what is resident runs a second, partial wave (measured
+    10-20% slower).
     """
-    block_n = triton.next_power_of_2(n_cols)
     if _BWD_OVERRIDE is not None:
         block_m, num_warps, num_stages, per_sm = _BWD_OVERRIDE
+        block_n = triton.next_power_of_2(n_cols)
     else:
-        block_m = max(1, min(4, 8192 // block_n))
-        num_warps = max(2, min(32, block_m * block_n // 1024))
+        block_m, block_n, num_warps = _block_config(n_cols)
         stage_bytes = block_m * block_n * bytes_per_col
-        num_stages = 3 if 3 * stage_bytes <= 96 * 1024 else 1  # deeper pipelines of wide rows overflow shared memory
-        per_sm = max(1, min(4, (192 * 1024) // (num_stages * stage_bytes)))
+        num_stages = 3 if 3 * stage_bytes <= 96 * 1024 else 1
+        per_sm = max(1, min(4, (160 * 1024) // (num_stages * stage_bytes)))
     if device.type == "cuda":
         n_progs = torch.cuda.get_device_properties(device).multi_processor_count * per_sm
     else:
