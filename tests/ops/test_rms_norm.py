@@ -152,6 +152,17 @@ def test_rms_norm_bf16_gpu(d_model, residual):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(16384, 768), (8192, 4096)])
+def test_rms_norm_many_rows_gpu(shape):
+    # Enough rows that every backward program loops over many row blocks (the software-pipelined path) and the
+    # dweight reduction sums hundreds of partials.
+    torch.manual_seed(0)
+    x = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
+    w = (1 + 0.2 * torch.randn(shape[1], device="cuda")).to(torch.bfloat16)
+    _check(x, w, torch.randn_like(x), "cuda")
+
+
+@pytest.mark.gpu
 def test_rms_norm_inductor_gpu():
     x = torch.randn(4, 100, 1024, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     w = torch.randn(1024, device="cuda", dtype=torch.bfloat16, requires_grad=True)
