@@ -91,14 +91,14 @@ def test_rms_norm_only_one_output_used(device):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-3)
 
 
-def test_rms_norm_dtype_rule_matches_hf_t5_layer_norm():
+def test_rms_norm_dtype_rule_matches_hf_t5_layer_norm(device):
     T5LayerNorm = pytest.importorskip("transformers.models.t5.modeling_t5").T5LayerNorm
     torch.manual_seed(0)
     for xdt, wdt in [(torch.float16, torch.float32), (torch.float32, torch.float16), (torch.float16, torch.float16)]:
-        ln = T5LayerNorm(48, eps=1e-6).to(wdt)
+        ln = T5LayerNorm(48, eps=1e-6).to(device, wdt)
         with torch.no_grad():
             ln.weight.copy_(torch.randn(48))
-        x = torch.randn(5, 48).to(xdt)
+        x = torch.randn(5, 48, device=device).to(xdt)
         expect = ln(x)
         got = rms_norm(x, ln.weight.detach(), 1e-6)
         assert got.dtype == expect.dtype
@@ -118,13 +118,13 @@ def test_rms_norm_bad_inputs():
         rms_norm(x, torch.ones(8), residual=torch.randn(2, 9))
 
 
-def test_rms_norm_torch_compile_matches_eager():
+def test_rms_norm_torch_compile_matches_eager(device):
     # aot_eager traces the custom ops with fullgraph=True (inductor's CPU codegen is too slow for CPU CI; the GPU
     # test below uses inductor); opcheck validates schema, fake and autograd registration.
     torch.manual_seed(0)
-    x = torch.randn(2, 3, 32, requires_grad=True)
-    r = torch.randn(2, 3, 32, requires_grad=True)
-    w = torch.randn(32, requires_grad=True)
+    x = torch.randn(2, 3, 32, device=device, requires_grad=True)
+    r = torch.randn(2, 3, 32, device=device, requires_grad=True)
+    w = torch.randn(32, device=device, requires_grad=True)
 
     def f(x, w, r):
         y, h = rms_norm(x * 2, w, 1e-6, r)

@@ -32,6 +32,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from flasht5.ops._device import check_kernel_device
+
 __all__ = ["gated_act", "gated_act_ref"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -219,4 +221,5 @@ def gated_act(gate: Tensor, up: Tensor, kind: str) -> Tensor:
         raise ValueError(f"up dtype {up.dtype} must match gate dtype {gate.dtype}")
     if gate.device != up.device:
         raise ValueError(f"up is on {up.device} but gate is on {gate.device}")
+    check_kernel_device(gate, "gate")
     return torch.ops.flasht5.gated_act_fwd(gate, up, kind_id)

@@ -90,6 +90,7 @@ import torch
 import triton
 import triton.language as tl
 
+from flasht5.ops._device import check_kernel_device, interpreting
 from flasht5.ops.relative_position import relative_position_bucket
 
 __all__ = ["flash_attention", "flash_attention_ref", "relative_position_bucket"]
@@ -631,10 +632,6 @@ _INTERPRET_CFG = _Cfg(16, 16, 4, 1)
 _FORCE: dict[str, object] = {}
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def _arch(device: torch.device) -> int:
     if "arch" in _FORCE:
         return int(_FORCE["arch"])  # type: ignore[arg-type]
@@ -644,7 +641,7 @@ def _arch(device: torch.device) -> int:
 def _config(kernel: str, head_dim: int, device: torch.device, dtype: torch.dtype) -> _Cfg:
     if kernel in _FORCE:
         return _FORCE[kernel]  # type: ignore[return-value]
-    if _interpreting():
+    if interpreting():
         return _INTERPRET_CFG
     if dtype == torch.float32:  # 4-byte tiles: the small Ampere tiles, single-stage at D=256 (shared memory)
         cfg = _SM80[(kernel, head_dim)]
@@ -742,7 +739,7 @@ def _fwd_impl(q, k, v, rel_table, alibi, bias, cu_q, cu_k, max_q, max_k, scale, 
         H=g.H, LQ=g.Lq, LK=g.Lk, T_LSE=g.Tq, R=R, scale2=scale * LOG2E, MAX_Q=g.max_q, NUM_BH=g.nb * g.H,
         HEAD_DIM=g.D, CAUSAL=causal, HAS_REL=lut is not None, HAS_ALIBI=alibi is not None,
         HAS_BIAS=bias4 is not None, VARLEN=varlen, DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
-        ASM_GATHER=not _interpreting(),
+        ASM_GATHER=not interpreting(),
     )  # fmt: skip
     _launch("fwd", _attn_fwd, q, lambda bm, bn: triton.cdiv(g.max_q, bm) * g.nb * g.H, args)
     return out, lse
@@ -783,7 +780,7 @@ def _bwd_impl(
 
     # FlashAttention-2 preprocessing: delta = rowsum(dO * O), laid out like the LSE
     delta = torch.empty_like(lse)
-    blk = 16 if _interpreting() else 64
+    blk = 16 if interpreting() else 64
     rows, nbat = (g.Tq, 1) if varlen else (g.Lq, g.nb)
     _bwd_delta[(triton.cdiv(rows, blk), nbat, g.H)](
         out, dout, delta, sob, som, soh, sdob, sdom, sdoh, rows, g.Tq, HEAD_DIM=g.D, BLOCK=blk, num_warps=4,
@@ -810,7 +807,7 @@ def _bwd_impl(
         sdob=sdob, sdom=sdom, sdoh=sdoh, sbb=sb[0], sbh=sb[1], sbm=sb[2], sbn=sb[3],
         H=g.H, LQ=g.Lq, LK=g.Lk, T_LSE=g.Tq, R=R, scale2=scale * LOG2E, scale=scale,
         HEAD_DIM=g.D, CAUSAL=causal, HAS_REL=lut is not None, HAS_ALIBI=alibi is not None,
-        HAS_BIAS=bias4 is not None, VARLEN=varlen, DOT_PREC=dot_prec, ASM_GATHER=not _interpreting(),
+        HAS_BIAS=bias4 is not None, VARLEN=varlen, DOT_PREC=dot_prec, ASM_GATHER=not interpreting(),
     )  # fmt: skip
     # dK, dV: one program per key block, looping over queries
     dkdv_args = dict(
@@ -1004,11 +1001,9 @@ def flash_attention(
             raise ValueError(f"{name}.dtype {t.dtype} must match q.dtype {q.dtype}")
         if t.device != q.device:
             raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
-    if q.device.type != "cuda":
-        if not _interpreting():
-            raise ValueError(f"q is on {q.device}: the kernels need a CUDA tensor (or TRITON_INTERPRET=1 on CPU)")
-        if q.dtype == torch.bfloat16:
-            raise ValueError("q: bfloat16 is not supported by the Triton interpreter (use float32/float16 on CPU)")
+    check_kernel_device(q, "q")
+    if q.device.type != "cuda" and q.dtype == torch.bfloat16:
+        raise ValueError("q: bfloat16 is not supported by the Triton interpreter (use float32/float16 on CPU)")
     H, D = q.shape[-2], q.shape[-1]
     if D not in SUPPORTED_HEAD_DIMS:
         raise ValueError(f"q: head dim {D} is not supported (supported: {SUPPORTED_HEAD_DIMS})")

@@ -58,6 +58,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from flasht5.ops._device import check_kernel_device
+
 __all__ = ["cross_entropy", "cross_entropy_ref"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -504,6 +506,7 @@ def cross_entropy(
         raise ValueError("logits must have at least one class (V >= 1)")
     if labels.device != logits.device:
         raise ValueError(f"labels are on {labels.device} but logits are on {logits.device}")
+    check_kernel_device(logits, "logits")
     n_cols = logits.shape[-1]
     loss, z_term, _, _ = torch.ops.flasht5.cross_entropy_fwd(
         logits.reshape(-1, n_cols),  # (N, V)

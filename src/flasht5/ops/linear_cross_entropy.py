@@ -48,6 +48,7 @@ import functools
 import torch
 from torch import Tensor
 
+from flasht5.ops._device import check_kernel_device
 from flasht5.ops.cross_entropy import (
     _check_common,
     _check_labels,
@@ -348,6 +349,7 @@ def linear_cross_entropy(
         raise ValueError(
             f"hidden, weight and labels must share a device; got {hidden.device}, {weight.device}, {labels.device}"
         )
+    check_kernel_device(hidden, "hidden")
     if scale is not None and not isinstance(scale, (int, float)):
         raise ValueError(f"scale must be a Python float or None, got {type(scale)}")
     grad_on = torch.is_grad_enabled()

@@ -43,6 +43,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from flasht5.ops._device import check_kernel_device
+
 __all__ = ["rms_norm", "rms_norm_ref"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -402,6 +404,7 @@ def _check(x: Tensor, weight: Tensor, residual: Tensor | None) -> None:
             raise ValueError(f"residual must be float32/float16/bfloat16, got {residual.dtype}")
         if residual.device != x.device:
             raise ValueError(f"residual is on {residual.device} but x is on {x.device}")
+    check_kernel_device(x, "x")
 
 
 def rms_norm(
