@@ -46,19 +46,22 @@ def test_gated_act_on_chunks_of_a_fused_projection(device):
     _check(gate.transpose(0, 1), up.transpose(0, 1), "gelu_tanh")
 
 
-def test_gelu_tanh_is_hf_new_gelu():
+def test_gelu_tanh_is_hf_new_gelu(device):
     activations = pytest.importorskip("transformers.activations")
     x = torch.linspace(-8, 8, 1001, dtype=torch.float64)
     up = torch.ones_like(x)
     expect = activations.NewGELUActivation()(x)
     torch.testing.assert_close(gated_act_ref(x, up, "gelu_tanh"), expect, rtol=0, atol=0)
-    torch.testing.assert_close(gated_act(x.float(), up.float(), "gelu_tanh").double(), expect, rtol=1e-5, atol=1e-6)
+    xf, upf = x.float().to(device), up.float().to(device)
+    torch.testing.assert_close(gated_act(xf, upf, "gelu_tanh").cpu().double(), expect, rtol=1e-5, atol=1e-6)
     pytorch_tanh = activations.PytorchGELUTanh()(x.float())
-    torch.testing.assert_close(gated_act(x.float(), up.float(), "gelu_pytorch_tanh"), pytorch_tanh)
+    got = gated_act(xf, upf, "gelu_pytorch_tanh")
+    torch.testing.assert_close(got.cpu(), pytorch_tanh)
     # definition check without HF: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
     v = 1.3
     ref = 0.5 * v * (1 + math.tanh(math.sqrt(2 / math.pi) * (v + 0.044715 * v**3)))
-    assert abs(gated_act(torch.tensor([v]), torch.tensor([1.0]), "gelu_tanh").item() - ref) < 1e-6
+    one = torch.ones(1, device=device)
+    assert abs(gated_act(one * v, one, "gelu_tanh").item() - ref) < 1e-6
 
 
 def test_bad_inputs():
@@ -73,9 +76,9 @@ def test_bad_inputs():
         gated_act(a.long(), a.long(), "silu")
 
 
-def test_gated_act_torch_compile_matches_eager():
+def test_gated_act_torch_compile_matches_eager(device):
     torch.manual_seed(0)
-    x = torch.randn(2, 3, 64, requires_grad=True)
+    x = torch.randn(2, 3, 64, device=device, requires_grad=True)
 
     def f(x):
         gate, up = (x * 2).chunk(2, -1)
@@ -84,7 +87,7 @@ def test_gated_act_torch_compile_matches_eager():
     eager = torch.autograd.grad(f(x), x)[0]
     got = torch.autograd.grad(torch.compile(f, fullgraph=True, backend="aot_eager")(x), x)[0]
     torch.testing.assert_close(got, eager)
-    gate, up = torch.randn(5, 16, requires_grad=True), torch.randn(5, 16, requires_grad=True)
+    gate, up = (torch.randn(5, 16, device=device, requires_grad=True) for _ in range(2))
     torch.library.opcheck(torch.ops.flasht5.gated_act_fwd.default, (gate, up, 0))
     torch.library.opcheck(torch.ops.flasht5.gated_act_fwd.default, (gate, up, 1))
 

@@ -57,10 +57,10 @@ def test_cross_entropy_matches_reference(dtype, n_classes, reduction, smoothing,
     _check(logits, labels, reduction=reduction, label_smoothing=smoothing, z_loss=z_loss)
 
 
-def test_reference_matches_torch_mean_with_ignore_and_smoothing():
+def test_reference_matches_torch_mean_with_ignore_and_smoothing(device):
     torch.manual_seed(0)
-    logits = torch.randn(9, 50)
-    labels = _labels((9,), 50, "cpu", p_ignore=0.4)
+    logits = torch.randn(9, 50, device=device)
+    labels = _labels((9,), 50, device, p_ignore=0.4)
     for eps in (0.0, 0.25):
         expect = F.cross_entropy(logits, labels, ignore_index=-100, label_smoothing=eps)
         torch.testing.assert_close(cross_entropy_ref(logits, labels, label_smoothing=eps), expect)
@@ -116,28 +116,28 @@ def test_non_contiguous_logits(device):
     _check(col_strided, _labels((6,), 150, device), reduction="sum")
 
 
-def test_bad_inputs():
-    logits = torch.randn(4, 10)
+def test_bad_inputs(device):
+    logits = torch.randn(4, 10, device=device)
     with pytest.raises(ValueError, match="labels"):
-        cross_entropy(logits, torch.tensor([0, 1, 10, -100]))
+        cross_entropy(logits, torch.tensor([0, 1, 10, -100], device=device))
     with pytest.raises(ValueError, match="labels"):
-        cross_entropy(logits, torch.tensor([0, 1, -1, 2]))
+        cross_entropy(logits, torch.tensor([0, 1, -1, 2], device=device))
     with pytest.raises(ValueError, match="labels"):
-        cross_entropy(logits, torch.zeros(4))  # float labels
+        cross_entropy(logits, torch.zeros(4, device=device))  # float labels
     with pytest.raises(ValueError, match="shape"):
-        cross_entropy(logits, torch.zeros(5, dtype=torch.long))
+        cross_entropy(logits, torch.zeros(5, dtype=torch.long, device=device))
     with pytest.raises(ValueError, match="reduction"):
-        cross_entropy(logits, torch.zeros(4, dtype=torch.long), reduction="avg")
+        cross_entropy(logits, torch.zeros(4, dtype=torch.long, device=device), reduction="avg")
     with pytest.raises(ValueError, match="logits"):
-        cross_entropy(logits.long(), torch.zeros(4, dtype=torch.long))
+        cross_entropy(logits.long(), torch.zeros(4, dtype=torch.long, device=device))
     with pytest.raises(ValueError, match="label_smoothing"):
-        cross_entropy(logits, torch.zeros(4, dtype=torch.long), label_smoothing=1.5)
+        cross_entropy(logits, torch.zeros(4, dtype=torch.long, device=device), label_smoothing=1.5)
 
 
-def test_cross_entropy_torch_compile_matches_eager():
+def test_cross_entropy_torch_compile_matches_eager(device):
     torch.manual_seed(0)
-    logits = torch.randn(2, 5, 70, requires_grad=True)
-    labels = _labels((2, 5), 70, "cpu")
+    logits = torch.randn(2, 5, 70, device=device, requires_grad=True)
+    labels = _labels((2, 5), 70, device)
 
     def f(x):
         loss, z = cross_entropy(x * 2, labels, z_loss=1e-3, label_smoothing=0.1, return_z_loss=True)

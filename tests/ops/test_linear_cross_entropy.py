@@ -126,26 +126,26 @@ def test_no_grad_and_frozen_weight(small_chunks, device):
     torch.testing.assert_close(gh, expect)
 
 
-def test_bad_inputs():
-    h, w = torch.randn(4, 8), torch.randn(10, 8)
-    y = torch.zeros(4, dtype=torch.long)
+def test_bad_inputs(device):
+    h, w = torch.randn(4, 8, device=device), torch.randn(10, 8, device=device)
+    y = torch.zeros(4, dtype=torch.long, device=device)
     with pytest.raises(ValueError, match="labels"):
-        linear_cross_entropy(h, w, torch.tensor([0, 10, 1, 2]))
+        linear_cross_entropy(h, w, torch.tensor([0, 10, 1, 2], device=device))
     with pytest.raises(ValueError, match="weight"):
-        linear_cross_entropy(h, torch.randn(10, 9), y)
+        linear_cross_entropy(h, torch.randn(10, 9, device=device), y)
     with pytest.raises(ValueError, match="dtype"):
         linear_cross_entropy(h, w.half(), y)
     with pytest.raises(ValueError, match="labels"):
-        linear_cross_entropy(h, w, torch.zeros(5, dtype=torch.long))
+        linear_cross_entropy(h, w, torch.zeros(5, dtype=torch.long, device=device))
     with pytest.raises(ValueError, match="reduction"):
         linear_cross_entropy(h, w, y, reduction="batchmean")
 
 
-def test_linear_cross_entropy_torch_compile_matches_eager(small_chunks):
+def test_linear_cross_entropy_torch_compile_matches_eager(small_chunks, device):
     torch.manual_seed(0)
-    hidden = torch.randn(2, 5, 16, requires_grad=True)
-    weight = torch.randn(60, 16, requires_grad=True)
-    labels = _labels((2, 5), 60, "cpu")
+    hidden = torch.randn(2, 5, 16, device=device, requires_grad=True)
+    weight = torch.randn(60, 16, device=device, requires_grad=True)
+    labels = _labels((2, 5), 60, device)
 
     def f(h, w):
         return linear_cross_entropy(torch.relu(h), w, labels, z_loss=1e-3, scale=0.25)
