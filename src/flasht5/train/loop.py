@@ -265,10 +265,11 @@ def train(cfg: Config) -> dict[str, Any]:
     start_step, data_state = 0, None
     ckpts = _checkpoints(out) if t.resume else []
     if ckpts:
-        from safetensors.torch import load_file
+        from flasht5.convert import load_state_dict
 
         state = torch.load(ckpts[-1] / "trainer.pt", map_location="cpu", weights_only=False)
-        model.load_state_dict(load_file(ckpts[-1] / "model.safetensors", device=str(device)))
+        # The package's loader: a large model's save_pretrained writes sharded safetensors with an index.
+        model.load_state_dict(load_state_dict(ckpts[-1]))
         optimizer.load_state_dict(state["optimizer"])
         data_state = state.get("data")
         start_step = state["step"]
