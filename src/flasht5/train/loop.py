@@ -142,19 +142,18 @@ def count_tokens(batch: dict[str, Any]) -> tuple[int, int]:
 
 
 @torch.no_grad()
-def evaluate(model, batches: list[dict[str, Any]], device: torch.device, autocast) -> float:
-    """Token-weighted mean loss over fixed held-out batches."""
+def evaluate(model, batches: list[tuple[dict[str, Any], int]], autocast) -> float:
+    """Token-weighted mean loss over fixed held-out batches, given as (model inputs on the device, target tokens)."""
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
-    for batch in batches:
-        n = count_tokens(batch)[1]
+    losses = []
+    for inputs, _ in batches:
         with autocast():
-            loss = model(**model_inputs(batch, device)).loss
-        total += float(loss) * n
-        count += n
+            losses.append(model(**inputs).loss)
     model.train(was_training)
-    return total / max(count, 1)
+    values = torch.stack(losses).tolist()  # one host sync per evaluation, not one per batch
+    total = sum(v * n for v, (_, n) in zip(values, batches))
+    return total / max(sum(n for _, n in batches), 1)
 
 
 @torch.no_grad()
@@ -275,11 +274,11 @@ def train(cfg: Config) -> dict[str, Any]:
         start_step = state["step"]
         log(f"resumed from {ckpts[-1]} at step {start_step}")
 
-    eval_batches: list[dict[str, Any]] = []
+    # The held-out batches are fixed: moved to the device and counted once, not at every evaluation.
+    eval_batches: list[tuple[dict[str, Any], int]] = []
     if heldout is not None:
-        eval_data = make_dataset(heldout, tokenizer, cfg, seed=t.seed + 1)
-        for batch in eval_data:
-            eval_batches.append(batch)
+        for batch in make_dataset(heldout, tokenizer, cfg, seed=t.seed + 1):
+            eval_batches.append((model_inputs(batch, device), count_tokens(batch)[1]))
             if len(eval_batches) >= cfg.data.eval_batches:
                 break
 
@@ -291,7 +290,7 @@ def train(cfg: Config) -> dict[str, Any]:
         loader.load_state_dict(data_state)
     metrics_path = out / "metrics.jsonl"
     metrics = metrics_path.open("a")
-    first_eval = evaluate(model, eval_batches, device, autocast) if eval_batches else math.nan
+    first_eval = evaluate(model, eval_batches, autocast) if eval_batches else math.nan
     if eval_batches:
         metrics.write(json.dumps({"step": start_step, "eval_loss": first_eval}) + "\n")
         log(f"held-out loss at step {start_step}: {first_eval:.4f}")
@@ -348,7 +347,7 @@ def train(cfg: Config) -> dict[str, Any]:
             bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}", lr=f"{row['lr']:.2e}")
             window_tokens, window_t0 = 0, time.perf_counter()
         if eval_batches and (step % t.eval_every == 0 or step == t.steps):
-            last_eval = evaluate(model, eval_batches, device, autocast)
+            last_eval = evaluate(model, eval_batches, autocast)
             metrics.write(json.dumps({"step": step, "eval_loss": last_eval}) + "\n")
             metrics.flush()
             bar.write(f"step {step}: held-out loss {last_eval:.4f}")
