@@ -32,11 +32,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from flasht5.ops._device import check_kernel_device
+from flasht5.ops._device import check_float_tensor, check_kernel_device, rows_2d
 
 __all__ = ["gated_act", "gated_act_ref"]
 
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _KINDS = {"gelu_tanh": 0, "gelu_new": 0, "gelu_pytorch_tanh": 0, "silu": 1, "swish": 1}
 
 
@@ -144,15 +143,10 @@ def _config(n_cols: int) -> tuple[int, int, int]:
     return block_m, block_n, 4
 
 
-def _rows_2d(t: Tensor, n_cols: int) -> Tensor:
-    t2 = t.reshape(-1, n_cols)  # (rows, F); a view for chunk()/slice views of a fused projection
-    return t2 if t2.stride(-1) == 1 or t2.numel() == 0 else t2.contiguous()
-
-
 @torch.library.custom_op("flasht5::gated_act_fwd", mutates_args=())
 def _gated_act_fwd(gate: Tensor, up: Tensor, kind: int) -> Tensor:
     n_cols = gate.shape[-1]
-    g2, u2 = _rows_2d(gate, n_cols), _rows_2d(up, n_cols)
+    g2, u2 = rows_2d(gate, n_cols), rows_2d(up, n_cols)
     out = torch.empty(g2.shape, dtype=gate.dtype, device=gate.device)
     if out.numel() > 0:
         block_m, block_n, num_warps = _config(n_cols)
@@ -172,7 +166,7 @@ def _(gate: Tensor, up: Tensor, kind: int) -> Tensor:
 @torch.library.custom_op("flasht5::gated_act_bwd", mutates_args=())
 def _gated_act_bwd(dout: Tensor, gate: Tensor, up: Tensor, kind: int) -> tuple[Tensor, Tensor]:
     n_cols = gate.shape[-1]
-    d2, g2, u2 = _rows_2d(dout, n_cols), _rows_2d(gate, n_cols), _rows_2d(up, n_cols)
+    d2, g2, u2 = rows_2d(dout, n_cols), rows_2d(gate, n_cols), rows_2d(up, n_cols)
     dgate = torch.empty(g2.shape, dtype=gate.dtype, device=gate.device)
     dup = torch.empty(g2.shape, dtype=up.dtype, device=up.device)
     if dgate.numel() > 0:
@@ -212,9 +206,8 @@ def gated_act(gate: Tensor, up: Tensor, kind: str) -> Tensor:
     ``ValueError`` for an unknown ``kind`` or mismatched shapes/dtypes/devices.
     """
     kind_id = _KINDS[_canonical_kind(kind)]
-    for name, t in (("gate", gate), ("up", up)):
-        if not isinstance(t, Tensor) or t.dtype not in _FLOAT_DTYPES:
-            raise ValueError(f"{name} must be a float32/float16/bfloat16 tensor, got {getattr(t, 'dtype', None)}")
+    check_float_tensor(gate, "gate")
+    check_float_tensor(up, "up")
     if gate.shape != up.shape or gate.dim() < 1:
         raise ValueError(f"gate and up must have one shape (..., F); got {tuple(gate.shape)} and {tuple(up.shape)}")
     if gate.dtype != up.dtype:

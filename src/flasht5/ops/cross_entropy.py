@@ -58,11 +58,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from flasht5.ops._device import check_kernel_device
+from flasht5.ops._device import check_float_tensor, check_kernel_device, rows_2d
 
 __all__ = ["cross_entropy", "cross_entropy_ref"]
 
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _REDUCTIONS = ("mean", "sum", "none")
 
 # Set by benchmarks to sweep (BLOCK_V, num_warps); None means the built-in choice below.
@@ -336,11 +335,6 @@ def _scale_rows_into(x: Tensor, factor: Tensor, out: Tensor) -> Tensor:
     return out
 
 
-def _rows_2d(t: Tensor, n_cols: int) -> Tensor:
-    t2 = t.reshape(-1, n_cols)  # (N, V); a view whenever the strides allow it
-    return t2 if t2.stride(-1) == 1 or t2.numel() == 0 else t2.contiguous()
-
-
 def _check_labels(labels: Tensor, n_classes: int, ignore_index: int, arg: str = "labels") -> None:
     """Host-side range check (one sync); skipped during CUDA graph capture, where a sync is not allowed."""
     if labels.numel() == 0:
@@ -399,7 +393,7 @@ def _cross_entropy_fwd(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """logits (N, V), labels (N,) -> (loss, z_term, per-token logsumexp (N,), 1/n_kept)."""
     n_rows, n_cols = logits.shape
-    x = _rows_2d(logits, n_cols)
+    x = rows_2d(logits, n_cols)
     y = labels.contiguous()
     _check_labels(y, n_cols, ignore_index)
     loss_rows = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
@@ -429,7 +423,7 @@ def _cross_entropy_bwd(
     z_loss: float,
 ) -> Tensor:
     """d loss / d logits (N, V) in the logits' dtype; ``factor`` is grad_output (/ n), 0-d or per row (N,)."""
-    x = _rows_2d(logits, logits.shape[1])
+    x = rows_2d(logits, logits.shape[1])
     return _launch_ce_bwd(
         x, labels.contiguous(), lse.contiguous(), factor.to(torch.float32).contiguous(), ignore_index,
         label_smoothing, z_loss,
@@ -494,8 +488,7 @@ def cross_entropy(
     ``return_z_loss=True`` (``loss`` includes ``z_term``; ``z_term`` is detached). Raises ``ValueError`` for wrong
     shapes or dtypes, labels outside [0, V) other than ``ignore_index`` (host check), unknown ``reduction``.
     """
-    if not isinstance(logits, Tensor) or logits.dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"logits must be a float32/float16/bfloat16 tensor, got {getattr(logits, 'dtype', None)}")
+    check_float_tensor(logits, "logits")
     _check_common(labels, label_smoothing, z_loss, reduction)
     if logits.dim() < 1 or logits.shape[:-1] != labels.shape:
         raise ValueError(

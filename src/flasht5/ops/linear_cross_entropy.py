@@ -48,7 +48,7 @@ import functools
 import torch
 from torch import Tensor
 
-from flasht5.ops._device import check_kernel_device
+from flasht5.ops._device import check_float_tensor, check_kernel_device
 from flasht5.ops.cross_entropy import (
     _check_common,
     _check_labels,
@@ -61,8 +61,6 @@ from flasht5.ops.cross_entropy import (
 )
 
 __all__ = ["linear_cross_entropy", "linear_cross_entropy_ref"]
-
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def linear_cross_entropy_ref(
@@ -330,9 +328,8 @@ def linear_cross_entropy(
     ``labels.shape`` for "none"), or ``(loss, z_term)`` with ``return_z_loss=True`` (z_term detached). Raises
     ``ValueError`` for wrong shapes, dtypes, devices, labels, reduction.
     """
-    for name, t in (("hidden", hidden), ("weight", weight)):
-        if not isinstance(t, Tensor) or t.dtype not in _FLOAT_DTYPES:
-            raise ValueError(f"{name} must be a float32/float16/bfloat16 tensor, got {getattr(t, 'dtype', None)}")
+    check_float_tensor(hidden, "hidden")
+    check_float_tensor(weight, "weight")
     _check_common(labels, label_smoothing, z_loss, reduction)
     if weight.dim() != 2 or hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
         raise ValueError(

@@ -43,11 +43,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from flasht5.ops._device import check_kernel_device
+from flasht5.ops._device import check_float_tensor, check_kernel_device, rows_2d
 
 __all__ = ["rms_norm", "rms_norm_ref"]
 
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_D = 65536
 
 # Set by benchmarks to sweep launch settings: forward (BLOCK_M, num_warps); backward (BLOCK_M, num_warps,
@@ -243,11 +242,6 @@ def _bwd_config(n_cols: int, bytes_per_col: int, device: torch.device) -> tuple[
     return block_m, block_n, num_warps, num_stages, n_progs
 
 
-def _rows_2d(t: Tensor, n_cols: int) -> Tensor:
-    t2 = t.reshape(-1, n_cols)  # (N, D); a view whenever the strides allow it
-    return t2 if t2.stride(-1) == 1 or t2.shape[0] == 0 else t2.contiguous()
-
-
 # --------------------------------------------------------------------------------------------------------------
 # Custom ops
 # --------------------------------------------------------------------------------------------------------------
@@ -255,13 +249,13 @@ def _rows_2d(t: Tensor, n_cols: int) -> Tensor:
 def _rms_norm_fwd(x: Tensor, weight: Tensor, residual: Tensor | None, eps: float) -> tuple[Tensor, Tensor, Tensor]:
     """Returns (y, h, rstd); h is x + residual, or an empty tensor without residual (outputs may not alias x)."""
     n_cols = x.shape[-1]
-    x2 = _rows_2d(x, n_cols)
+    x2 = rows_2d(x, n_cols)
     weight = weight.contiguous()
     n_rows = x2.shape[0]
     y = torch.empty((n_rows, n_cols), dtype=_out_dtype(weight.dtype), device=x.device)
     rstd = torch.empty((n_rows,), dtype=torch.float32, device=x.device)
     if residual is not None:
-        r2 = _rows_2d(residual, n_cols)
+        r2 = rows_2d(residual, n_cols)
         h = torch.empty((n_rows, n_cols), dtype=torch.promote_types(x.dtype, residual.dtype), device=x.device)
     else:
         r2, h = x2, x.new_empty(0)
@@ -306,13 +300,13 @@ def _(x: Tensor, weight: Tensor, residual: Tensor | None, eps: float) -> tuple[T
 def _rms_norm_bwd(dy: Tensor, h: Tensor, weight: Tensor, rstd: Tensor, dh_in: Tensor | None) -> tuple[Tensor, Tensor]:
     """Returns (dL/dh in h's dtype, dL/dweight in weight's dtype); dh_in is the gradient flowing into h itself."""
     n_cols = h.shape[-1]
-    h2 = _rows_2d(h, n_cols)
+    h2 = rows_2d(h, n_cols)
     weight = weight.contiguous()
-    dy2 = _rows_2d(dy, n_cols)
+    dy2 = rows_2d(dy, n_cols)
     n_rows = h2.shape[0]
     rstd1 = rstd.reshape(-1).contiguous()
     dh = torch.empty((n_rows, n_cols), dtype=h.dtype, device=h.device)
-    dhin2 = _rows_2d(dh_in, n_cols) if dh_in is not None else dh
+    dhin2 = rows_2d(dh_in, n_cols) if dh_in is not None else dh
     bytes_per_col = h.element_size() + dy.element_size() + (dh_in.element_size() if dh_in is not None else 0)
     block_m, block_n, num_warps, num_stages, n_progs = _bwd_config(n_cols, bytes_per_col, h.device)
     n_progs = max(1, min(n_progs, triton.cdiv(n_rows, block_m)))
@@ -385,14 +379,12 @@ torch.library.register_autograd("flasht5::rms_norm_fwd", _backward, setup_contex
 # Public function
 # --------------------------------------------------------------------------------------------------------------
 def _check(x: Tensor, weight: Tensor, residual: Tensor | None) -> None:
-    if not isinstance(x, Tensor) or x.dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"x must be a float32/float16/bfloat16 tensor, got {getattr(x, 'dtype', type(x))}")
+    check_float_tensor(x, "x")
     if x.dim() < 1:
         raise ValueError("x must have at least one dimension (..., d_model)")
     if not isinstance(weight, Tensor) or weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
         raise ValueError(f"weight must have shape ({x.shape[-1]},) to match x's last dim, got {tuple(weight.shape)}")
-    if weight.dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"weight must be float32/float16/bfloat16, got {weight.dtype}")
+    check_float_tensor(weight, "weight")
     if x.shape[-1] > _MAX_D:
         raise ValueError(f"x's last dim (d_model={x.shape[-1]}) exceeds the supported maximum {_MAX_D}")
     if weight.device != x.device:
@@ -400,8 +392,7 @@ def _check(x: Tensor, weight: Tensor, residual: Tensor | None) -> None:
     if residual is not None:
         if not isinstance(residual, Tensor) or residual.shape != x.shape:
             raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
-        if residual.dtype not in _FLOAT_DTYPES:
-            raise ValueError(f"residual must be float32/float16/bfloat16, got {residual.dtype}")
+        check_float_tensor(residual, "residual")
         if residual.device != x.device:
             raise ValueError(f"residual is on {residual.device} but x is on {x.device}")
     check_kernel_device(x, "x")
