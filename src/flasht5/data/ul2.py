@@ -259,10 +259,12 @@ def _random_segmentation(num_items: int, num_segments: int, rng: np.random.Gener
     ``num_segments - 1`` segment starts among the ``num_items - 1`` inner boundaries)."""
     if num_segments == 1:
         return np.array([num_items], dtype=np.int64)
-    is_start = rng.permuted(np.arange(num_items - 1) < num_segments - 1)
+    is_start = np.zeros(num_items - 1, dtype=bool)
+    is_start[: num_segments - 1] = True
+    is_start = rng.permuted(is_start)
     bounds = np.empty(num_segments + 1, dtype=np.int64)
     bounds[0], bounds[-1] = 0, num_items
-    bounds[1:-1] = np.flatnonzero(is_start)
+    bounds[1:-1] = is_start.nonzero()[0]  # the method: np.flatnonzero's wrapper costs more than the work here
     bounds[1:-1] += 1
     return bounds[1:] - bounds[:-1]
 
@@ -308,7 +310,7 @@ def random_spans_noise_mask(
     if length < 2:
         return np.zeros(max(length, 0), dtype=bool)
     lengths = _span_lengths(length, Denoiser(mean_noise_span_length, noise_density, max_spans), rng)
-    return np.repeat(np.tile(np.array([False, True]), len(lengths) // 2), lengths)
+    return _alternating(len(lengths) // 2).repeat(lengths)
 
 
 def apply_denoiser(
@@ -368,7 +370,7 @@ def _corrupt(
         )
     sentinels = sentinels[:num_spans]
     noise_starts = np.cumsum(lengths)[0::2]  # first index of noise span i (non-noise span i ends just before)
-    mask = np.repeat(_alternating(num_spans), lengths)  # (length,) True = noise
+    mask = _alternating(num_spans).repeat(lengths)  # (length,) True = noise
     # Input: the first token of each noise span becomes its sentinel, the rest of the span is dropped.
     buf = tokens.copy()
     buf[noise_starts] = sentinels
