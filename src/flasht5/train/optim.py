@@ -63,7 +63,8 @@ class AdamWScale(torch.optim.Optimizer):
                 step_size = group["lr"] * math.sqrt(1 - beta2**t) / (1 - beta1**t)
                 p32 = p.float()
                 rms = p32.pow(2).mean().sqrt().clamp(min=1e-3)  # the relative step: large tensors move more
-                update = m / (v.sqrt() + group["eps"]) * (step_size * rms)
+                # In place on the fresh quotient: two parameter-sized temporaries per step instead of four.
+                update = (m / v.sqrt().add_(group["eps"])).mul_(step_size * rms)
                 if group["weight_decay"]:
                     p32.mul_(1 - group["lr"] * group["weight_decay"])
                 p32.sub_(update)
