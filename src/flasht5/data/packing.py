@@ -240,7 +240,7 @@ class UL2Dataset(IterableDataset):
         out = []
         cursor, n = 0, len(tokens)
         while cursor < n:
-            k = min(int(np.searchsorted(self._cum, rng.random() * self._cum[-1], side="right")), len(self._cum) - 1)
+            k = min(int(self._cum.searchsorted(rng.random() * self._cum[-1], side="right")), len(self._cum) - 1)
             chunk = tokens[cursor : cursor + int(self.chunk_lens[k])]
             cursor += len(chunk)
             enc, dec = _corrupt(chunk, self.denoisers[k], rng, self._sentinels32, self.prefixes[k], eos)
@@ -257,8 +257,9 @@ class UL2Dataset(IterableDataset):
 
     # -- packing -----------------------------------------------------------------------------------------------
 
-    def _pack(self, pool: list[Example]) -> tuple[list[list[Example]], list[Example]]:
-        """Fill the bins from the pool; return (examples per bin, leftovers in pool order, one batch older).
+    def _pack(self, pool: list[Example]) -> tuple[list[list[Example]], list[Example], int, int]:
+        """Fill the bins from the pool; return (examples per bin, leftovers in pool order and one batch older, their
+        encoder tokens, their decoder tokens).
 
         Two budgets (encoder and decoder tokens) make this vector bin packing. Examples passed over ``_MAX_WAIT``
         times go first, largest first, each into the bin it fits most tightly, so none waits for ever. Then each bin
@@ -297,7 +298,8 @@ class UL2Dataset(IterableDataset):
                 rem_d[j] -= dec[i]
                 bins[j].append(pool[i])
                 avail[i] = False
-        return bins, [(*pool[i][:5], pool[i][5] + 1) for i in np.flatnonzero(avail).tolist()]  # type: ignore[misc]
+        left: list[Example] = [(*pool[i][:5], pool[i][5] + 1) for i in np.flatnonzero(avail)]  # type: ignore[misc]
+        return bins, left, int(enc[avail].sum()), int(dec[avail].sum())
 
     # -- the stream --------------------------------------------------------------------------------------------
 
@@ -348,9 +350,7 @@ class UL2Dataset(IterableDataset):
                 pos += 1
             if not pool:
                 return
-            bins, pool = self._pack(pool)
-            pool_e = sum(len(x[0]) for x in pool)
-            pool_d = sum(len(x[1]) for x in pool)
+            bins, pool, pool_e, pool_d = self._pack(pool)
             batches += 1
             new_state = {
                 "epoch": epoch,
@@ -422,9 +422,9 @@ class UL2Dataset(IterableDataset):
 
     # -- collation ---------------------------------------------------------------------------------------------
 
-    def _stats(self, examples: Sequence[Example], enc_cap: int, dec_cap: int, padded: bool) -> dict[str, Any]:
-        n_enc = sum(len(x[0]) for x in examples)
-        n_dec = sum(len(x[1]) for x in examples)
+    def _stats(
+        self, examples: Sequence[Example], n_enc: int, n_dec: int, enc_cap: int, dec_cap: int, padded: bool
+    ) -> dict[str, Any]:
         counts = np.bincount([x[2] for x in examples], minlength=len(self.denoisers))
         stats: dict[str, Any] = {
             "examples": len(examples),
@@ -448,8 +448,8 @@ class UL2Dataset(IterableDataset):
         """Padding-free batch: flattened tokens plus cu_seqlens for encoder and decoder (example i <-> segment i)."""
         enc_lens = np.fromiter((len(x[0]) for x in examples), dtype=np.int64, count=len(examples))
         dec_lens = np.fromiter((len(x[1]) for x in examples), dtype=np.int64, count=len(examples))
-        enc = np.concatenate([x[0] for x in examples]).astype(np.int64)
-        labels = np.concatenate([x[1] for x in examples]).astype(np.int64)
+        enc = np.concatenate([x[0] for x in examples], dtype=np.int64)
+        labels = np.concatenate([x[1] for x in examples], dtype=np.int64)
         cu = np.zeros(len(examples) + 1, dtype=np.int32)
         np.cumsum(enc_lens, out=cu[1:])
         dcu = np.zeros(len(examples) + 1, dtype=np.int32)
@@ -466,7 +466,9 @@ class UL2Dataset(IterableDataset):
             "labels": torch.from_numpy(labels)[None],
             "decoder_cu_seqlens": torch.from_numpy(dcu),
             "decoder_max_seqlen": int(dec_lens.max()),
-            "stats": self._stats(examples, self.max_tokens, self.max_target_tokens, padded=False),
+            "stats": self._stats(
+                examples, len(enc), len(labels), self.max_tokens, self.max_target_tokens, padded=False
+            ),
         }
 
     def collate_padded(self, rows: Sequence[Sequence[Example]]) -> dict[str, Any]:
@@ -479,20 +481,24 @@ class UL2Dataset(IterableDataset):
         dec_in = np.full((b, ld), self.pad_id, dtype=np.int64)
         dseg = np.zeros((b, ld), dtype=np.int32)
         dpos = np.zeros((b, ld), dtype=np.int32)
+        ar = np.arange(max(li, ld), dtype=np.int32)  # positions restart at 0 per example: slices of this
+        n_enc = n_dec = 0
         for r, row in enumerate(rows):
             oe = od = 0
             for s, (enc, dec, *_) in enumerate(row, start=1):
                 ne, nd = len(enc), len(dec)
                 input_ids[r, oe : oe + ne] = enc
                 seg[r, oe : oe + ne] = s
-                pos[r, oe : oe + ne] = np.arange(ne)
+                pos[r, oe : oe + ne] = ar[:ne]
                 labels[r, od : od + nd] = dec
                 dec_in[r, od] = self.decoder_start_id
                 dec_in[r, od + 1 : od + nd] = dec[:-1]
                 dseg[r, od : od + nd] = s
-                dpos[r, od : od + nd] = np.arange(nd)
+                dpos[r, od : od + nd] = ar[:nd]
                 oe += ne
                 od += nd
+            n_enc += oe
+            n_dec += od
         flat = [x for row in rows for x in row]
         return {
             "input_ids": torch.from_numpy(input_ids),  # (B, Li)
@@ -504,7 +510,7 @@ class UL2Dataset(IterableDataset):
             "decoder_attention_mask": torch.from_numpy((dseg > 0).astype(np.int64)),
             "decoder_segment_ids": torch.from_numpy(dseg),
             "decoder_position_ids": torch.from_numpy(dpos),
-            "stats": self._stats(flat, b * li, b * ld, padded=True),
+            "stats": self._stats(flat, n_enc, n_dec, b * li, b * ld, padded=True),
         }
 
     def iter_examples(self, epoch: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
