@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from ratio import assert_ratio
+from ratio import assert_ratio, random_labels
 
 from flasht5.ops.cross_entropy import cross_entropy, cross_entropy_ref
 
@@ -32,13 +32,6 @@ def _check(logits, labels, **kw):
     return out
 
 
-def _labels(shape, n_classes, device, p_ignore=0.3, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    y = torch.randint(0, n_classes, shape, generator=g)
-    y[torch.rand(shape, generator=g) < p_ignore] = -100
-    return y.to(device)
-
-
 @pytest.mark.parametrize(
     "dtype,n_classes,reduction,smoothing,z_loss",
     [
@@ -52,7 +45,7 @@ def _labels(shape, n_classes, device, p_ignore=0.3, seed=0):
 def test_cross_entropy_matches_reference(dtype, n_classes, reduction, smoothing, z_loss, device):
     torch.manual_seed(0)
     logits = (torch.randn(2, 3, n_classes, device=device) * 4).to(dtype)
-    labels = _labels((2, 3), n_classes, device)
+    labels = random_labels((2, 3), n_classes, device)
     labels[0, 0] = n_classes - 1  # last class (edge of the last block)
     _check(logits, labels, reduction=reduction, label_smoothing=smoothing, z_loss=z_loss)
 
@@ -60,7 +53,7 @@ def test_cross_entropy_matches_reference(dtype, n_classes, reduction, smoothing,
 def test_reference_matches_torch_mean_with_ignore_and_smoothing(device):
     torch.manual_seed(0)
     logits = torch.randn(9, 50, device=device)
-    labels = _labels((9,), 50, device, p_ignore=0.4)
+    labels = random_labels((9,), 50, device, p_ignore=0.4)
     for eps in (0.0, 0.25):
         expect = F.cross_entropy(logits, labels, ignore_index=-100, label_smoothing=eps)
         torch.testing.assert_close(cross_entropy_ref(logits, labels, label_smoothing=eps), expect)
@@ -70,7 +63,7 @@ def test_reference_matches_torch_mean_with_ignore_and_smoothing(device):
 def test_z_loss_definition(device):
     torch.manual_seed(0)
     logits = torch.randn(6, 33, device=device)
-    labels = _labels((6,), 33, device, p_ignore=0.5, seed=3)
+    labels = random_labels((6,), 33, device, p_ignore=0.5, seed=3)
     keep = labels != -100
     loss, z = cross_entropy(logits, labels, z_loss=1e-2, return_z_loss=True)
     lse = torch.logsumexp(logits, -1)
@@ -95,7 +88,7 @@ def test_padding_does_not_change_the_loss(device):
     # FAT5's bug: averaging over -100 rows. Adding padded rows must leave loss and real-row gradients unchanged.
     torch.manual_seed(0)
     logits = torch.randn(5, 300, device=device)
-    labels = _labels((5,), 300, device, p_ignore=0.2)
+    labels = random_labels((5,), 300, device, p_ignore=0.2)
     padded_logits = torch.cat([logits, torch.randn(7, 300, device=device)])
     padded_labels = torch.cat([labels, torch.full((7,), -100, device=device)])
     a, ga = _loss_and_grad(cross_entropy, logits, labels, 1.0, z_loss=1e-3, label_smoothing=0.1)[::2]
@@ -110,10 +103,10 @@ def test_non_contiguous_logits(device):
     wide = torch.randn(4, 2, 160, device=device)
     logits = wide.transpose(0, 1)[..., :150]  # (2, 4, 150): strided rows, vocab sliced out of a padded buffer
     assert not logits.is_contiguous()
-    labels = _labels((2, 4), 150, device)
+    labels = random_labels((2, 4), 150, device)
     _check(logits, labels, z_loss=1e-4)
     col_strided = torch.randn(150, 6, device=device).t()  # stride 6 along the vocab: copied first
-    _check(col_strided, _labels((6,), 150, device), reduction="sum")
+    _check(col_strided, random_labels((6,), 150, device), reduction="sum")
 
 
 def test_bad_inputs(device):
@@ -137,7 +130,7 @@ def test_bad_inputs(device):
 def test_cross_entropy_torch_compile_matches_eager(device):
     torch.manual_seed(0)
     logits = torch.randn(2, 5, 70, device=device, requires_grad=True)
-    labels = _labels((2, 5), 70, device)
+    labels = random_labels((2, 5), 70, device)
 
     def f(x):
         loss, z = cross_entropy(x * 2, labels, z_loss=1e-3, label_smoothing=0.1, return_z_loss=True)
@@ -161,14 +154,14 @@ def test_cross_entropy_torch_compile_matches_eager(device):
 def test_cross_entropy_bf16_gpu(n_classes, reduction, smoothing, z_loss):
     torch.manual_seed(0)
     logits = (torch.randn(3, 171, n_classes, device="cuda") * 4).to(torch.bfloat16)
-    labels = _labels((3, 171), n_classes, "cuda")
+    labels = random_labels((3, 171), n_classes, "cuda")
     _check(logits, labels, reduction=reduction, label_smoothing=smoothing, z_loss=z_loss)
 
 
 @pytest.mark.gpu
 def test_cross_entropy_inductor_gpu():
     logits = torch.randn(300, 32128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    labels = _labels((300,), 32128, "cuda")
+    labels = random_labels((300,), 32128, "cuda")
 
     def f(x):
         return cross_entropy(x * 2, labels, z_loss=1e-4)

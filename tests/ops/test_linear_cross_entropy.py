@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from ratio import assert_ratio
+from ratio import assert_ratio, random_labels
 
 import flasht5.ops.linear_cross_entropy as lce_mod
 from flasht5.ops.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_ref
@@ -37,13 +37,6 @@ def _check(hidden, weight, labels, **kw):
     return out
 
 
-def _labels(shape, n_classes, device, p_ignore=0.3, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    y = torch.randint(0, n_classes, shape, generator=g)
-    y[torch.rand(shape, generator=g) < p_ignore] = -100
-    return y.to(device)
-
-
 @pytest.mark.parametrize(
     "dtype,n_classes,d_model,reduction,smoothing,z_loss,scale",
     [
@@ -58,7 +51,7 @@ def test_linear_cross_entropy_matches_reference(dtype, n_classes, d_model, reduc
     torch.manual_seed(0)
     hidden = torch.randn(2, 5, d_model, device=device).to(dtype)
     weight = (torch.randn(n_classes, d_model, device=device) * d_model**-0.5).to(dtype)
-    labels = _labels((2, 5), n_classes, device)
+    labels = random_labels((2, 5), n_classes, device)
     _check(hidden, weight, labels, reduction=reduction, label_smoothing=smoothing, z_loss=z_loss, scale=scale)
 
 
@@ -68,7 +61,7 @@ def test_tied_embedding_gradient_accumulates(small_chunks, device):
     d_model, vocab = 32, 300
     table = torch.randn(vocab, d_model, device=device, requires_grad=True)
     ids = torch.randint(0, vocab, (3, 4), device=device)
-    labels = _labels((3, 4), vocab, device)
+    labels = random_labels((3, 4), vocab, device)
     grads = []
     for fn in (linear_cross_entropy, linear_cross_entropy_ref):
         hidden = torch.tanh(F.embedding(ids, table))
@@ -81,7 +74,7 @@ def test_padding_does_not_change_the_loss(small_chunks, device):
     torch.manual_seed(0)
     hidden = torch.randn(6, 16, device=device, requires_grad=True)
     weight = torch.randn(200, 16, device=device, requires_grad=True)
-    labels = _labels((6,), 200, device, p_ignore=0.2)
+    labels = random_labels((6,), 200, device, p_ignore=0.2)
     padded_hidden = torch.cat([hidden, torch.randn(9, 16, device=device)])
     padded_labels = torch.cat([labels, torch.full((9,), -100, device=device)])
     a = linear_cross_entropy(hidden, weight, labels, z_loss=1e-3)
@@ -108,7 +101,7 @@ def test_non_contiguous_inputs(small_chunks, device):
     weight = torch.randn(24, 150, device=device).t()  # (150, 24)... sliced below to d = 12
     weight = weight[:, :12]
     assert not hidden.is_contiguous() and not weight.is_contiguous()
-    labels = _labels((7, 3), 150, device)
+    labels = random_labels((7, 3), 150, device)
     _check(hidden, weight, labels, z_loss=1e-4)
 
 
@@ -116,7 +109,7 @@ def test_no_grad_and_frozen_weight(small_chunks, device):
     torch.manual_seed(0)
     hidden = torch.randn(7, 16, device=device, requires_grad=True)
     weight = torch.randn(90, 16, device=device)  # frozen head
-    labels = _labels((7,), 90, device)
+    labels = random_labels((7,), 90, device)
     with torch.no_grad():
         torch.testing.assert_close(
             linear_cross_entropy(hidden, weight, labels), linear_cross_entropy_ref(hidden, weight, labels)
@@ -145,7 +138,7 @@ def test_linear_cross_entropy_torch_compile_matches_eager(small_chunks, device):
     torch.manual_seed(0)
     hidden = torch.randn(2, 5, 16, device=device, requires_grad=True)
     weight = torch.randn(60, 16, device=device, requires_grad=True)
-    labels = _labels((2, 5), 60, device)
+    labels = random_labels((2, 5), 60, device)
 
     def f(h, w):
         return linear_cross_entropy(torch.relu(h), w, labels, z_loss=1e-3, scale=0.25)
@@ -167,7 +160,7 @@ def test_linear_cross_entropy_bf16_gpu(n_classes, d_model, reduction):
     torch.manual_seed(0)
     hidden = torch.randn(3, 700, d_model, device="cuda").to(torch.bfloat16)
     weight = (torch.randn(n_classes, d_model, device="cuda") * d_model**-0.5).to(torch.bfloat16)
-    labels = _labels((3, 700), n_classes, "cuda")
+    labels = random_labels((3, 700), n_classes, "cuda")
     _check(hidden, weight, labels, reduction=reduction, z_loss=1e-4, label_smoothing=0.1, scale=d_model**-0.5)
 
 
@@ -176,14 +169,14 @@ def test_linear_cross_entropy_bf16_gpu_many_chunks(small_chunks):
     torch.manual_seed(0)
     hidden = torch.randn(37, 256, device="cuda").to(torch.bfloat16)
     weight = (torch.randn(32128, 256, device="cuda") * 256**-0.5).to(torch.bfloat16)
-    _check(hidden, weight, _labels((37,), 32128, "cuda"), z_loss=1e-4)
+    _check(hidden, weight, random_labels((37,), 32128, "cuda"), z_loss=1e-4)
 
 
 @pytest.mark.gpu
 def test_linear_cross_entropy_inductor_gpu():
     hidden = torch.randn(600, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     weight = torch.randn(32128, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    labels = _labels((600,), 32128, "cuda")
+    labels = random_labels((600,), 32128, "cuda")
 
     def f(h, w):
         return linear_cross_entropy(h * 2, w, labels, z_loss=1e-4)
