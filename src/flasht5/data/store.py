@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from flasht5.data.text import ReadStats, expand_inputs, iter_file_documents
+from flasht5.data.text import ReadStats, add_reader_arguments, expand_inputs, iter_file_documents
 
 FORMAT_VERSION = 1
 _DATA_FILES = ("tokens.bin", "lengths.bin", "offsets.npy", "meta.json", "progress.json")
@@ -460,28 +460,10 @@ def _cli(args: argparse.Namespace) -> int:
 
 def configure_cli(parser: argparse.ArgumentParser) -> None:
     """Add the ``flasht5 pretokenize`` arguments to the given subparser."""
-    parser.add_argument(
-        "inputs",
-        nargs="+",
-        help="text (.txt[.gz], one document per line), JSONL, Parquet files, "
-        "folders of them, or `datasets` save_to_disk folders",
-    )
+    add_reader_arguments(parser)
     parser.add_argument("--tokenizer", required=True, help="tokenizer folder (ours or any T5 tokenizer folder)")
     parser.add_argument("--out", required=True, help="output store folder")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenizer processes")
-    parser.add_argument("--text-key", default="text", help="JSONL/Parquet/datasets column holding the text")
-    parser.add_argument(
-        "--text-split",
-        choices=("line", "paragraph", "file"),
-        default="line",
-        help="what one document is in a plain text file",
-    )
-    parser.add_argument(
-        "--encoding-errors",
-        choices=("strict", "replace"),
-        default="strict",
-        help="invalid UTF-8: fail with the file and line (strict) or substitute U+FFFD",
-    )
     parser.add_argument("--append-eos", action="store_true", help="store EOS after every document")
     parser.add_argument("--no-resume", action="store_true", help="start over even if --out holds a partial store")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -9,6 +9,7 @@ whitespace-only documents are yielded as ``""`` so the caller counts them (see :
 
 from __future__ import annotations
 
+import argparse
 import gzip
 import io
 import json
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 TEXT_SPLITS = ("line", "paragraph", "file")
+ENCODING_ERRORS = ("strict", "replace")
 
 
 @dataclass
@@ -177,7 +179,7 @@ def iter_file_documents(
     """Documents of one input (file or `datasets` folder), empty ones included (as ``""``) and counted."""
     if text_split not in TEXT_SPLITS:
         raise ValueError(f"text_split must be one of {TEXT_SPLITS}, got {text_split!r}")
-    if encoding_errors not in ("strict", "replace"):
+    if encoding_errors not in ENCODING_ERRORS:
         raise ValueError(f"encoding_errors must be 'strict' or 'replace', got {encoding_errors!r}")
     stats = stats if stats is not None else ReadStats()
     p = Path(path)
@@ -222,3 +224,24 @@ def iter_documents(
             if skip_empty and not text.strip():
                 continue
             yield text
+
+
+def add_reader_arguments(parser: argparse.ArgumentParser) -> None:
+    """The input arguments every command that reads documents takes: ``inputs``, ``--text-key``,
+    ``--text-split``, ``--encoding-errors`` (``flasht5 tokenizer train`` and ``flasht5 pretokenize``)."""
+    parser.add_argument(
+        "inputs",
+        nargs="+",
+        help="text (.txt[.gz], one document per line), JSONL, Parquet files, "
+        "folders of them, or `datasets` save_to_disk folders",
+    )
+    parser.add_argument("--text-key", default="text", help="JSONL/Parquet/datasets column holding the text")
+    parser.add_argument(
+        "--text-split", choices=TEXT_SPLITS, default="line", help="what one document is in a plain text file"
+    )
+    parser.add_argument(
+        "--encoding-errors",
+        choices=ENCODING_ERRORS,
+        default="strict",
+        help="invalid UTF-8: fail with the file and line (strict) or substitute U+FFFD",
+    )

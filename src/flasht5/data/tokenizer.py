@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from flasht5.data.text import ReadStats, iter_documents
+from flasht5.data.text import ReadStats, add_reader_arguments, iter_documents
 from flasht5.data.ul2 import MODE_TOKENS
 
 MODEL_TYPES = ("unigram", "bpe")
@@ -320,31 +320,13 @@ def configure_cli(parser: argparse.ArgumentParser) -> None:
     """Add ``flasht5 tokenizer train`` to the given ``tokenizer`` subparser."""
     sub = parser.add_subparsers(dest="tokenizer_command", required=True, metavar="ACTION")
     p = sub.add_parser("train", help="train a SentencePiece tokenizer with T5 sentinels and UL2 mode tokens")
-    p.add_argument(
-        "inputs",
-        nargs="+",
-        help="text (.txt[.gz], one document per line), JSONL, Parquet files, "
-        "folders of them, or `datasets` save_to_disk folders",
-    )
+    add_reader_arguments(p)
     p.add_argument("--out", required=True, help="output folder (loadable by AutoTokenizer.from_pretrained)")
     p.add_argument("--vocab-size", type=int, default=32000, help="SentencePiece pieces incl. special and mode tokens")
     p.add_argument("--model-type", choices=MODEL_TYPES, default="unigram")
     p.add_argument("--num-sentinels", type=int, default=100, help="<extra_id_N> tokens appended (default 100)")
     p.add_argument("--no-ul2-tokens", action="store_true", help="leave out [R] [S] [X] [NLU] [NLG] [S2S]")
-    p.add_argument("--text-key", default="text", help="JSONL/Parquet/datasets column holding the text")
-    p.add_argument(
-        "--text-split",
-        choices=("line", "paragraph", "file"),
-        default="line",
-        help="what one document is in a plain text file",
-    )
     p.add_argument("--max-sentences", type=int, default=None, help="train on a uniform sample of this many lines")
     p.add_argument("--character-coverage", type=float, default=0.9999)
-    p.add_argument(
-        "--encoding-errors",
-        choices=("strict", "replace"),
-        default="strict",
-        help="invalid UTF-8: fail with the file and line (strict) or substitute U+FFFD",
-    )
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cli_train)
