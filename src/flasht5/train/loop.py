@@ -125,17 +125,6 @@ def model_inputs(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return out
 
 
-def count_tokens(batch: dict[str, Any]) -> tuple[int, int]:
-    """(real encoder + decoder tokens, target tokens with a label)."""
-    labels = batch["labels"]
-    n_target = int((labels != -100).sum())
-    if "attention_mask" in batch:
-        n_in = int(batch["attention_mask"].sum())
-    else:
-        n_in = int(batch["input_ids"].numel())
-    return n_in + n_target, n_target
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Evaluation, samples, checkpoints
 # ----------------------------------------------------------------------------------------------------------------
@@ -278,7 +267,7 @@ def train(cfg: Config) -> dict[str, Any]:
     eval_batches: list[tuple[dict[str, Any], int]] = []
     if heldout is not None:
         for batch in make_dataset(heldout, tokenizer, cfg, seed=t.seed + 1):
-            eval_batches.append((model_inputs(batch, device), count_tokens(batch)[1]))
+            eval_batches.append((model_inputs(batch, device), batch["stats"]["target_tokens"]))
             if len(eval_batches) >= cfg.data.eval_batches:
                 break
 
@@ -308,7 +297,7 @@ def train(cfg: Config) -> dict[str, Any]:
         except StopIteration:  # the dataset ended an epoch: start the next one
             data_iter = iter(loader)
             batch = next(data_iter)
-        stats = batch.get("stats", {})
+        stats = batch["stats"]  # the collator's token counts (real, non-padding tokens) and mixture counts
         scale = lr_at(
             step, total=t.steps, warmup=cfg.optim.warmup_steps, schedule=cfg.optim.schedule,
             final_ratio=cfg.optim.final_lr_ratio,
@@ -325,7 +314,7 @@ def train(cfg: Config) -> dict[str, Any]:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        window_tokens += count_tokens(batch)[0]
+        window_tokens += stats["input_tokens"] + stats["target_tokens"]
         # Not converted here: that would wait for the GPU every step; the log rows sync once.
         losses.append(loss.detach())
         if outputs.z_loss is not None:
