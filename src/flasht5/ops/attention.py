@@ -751,21 +751,9 @@ def _bwd_impl(
 ):  # fmt: skip
     varlen = cu_q is not None
     g = _geometry(q, k, cu_q, max_q, max_k)
-    dq = (
-        torch.zeros(q.shape, device=q.device, dtype=q.dtype)
-        if k.numel() == 0
-        else torch.empty_like(q, memory_format=torch.contiguous_format)
-    )
-    dk = (
-        torch.zeros(k.shape, device=k.device, dtype=k.dtype)
-        if q.numel() == 0
-        else torch.empty_like(k, memory_format=torch.contiguous_format)
-    )
-    dv = (
-        torch.zeros(v.shape, device=v.device, dtype=v.dtype)
-        if q.numel() == 0
-        else torch.empty_like(v, memory_format=torch.contiguous_format)
-    )
+    # no kernel runs when either side is empty: the (possibly non-empty) other side's gradients are then 0
+    alloc = torch.zeros if q.numel() == 0 or k.numel() == 0 else torch.empty
+    dq, dk, dv = (alloc(x.shape, device=x.device, dtype=x.dtype) for x in (q, k, v))
     rel_grad = rel_table is not None and need_dtable
     bias_grad = bias is not None and need_dbias
     dtable = torch.zeros(rel_table.shape, device=q.device, dtype=rel_table.dtype) if rel_grad else q.new_empty(0)
