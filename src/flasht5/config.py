@@ -24,6 +24,7 @@ from transformers import PretrainedConfig
 POSITION_ENCODINGS = ("t5", "alibi", "rope", "fire")
 ACTIVATIONS = ("relu", "gelu", "gelu_new", "gelu_tanh", "gelu_pytorch_tanh", "silu", "swish")
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash")
+HF_MODEL_TYPES = ("t5", "mt5", "umt5")  # the Hugging Face families an export writes
 
 
 @strict
@@ -151,8 +152,8 @@ class FlashT5Config(PretrainedConfig):
             raise ValueError(f"z_loss must be >= 0, got {self.z_loss}.")
         if not 0 <= self.dropout_rate < 1:
             raise ValueError(f"dropout_rate must be in [0, 1), got {self.dropout_rate}.")
-        if self.hf_model_type not in ("t5", "mt5", "umt5"):
-            raise ValueError(f"hf_model_type={self.hf_model_type!r} must be 't5', 'mt5' or 'umt5'.")
+        if self.hf_model_type not in HF_MODEL_TYPES:
+            raise ValueError(f"hf_model_type={self.hf_model_type!r} must be one of {HF_MODEL_TYPES}.")
 
     @property
     def inner_dim(self) -> int:

@@ -16,9 +16,7 @@ from typing import Any
 
 import torch
 
-from flasht5.config import FlashT5Config
-
-HF_MODEL_TYPES = ("t5", "mt5", "umt5")
+from flasht5.config import HF_MODEL_TYPES, FlashT5Config
 
 # (Hugging Face pattern, flasht5 pattern). {i}: layer index; {p}: attention projection; {w}: MLP weight.
 KEY_MAP: list[tuple[str, str]] = [
