@@ -115,6 +115,26 @@ def _compile(fn: Callable, backend: str) -> Callable:
     return torch.compile(fn, dynamic=False, backend=backend)
 
 
+def _bandwidth_rows(op: str, shape: str, res: dict[str, dict], bytes_moved: int, copy_gbs: float) -> list[dict]:
+    """Table rows of a bandwidth-bound op: achieved GB/s, its share of the copy bandwidth, time vs flasht5's."""
+    rows = []
+    for k, r in res.items():
+        gbs = bytes_moved / (r["ms"] * 1e-3) / GB
+        rows.append(
+            {
+                "op": op,
+                "shape": shape,
+                "impl": k,
+                "ms": r["ms"],
+                "GB/s": gbs,
+                "% copy BW": 100 * gbs / copy_gbs,
+                "flasht5 speedup": r["ms"] / res["flasht5"]["ms"],
+                "note": r["note"],
+            }
+        )
+    return rows
+
+
 def bench_rms_norm(device, quick, backend, liger, copy_gbs) -> list[dict]:
     rows = []
     n_tokens = 16 if quick else 65536
@@ -133,21 +153,7 @@ def bench_rms_norm(device, quick, backend, liger, copy_gbs) -> list[dict]:
         bytes_moved = 5 * x.numel() * x.element_size()  # fwd: read x, write y; bwd: read x, dy, write dx
         res = {k: _measure(k, _fwd_bwd(f, [x, w], dy), graph=True) for k, f in impls.items()}
         res["flasht5 (no graph)"] = _measure("flasht5 (no graph)", _fwd_bwd(impls["flasht5"], [x, w], dy))
-        base = res["flasht5"]["ms"]
-        for k, r in res.items():
-            gbs = bytes_moved / (r["ms"] * 1e-3) / GB
-            rows.append(
-                {
-                    "op": "rms_norm fwd+bwd",
-                    "shape": f"{n_tokens}x{d_model}",
-                    "impl": k,
-                    "ms": r["ms"],
-                    "GB/s": gbs,
-                    "% copy BW": 100 * gbs / copy_gbs,
-                    "flasht5 speedup": r["ms"] / base,
-                    "note": r["note"],
-                }
-            )
+        rows += _bandwidth_rows("rms_norm fwd+bwd", f"{n_tokens}x{d_model}", res, bytes_moved, copy_gbs)
     # the fused residual add at one size (eager = separate add + norm)
     d_model = 1024
     x = torch.randn(n_tokens, d_model, device=device, dtype=torch.bfloat16, requires_grad=True)
@@ -162,21 +168,7 @@ def bench_rms_norm(device, quick, backend, liger, copy_gbs) -> list[dict]:
             "eager": lambda x, w, r: rms_norm_ref(x, w, 1e-6, r),
         }.items()
     }
-    for k, r in res.items():
-        gbs = bytes_moved / (r["ms"] * 1e-3) / GB
-        rows.append(
-            {
-                "op": "add+rms_norm fwd+bwd",
-                "shape": f"{n_tokens}x{d_model}",
-                "impl": k,
-                "ms": r["ms"],
-                "GB/s": gbs,
-                "% copy BW": 100 * gbs / copy_gbs,
-                "flasht5 speedup": r["ms"] / res["flasht5"]["ms"],
-                "note": r["note"],
-            }
-        )
-    return rows
+    return rows + _bandwidth_rows("add+rms_norm fwd+bwd", f"{n_tokens}x{d_model}", res, bytes_moved, copy_gbs)
 
 
 def _labels(n_tokens: int, n_classes: int, device: str) -> torch.Tensor:
@@ -292,20 +284,7 @@ def bench_gated_act(device, quick, backend, liger, copy_gbs) -> list[dict]:
             impls["liger"] = lambda g, u, k=kind: (liger["geglu"] if k == "gelu_tanh" else liger["swiglu"]).apply(g, u)
         bytes_moved = 8 * gate.numel() * gate.element_size()  # fwd r g, u, w out; bwd r dout, g, u, w dg, du
         res = {k: _measure(k, _fwd_bwd(f, [gate, up], dout), graph=True) for k, f in impls.items()}
-        for k, r in res.items():
-            gbs = bytes_moved / (r["ms"] * 1e-3) / GB
-            rows.append(
-                {
-                    "op": f"gated_act {kind} fwd+bwd",
-                    "shape": f"{n_tokens}x{d_ff}",
-                    "impl": k,
-                    "ms": r["ms"],
-                    "GB/s": gbs,
-                    "% copy BW": 100 * gbs / copy_gbs,
-                    "flasht5 speedup": r["ms"] / res["flasht5"]["ms"],
-                    "note": r["note"],
-                }
-            )
+        rows += _bandwidth_rows(f"gated_act {kind} fwd+bwd", f"{n_tokens}x{d_ff}", res, bytes_moved, copy_gbs)
     return rows
 
 
