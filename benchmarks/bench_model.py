@@ -116,7 +116,8 @@ def main() -> None:
                 "real tok/s (k)": real / ms, "speedup vs best transformers": best_hf / ms, "peak GiB": mem,
             })  # fmt: skip
             print(rows[-1], flush=True)
-    n_params = sum(p.numel() for p in FlashT5ForConditionalGeneration(cfg).parameters()) / 1e6
+    with torch.device("meta"):  # shapes only: no second full model initialised on the host
+        n_params = sum(p.numel() for p in FlashT5ForConditionalGeneration(cfg).parameters()) / 1e6
     body = (
         f"Model: `{args.preset}` shapes ({n_params:.0f}M parameters), bf16 autocast, forward + backward, dropout 0; "
         "throughput counts non-padding tokens.\n\n" + markdown_table(rows)
