@@ -248,7 +248,7 @@ def shape_sweep(D: int = 64) -> list[dict]:
     return rows
 
 
-def varlen_rows(D: int, quick: bool) -> list[dict]:
+def varlen_rows(D: int) -> list[dict]:
     """Packed documents of mixed lengths (32k tokens) vs dense batches doing the same work (T5 bias, bidir)."""
     lengths = [4096, 512, 2048, 1024, 512, 4096, 1024, 2048, 512, 1024, 4096, 2048, 512, 1024, 2048, 2048, 1024]
     lengths += [512] * ((TOKENS - sum(lengths)) // 512)
@@ -451,7 +451,7 @@ def main() -> None:
 
     mem = memory_rows(L=4096 if args.quick else 16384)
     sections.append(("Peak memory of fwd+bwd (T5 bias vs no-bias flash)", utils.markdown_table(mem)))
-    vl = varlen_rows(64, args.quick)
+    vl = varlen_rows(64)
     sections.append(
         ("Varlen: packed mixed-length documents vs dense batches of the same work", utils.markdown_table(vl))
     )
