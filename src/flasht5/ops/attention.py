@@ -899,6 +899,7 @@ def _flash_attn_bwd_fake(
 def _setup_context(ctx, inputs, output) -> None:
     q, k, v, rel_table, alibi, bias, cu_q, cu_k, max_q, max_k, scale, causal, rel_bidir, R = inputs
     out, lse = output
+    ctx.set_materialize_grads(False)  # the LSE is never differentiated: no zero-filled (H, T) grad per backward
     ctx.save_for_backward(q, k, v, out, lse, rel_table, alibi, bias, cu_q, cu_k)
     ctx.params = (max_q, max_k, scale, causal, rel_bidir, R)
 
@@ -908,7 +909,7 @@ def _backward(ctx, dout, _dlse):
     max_q, max_k, scale, causal, rel_bidir, R = ctx.params
     need_dtable = rel_table is not None and ctx.needs_input_grad[3]
     need_dbias = bias is not None and ctx.needs_input_grad[5]
-    if dout is None:
+    if dout is None:  # only the LSE was used downstream (not reachable through flash_attention)
         dout = torch.zeros_like(out)
     dq, dk, dv, dtable, dbias = _flash_attn_bwd(
         dout, q, k, v, out, lse, rel_table, alibi, bias, cu_q, cu_k, max_q, max_k, scale, causal, rel_bidir, R,
