@@ -193,8 +193,9 @@ def test_all_ignored_labels_give_zero_loss_not_nan():
     assert out.loss.item() == 0.0
 
 
-def test_gradient_checkpointing_matches():
-    model = tiny()
+@pytest.mark.parametrize("pe,impl", [("t5", "eager"), ("fire", "flash")])
+def test_gradient_checkpointing_matches(pe, impl):
+    model = tiny(pe, impl)
     ids, labels = torch.randint(2, 61, (2, 7)), torch.randint(2, 61, (2, 4))
     model.train()
     model(input_ids=ids, labels=labels).loss.backward()

@@ -373,8 +373,9 @@ def _warn_once(message: str) -> None:
 
 
 def _attend_flash(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: PositionSpec, ctx_q: Seqs, ctx_k: Seqs, *, causal: bool
-) -> torch.Tensor:
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: PositionSpec, ctx_q: Seqs, ctx_k: Seqs, *, causal: bool,
+    bias_cache: dict,
+) -> torch.Tensor:  # fmt: skip
     from flasht5.ops.attention import flash_attention
 
     kwargs: dict[str, Any] = dict(scale=1.0, causal=causal)
@@ -383,8 +384,8 @@ def _attend_flash(
     elif pos.kind == "alibi":
         kwargs.update(alibi_slopes=pos.slopes)
     if ctx_q.dense and ctx_k.dense:
-        if pos.kind == "fire":
-            kwargs.update(bias=pos.fire(ctx_q.positions, ctx_k.positions, pos.bidirectional))
+        if pos.kind == "fire":  # the MLP's (B, H, Lq, Lk) bias, built once per stack forward like the references'
+            kwargs.update(bias=_materialised_bias(pos, ctx_q, ctx_k, bias_cache))
         return flash_attention(q, k, v, **kwargs)
     if pos.kind == "fire":
         raise ValueError(
@@ -409,18 +410,19 @@ def attend(
     causal: bool, impl: str, dropout: float = 0.0, bias_cache: dict | None = None, training: bool = False,
 ) -> torch.Tensor:  # fmt: skip
     """Attention of q (B, Lq, H, D) over k, v (B, Lk, H, D) with T5 semantics (scale 1.0); returns (B, Lq, H, D)."""
+    bias_cache = {} if bias_cache is None else bias_cache
     if impl == "flash":
         if training and dropout > 0:
             _warn_once(
                 "attn_implementation='flash' applies no dropout to attention probabilities (hidden-state dropout is "
                 f"applied); dropout_rate={dropout} affects attention only with 'eager' or 'sdpa'."
             )
-        return _attend_flash(q, k, v, pos, ctx_q, ctx_k, causal=causal)
+        return _attend_flash(q, k, v, pos, ctx_q, ctx_k, causal=causal, bias_cache=bias_cache)
     if impl not in ("eager", "sdpa"):
         raise ValueError(f"attn_implementation={impl!r} is not one of 'eager', 'sdpa', 'flash'.")
     return _attend_reference(
-        q, k, v, pos, ctx_q, ctx_k, causal=causal, impl=impl, dropout=dropout,
-        bias_cache={} if bias_cache is None else bias_cache, training=training,
+        q, k, v, pos, ctx_q, ctx_k, causal=causal, impl=impl, dropout=dropout, bias_cache=bias_cache,
+        training=training,
     )  # fmt: skip
 
 
@@ -630,8 +632,9 @@ class Stack(nn.Module):
     def forward(self, embeds: torch.Tensor, ctx: StackContext, enc_hidden: torch.Tensor | None = None) -> torch.Tensor:
         h = self.dropout(embeds)
         owner = self.layers[0].attn if len(self.layers) else None
-        if ctx.impl != "flash" and owner is not None and not self.per_layer:
-            # Materialise the shared bias once, outside any checkpointed layer (recomputation must not differ).
+        if owner is not None and not self.per_layer and (ctx.impl != "flash" or owner.position_encoding == "fire"):
+            # Materialise the shared bias once (the flash kernel computes T5/ALiBi biases itself), outside any
+            # checkpointed layer (recomputation must not differ).
             _materialised_bias(owner.position_spec(owner), ctx.q.padded()[0], ctx.k.padded()[0], ctx.bias_cache)
         for i, layer in enumerate(self.layers):
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
