@@ -191,24 +191,21 @@ class FlashT5PreTrainedModel(PreTrainedModel):
                 "materialises attention weights); use transformers' T5 for inspection."
             )
 
-    def _encode(
-        self, input_ids, attention_mask, inputs_embeds, segment_ids, position_ids, cu_seqlens, max_seqlen
-    ) -> tuple[torch.Tensor, Seqs]:
-        input_ids = _flat_tokens(input_ids, cu_seqlens)
+    def _encode(self, input_ids, attention_mask, inputs_embeds, packing: dict[str, Any]) -> tuple[torch.Tensor, Seqs]:
+        input_ids = _flat_tokens(input_ids, packing.get("cu_seqlens"))
         ref = input_ids if input_ids is not None else inputs_embeds
         if ref is None:
             raise ValueError("pass input_ids or inputs_embeds.")
-        seqs = self._enc_seqs(ref, attention_mask, segment_ids, position_ids, cu_seqlens, max_seqlen, "input_ids")
+        seqs = self._enc_seqs(ref, attention_mask, packing, "input_ids")
         return self.model.encode(input_ids, inputs_embeds=inputs_embeds, seqs=seqs)
 
     @staticmethod
-    def _enc_seqs(
-        ref: torch.Tensor, attention_mask, segment_ids, position_ids, cu_seqlens, max_seqlen, name="encoder_outputs"
-    ) -> Seqs:
+    def _enc_seqs(ref: torch.Tensor, attention_mask, packing: dict[str, Any], name="encoder_outputs") -> Seqs:
         """The encoder layout of ``ref`` (token ids, embeddings, or a given encoder output during generation)."""
         return Seqs.build(
-            ref.shape[0], ref.shape[1], ref.device, attention_mask=attention_mask, segment_ids=segment_ids,
-            position_ids=position_ids, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, name=name,
+            ref.shape[0], ref.shape[1], ref.device, attention_mask=attention_mask,
+            segment_ids=packing.get("segment_ids"), position_ids=packing.get("position_ids"),
+            cu_seqlens=packing.get("cu_seqlens"), max_seqlen=packing.get("max_seqlen"), name=name,
         )  # fmt: skip
 
     def _shift_right(self, ids: torch.Tensor) -> torch.Tensor:
@@ -221,15 +218,14 @@ class FlashT5PreTrainedModel(PreTrainedModel):
         past_key_values, inputs_embeds, decoder_inputs_embeds, labels, use_cache, packing: dict[str, Any],
     ) -> tuple[torch.Tensor, BaseModelOutput, Any]:  # fmt: skip
         """Run encoder (unless given) and decoder; returns (decoder hidden, encoder output, cache or None)."""
-        enc_args = [packing.get(k) for k in ("segment_ids", "position_ids", "cu_seqlens", "max_seqlen")]
         if encoder_outputs is None:
-            enc_hidden, enc_seqs = self._encode(input_ids, attention_mask, inputs_embeds, *enc_args)
+            enc_hidden, enc_seqs = self._encode(input_ids, attention_mask, inputs_embeds, packing)
             encoder_outputs = BaseModelOutput(last_hidden_state=enc_hidden)
         else:
             if not isinstance(encoder_outputs, BaseModelOutput):
                 encoder_outputs = BaseModelOutput(last_hidden_state=encoder_outputs[0])
             enc_hidden = encoder_outputs.last_hidden_state
-            enc_seqs = self._enc_seqs(enc_hidden, attention_mask, *enc_args)
+            enc_seqs = self._enc_seqs(enc_hidden, attention_mask, packing)
 
         d_cu = packing.get("decoder_cu_seqlens")
         decoder_input_ids = _flat_tokens(decoder_input_ids, d_cu)
@@ -404,9 +400,7 @@ class _EncoderView(nn.Module):
         self._parent = [parent]  # a list, so the parent is not registered as a submodule
 
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, **kwargs: Any) -> BaseModelOutput:
-        packing = _packing(kwargs)
-        args = [packing.get(k) for k in ("segment_ids", "position_ids", "cu_seqlens", "max_seqlen")]
-        hidden, _ = self._parent[0]._encode(input_ids, attention_mask, inputs_embeds, *args)
+        hidden, _ = self._parent[0]._encode(input_ids, attention_mask, inputs_embeds, _packing(kwargs))
         return BaseModelOutput(last_hidden_state=hidden)
 
 
@@ -429,11 +423,7 @@ class FlashT5EncoderModel(FlashT5PreTrainedModel):
         **kwargs: Any,
     ) -> BaseModelOutput | tuple:
         self._unsupported(output_attentions, output_hidden_states)
-        p = _packing(kwargs)
-        hidden, _ = self._encode(
-            input_ids, attention_mask, inputs_embeds, p.get("segment_ids"), p.get("position_ids"),
-            p.get("cu_seqlens"), p.get("max_seqlen"),
-        )  # fmt: skip
+        hidden, _ = self._encode(input_ids, attention_mask, inputs_embeds, _packing(kwargs))
         out = BaseModelOutput(last_hidden_state=hidden)
         return out if return_dict is not False else out.to_tuple()
 
@@ -541,11 +531,7 @@ class FlashT5ForTokenClassification(FlashT5PreTrainedModel):
         **kwargs: Any,
     ) -> TokenClassifierOutput | tuple:
         self._unsupported(output_attentions, output_hidden_states)
-        p = _packing(kwargs)
-        hidden, _ = self._encode(
-            input_ids, attention_mask, inputs_embeds, p.get("segment_ids"), p.get("position_ids"),
-            p.get("cu_seqlens"), p.get("max_seqlen"),
-        )  # fmt: skip
+        hidden, _ = self._encode(input_ids, attention_mask, inputs_embeds, _packing(kwargs))
         logits = self.classifier(self.dropout(hidden))
         loss = None
         if labels is not None:
