@@ -59,7 +59,7 @@ def test_gradients_match_hf(family, tmp_path):
     pairs = {
         "shared.weight": "model.shared.weight",
         "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight":
-            "model.encoder.layers.0.attn.relative_attention_bias.weight",
+            "model.encoder.pos_bias.tables.0.weight",
         "encoder.block.1.layer.0.SelfAttention.q.weight": "model.encoder.layers.1.attn.q.weight",
         "decoder.block.0.layer.1.EncDecAttention.v.weight": "model.decoder.layers.0.cross_attn.v.weight",
         "decoder.final_layer_norm.weight": "model.decoder.final_norm.weight",
@@ -118,7 +118,7 @@ def test_export_round_trip(family, tmp_path):
 def test_checkpoint_formats(fmt, shards, tmp_path):
     hf = tiny_hf("t5-v1.1")
     folder = save_hf(hf, tmp_path / "hf", shards=shards, fmt=fmt)
-    ours = flasht5.convert.from_hf(folder)
+    ours = flasht5.convert.from_hf(folder, FlashT5ForConditionalGeneration)
     batch = padded_batch()
     with torch.no_grad():
         _close_to_scale(ours(**batch).logits, hf(**batch).logits)
@@ -312,7 +312,7 @@ def test_fresh_init_follows_t5_scheme():
         (std(layer.attn.o.weight), (8 * 16) ** -0.5),
         (std(layer.mlp.wi_0.weight), 64**-0.5),
         (std(layer.mlp.wo.weight), 256**-0.5),
-        (std(layer.attn.relative_attention_bias.weight), 64**-0.5),
+        (std(m.encoder.pos_bias.tables[0].weight), 64**-0.5),
     ]:
         assert abs(value / expected - 1) < 0.2, (value, expected)
     assert torch.equal(layer.attn_norm.weight, torch.ones(64))

@@ -21,9 +21,10 @@ from typing import Any
 from huggingface_hub.dataclasses import strict
 from transformers import PretrainedConfig
 
+from flasht5.model import ACTIVATIONS as _ACTIVATION_FNS
+
 POSITION_ENCODINGS = ("t5", "alibi", "rope", "fire")
-ACTIVATIONS = ("relu", "gelu", "gelu_new", "gelu_tanh", "gelu_pytorch_tanh", "silu", "swish")
-ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash")
+ACTIVATIONS = tuple(_ACTIVATION_FNS)  # the names the model implements
 HF_MODEL_TYPES = ("t5", "mt5", "umt5")  # the Hugging Face families an export writes
 
 
@@ -154,10 +155,6 @@ class FlashT5Config(PretrainedConfig):
             raise ValueError(f"dropout_rate must be in [0, 1), got {self.dropout_rate}.")
         if self.hf_model_type not in HF_MODEL_TYPES:
             raise ValueError(f"hf_model_type={self.hf_model_type!r} must be one of {HF_MODEL_TYPES}.")
-
-    @property
-    def inner_dim(self) -> int:
-        return self.num_heads * self.d_kv
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> FlashT5Config:

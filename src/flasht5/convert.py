@@ -25,9 +25,10 @@ KEY_MAP: list[tuple[str, str]] = [
     ("{stack}.final_layer_norm.weight", "model.{stack}.final_norm.weight"),
     ("{stack}.block.{i}.layer.0.layer_norm.weight", "model.{stack}.layers.{i}.attn_norm.weight"),
     ("{stack}.block.{i}.layer.0.SelfAttention.{p}.weight", "model.{stack}.layers.{i}.attn.{p}.weight"),
+    # The stack owns its position table(s): block 0's for T5 / mT5, one per block for umT5.
     (
         "{stack}.block.{i}.layer.0.SelfAttention.relative_attention_bias.weight",
-        "model.{stack}.layers.{i}.attn.relative_attention_bias.weight",
+        "model.{stack}.pos_bias.tables.{i}.weight",
     ),
     ("encoder.block.{i}.layer.1.layer_norm.weight", "model.encoder.layers.{i}.ffn_norm.weight"),
     ("encoder.block.{i}.layer.1.DenseReluDense.{w}.weight", "model.encoder.layers.{i}.mlp.{w}.weight"),
@@ -37,8 +38,8 @@ KEY_MAP: list[tuple[str, str]] = [
     ("decoder.block.{i}.layer.2.DenseReluDense.{w}.weight", "model.decoder.layers.{i}.mlp.{w}.weight"),
     # Task heads keep their transformers names.
     ("classification_head.{lin}.{wb}", "classification_head.{lin}.{wb}"),
-    ("classifier.{wb}", "classifier.{wb}"),
-    ("qa_outputs.{wb}", "qa_outputs.{wb}"),
+    ("classifier.{wb}", "head.classifier.{wb}"),
+    ("qa_outputs.{wb}", "head.qa_outputs.{wb}"),
 ]
 _FIELDS = {
     "stack": "encoder|decoder",
@@ -222,16 +223,13 @@ def config_to_hf(cfg: FlashT5Config, architecture: str) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-ENCODER_ONLY = ("FlashT5EncoderModel", "FlashT5ForTokenClassification")
-
-
 def _head_owned(key: str) -> bool:
-    return key.startswith(("classification_head.", "classifier.", "qa_outputs.", "model.lm_head."))
+    return key.startswith(("classification_head.", "head.", "model.lm_head."))
 
 
 def _ignorable_extra(cls: type, key: str) -> bool:
     """Weights a checkpoint may hold beyond what ``cls`` uses: other heads, and the decoder for encoder models."""
-    return _head_owned(key) or (cls.__name__ in ENCODER_ONLY and key.startswith("model.decoder."))
+    return _head_owned(key) or (not cls.has_decoder and key.startswith("model.decoder."))
 
 
 def check_keys(
@@ -274,7 +272,7 @@ def check_loading_info(cls: type, info: dict[str, Any]) -> None:
 
 def from_hf(
     src: str | Path,
-    cls: type | None = None,
+    cls: type,
     *,
     dtype: torch.dtype | str | None = None,
     torch_dtype: torch.dtype | str | None = None,
@@ -283,11 +281,8 @@ def from_hf(
     device_map: str | torch.device | None = None,
     **config_overrides: Any,
 ):
-    """Load a stock transformers T5-family folder as a flasht5 model (``FlashT5ForConditionalGeneration`` unless
-    ``cls`` names another flasht5 class). Half-precision ``dtype`` keeps ``wo`` in fp32, as transformers does."""
-    from flasht5.modeling import FlashT5ForConditionalGeneration
-
-    cls = cls or FlashT5ForConditionalGeneration
+    """Load a stock transformers T5-family folder as the flasht5 class ``cls`` (e.g.
+    ``FlashT5ForConditionalGeneration``). Half-precision ``dtype`` keeps ``wo`` in fp32, as transformers does."""
     hf_cfg = read_config(src)
     raw = load_state_dict(src)
     state: dict[str, torch.Tensor] = {}

@@ -1,20 +1,23 @@
-"""The T5 / UL2 encoder-decoder in plain PyTorch (no transformers import here; DESIGN.md §2-3).
+"""The T5 / UL2 encoder-decoder in plain PyTorch: a complete model (no transformers import here; DESIGN.md §2-3).
 
-It computes exactly what Hugging Face's T5 computes, for every public family (T5 v1.0, v1.1 / FLAN, mT5, umT5,
-ByT5, UL2), chosen by config fields alone, plus ALiBi, RoPE and FIRE position encodings. The config is duck-typed
-(any object with ``FlashT5Config``'s fields).
+``T5(config)`` is trainable on its own: :meth:`T5.forward` takes token ids, labels (shifted right per document
+into decoder inputs) and the batch layouts (:mod:`flasht5.layout`) and returns the LM loss, its z-loss term and/or
+the logits; every module initialises itself with Mesh TensorFlow's scheme (``reset_parameters``). It computes
+exactly what Hugging Face's T5 computes, for every public family (T5 v1.0, v1.1 / FLAN, mT5, umT5, ByT5, UL2),
+chosen by config fields alone (any object with ``FlashT5Config``'s fields), plus ALiBi, RoPE and FIRE positions.
 
 Numerics that matter (DESIGN.md §3): attention has no 1/sqrt(d) scale; RMSNorm has no mean and no bias and takes
-its variance in fp32; the relative-position bias is computed once per stack (layer 0 owns the table, or every
-layer for umT5); a query at row i of a block whose keys are longer sits at position i + Lk - Lq; positions restart
-in every packed document; ``wo`` keeps its own dtype (fp32 where Hugging Face keeps it).
+its variance in fp32; the residual stream keeps the embedding's dtype (fp32 under autocast, as in Hugging Face);
+the position bias is owned by each stack (:class:`PositionBias`: one table, or one per layer for umT5) and computed
+once per stack forward; a query at row i of a block whose keys are longer sits at position i + Lk - Lq; positions
+restart in every document; ``wo`` keeps its own dtype (fp32 where Hugging Face keeps it).
 
-Attention backends are chosen at one place, :func:`attend`, from the model-level ``attn_implementation``:
-``"eager"`` (the reference: fp32 softmax over a materialised bias), ``"sdpa"`` (``scaled_dot_product_attention``
-with the same materialised bias) and ``"flash"`` (:func:`flasht5.ops.attention.flash_attention`, bias in-kernel).
-
-Batch layouts (:class:`Seqs`): dense rows, padded rows (an HF ``attention_mask``), rows packed with several
-documents (``segment_ids`` + ``position_ids``), or flattened padding-free tokens with ``cu_seqlens``.
+The backend is resolved once, at construction or :meth:`T5.set_backend`, into a :class:`Kernels` bundle that the
+modules call: ``"eager"`` (the reference: fp32 softmax over a materialised bias), ``"sdpa"``
+(``scaled_dot_product_attention`` with the same bias) and ``"flash"`` (the Triton kernels of :mod:`flasht5.ops`:
+flash attention with the bias in-kernel, fused residual add + RMSNorm, gated activation, fused LM head + loss).
+The reference backends run every stack on rows (varlen documents become padded rows, once per stack); flash runs
+every stack padding-free (padded rows lose their padding once per stack), so the linear layers skip padding too.
 """
 
 from __future__ import annotations
@@ -22,155 +25,252 @@ from __future__ import annotations
 import functools
 import math
 import warnings
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from flasht5.layout import Layout, _readable, gather_tokens, scatter_tokens, shift_right
 from flasht5.ops.relative_position import relative_position_bucket
 
+BACKENDS = ("eager", "sdpa", "flash")
+
+
+def default_backend() -> str:
+    """The one default: ``flash`` where a CUDA GPU and Triton are present, ``sdpa`` otherwise."""
+    if torch.cuda.is_available():
+        try:
+            import triton  # noqa: F401
+
+            return "flash"
+        except ImportError:
+            pass
+    return "sdpa"
+
+
+def _gelu_tanh(x: Tensor) -> Tensor:
+    # Hugging Face's NewGELUActivation ("gelu_new"), written out so results match it bit for bit.
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+# The activation names a config may use (config.py validates against these keys).
+ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "gelu_new": _gelu_tanh,
+    "gelu_tanh": _gelu_tanh,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "silu": F.silu,
+    "swish": F.silu,
+}
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    warnings.warn(message, stacklevel=3)
+
+
 # --------------------------------------------------------------------------------------------------------------
-# Batch layout
+# The kernel bundle: the backend, resolved once
 # --------------------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class Seqs:
-    """How the tokens of one side of an attention are laid out.
+class Kernels(NamedTuple):
+    """The functions the modules call; built by :func:`kernels_for`.
 
-    positions:   (B or 1, L) int64 position of each token inside its document.
-    mask:        (B, L) bool, True for real tokens; None when every token is real. Only keys are masked (HF
-                 semantics: a padded query still attends, its output is ignored downstream).
-    segment_ids: (B, L) int, document id of each token inside its row, 0 for padding; set for packed rows and
-                 for flattened varlen batches. Tokens attend only within their own document.
-    cu_seqlens:  (N + 1,) int32 document boundaries of a flattened batch (B == 1); None otherwise.
+    flat:      stacks run padding-free (flash) rather than on rows (the reference paths).
+    attend:    (q, k, v, bias, q_layout, k_layout, causal, dropout, training) -> (B, Lq, H, D); see :func:`attend`.
+    rms_norm:  (x, weight, eps, residual=None) -> y, or (y, x + residual) with a residual.
+    gated_act: (gate, up, name) -> act(gate) * up.
+    lm_loss:   (hidden, weight, scale, labels, z_loss) -> (loss, z-term or None), or None when the loss needs logits.
     """
 
-    positions: torch.Tensor
-    mask: torch.Tensor | None = None
-    segment_ids: torch.Tensor | None = None
-    cu_seqlens: torch.Tensor | None = None
-    max_seqlen: int | None = None
-    batch: int = 1
-    _varlen: tuple | None = field(default=None, repr=False)
-    _padded: tuple | None = field(default=None, repr=False)
+    backend: str
+    flat: bool
+    attend: Callable[..., Tensor]
+    rms_norm: Callable[..., Any]
+    gated_act: Callable[[Tensor, Tensor, str], Tensor]
+    lm_loss: Callable[..., tuple[Tensor, Tensor | None]] | None
+    cross_entropy: Callable[..., tuple[Tensor, Tensor | None]]
 
-    @property
-    def packed(self) -> bool:
-        return self.segment_ids is not None
 
-    @property
-    def dense(self) -> bool:
-        """Every row is one document with no padding: the kernel can take the (B, L, H, D) layout as is."""
-        return self.mask is None and self.segment_ids is None
+def kernels_for(backend: str) -> Kernels:
+    if backend not in BACKENDS:
+        raise ValueError(f"attn_implementation={backend!r} is not supported; choose one of {BACKENDS}.")
+    if backend != "flash":
+        return Kernels(backend, False, functools.partial(attend_reference, impl=backend), norm_reference,
+                       gated_reference, None, cross_entropy_reference)  # fmt: skip
+    from flasht5.ops import activations
 
-    @classmethod
-    def build(
-        cls,
-        batch: int,
-        length: int,
-        device: torch.device,
-        *,
-        attention_mask: torch.Tensor | None = None,
-        segment_ids: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-        cu_seqlens: torch.Tensor | None = None,
-        max_seqlen: int | None = None,
-        offset: int = 0,
-        name: str = "input_ids",
-    ) -> Seqs:
-        """Validate one stack's layout arguments and describe it. ``offset`` shifts default positions (cache)."""
-        if cu_seqlens is not None:
-            if batch != 1:
-                raise ValueError(f"cu_seqlens needs flattened tokens of shape (1, T) in {name}, got batch {batch}.")
-            if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-                raise ValueError(
-                    f"cu_seqlens must be 1-D with num_seqs + 1 >= 2 entries, got {tuple(cu_seqlens.shape)}."
-                )
-            if attention_mask is not None or segment_ids is not None:
-                raise ValueError("pass either cu_seqlens or attention_mask/segment_ids, not both.")
-            cu = cu_seqlens.to(device=device, dtype=torch.int32)
-            lengths = cu.diff()
-            bounds = torch.stack([cu[0], cu[-1], lengths.min()]).tolist()
-            if bounds[0] != 0 or bounds[1] != length or bounds[2] < 0:
-                raise ValueError(
-                    f"cu_seqlens must start at 0, be non-decreasing and end at the number of tokens ({length}); "
-                    f"got start {bounds[0]}, end {bounds[1]}, smallest length {bounds[2]}."
-                )
-            seg = torch.repeat_interleave(
-                torch.arange(1, lengths.numel() + 1, device=device), lengths.long(), output_size=length
-            )[None]
-            starts = torch.repeat_interleave(cu[:-1].long(), lengths.long(), output_size=length)
-            pos = (torch.arange(length, device=device) - starts)[None]
-            max_len = int(max_seqlen) if max_seqlen is not None else int(lengths.max())
-            return cls(positions=pos, segment_ids=seg, cu_seqlens=cu, max_seqlen=max_len)
+    fused = set(activations.KINDS)
 
-        for arg, value in (
-            ("attention_mask", attention_mask),
-            ("segment_ids", segment_ids),
-            ("position_ids", position_ids),
-        ):
-            if value is not None and tuple(value.shape) != (batch, length):
-                raise ValueError(
-                    f"{arg} has shape {tuple(value.shape)} but {name} has shape {(batch, length)}; they must match."
-                )
-        mask = None
-        if segment_ids is not None:
-            segment_ids = segment_ids.to(device)
-            mask = segment_ids != 0
-        elif attention_mask is not None:
-            mask = attention_mask.to(device=device) != 0
-            if bool(mask.all()):  # one host sync; an all-ones mask takes the dense (no unpadding) path
-                mask = None
-        if position_ids is None:
-            if segment_ids is not None:
-                raise ValueError("segment_ids (packed rows) need position_ids that restart in every document.")
-            positions = (torch.arange(length, device=device) + offset)[None]
+    def gated(gate: Tensor, up: Tensor, name: str) -> Tensor:
+        return activations.gated_act(gate, up, name) if name in fused else gated_reference(gate, up, name)
+
+    return Kernels("flash", True, attend_flash, norm_kernel, gated, lm_loss_kernel, cross_entropy_kernel)
+
+
+def norm_reference(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = None):
+    """Hugging Face's ``T5LayerNorm`` (variance in fp32; cast to a half weight's dtype before the multiply), after
+    the residual add ``h = residual + x`` (clamped in fp16 as Hugging Face clamps)."""
+    h = x if residual is None else _clamp_fp16(residual + x)
+    variance = h.float().pow(2).mean(-1, keepdim=True)
+    y = h * torch.rsqrt(variance + eps)
+    if weight.dtype in (torch.float16, torch.bfloat16):
+        y = y.to(weight.dtype)
+    y = weight * y
+    return y if residual is None else (y, h)
+
+
+def norm_kernel(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = None):
+    """The Triton RMSNorm, fused with the residual add. Under autocast it writes the autocast dtype directly: the
+    value Hugging Face's fp32 norm output takes when the next Linear casts it, without that extra cast."""
+    from flasht5.ops.norm import rms_norm
+
+    out_dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
+    if residual is not None and (x.dtype == torch.float16 or residual.dtype == torch.float16):
+        h = _clamp_fp16(residual + x)  # Hugging Face clamps the fp16 sum before the norm: not fused
+        return rms_norm(h, weight, eps, out_dtype=out_dtype), h
+    return rms_norm(x, weight, eps, residual=residual, out_dtype=out_dtype)
+
+
+def _clamp_fp16(x: Tensor) -> Tensor:
+    """Hugging Face clamps inf after every fp16 sub-layer; keep that so fp16 checkpoints behave the same."""
+    if x.dtype != torch.float16:
+        return x
+    big = torch.finfo(torch.float16).max
+    limit = torch.where(torch.isinf(x).any(), big - 1000, big)
+    return torch.clamp(x, min=-limit, max=limit)
+
+
+def gated_reference(gate: Tensor, up: Tensor, name: str) -> Tensor:
+    return ACTIVATIONS[name](gate) * up
+
+
+def cross_entropy_reference(logits: Tensor, labels: Tensor, z_loss: float) -> tuple[Tensor, Tensor | None]:
+    """(loss, z-term): mean fp32 cross-entropy over labels != -100 (0, not NaN, when there are none), plus
+    ``z_loss * mean(logsumexp**2)`` over the same tokens, returned detached for logging (None when ``z_loss`` is 0)."""
+    flat_logits, flat = logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1)
+    keep = flat != -100
+    count = keep.sum().clamp(min=1)
+    loss = F.cross_entropy(flat_logits, flat, ignore_index=-100, reduction="sum") / count
+    if not z_loss:
+        return loss, None
+    z = z_loss * (torch.logsumexp(flat_logits, dim=-1).pow(2) * keep).sum() / count
+    return loss + z, z.detach()
+
+
+def cross_entropy_kernel(logits: Tensor, labels: Tensor, z_loss: float) -> tuple[Tensor, Tensor | None]:
+    from flasht5.ops.loss import cross_entropy
+
+    loss, z = cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), z_loss=z_loss,
+                            return_z_loss=True)  # fmt: skip
+    return loss, (z if z_loss else None)
+
+
+def lm_loss_kernel(
+    hidden: Tensor, weight: Tensor, scale: float | None, labels: Tensor, z_loss: float
+) -> tuple[Tensor, Tensor | None]:
+    """LM head and loss fused: the (tokens, vocab) logits are never materialised."""
+    from flasht5.ops.loss import linear_cross_entropy
+
+    dt = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else hidden.dtype
+    loss, z = linear_cross_entropy(
+        hidden.reshape(-1, hidden.shape[-1]).to(dt), weight.to(dt), labels.reshape(-1), z_loss=z_loss, scale=scale,
+        return_z_loss=True,
+    )  # fmt: skip
+    return loss, (z if z_loss else None)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Attention
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _allowed(ql: Layout, kl: Layout, causal: bool, device: torch.device) -> Tensor | None:
+    """(B or 1, 1, Lq, Lk) bool: which keys each query may see, or None when all (row layouts)."""
+    allowed = None
+    qs, ks = ql.segments(), kl.segments()
+    if qs is not None and ks is not None:
+        allowed = (qs[:, :, None] == ks[:, None, :]) & (ks[:, None, :] != 0)
+    elif kl.key_mask() is not None:
+        allowed = kl.key_mask()[:, None, :]
+    if causal:
+        c = kl.positions(device)[:, None, :] <= ql.positions(device)[:, :, None]
+        allowed = c if allowed is None else allowed & c
+    return None if allowed is None else allowed[:, None]
+
+
+def attend_reference(
+    q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, ql: Layout, kl: Layout, *, causal: bool, dropout: float,
+    training: bool, impl: str,
+) -> Tensor:  # fmt: skip
+    """Attention of q (B, Lq, H, D) over k, v (B, Lk, H, D) on row layouts; ``bias`` is the materialised
+    (B or 1, H, Lq, Lk) fp32 position bias. ``impl``: "eager" (fp32 softmax, Hugging Face's ops) or "sdpa"."""
+    allowed = _allowed(ql, kl, causal, q.device)
+    qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, L, D)
+    if impl == "eager":
+        scores = torch.matmul(qh, kh.transpose(-1, -2))
+        scores = scores.float() if scores.dtype in (torch.float16, torch.bfloat16) else scores  # softmax in >= fp32
+        if bias is not None:
+            scores = scores + bias
+        if allowed is not None:
+            scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+        probs = torch.softmax(scores, dim=-1).to(vh.dtype)
+        out = torch.matmul(F.dropout(probs, p=dropout, training=training), vh)
+    else:
+        if bias is None and causal and ql.kind == kl.kind == "dense" and q.shape[1] == k.shape[1]:
+            mask, is_causal = None, True  # SDPA's own causal path (top-left == bottom-right when Lq == Lk)
         else:
-            positions = position_ids.to(device=device, dtype=torch.long)
-        return cls(positions=positions, mask=mask, segment_ids=segment_ids, max_seqlen=length, batch=batch)
+            mask, is_causal = (None if bias is None else bias.to(q.dtype)), False
+            if allowed is not None:
+                base = torch.zeros((), dtype=q.dtype, device=q.device) if mask is None else mask
+                mask = torch.where(allowed, base, torch.finfo(q.dtype).min)
+        out = F.scaled_dot_product_attention(
+            qh, kh, vh, attn_mask=mask, dropout_p=dropout if training else 0.0, is_causal=is_causal, scale=1.0
+        )
+    return out.transpose(1, 2)
 
-    def padded(self) -> tuple[Seqs, torch.Tensor | None]:
-        """For the reference paths: a flattened batch as (num_seqs, max_seqlen) rows, and the flat index of each
-        token in those rows (None when the layout is already rows). Attention then costs sum(L_i^2), not T^2."""
-        if self.cu_seqlens is None:
-            return self, None
-        if self._padded is None:
-            cu = self.cu_seqlens.long()
-            n, width = cu.numel() - 1, max(int(self.max_seqlen), 1)
-            doc = self.segment_ids[0] - 1  # (T,) document of each token
-            index = doc * width + self.positions[0]
-            mask = torch.zeros(n * width, dtype=torch.bool, device=cu.device).index_fill_(0, index, True)
-            rows = Seqs(positions=torch.arange(width, device=cu.device)[None], mask=mask.view(n, width))
-            self._padded = (rows, index)
-        return self._padded
 
-    def varlen(self) -> tuple[torch.Tensor | None, torch.Tensor, int]:
-        """(indices of real tokens in the flattened (B*L) rows or None, cu_seqlens int32, max_seqlen), cached."""
-        if self._varlen is None:
-            if self.cu_seqlens is not None:
-                self._varlen = (None, self.cu_seqlens, int(self.max_seqlen))
-            elif self.mask is None:  # full rows (the other side of a cross-attention is padded)
-                length, device = self.positions.shape[1], self.positions.device
-                cu = torch.arange(self.batch + 1, device=device, dtype=torch.int32) * length
-                self._varlen = (None, cu, length)
-            elif self.segment_ids is None:  # padded rows: one document per row
-                lengths = self.mask.sum(1, dtype=torch.int32)
-                idx = self.mask.flatten().nonzero().squeeze(1)
-                cu = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
-                self._varlen = (idx, cu, int(lengths.max()))
-            else:  # packed rows: documents are contiguous runs of one segment id
-                B, L = self.segment_ids.shape
-                seg = self.segment_ids.long() + torch.arange(B, device=self.segment_ids.device)[:, None] * (L + 1)
-                flat = seg.flatten()[self.mask.flatten()]
-                _, counts = torch.unique_consecutive(flat, return_counts=True)
-                idx = self.mask.flatten().nonzero().squeeze(1)
-                cu = F.pad(counts.cumsum(0).to(torch.int32), (1, 0))
-                self._varlen = (idx, cu, int(counts.max()) if counts.numel() else 0)
-        return self._varlen
+def attend_flash(
+    q: Tensor, k: Tensor, v: Tensor, bias: dict[str, Any], ql: Layout, kl: Layout, *, causal: bool, dropout: float,
+    training: bool,
+) -> Tensor:  # fmt: skip
+    """The flash kernel on padding-free layouts: q (B, Lq, H, D) dense or (1, T, H, D) varlen; k, v likewise, or
+    padded rows (cached decoding: the kept keys are gathered). ``bias``: the kernel's position-bias arguments."""
+    from flasht5.ops.attention import flash_attention
+
+    if training and dropout > 0:
+        _warn_once(
+            "attn_implementation='flash' applies no dropout to attention probabilities (hidden-state dropout is "
+            f"applied); dropout_rate={dropout} affects attention only with 'eager' or 'sdpa'."
+        )
+    if ql.kind == kl.kind == "dense":
+        return flash_attention(q, k, v, scale=1.0, causal=causal, **bias)
+    if "bias" in bias:
+        raise ValueError(
+            "position_encoding='fire' with attn_implementation='flash' needs dense batches (no padding or packing): "
+            "use attn_implementation='sdpa' for padded or packed batches."
+        )
+    B, Lq, H, D = q.shape
+    fq, fk = ql.flat(q.device), kl.flat(q.device)
+    if fq.cu_seqlens.shape != fk.cu_seqlens.shape:
+        raise ValueError(
+            "cross-attention needs the same documents on both sides: packed batches must be packed on both sides "
+            f"(encoder {fk.cu_seqlens.numel() - 1} documents, decoder {fq.cu_seqlens.numel() - 1})."
+        )
+    k, v = k.reshape(-1, H, D), v.reshape(-1, H, D)
+    if fk.index is not None:
+        k, v = k.index_select(0, fk.index), v.index_select(0, fk.index)
+    out = flash_attention(
+        q.reshape(-1, H, D), k, v, scale=1.0, causal=causal, cu_seqlens_q=fq.cu_seqlens, cu_seqlens_k=fk.cu_seqlens,
+        max_seqlen_q=fq.max_seqlen, max_seqlen_k=fk.max_seqlen, **bias,
+    )  # fmt: skip
+    return out.view(B, Lq, H, D)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -178,7 +278,7 @@ class Seqs:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def alibi_slopes(num_heads: int) -> torch.Tensor:
+def alibi_slopes(num_heads: int) -> Tensor:
     """ALiBi head slopes (Press et al. 2022): a geometric sequence; non-powers of 2 interleave the next power."""
 
     def power_of_2(n: int) -> list[float]:
@@ -193,14 +293,14 @@ def alibi_slopes(num_heads: int) -> torch.Tensor:
     return torch.tensor(slopes, dtype=torch.float32)
 
 
-def rope_angles(positions: torch.Tensor, rot_dims: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_angles(positions: Tensor, rot_dims: int, theta: float) -> tuple[Tensor, Tensor]:
     """cos, sin of shape (B, L, 1, rot_dims // 2) for rotary embeddings (Su et al. 2021) at integer positions."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, rot_dims, 2, device=positions.device, dtype=torch.float32) / rot_dims))
     angles = positions.float()[..., None] * inv_freq  # (B, L, rot/2)
     return angles.cos()[:, :, None], angles.sin()[:, :, None]
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate the first ``2 * cos.shape[-1]`` dims of each head of x (B, L, H, D), GPT-NeoX half-split layout."""
     half = cos.shape[-1]
     x1, x2, rest = x[..., :half].float(), x[..., half : 2 * half].float(), x[..., 2 * half :]
@@ -217,14 +317,24 @@ class FIRE(nn.Module):
     ``sign(j - i) psi(|j - i|)``, and is normalised by ``psi(max(L, i, j))`` so that both directions are learnt.
     """
 
-    def __init__(self, num_heads: int, hidden: int = 32, init_length: int = 512):
+    def __init__(self, num_heads: int, hidden: int = 32, init_length: int = 512, factor: float = 1.0):
         super().__init__()
         self.mlp_in = nn.Linear(1, hidden)
         self.mlp_out = nn.Linear(hidden, num_heads)
         self.log_c = nn.Parameter(torch.zeros(()))  # c = exp(log_c) > 0, init 1
         self.threshold = nn.Parameter(torch.tensor(float(init_length)))
+        self.init_length, self.factor = float(init_length), factor
+        self.reset_parameters()
 
-    def forward(self, q_pos: torch.Tensor, k_pos: torch.Tensor, bidirectional: bool) -> torch.Tensor:
+    def reset_parameters(self, init: Any = nn.init) -> None:
+        init.normal_(self.mlp_in.weight, mean=0.0, std=self.factor)
+        init.zeros_(self.mlp_in.bias)
+        init.normal_(self.mlp_out.weight, mean=0.0, std=self.factor * self.mlp_out.in_features**-0.5)
+        init.zeros_(self.mlp_out.bias)
+        init.zeros_(self.log_c)
+        init.constant_(self.threshold, self.init_length)
+
+    def forward(self, q_pos: Tensor, k_pos: Tensor, bidirectional: bool) -> Tensor:
         """Bias (B, H, Lq, Lk) in fp32 for positions q_pos (B, Lq) and k_pos (B, Lk)."""
         c = self.log_c.exp()
         psi = lambda x: torch.log(c * x + 1.0)
@@ -241,189 +351,60 @@ class FIRE(nn.Module):
         return self.mlp_out(F.relu(self.mlp_in(x))).permute(0, 3, 1, 2).to(dtype)
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Attention: the one dispatch point
-# --------------------------------------------------------------------------------------------------------------
+class PositionBias(nn.Module):
+    """The position bias of one stack's self-attention, owned by the stack and computed once per stack forward.
 
-
-class KVCache(Protocol):
-    """What the decoder needs from a key/value cache; ``flasht5.generation`` implements it (also over HF caches).
-
-    Tensors are (B, L, H, D).
+    ``t5``: a bucket table (``tables.0``, shared by all layers; umT5: ``tables.i`` per layer) of (num_buckets, H);
+    ``alibi``: fixed slopes (a non-persistent buffer); ``fire``: the FIRE MLP. ``rope`` has no bias (Attention
+    rotates q and k). Bidirectional in the encoder, causal in the decoder.
     """
 
-    def past_length(self) -> int: ...
-
-    def update_self(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
-
-    def get_cross(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor] | None: ...
-
-    def set_cross(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> None: ...
-
-
-@dataclass
-class PositionSpec:
-    """The position encoding of one attention call (cross-attention has kind None)."""
-
-    kind: str | None  # "t5", "alibi", "fire" or None (RoPE is applied to q and k before attention)
-    bidirectional: bool = True
-    table: torch.Tensor | None = None  # t5: (num_buckets, H)
-    max_distance: int = 128
-    slopes: torch.Tensor | None = None  # alibi: (H,)
-    fire: FIRE | None = None
-    key: Any = None  # identifies the owner, so the materialised bias is built once per stack forward
-
-
-@dataclass
-class StackContext:
-    """Per-forward state shared by all layers of a stack."""
-
-    impl: str
-    q: Seqs
-    k: Seqs
-    enc: Seqs | None = None
-    cache: KVCache | None = None
-    dropout: float = 0.0
-    bias_cache: dict = field(default_factory=dict)
-
-    @property
-    def kernels(self) -> bool:
-        """The Triton kernels (RMSNorm, gated activation) ride on the same switch as the attention backend."""
-        return self.impl == "flash"
-
-
-def _materialised_bias(pos: PositionSpec, q: Seqs, k: Seqs, cache: dict) -> torch.Tensor | None:
-    """(B or 1, H, Lq, Lk) fp32 position bias for the reference paths, built once per owner and stack forward."""
-    if pos.kind is None:
-        return None
-    if pos.key in cache:
-        return cache[pos.key]
-    rel = k.positions[:, None, :] - q.positions[:, :, None]  # (B, Lq, Lk) = key_pos - query_pos
-    if pos.kind == "t5":
-        buckets = relative_position_bucket(rel, pos.bidirectional, pos.table.shape[0], pos.max_distance)
-        bias = F.embedding(buckets, pos.table).permute(0, 3, 1, 2).float()
-    elif pos.kind == "alibi":
-        bias = -pos.slopes.float().to(rel.device)[None, :, None, None] * rel.abs()[:, None].float()
-    else:
-        bias = pos.fire(q.positions, k.positions, pos.bidirectional)
-    cache[pos.key] = bias
-    return bias
-
-
-def _allowed(q: Seqs, k: Seqs, causal: bool) -> torch.Tensor | None:
-    """(B or 1, 1, Lq, Lk) bool: which keys each query may see, or None when all."""
-    allowed = None
-    if q.segment_ids is not None and k.segment_ids is not None:
-        allowed = (q.segment_ids[:, :, None] == k.segment_ids[:, None, :]) & (k.segment_ids[:, None, :] != 0)
-    elif k.mask is not None:
-        allowed = k.mask[:, None, :]
-    if causal:
-        c = k.positions[:, None, :] <= q.positions[:, :, None]
-        allowed = c if allowed is None else allowed & c
-    return None if allowed is None else allowed[:, None]
-
-
-def _to_rows(x: torch.Tensor, rows: Seqs, index: torch.Tensor) -> torch.Tensor:
-    """(1, T, H, D) flattened tokens -> (N, L, H, D) zero-padded rows."""
-    flat = x.new_zeros(rows.mask.numel(), *x.shape[2:]).index_copy_(0, index, x[0])
-    return flat.view(*rows.mask.shape, *x.shape[2:])
-
-
-def _attend_reference(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: PositionSpec, ctx_q: Seqs, ctx_k: Seqs, *,
-    causal: bool, impl: str, dropout: float, bias_cache: dict, training: bool,
-) -> torch.Tensor:  # fmt: skip
-    (ctx_q, q_index), (ctx_k, k_index) = ctx_q.padded(), ctx_k.padded()
-    if q_index is not None:  # flattened documents -> one padded row each, and back at the end
-        q, k, v = _to_rows(q, ctx_q, q_index), _to_rows(k, ctx_k, k_index), _to_rows(v, ctx_k, k_index)
-    bias = _materialised_bias(pos, ctx_q, ctx_k, bias_cache)
-    allowed = _allowed(ctx_q, ctx_k, causal)
-    qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, L, D)
-    if impl == "eager":
-        scores = torch.matmul(qh, kh.transpose(-1, -2))
-        scores = scores.float() if scores.dtype in (torch.float16, torch.bfloat16) else scores  # softmax in >= fp32
-        if bias is not None:
-            scores = scores + bias
-        if allowed is not None:
-            scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
-        probs = torch.softmax(scores, dim=-1).to(vh.dtype)
-        probs = F.dropout(probs, p=dropout, training=training)
-        out = torch.matmul(probs, vh)
-    else:
-        Lq, Lk = q.shape[1], k.shape[1]
-        if bias is None and causal and ctx_q.dense and ctx_k.dense and Lq == Lk:
-            mask, is_causal = None, True  # SDPA's own causal path (top-left == bottom-right when Lq == Lk)
-        else:
-            mask, is_causal = (None if bias is None else bias.to(q.dtype)), False
-            if allowed is not None:
-                base = torch.zeros((), dtype=q.dtype, device=q.device) if mask is None else mask
-                mask = torch.where(allowed, base, torch.finfo(q.dtype).min)
-        out = F.scaled_dot_product_attention(
-            qh, kh, vh, attn_mask=mask, dropout_p=dropout if training else 0.0, is_causal=is_causal, scale=1.0
-        )
-    out = out.transpose(1, 2)  # (B, Lq, H, D)
-    if q_index is not None:
-        out = out.reshape(-1, *out.shape[2:]).index_select(0, q_index)[None]
-    return out
-
-
-@functools.cache
-def _warn_once(message: str) -> None:
-    warnings.warn(message, stacklevel=3)
-
-
-def _attend_flash(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: PositionSpec, ctx_q: Seqs, ctx_k: Seqs, *, causal: bool,
-    bias_cache: dict,
-) -> torch.Tensor:  # fmt: skip
-    from flasht5.ops.attention import flash_attention
-
-    kwargs: dict[str, Any] = dict(scale=1.0, causal=causal)
-    if pos.kind == "t5":
-        kwargs.update(rel_table=pos.table, rel_bidirectional=pos.bidirectional, rel_max_distance=pos.max_distance)
-    elif pos.kind == "alibi":
-        kwargs.update(alibi_slopes=pos.slopes)
-    if ctx_q.dense and ctx_k.dense:
-        if pos.kind == "fire":  # the MLP's (B, H, Lq, Lk) bias, built once per stack forward like the references'
-            kwargs.update(bias=_materialised_bias(pos, ctx_q, ctx_k, bias_cache))
-        return flash_attention(q, k, v, **kwargs)
-    if pos.kind == "fire":
-        raise ValueError(
-            "position_encoding='fire' with attn_implementation='flash' needs dense batches (no padding or packing): "
-            "use attn_implementation='sdpa' for padded or packed batches."
-        )
-    B, Lq, H, D = q.shape
-    q_idx, cu_q, max_q = ctx_q.varlen()
-    k_idx, cu_k, max_k = ctx_k.varlen()
-    flat = lambda x, idx: x.reshape(-1, H, D) if idx is None else x.reshape(-1, H, D).index_select(0, idx)
-    out = flash_attention(
-        flat(q, q_idx), flat(k, k_idx), flat(v, k_idx),
-        cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q, max_seqlen_k=max_k, **kwargs,
-    )  # fmt: skip
-    if q_idx is None:
-        return out.view(B, Lq, H, D)
-    return out.new_zeros(B * Lq, H, D).index_copy(0, q_idx, out).view(B, Lq, H, D)
-
-
-def attend(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: PositionSpec, ctx_q: Seqs, ctx_k: Seqs, *,
-    causal: bool, impl: str, dropout: float = 0.0, bias_cache: dict | None = None, training: bool = False,
-) -> torch.Tensor:  # fmt: skip
-    """Attention of q (B, Lq, H, D) over k, v (B, Lk, H, D) with T5 semantics (scale 1.0); returns (B, Lq, H, D)."""
-    bias_cache = {} if bias_cache is None else bias_cache
-    if impl == "flash":
-        if training and dropout > 0:
-            _warn_once(
-                "attn_implementation='flash' applies no dropout to attention probabilities (hidden-state dropout is "
-                f"applied); dropout_rate={dropout} affects attention only with 'eager' or 'sdpa'."
+    def __init__(self, cfg: Any, *, is_decoder: bool, num_layers: int):
+        super().__init__()
+        self.kind = cfg.position_encoding
+        self.bidirectional = not is_decoder
+        self.max_distance = cfg.relative_attention_max_distance
+        self.num_layers, self.std = num_layers, cfg.initializer_factor * cfg.d_model**-0.5
+        if self.kind == "t5":
+            n = num_layers if cfg.relative_attention_per_layer else min(num_layers, 1)
+            self.tables = nn.ModuleList(
+                [nn.Embedding(cfg.relative_attention_num_buckets, cfg.num_heads) for _ in range(n)]
             )
-        return _attend_flash(q, k, v, pos, ctx_q, ctx_k, causal=causal, bias_cache=bias_cache)
-    if impl not in ("eager", "sdpa"):
-        raise ValueError(f"attn_implementation={impl!r} is not one of 'eager', 'sdpa', 'flash'.")
-    return _attend_reference(
-        q, k, v, pos, ctx_q, ctx_k, causal=causal, impl=impl, dropout=dropout, bias_cache=bias_cache,
-        training=training,
-    )  # fmt: skip
+        elif self.kind == "alibi":
+            self.register_buffer("slopes", alibi_slopes(cfg.num_heads), persistent=False)
+        elif self.kind == "fire":
+            self.fire = FIRE(cfg.num_heads, cfg.fire_hidden_size, cfg.fire_init_length, cfg.initializer_factor)
+        self.reset_parameters()
+
+    def reset_parameters(self, init: Any = nn.init) -> None:
+        for table in getattr(self, "tables", ()):
+            init.normal_(table.weight, mean=0.0, std=self.std)
+
+    def forward(self, ql: Layout, kl: Layout, kernels: Kernels, device: torch.device) -> list[Any]:
+        """Per layer, what ``kernels.attend`` takes as ``bias``: the flash kernel's keyword arguments, or the
+        materialised (B or 1, H, Lq, Lk) fp32 bias (None without one) for the reference paths."""
+        if self.kind == "rope":
+            return [{} if kernels.flat else None] * self.num_layers
+        if kernels.flat and self.kind == "t5":
+            per = [dict(rel_table=t.weight, rel_bidirectional=self.bidirectional, rel_max_distance=self.max_distance)
+                   for t in self.tables]  # fmt: skip
+        elif kernels.flat and self.kind == "alibi":
+            per = [dict(alibi_slopes=self.slopes)]
+        elif kernels.flat:  # FIRE: its MLP's bias, materialised (dense batches only)
+            per = [dict(bias=self.fire(ql.positions(device), kl.positions(device), self.bidirectional))]
+        else:
+            per = self._materialised(ql, kl, device)
+        return per * self.num_layers if len(per) == 1 else per
+
+    def _materialised(self, ql: Layout, kl: Layout, device: torch.device) -> list[Tensor]:
+        qp, kp = ql.positions(device), kl.positions(device)
+        if self.kind == "fire":
+            return [self.fire(qp, kp, self.bidirectional)]
+        rel = kp[:, None, :] - qp[:, :, None]  # (B, Lq, Lk) = key_pos - query_pos
+        if self.kind == "alibi":
+            return [-self.slopes.float()[None, :, None, None] * rel.abs()[:, None].float()]
+        buckets = relative_position_bucket(rel, self.bidirectional, self.tables[0].num_embeddings, self.max_distance)
+        return [F.embedding(buckets, t.weight).permute(0, 3, 1, 2).float() for t in self.tables]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -431,44 +412,55 @@ def attend(
 # --------------------------------------------------------------------------------------------------------------
 
 
-class RMSNorm(nn.Module):
-    """T5's LayerNorm: no mean, no bias, variance in fp32, cast to the weight's dtype when that is half precision."""
+class KVCache(Protocol):
+    """What the decoder needs from a key/value cache; ``flasht5.generation`` implements it (also over HF caches).
 
-    def __init__(self, dim: int, eps: float = 1e-6):
+    Tensors are (B, L, H, D); cross-attention keys are stored for the encoder's row (outer) layout.
+    """
+
+    def past_length(self) -> int: ...
+
+    def update_self(self, layer_idx: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]: ...
+
+    def get_cross(self, layer_idx: int) -> tuple[Tensor, Tensor] | None: ...
+
+    def set_cross(self, layer_idx: int, k: Tensor, v: Tensor) -> None: ...
+
+
+@dataclass
+class StackContext:
+    """What every layer of one stack forward shares: the kernels, the layouts, the bias, the cross inputs, the cache."""
+
+    kernels: Kernels
+    q: Layout  # this stack's tokens (inner layout)
+    k: Layout  # self-attention keys (q's layout, or the cached keys' during decoding)
+    bias: list[Any]  # per layer, from PositionBias
+    encoded: Encoded | None = None  # cross-attention input
+    cache: KVCache | None = None
+
+    @property
+    def enc(self) -> Layout:
+        """Cross-attention keys: the encoder's inner layout, or its rows when a cache holds them (as HF's does)."""
+        return self.encoded.view.outer if self.cache is not None else self.encoded.view.inner
+
+    def enc_hidden(self) -> Tensor:
+        return self.encoded.hidden if self.cache is not None else self.encoded.hidden_inner
+
+
+class RMSNorm(nn.Module):
+    """T5's LayerNorm: no mean, no bias, variance in fp32 (the backend's ``rms_norm``, fused with the residual)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, factor: float = 1.0):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
+        self.eps, self.factor = eps, factor
 
-    def forward(self, x: torch.Tensor, kernels: bool = False) -> torch.Tensor:
-        if kernels and x.is_cuda:
-            from flasht5.ops.rms_norm import rms_norm
+    def reset_parameters(self, init: Any = nn.init) -> None:
+        init.constant_(self.weight, self.factor)
 
-            return rms_norm(x, self.weight, self.eps)
-        variance = x.float().pow(2).mean(-1, keepdim=True)
-        x = x * torch.rsqrt(variance + self.eps)
-        if self.weight.dtype in (torch.float16, torch.bfloat16):
-            x = x.to(self.weight.dtype)
-        return self.weight * x
-
-
-def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
-    # Hugging Face's NewGELUActivation ("gelu_new"), written out so results match it bit for bit.
-    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
-
-
-ACTIVATIONS = {
-    "relu": F.relu,
-    "gelu": F.gelu,
-    "gelu_new": _gelu_tanh,
-    "gelu_tanh": _gelu_tanh,
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "silu": F.silu,
-    "swish": F.silu,
-}
-
-
-# Activations the fused Triton gated kernel computes exactly as ACTIVATIONS does.
-FUSED_GATED_ACTS = ("gelu_new", "gelu_tanh", "gelu_pytorch_tanh", "silu", "swish")
+    def forward(self, x: Tensor, kernels: Kernels, residual: Tensor | None = None):
+        """``norm(x)``, or with ``residual``: ``(norm(residual + x), residual + x)``."""
+        return kernels.rms_norm(x, self.weight, self.eps, residual)
 
 
 class MLP(nn.Module):
@@ -476,172 +468,149 @@ class MLP(nn.Module):
 
     def __init__(self, cfg: Any):
         super().__init__()
-        self.gated = cfg.is_gated_act
+        self.gated, self.act_name, self.p = cfg.is_gated_act, cfg.dense_act_fn, float(cfg.dropout_rate)
         if self.gated:
             self.wi_0 = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
             self.wi_1 = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
         else:
             self.wi = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
         self.wo = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
-        self.act_name = cfg.dense_act_fn
-        self.act = ACTIVATIONS[cfg.dense_act_fn]
-        self.dropout = nn.Dropout(cfg.dropout_rate)
+        f = cfg.initializer_factor
+        self.std_in, self.std_out = f * cfg.d_model**-0.5, f * cfg.d_ff**-0.5
 
-    def forward(self, x: torch.Tensor, kernels: bool = False) -> torch.Tensor:
-        if self.gated and kernels and x.is_cuda and self.act_name in FUSED_GATED_ACTS:
-            from flasht5.ops.activations import gated_act
+    def reset_parameters(self, init: Any = nn.init) -> None:
+        for lin in (self.wi_0, self.wi_1) if self.gated else (self.wi,):
+            init.normal_(lin.weight, mean=0.0, std=self.std_in)
+        init.normal_(self.wo.weight, mean=0.0, std=self.std_out)
 
-            h = gated_act(self.wi_0(x), self.wi_1(x), self.act_name)
-        elif self.gated:
-            h = self.act(self.wi_0(x)) * self.wi_1(x)
+    def forward(self, x: Tensor, kernels: Kernels) -> Tensor:
+        if self.gated:
+            h = kernels.gated_act(self.wi_0(x), self.wi_1(x), self.act_name)
         else:
-            h = self.act(self.wi(x))
-        h = self.dropout(h)
-        # wo may be kept in fp32 (FLAN-T5-XXL in bf16): compute it in its own dtype, as Hugging Face does.
-        if h.dtype != self.wo.weight.dtype and self.wo.weight.dtype != torch.int8:
-            h = h.to(self.wo.weight.dtype)
+            h = ACTIVATIONS[self.act_name](self.wi(x))
+        if self.p:
+            h = F.dropout(h, self.p, self.training)
+        # wo may be kept in fp32 (FLAN-T5-XXL in half precision): compute it in its own dtype, as Hugging Face does
+        # (under autocast the Linear casts by itself).
+        wdt = self.wo.weight.dtype
+        if h.dtype != wdt and wdt != torch.int8 and not torch.is_autocast_enabled(h.device.type):
+            h = h.to(wdt)
         return self.wo(h)
 
 
 class Attention(nn.Module):
-    """Multi-head attention without 1/sqrt(d) scaling; optionally owns the stack's position encoding."""
+    """Multi-head attention without 1/sqrt(d) scaling (self-attention, or cross-attention over the encoder)."""
 
-    def __init__(self, cfg: Any, *, is_decoder: bool, is_cross: bool = False, owns_position: bool = False):
+    def __init__(self, cfg: Any, *, layer_idx: int, is_decoder: bool, is_cross: bool = False):
         super().__init__()
-        self.is_decoder, self.is_cross = is_decoder, is_cross
-        self.num_heads, self.head_dim = cfg.num_heads, cfg.d_kv
+        self.layer_idx, self.is_cross = layer_idx, is_cross
+        self.causal = is_decoder and not is_cross
+        self.num_heads, self.head_dim, self.p = cfg.num_heads, cfg.d_kv, float(cfg.dropout_rate)
         inner = cfg.num_heads * cfg.d_kv
         self.q = nn.Linear(cfg.d_model, inner, bias=False)
         self.k = nn.Linear(cfg.d_model, inner, bias=False)
         self.v = nn.Linear(cfg.d_model, inner, bias=False)
         self.o = nn.Linear(inner, cfg.d_model, bias=False)
-        self.dropout = cfg.dropout_rate
-        self.position_encoding = None if is_cross else cfg.position_encoding
-        self.max_distance = cfg.relative_attention_max_distance
-        if owns_position and self.position_encoding == "t5":
-            self.relative_attention_bias = nn.Embedding(cfg.relative_attention_num_buckets, cfg.num_heads)
-        if owns_position and self.position_encoding == "fire":
-            self.fire = FIRE(cfg.num_heads, cfg.fire_hidden_size, cfg.fire_init_length)
-        if self.position_encoding == "alibi":
-            # A constant, not state (never saved or loaded); kept on the CPU and copied once per device.
-            self._alibi = {torch.device("cpu"): alibi_slopes(cfg.num_heads)}
-        if self.position_encoding == "rope":
-            self.rot_dims = int(cfg.d_kv * cfg.rope_fraction)
-            self.rope_theta = float(cfg.rope_theta)
+        self.rope = None
+        if cfg.position_encoding == "rope" and not is_cross:
+            self.rope = (int(cfg.d_kv * cfg.rope_fraction), float(cfg.rope_theta))
+        f = cfg.initializer_factor
+        self.stds = (f * (cfg.d_model * cfg.d_kv) ** -0.5, f * cfg.d_model**-0.5, f * inner**-0.5)
 
-    def position_spec(self, owner: Attention | None) -> PositionSpec:
-        """The bias spec of this layer; ``owner`` is the layer whose table/MLP is shared across the stack."""
-        kind = self.position_encoding
-        if kind in (None, "rope"):
-            return PositionSpec(None)
-        bidirectional = not self.is_decoder
-        if kind == "alibi":
-            device = self.q.weight.device
-            if device not in self._alibi:
-                self._alibi[device] = self._alibi[torch.device("cpu")].to(device)
-            return PositionSpec("alibi", bidirectional, slopes=self._alibi[device], key="alibi")
-        src = self if (hasattr(self, "relative_attention_bias") or hasattr(self, "fire")) else owner
-        if kind == "t5":
-            table = src.relative_attention_bias.weight
-            return PositionSpec("t5", bidirectional, table=table, max_distance=self.max_distance, key=id(src))
-        return PositionSpec("fire", bidirectional, fire=src.fire, key=id(src))
+    def reset_parameters(self, init: Any = nn.init) -> None:
+        std_q, std_kv, std_o = self.stds
+        init.normal_(self.q.weight, mean=0.0, std=std_q)
+        init.normal_(self.k.weight, mean=0.0, std=std_kv)
+        init.normal_(self.v.weight, mean=0.0, std=std_kv)
+        init.normal_(self.o.weight, mean=0.0, std=std_o)
 
-    def forward(
-        self, x: torch.Tensor, ctx: StackContext, layer_idx: int, owner: Attention | None,
-        kv_input: torch.Tensor | None = None,
-    ) -> torch.Tensor:  # fmt: skip
+    def forward(self, x: Tensor, ctx: StackContext) -> Tensor:
         B, Lq, _ = x.shape
         H, D = self.num_heads, self.head_dim
         q = self.q(x).view(B, Lq, H, D)
         cache = ctx.cache
         if self.is_cross:
-            cached = cache.get_cross(layer_idx) if cache is not None else None
+            cached = cache.get_cross(self.layer_idx) if cache is not None else None
             if cached is None:
-                Lk = kv_input.shape[1]
-                k, v = self.k(kv_input).view(B, Lk, H, D), self.v(kv_input).view(B, Lk, H, D)
+                kv = ctx.enc_hidden()
+                k, v = self.k(kv).view(*kv.shape[:2], H, D), self.v(kv).view(*kv.shape[:2], H, D)
                 if cache is not None:
-                    cache.set_cross(layer_idx, k, v)
+                    cache.set_cross(self.layer_idx, k, v)
             else:
                 k, v = cached
-            ctx_q, ctx_k, causal = ctx.q, ctx.enc, False
+            kl, bias = ctx.enc, ({} if ctx.kernels.flat else None)
         else:
             k, v = self.k(x).view(B, Lq, H, D), self.v(x).view(B, Lq, H, D)
-            if self.position_encoding == "rope":
-                cos, sin = rope_angles(ctx.q.positions, self.rot_dims, self.rope_theta)
+            if self.rope is not None:
+                cos, sin = rope_angles(ctx.q.positions(x.device), *self.rope)
                 q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             if cache is not None:
-                k, v = cache.update_self(layer_idx, k, v)
-            ctx_q, ctx_k, causal = ctx.q, ctx.k, self.is_decoder
-        out = attend(
-            q, k, v, self.position_spec(owner), ctx_q, ctx_k, causal=causal, impl=ctx.impl,
-            dropout=self.dropout, bias_cache=ctx.bias_cache, training=self.training,
-        )  # fmt: skip
+                k, v = cache.update_self(self.layer_idx, k, v)
+            kl, bias = ctx.k, ctx.bias[self.layer_idx]
+        out = ctx.kernels.attend(q, k, v, bias, ctx.q, kl, causal=self.causal, dropout=self.p, training=self.training)
         return self.o(out.reshape(B, Lq, H * D))
 
 
-def _clamp_fp16(x: torch.Tensor) -> torch.Tensor:
-    """Hugging Face clamps inf after every fp16 sub-layer; keep that so fp16 checkpoints behave the same."""
-    if x.dtype != torch.float16:
-        return x
-    big = torch.finfo(torch.float16).max
-    limit = torch.where(torch.isinf(x).any(), big - 1000, big)
-    return torch.clamp(x, min=-limit, max=limit)
-
-
 class Block(nn.Module):
-    """Pre-norm residual block: self-attention, cross-attention (decoder), feed-forward."""
+    """Pre-norm residual block: self-attention, cross-attention (decoder), feed-forward.
 
-    def __init__(self, cfg: Any, *, is_decoder: bool, owns_position: bool):
+    ``forward(h, pending)``: ``h`` is the residual stream and ``pending`` the previous sub-layer's output not yet
+    added to it (None before the first sub-layer); each norm adds it in the same (fused) call.
+    """
+
+    def __init__(self, cfg: Any, *, layer_idx: int, is_decoder: bool):
         super().__init__()
-        self.is_decoder = is_decoder
-        self.attn_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
-        self.attn = Attention(cfg, is_decoder=is_decoder, owns_position=owns_position)
+        self.is_decoder, self.p = is_decoder, float(cfg.dropout_rate)
+        eps, f = cfg.layer_norm_epsilon, cfg.initializer_factor
+        self.attn_norm = RMSNorm(cfg.d_model, eps, f)
+        self.attn = Attention(cfg, layer_idx=layer_idx, is_decoder=is_decoder)
         if is_decoder:
-            self.cross_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
-            self.cross_attn = Attention(cfg, is_decoder=True, is_cross=True)
-        self.ffn_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
+            self.cross_norm = RMSNorm(cfg.d_model, eps, f)
+            self.cross_attn = Attention(cfg, layer_idx=layer_idx, is_decoder=True, is_cross=True)
+        self.ffn_norm = RMSNorm(cfg.d_model, eps, f)
         self.mlp = MLP(cfg)
-        self.dropout = nn.Dropout(cfg.dropout_rate)
 
-    def forward(
-        self, h: torch.Tensor, ctx: StackContext, layer_idx: int, owner: Attention | None,
-        enc_hidden: torch.Tensor | None = None,
-    ) -> torch.Tensor:  # fmt: skip
+    def _sub(self, norm: RMSNorm, fn: Callable[[Tensor], Tensor], h: Tensor, pending: Tensor | None, kernels: Kernels):
+        if pending is None:
+            x = norm(h, kernels)
+        else:
+            x, h = norm(pending, kernels, residual=h)
+        out = fn(x)
+        return h, (F.dropout(out, self.p, self.training) if self.p else out)
+
+    def forward(self, h: Tensor, pending: Tensor | None, ctx: StackContext) -> tuple[Tensor, Tensor]:
         k = ctx.kernels
-        h = _clamp_fp16(h + self.dropout(self.attn(self.attn_norm(h, k), ctx, layer_idx, owner)))
+        h, pending = self._sub(self.attn_norm, lambda x: self.attn(x, ctx), h, pending, k)
         if self.is_decoder:
-            h = _clamp_fp16(h + self.dropout(self.cross_attn(self.cross_norm(h, k), ctx, layer_idx, None, enc_hidden)))
-        return _clamp_fp16(h + self.dropout(self.mlp(self.ffn_norm(h, k), k)))
+            h, pending = self._sub(self.cross_norm, lambda x: self.cross_attn(x, ctx), h, pending, k)
+        return self._sub(self.ffn_norm, lambda x: self.mlp(x, k), h, pending, k)
 
 
 class Stack(nn.Module):
-    """The encoder or the decoder: blocks, final norm, dropout."""
+    """The encoder or the decoder: its position bias, blocks, final norm and dropout."""
 
     def __init__(self, cfg: Any, *, is_decoder: bool):
         super().__init__()
-        self.is_decoder = is_decoder
+        self.is_decoder, self.p = is_decoder, float(cfg.dropout_rate)
         n = cfg.num_decoder_layers if is_decoder else cfg.num_layers
-        self.per_layer = cfg.relative_attention_per_layer
-        self.layers = nn.ModuleList(
-            [Block(cfg, is_decoder=is_decoder, owns_position=self.per_layer or i == 0) for i in range(n)]
-        )
-        self.final_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
-        self.dropout = nn.Dropout(cfg.dropout_rate)
+        self.pos_bias = PositionBias(cfg, is_decoder=is_decoder, num_layers=n)
+        self.layers = nn.ModuleList([Block(cfg, layer_idx=i, is_decoder=is_decoder) for i in range(n)])
+        self.final_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon, cfg.initializer_factor)
         self.gradient_checkpointing = False
 
-    def forward(self, embeds: torch.Tensor, ctx: StackContext, enc_hidden: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.dropout(embeds)
-        owner = self.layers[0].attn if len(self.layers) else None
-        if owner is not None and not self.per_layer and (ctx.impl != "flash" or owner.position_encoding == "fire"):
-            # Materialise the shared bias once (the flash kernel computes T5/ALiBi biases itself), outside any
-            # checkpointed layer (recomputation must not differ).
-            _materialised_bias(owner.position_spec(owner), ctx.q.padded()[0], ctx.k.padded()[0], ctx.bias_cache)
-        for i, layer in enumerate(self.layers):
+    def forward(self, embeds: Tensor, ctx: StackContext) -> Tensor:
+        """Hidden states after the final norm, in the inner layout ``ctx.q``; ``ctx.bias`` is filled here, once,
+        outside any checkpointed layer (recomputation must see the same bias)."""
+        ctx.bias = self.pos_bias(ctx.q, ctx.k, ctx.kernels, embeds.device)
+        h = F.dropout(embeds, self.p, self.training) if self.p else embeds
+        pending = None
+        for layer in self.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                h = checkpoint(layer, h, ctx, i, owner, enc_hidden, use_reentrant=False)
+                h, pending = checkpoint(layer, h, pending, ctx, use_reentrant=False)
             else:
-                h = layer(h, ctx, i, owner, enc_hidden)
-        return self.dropout(self.final_norm(h, ctx.kernels))
+                h, pending = layer(h, pending, ctx)
+        out = self.final_norm(h, ctx.kernels) if pending is None else self.final_norm(pending, ctx.kernels, h)[0]
+        return F.dropout(out, self.p, self.training) if self.p else out
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -649,13 +618,77 @@ class Stack(nn.Module):
 # --------------------------------------------------------------------------------------------------------------
 
 
-class T5(nn.Module):
-    """Shared embedding, encoder, optional decoder and LM head. Inputs are token ids; see :class:`Seqs` for layouts.
+@dataclass
+class View:
+    """One side's tokens as a backend eats them: the ``inner`` layout, reached from the ``outer`` one (the token
+    tensor's) by gathering the real tokens (flash: padded rows -> padding-free) or scattering into rows (reference
+    paths: varlen documents -> padded rows); ``index`` is None when the two are the same."""
 
-    ``attn_implementation`` is the one model-level backend switch ("eager", "sdpa", "flash").
+    outer: Layout
+    inner: Layout
+    index: Tensor | None
+    flat: bool
+
+    @classmethod
+    def of(cls, layout: Layout, kernels: Kernels, device: torch.device) -> View:
+        inner, index = layout.unpadded(device) if kernels.flat else layout.rows()
+        return cls(layout, inner, index, kernels.flat)
+
+    def enter(self, x: Tensor, fill: float = 0) -> Tensor:
+        """(outer batch, outer length, ...) -> the inner layout's shape; ``fill`` where rows are padding."""
+        if self.index is None:
+            return x
+        if self.flat:
+            return gather_tokens(x, self.index)
+        return scatter_tokens(x, self.index, self.inner.batch, self.inner.length, fill)
+
+    def exit(self, x: Tensor) -> Tensor:
+        """The inverse of :meth:`enter` (zeros where the outer layout has tokens the inner one dropped)."""
+        if self.index is None:
+            return x
+        if self.flat:
+            return scatter_tokens(x, self.index, self.outer.batch, self.outer.length)
+        return gather_tokens(x, self.index)
+
+
+@dataclass
+class Encoded:
+    """The encoder's output: hidden states in the inner layout (what the decoder's cross-attention reads)."""
+
+    hidden_inner: Tensor
+    view: View
+
+    @functools.cached_property
+    def hidden(self) -> Tensor:
+        """(B, L, d_model) in the token tensor's own layout (zeros at padding on the flash path)."""
+        return self.view.exit(self.hidden_inner)
+
+
+@dataclass
+class T5Output:
+    """loss (incl. the z-term), z_loss (the detached z-term, None without z-loss), logits (None when not asked for
+    or computed by the fused LM head), the decoder's hidden states, the encoder output."""
+
+    loss: Tensor | None
+    z_loss: Tensor | None
+    logits: Tensor | None
+    hidden_inner: Tensor
+    view: View
+    encoded: Encoded
+
+    @functools.cached_property
+    def hidden(self) -> Tensor:
+        """Decoder hidden states (before the LM head) in the decoder tokens' own layout."""
+        return self.view.exit(self.hidden_inner)
+
+
+class T5(nn.Module):
+    """Shared embedding, encoder, optional decoder and LM head. See the module docstring.
+
+    ``backend``: "eager", "sdpa" or "flash" (default :func:`default_backend`); change it with :meth:`set_backend`.
     """
 
-    def __init__(self, cfg: Any, *, decoder: bool = True, lm_head: bool = True):
+    def __init__(self, cfg: Any, *, decoder: bool = True, lm_head: bool = True, backend: str | None = None):
         super().__init__()
         self.cfg = cfg
         self.shared = nn.Embedding(cfg.vocab_size, cfg.d_model)
@@ -664,18 +697,43 @@ class T5(nn.Module):
         # A tied model (T5 v1.0) reads its output projection from the shared embedding.
         untied = decoder and lm_head and not cfg.tie_word_embeddings
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False) if untied else None
+        self.set_backend(backend or default_backend())
+        self.init_weights()
+
+    # -- set-up -----------------------------------------------------------------------------------------------
+    def set_backend(self, backend: str) -> None:
+        self.kernels = kernels_for(backend)
 
     @property
-    def attn_implementation(self) -> str:
-        """The backend switch; Hugging Face's ``config._attn_implementation`` when the config has one."""
-        return getattr(self.cfg, "_attn_implementation", None) or "sdpa"
+    def backend(self) -> str:
+        return self.kernels.backend
 
-    def embed(self, input_ids: torch.Tensor, name: str = "input_ids") -> torch.Tensor:
-        if input_ids.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"{name} must hold integer token ids, got dtype {input_ids.dtype}.")
-        if input_ids.numel() and not torch.compiler.is_compiling():  # one host sync; skipped inside compiled graphs
-            lo, hi = torch.aminmax(input_ids)
-            lo, hi = int(lo), int(hi)
+    def reset_parameters(self, init: Any = nn.init) -> None:
+        f = self.cfg.initializer_factor
+        init.normal_(self.shared.weight, mean=0.0, std=f * 1.0)
+        if self.lm_head is not None:
+            # Mesh TensorFlow's fan-in init of an untied logits layer: unit-variance logits, so training starts at
+            # loss ~ln(vocab). (transformers uses std 1.0 here, i.e. logits of std sqrt(d_model).)
+            std = f * (1.0 if self.cfg.scale_decoder_outputs else self.cfg.d_model**-0.5)
+            init.normal_(self.lm_head.weight, mean=0.0, std=std)
+
+    def init_weights(self, init: Any = nn.init) -> None:
+        """T5's (Mesh TensorFlow's) initialisation, each module setting what it owns. ``init`` is a module with
+        ``normal_`` / ``constant_`` / ``zeros_`` (``torch.nn.init``, or ``transformers.initialization``, which leaves
+        loaded tensors alone)."""
+        for m in self.modules():
+            if isinstance(m, OWN_INIT):
+                m.reset_parameters(init)
+
+    # -- the stacks -------------------------------------------------------------------------------------------
+    def embed(self, input_ids: Tensor, name: str = "input_ids") -> Tensor:
+        if not isinstance(input_ids, Tensor) or input_ids.dtype not in (torch.int32, torch.int64):
+            got = input_ids.dtype if isinstance(input_ids, Tensor) else type(input_ids).__name__
+            raise ValueError(f"{name} must hold integer token ids, got {got}.")
+        if input_ids.dim() != 2:
+            raise ValueError(f"{name} must have shape (batch, length), got {tuple(input_ids.shape)}.")
+        if input_ids.numel() and _readable(input_ids):  # free on CPU tensors; GPU ones only under FLASHT5_DEBUG
+            lo, hi = (int(v) for v in torch.aminmax(input_ids))
             if lo < 0 or hi >= self.shared.num_embeddings:
                 raise ValueError(
                     f"{name} holds token ids outside the vocabulary [0, {self.shared.num_embeddings}): "
@@ -683,75 +741,138 @@ class T5(nn.Module):
                 )
         return self.shared(input_ids)
 
+    def _embeds(self, ids: Tensor | None, embeds: Tensor | None, name: str) -> Tensor:
+        if (ids is None) == (embeds is None):
+            raise ValueError(f"pass exactly one of {name} and its *_embeds.")
+        return self.embed(ids, name) if embeds is None else embeds
+
     def encode(
-        self,
-        input_ids: torch.Tensor | None = None,
-        *,
-        inputs_embeds: torch.Tensor | None = None,
-        seqs: Seqs | None = None,
-        attention_mask: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, Seqs]:
-        """Encoder hidden states (B, L, d_model) and the layout (built from ``attention_mask`` if not given)."""
+        self, input_ids: Tensor | None = None, layout: Layout | None = None, *, inputs_embeds: Tensor | None = None
+    ) -> Encoded:
+        """Run the encoder on token ids (B, L) (or embeddings (B, L, d_model)) laid out as ``layout`` (dense if
+        None)."""
         embeds = self._embeds(input_ids, inputs_embeds, "input_ids")
-        if seqs is None:
-            B, L = embeds.shape[:2]
-            seqs = Seqs.build(B, L, embeds.device, attention_mask=attention_mask)
-        ctx = StackContext(self.attn_implementation, seqs, seqs)
-        return self.encoder(embeds, ctx), seqs
+        layout = Layout.dense(*embeds.shape[:2]) if layout is None else layout
+        layout.check_tokens(embeds.shape, "input_ids")
+        view = View.of(layout, self.kernels, embeds.device)
+        ctx = StackContext(self.kernels, view.inner, view.inner, [])
+        return Encoded(self.encoder(view.enter(embeds), ctx), view)
 
     def decode(
         self,
-        input_ids: torch.Tensor | None,
-        enc_hidden: torch.Tensor,
-        enc_seqs: Seqs,
+        input_ids: Tensor | None,
+        encoded: Encoded,
+        layout: Layout | None = None,
         *,
-        inputs_embeds: torch.Tensor | None = None,
-        seqs: Seqs | None = None,
+        inputs_embeds: Tensor | None = None,
         cache: KVCache | None = None,
-        attention_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Decoder hidden states (B, Ld, d_model) before the LM head."""
+        key_mask: Tensor | None = None,
+    ) -> tuple[Tensor, View]:
+        """Decoder hidden states (before the LM head) in the inner layout, and the view that maps them back.
+
+        With a ``cache`` the new rows follow the cached ones (dense rows; ``key_mask`` optionally masks the cached
+        and new keys, (B, past + Lq)); cross-attention then reads the encoder output in its row layout.
+        """
         if self.decoder is None:
             raise ValueError("this model has no decoder (encoder-only).")
         embeds = self._embeds(input_ids, inputs_embeds, "decoder_input_ids")
         B, Lq = embeds.shape[:2]
-        past = cache.past_length() if cache is not None else 0
-        key_mask = None
-        if past and attention_mask is not None:
-            # During cached decoding the mask may cover the cache and the new rows, or the new rows only.
-            if attention_mask.shape[-1] == past + Lq:
-                key_mask, attention_mask = attention_mask, attention_mask[:, past:]
-            else:
-                key_mask = torch.cat([attention_mask.new_ones(B, past), attention_mask], dim=1)
-        if seqs is None:
-            seqs = Seqs.build(
-                B, Lq, embeds.device, attention_mask=attention_mask, offset=past, name="decoder_input_ids"
-            )
-        k_seqs = seqs
-        if past:
-            if seqs.packed:
-                raise ValueError("a key/value cache cannot be combined with packed decoder batches.")
-            k_seqs = Seqs.build(B, past + Lq, embeds.device, attention_mask=key_mask, name="decoder keys")
-        ctx = StackContext(self.attn_implementation, seqs, k_seqs, enc=enc_seqs, cache=cache)
-        return self.decoder(embeds, ctx, enc_hidden)
+        if cache is None:
+            layout = Layout.dense(B, Lq) if layout is None else layout
+            layout.check_tokens(embeds.shape, "decoder_input_ids")
+            _check_pairing(encoded.view.outer, layout)
+            view = View.of(layout, self.kernels, embeds.device)
+            keys = view.inner
+        else:
+            if layout is not None and layout.kind != "dense":
+                raise ValueError("a key/value cache needs dense decoder rows (no packed or padded decoder layout).")
+            _check_pairing(encoded.view.outer, Layout.dense(B, Lq))
+            past = cache.past_length()
+            q = Layout.dense(B, Lq, offset=past)
+            view = View(q, q, None, self.kernels.flat)
+            keys = Layout.dense(B, past + Lq) if key_mask is None else Layout.padded(key_mask, name="decoder keys")
+        ctx = StackContext(self.kernels, view.inner, keys, [], encoded, cache)
+        return self.decoder(view.enter(embeds), ctx), view
 
-    def _embeds(self, ids: torch.Tensor | None, embeds: torch.Tensor | None, name: str) -> torch.Tensor:
-        if (ids is None) == (embeds is None):
-            raise ValueError(f"pass exactly one of {name} and its *_embeds.")
-        if embeds is not None:
-            return embeds
-        if ids.dim() != 2:
-            raise ValueError(f"{name} must have shape (batch, length), got {tuple(ids.shape)}.")
-        return self.embed(ids, name)
+    def encoded_from(self, hidden: Tensor, layout: Layout | None = None) -> Encoded:
+        """An :class:`Encoded` for encoder hidden states (B, L, d_model) given in their own (outer) layout."""
+        layout = Layout.dense(*hidden.shape[:2]) if layout is None else layout
+        layout.check_tokens(hidden.shape, "encoder hidden states")
+        view = View.of(layout, self.kernels, hidden.device)
+        return Encoded(view.enter(hidden), view)
 
-    def output_weight(self) -> torch.Tensor:
+    # -- the head and the loss --------------------------------------------------------------------------------
+    def output_weight(self) -> Tensor:
         return self.shared.weight if self.lm_head is None else self.lm_head.weight
 
     def output_scale(self) -> float | None:
         return self.cfg.d_model**-0.5 if self.cfg.scale_decoder_outputs else None
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def logits(self, hidden: Tensor) -> Tensor:
         scale = self.output_scale()
-        if scale is not None:
-            hidden = hidden * scale
-        return F.linear(hidden, self.output_weight())
+        return F.linear(hidden if scale is None else hidden * scale, self.output_weight())
+
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        decoder_input_ids: Tensor | None = None,
+        labels: Tensor | None = None,
+        *,
+        enc: Layout | None = None,
+        dec: Layout | None = None,
+        inputs_embeds: Tensor | None = None,
+        decoder_inputs_embeds: Tensor | None = None,
+        encoded: Encoded | None = None,
+        cache: KVCache | None = None,
+        key_mask: Tensor | None = None,
+        return_logits: bool | None = None,
+    ) -> T5Output:
+        """Encode (unless ``encoded`` is given), decode, and compute the LM loss when ``labels`` are given.
+
+        ``labels`` (B, Ld) use -100 for ignored tokens; without ``decoder_input_ids`` they are shifted right per
+        document (:func:`flasht5.layout.shift_right`, with the config's decoder start and pad ids). The loss is the
+        mean cross-entropy over the kept tokens plus ``cfg.z_loss * mean(logsumexp**2)``. ``return_logits`` (default:
+        not in training) also returns the (B, Ld, vocab) logits; without it the flash backend fuses the LM head
+        into the loss and never materialises them. ``cache`` / ``key_mask``: cached decoding (:meth:`decode`).
+        """
+        if encoded is None:
+            encoded = self.encode(input_ids, enc, inputs_embeds=inputs_embeds)
+        if decoder_input_ids is None and decoder_inputs_embeds is None:
+            if labels is None:
+                raise ValueError("pass decoder_input_ids, decoder_inputs_embeds or labels.")
+            dec = Layout.dense(*labels.shape) if dec is None else dec
+            decoder_input_ids = shift_right(labels, dec, self.cfg.decoder_start_token_id, self.cfg.pad_token_id)
+        hidden, view = self.decode(
+            decoder_input_ids, encoded, dec, inputs_embeds=decoder_inputs_embeds, cache=cache, key_mask=key_mask
+        )
+        return_logits = (not self.training) if return_logits is None else return_logits
+        loss = z = logits = None
+        # The loss is taken in the inner layout: over the decoder's real tokens (padding never counts on the flash
+        # path, even where a label is not -100), and over the documents' rows on the reference paths.
+        inner_labels = None if labels is None else view.enter(labels, fill=-100)
+        if labels is not None and not return_logits and self.kernels.lm_loss is not None:
+            loss, z = self.kernels.lm_loss(hidden, self.output_weight(), self.output_scale(), inner_labels,
+                                           float(self.cfg.z_loss))  # fmt: skip
+        elif return_logits or labels is not None:
+            inner_logits = self.logits(hidden)
+            if labels is not None:
+                loss, z = self.kernels.cross_entropy(inner_logits, inner_labels, float(self.cfg.z_loss))
+            logits = view.exit(inner_logits) if return_logits else None
+        return T5Output(loss, z, logits, hidden, view, encoded)
+
+
+def _check_pairing(enc: Layout, dec: Layout) -> None:
+    """Encoder and decoder sides must pair up document by document (shape-level checks only)."""
+    if (enc.kind == "packed") != (dec.kind == "packed") or (enc.kind == "varlen") != (dec.kind == "varlen"):
+        raise ValueError(
+            "packed batches must be packed on both sides: pass segment_ids / cu_seqlens for the encoder and "
+            "decoder_segment_ids / decoder_cu_seqlens for the decoder."
+        )
+    if enc.kind == "varlen":
+        if enc.num_docs != dec.num_docs:
+            raise ValueError(f"the encoder batch holds {enc.num_docs} documents, the decoder batch {dec.num_docs}.")
+    elif enc.batch != dec.batch:
+        raise ValueError(f"the encoder batch has {enc.batch} rows, the decoder batch {dec.batch}.")
+
+
+OWN_INIT = (T5, PositionBias, FIRE, RMSNorm, MLP, Attention)
