@@ -12,6 +12,7 @@ import torch
 from flasht5.data.packing import ResumableLoader, UL2Dataset, collate_plain, eval_examples
 from flasht5.data.store import TokenStore, build_store
 from flasht5.data.ul2 import PRESETS, merge_denoised
+from flasht5.layout import Batch, shift_right
 
 VOCAB = 1 << 22
 SENTINELS = np.arange(VOCAB - 1, VOCAB - 101, -1)
@@ -58,18 +59,21 @@ def _source(ds: UL2Dataset, enc: np.ndarray, dec: np.ndarray) -> np.ndarray:
     return merge_denoised(enc[:-1], dec[:-1], SENTINELS, n_prefix)
 
 
-def _varlen_examples(batch: dict) -> list[tuple[np.ndarray, np.ndarray]]:
-    cu, dcu = batch["cu_seqlens"].numpy(), batch["decoder_cu_seqlens"].numpy()
-    ids, labels = batch["input_ids"][0].numpy(), batch["labels"][0].numpy()
-    return [(ids[cu[i] : cu[i + 1]], labels[dcu[i] : dcu[i + 1]]) for i in range(len(cu) - 1)]
+def _varlen_examples(item: dict) -> list[tuple[np.ndarray, np.ndarray]]:
+    b = item["batch"]
+    cu, dcu = b.enc.cu_seqlens.numpy(), b.dec.cu_seqlens.numpy()
+    ids, labels = b.input_ids[0].numpy(), b.labels[0].numpy()
+    n = item["stats"]["examples"]  # static batches end with padding documents
+    return [(ids[cu[i] : cu[i + 1]], labels[dcu[i] : dcu[i + 1]]) for i in range(n)]
 
 
-def _padded_examples(batch: dict) -> list[tuple[np.ndarray, np.ndarray]]:
+def _padded_examples(item: dict) -> list[tuple[np.ndarray, np.ndarray]]:
+    b = item["batch"]
     out = []
-    for r in range(batch["input_ids"].shape[0]):
-        seg, dseg = batch["segment_ids"][r].numpy(), batch["decoder_segment_ids"][r].numpy()
+    for r in range(b.input_ids.shape[0]):
+        seg, dseg = b.enc.segment_ids[r].numpy(), b.dec.segment_ids[r].numpy()
         for s in range(1, int(seg.max()) + 1):
-            out.append((batch["input_ids"][r].numpy()[seg == s], batch["labels"][r].numpy()[dseg == s]))
+            out.append((b.input_ids[r].numpy()[seg == s], b.labels[r].numpy()[dseg == s]))
     return out
 
 
@@ -106,49 +110,73 @@ def test_one_epoch_loses_no_token_and_never_mixes_documents(store, mode, mixture
 
 def test_varlen_contract(store) -> None:
     ds = _ds(store)
-    for batch in [b for _, b in zip(range(8), ds)]:
-        cu, dcu = batch["cu_seqlens"], batch["decoder_cu_seqlens"]
+    for item in [b for _, b in zip(range(8), ds)]:
+        batch = item["batch"]
+        assert isinstance(batch, Batch) and batch.enc.kind == batch.dec.kind == "varlen"
+        cu, dcu = batch.enc.cu_seqlens, batch.dec.cu_seqlens
         assert cu.dtype == torch.int32 and dcu.dtype == torch.int32 and cu[0] == 0 and dcu[0] == 0
-        assert len(cu) == len(dcu) == batch["stats"]["examples"] + 1
-        assert batch["input_ids"].shape == (1, int(cu[-1])) and batch["input_ids"].dtype == torch.int64
-        assert batch["labels"].shape == batch["decoder_input_ids"].shape == (1, int(dcu[-1]))
-        assert batch["max_seqlen"] == int((cu[1:] - cu[:-1]).max()) <= ds.max_input_len
-        assert batch["decoder_max_seqlen"] == int((dcu[1:] - dcu[:-1]).max()) <= ds.max_target_len
+        assert len(cu) == len(dcu) == item["stats"]["examples"] + 1
+        assert batch.input_ids.shape == (1, int(cu[-1])) and batch.input_ids.dtype == torch.int64
+        assert batch.labels.shape == (1, int(dcu[-1])) and batch.decoder_input_ids is None
+        assert batch.enc.max_seqlen == int((cu[1:] - cu[:-1]).max()) <= ds.max_input_len
+        assert batch.dec.max_seqlen == int((dcu[1:] - dcu[:-1]).max()) <= ds.max_target_len
         assert int(cu[-1]) <= ds.max_tokens and int(dcu[-1]) <= ds.max_target_tokens
-        labels, dec_in = batch["labels"][0], batch["decoder_input_ids"][0]
+        labels = batch.labels[0]
+        dec_in = shift_right(batch.labels, batch.dec, start_id=0, pad_id=0)[0]  # what the model feeds the decoder
         for i in range(len(dcu) - 1):
             a, b = int(dcu[i]), int(dcu[i + 1])
-            assert dec_in[a] == ds.decoder_start_id and torch.equal(dec_in[a + 1 : b], labels[a : b - 1])
+            assert dec_in[a] == 0 and torch.equal(dec_in[a + 1 : b], labels[a : b - 1])
             assert labels[b - 1] == EOS
-        assert isinstance(batch["max_seqlen"], int) and all(
-            isinstance(v, (int, float)) for v in batch["stats"].values()
-        )
+        assert all(isinstance(v, (int, float)) for v in item["stats"].values())
+
+
+def test_static_varlen_batches_have_one_shape_and_the_same_examples(store) -> None:
+    """max_docs: every batch has the budgets' token counts and max_docs documents; the examples are the
+    dynamic batches' own, followed by padding documents (labels -100) no longer than the per-example limits."""
+    ds, st = _ds(store, epochs=1), _ds(store, epochs=1, max_docs=40)
+    shapes = set()
+    for dyn, fix in zip(ds, st):
+        b = fix["batch"]
+        shapes.add((b.input_ids.shape, b.labels.shape, b.enc.cu_seqlens.shape, b.dec.cu_seqlens.shape))
+        assert (b.enc.max_seqlen, b.dec.max_seqlen) == (ds.max_input_len, ds.max_target_len)
+        n = fix["stats"]["examples"]
+        assert n <= st.max_examples
+        ex = _varlen_examples(fix)
+        assert all(np.array_equal(a[0], c[0]) and np.array_equal(a[1], c[1]) for a, c in zip(ex, _varlen_examples(dyn)))
+        cu, dcu = b.enc.cu_seqlens, b.dec.cu_seqlens
+        assert int((cu.diff()).max()) <= ds.max_input_len and int((dcu.diff()).max()) <= ds.max_target_len
+        assert torch.all(b.labels[0, int(dcu[n]) :] == -100) and torch.all(b.input_ids[0, int(cu[n]) :] == 0)
+    assert shapes == {((1, ds.max_tokens), (1, ds.max_target_tokens), (41,), (41,))}
+    with pytest.raises(ValueError, match="max_docs"):
+        _ds(store, max_docs=4)
 
 
 def test_padded_contract(store) -> None:
     ds = _ds(store, mode="padded", max_tokens=1024, row_len=256)  # 4 rows of 256 / row_target_len
     ld = ds.row_target_len
     multi = 0
-    for batch in [b for _, b in zip(range(8), ds)]:
-        assert batch["input_ids"].shape == (4, 256) and batch["labels"].shape == (4, ld)
-        multi += int((batch["segment_ids"].amax(1) >= 2).sum())
-        seg, dseg = batch["segment_ids"], batch["decoder_segment_ids"]
-        assert torch.equal(batch["attention_mask"], (seg > 0).long())
-        assert torch.equal(batch["decoder_attention_mask"], (dseg > 0).long())
-        assert torch.equal(batch["labels"] == -100, dseg == 0)
+    for item in [b for _, b in zip(range(8), ds)]:
+        batch = item["batch"]
+        assert batch.input_ids.shape == (4, 256) and batch.labels.shape == (4, ld)
+        assert batch.enc.kind == batch.dec.kind == "packed"
+        seg, dseg = batch.enc.segment_ids, batch.dec.segment_ids
+        multi += int((seg.amax(1) >= 2).sum())
+        assert torch.equal(batch.labels == -100, dseg == 0)
+        pos, dpos = batch.enc.positions(), batch.dec.positions()
+        dec_in = shift_right(batch.labels, batch.dec, start_id=0, pad_id=0)
         for r in range(4):
             k = int(seg[r].max())
             assert int(dseg[r].max()) == k  # decoder segment s belongs to encoder segment s of the same row
             for s in range(1, k + 1):
                 idx, didx = torch.nonzero(seg[r] == s)[:, 0], torch.nonzero(dseg[r] == s)[:, 0]
                 assert torch.equal(idx, torch.arange(idx[0], idx[0] + len(idx)))  # contiguous
-                assert torch.equal(batch["position_ids"][r, idx], torch.arange(len(idx), dtype=torch.int32))
-                assert torch.equal(batch["decoder_position_ids"][r, didx], torch.arange(len(didx), dtype=torch.int32))
-                lab, din = batch["labels"][r, didx], batch["decoder_input_ids"][r, didx]
-                assert din[0] == ds.decoder_start_id and torch.equal(din[1:], lab[:-1])
+                assert torch.equal(pos[r, idx], torch.arange(len(idx)))  # positions restart per document
+                assert torch.equal(dpos[r, didx], torch.arange(len(didx)))
+                lab, din = batch.labels[r, didx], dec_in[r, didx]
+                assert din[0] == 0 and torch.equal(din[1:], lab[:-1])
             # Padding only after the last example.
             assert torch.all(seg[r, int((seg[r] > 0).sum()) :] == 0)
-        st = batch["stats"]
+        st = item["stats"]
         assert st["input_padding"] == int((seg == 0).sum()) and st["padding_frac"] == st["input_padding"] / (4 * 256)
     assert multi > 8  # rows do hold several examples
 
@@ -161,18 +189,22 @@ def test_varlen_budget_is_filled(store) -> None:
 
 
 def test_determinism_and_seed(store) -> None:
-    a = [b["input_ids"] for _, b in zip(range(5), _ds(store))]
-    b = [b["input_ids"] for _, b in zip(range(5), _ds(store))]
-    c = [b["input_ids"] for _, b in zip(range(5), _ds(store, seed=2))]
+    a = [b["batch"].input_ids for _, b in zip(range(5), _ds(store))]
+    b = [b["batch"].input_ids for _, b in zip(range(5), _ds(store))]
+    c = [b["batch"].input_ids for _, b in zip(range(5), _ds(store, seed=2))]
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert not all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(a, c))
 
 
+def _tensors(b: Batch) -> list:
+    lays = [(lo.kind, lo.max_seqlen, lo.cu_seqlens, lo.segment_ids) for lo in (b.enc, b.dec)]
+    return [b.input_ids, b.labels, *[x for lay in lays for x in lay]]
+
+
 def _same(xs: list[dict], ys: list[dict]) -> bool:
-    keys = [k for k in xs[0] if k != "stats"]
+    eq = lambda a, b: torch.equal(a, b) if torch.is_tensor(a) else a == b
     return len(xs) == len(ys) and all(
-        all(torch.equal(x[k], y[k]) if torch.is_tensor(x[k]) else x[k] == y[k] for k in keys)
-        and x["stats"] == y["stats"]
+        all(eq(a, b) for a, b in zip(_tensors(x["batch"]), _tensors(y["batch"]))) and x["stats"] == y["stats"]
         for x, y in zip(xs, ys)
     )
 
@@ -250,9 +282,7 @@ def test_plain_collate_and_eval_examples(store) -> None:
     assert batch["input_ids"].shape == (6, max(len(e) for e, _ in exs))
     for i, (enc, tgt) in enumerate(exs):
         assert batch["attention_mask"][i].sum() == len(enc) and torch.all(batch["labels"][i, len(tgt) :] == -100)
-        assert batch["decoder_input_ids"][i, 0] == 0 and torch.equal(
-            batch["decoder_input_ids"][i, 1 : len(tgt)], torch.as_tensor(tgt[:-1])
-        )
+        assert torch.equal(batch["labels"][i, : len(tgt)], torch.as_tensor(tgt)) and "decoder_input_ids" not in batch
 
 
 def test_bad_arguments(store, tmp_path: Path) -> None:
@@ -279,7 +309,7 @@ def test_end_to_end_from_tokenizer(tmp_path, corpus_file, tiny_tokenizer_dir) ->
     ds = UL2Dataset.from_tokenizer(
         st, tok, denoisers="ul2", max_input_len=256, max_target_len=128, max_tokens=2048, epochs=1, shuffle=False
     )
-    assert ds.eos_id == tok.eos_token_id == 1 and ds.decoder_start_id == tok.pad_token_id == 0
+    assert ds.eos_id == tok.eos_token_id == 1 and ds.pad_id == tok.pad_token_id == 0
     batch = next(iter(ds))
     enc, dec = _varlen_examples(batch)[0]
     assert tok.convert_ids_to_tokens(int(enc[0])) in ("[R]", "[S]", "[X]")  # the mode token leads the input

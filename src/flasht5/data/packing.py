@@ -12,8 +12,16 @@ Pipeline, per shard (a shard is one (rank, DataLoader worker) pair; shards read 
    with an encoder and a decoder budget: one bin of ``max_tokens`` / ``max_target_tokens`` tokens in ``"varlen"``
    mode, ``max_tokens // row_len`` rows of ``row_len`` / ``row_target_len`` in ``"padded"`` mode. Rows only pack
    well when they hold several examples: for UL2 mixtures use ``row_len`` of a few ``max_input_len``;
-4. the batch becomes tensors (see :meth:`UL2Dataset.collate_varlen` / :meth:`UL2Dataset.collate_padded`) plus
-   ``stats``, python numbers for logging.
+4. the batch becomes a :class:`flasht5.layout.Batch` (token ids, labels and both layouts, in the form the model's
+   kernels eat; see :meth:`UL2Dataset.collate_varlen` / :meth:`UL2Dataset.collate_padded`) plus ``stats``, python
+   numbers for logging. Decoder inputs are not emitted: the model shifts the labels right per document with its
+   own config's decoder start id (one definition, :func:`flasht5.layout.shift_right`).
+
+Static shapes (``max_docs``, varlen mode): every batch then has exactly ``max_tokens`` / ``max_target_tokens`` tokens
+and ``max_docs`` documents, so a training step can be captured once in a CUDA graph and replayed. The unused tail of
+each budget becomes padding documents (pad ids, labels -100) no longer than ``max_input_len`` / ``max_target_len``,
+and trailing empty documents fill ``cu_seqlens`` up to ``max_docs + 1`` entries; bins take at most as many examples
+as leave room for those.
 
 Packed examples never see each other: in varlen form each is its own ``cu_seqlens`` segment (encoder segment i pairs
 with decoder segment i); in padded form every token carries its example's segment id (decoder segment ids equal the
@@ -43,6 +51,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from flasht5.data.store import TokenStore
 from flasht5.data.ul2 import Denoiser, _corrupt, denoised_lengths, max_chunk_length, resolve_mixture
+from flasht5.layout import Batch, Layout
 
 MODES = ("varlen", "padded")
 _MAX_WAIT = 4  # batches an example may be passed over before it is packed first
@@ -59,7 +68,7 @@ class UL2Dataset(IterableDataset):
         denoisers: a preset name (``"t5"``, ``"ul2"``, ``"fat5"``) or a list (see :func:`ul2.resolve_mixture`).
         sentinel_ids: ``<extra_id_0>``, ``<extra_id_1>``, ... ids (see ``tokenizer.sentinel_ids``).
         prefix_ids: token ids of each mode prefix used by the mixture (see ``tokenizer.mode_token_ids``).
-        eos_id, pad_id, decoder_start_id: T5's 1, 0, 0.
+        eos_id, pad_id: T5's 1 and 0.
         max_input_len, max_target_len: per-example limits, EOS and mode tokens included.
         max_tokens: encoder tokens per batch (varlen: the budget; padded: ``max_tokens // row_len`` rows).
         max_target_tokens: decoder tokens per batch in varlen mode (default: ``max_tokens`` times the mixture's
@@ -72,6 +81,8 @@ class UL2Dataset(IterableDataset):
         shuffle: permute documents every epoch (else store order).
         epochs: stop after this many passes over the data (``None``: never stop).
         lookahead: pool size, in batches, that packing chooses from.
+        max_docs: varlen mode only: static batch shapes with this many documents per batch (module docstring);
+            None: every batch has the shape of its contents.
     """
 
     def __init__(
@@ -83,7 +94,6 @@ class UL2Dataset(IterableDataset):
         prefix_ids: Mapping[str, Sequence[int]] | None = None,
         eos_id: int = 1,
         pad_id: int = 0,
-        decoder_start_id: int = 0,
         max_input_len: int = 512,
         max_target_len: int = 114,
         max_tokens: int | None = None,
@@ -97,6 +107,7 @@ class UL2Dataset(IterableDataset):
         shuffle: bool = True,
         epochs: int | None = None,
         lookahead: float = 2.0,
+        max_docs: int | None = None,
     ) -> None:
         super().__init__()
         self.store = store if isinstance(store, TokenStore) else TokenStore(store)
@@ -119,7 +130,7 @@ class UL2Dataset(IterableDataset):
             raise ValueError(f"epochs must be None or >= 1, got {epochs}")
         if lookahead < 1.0:
             raise ValueError(f"lookahead must be >= 1, got {lookahead}")
-        self.eos_id, self.pad_id, self.decoder_start_id = int(eos_id), int(pad_id), int(decoder_start_id)
+        self.eos_id, self.pad_id = int(eos_id), int(pad_id)
         self.max_input_len, self.max_target_len = int(max_input_len), int(max_target_len)
         self.chunk_lens = np.array(
             [
@@ -165,6 +176,18 @@ class UL2Dataset(IterableDataset):
             self.max_target_tokens = rows * self.row_target_len
             self.bins_enc = np.full(rows, self.row_len, dtype=np.int64)
             self.bins_dec = np.full(rows, self.row_target_len, dtype=np.int64)
+        self.max_docs, self.max_examples = None, None
+        if max_docs is not None:
+            if mode != "varlen":
+                raise ValueError("max_docs (static batch shapes) needs mode='varlen'")
+            # Room for the padding documents that fill the unused tail of each budget.
+            tail = max(-(-self.max_tokens // max_input_len), -(-self.max_target_tokens // max_target_len))
+            if max_docs <= tail:
+                raise ValueError(
+                    f"max_docs={max_docs} leaves no room for examples: the padding of a batch can need {tail} "
+                    f"documents of at most max_input_len / max_target_len tokens"
+                )
+            self.max_docs, self.max_examples = int(max_docs), int(max_docs) - tail
         self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
         self.shuffle, self.epochs, self.lookahead = shuffle, epochs, float(lookahead)
         self.denoiser_names = [
@@ -275,20 +298,22 @@ class UL2Dataset(IterableDataset):
         dec = np.fromiter((len(x[1]) for x in pool), dtype=np.int64, count=n)
         rem_e, rem_d = self.bins_enc.copy(), self.bins_dec.copy()
         bins: list[list[Example]] = [[] for _ in rem_e]
+        room = np.full(len(bins), self.max_examples if self.max_examples is not None else n, dtype=np.int64)
         avail = np.ones(n, dtype=bool)
         old = [i for i in range(n) if pool[i][5] >= _MAX_WAIT]
         for i in sorted(old, key=lambda i: (-max(enc[i] / ce, dec[i] / cd), i)):
-            fits = (rem_e >= enc[i]) & (rem_d >= dec[i])
+            fits = (rem_e >= enc[i]) & (rem_d >= dec[i]) & (room > 0)
             if fits.any():
                 j = int(np.argmin(np.where(fits, rem_e - enc[i], np.iinfo(np.int64).max)))
                 rem_e[j] -= enc[i]
                 rem_d[j] -= dec[i]
+                room[j] -= 1
                 bins[j].append(pool[i])
                 avail[i] = False
         es, ds = enc / ce, dec / cd
         size = es + ds
         for j in range(len(bins)):
-            while True:
+            while room[j] > 0:
                 fits = avail & (enc <= rem_e[j]) & (dec <= rem_d[j])
                 if not fits.any():
                     break
@@ -296,6 +321,7 @@ class UL2Dataset(IterableDataset):
                 i = int(np.argmax(np.where(fits, score, -np.inf)))
                 rem_e[j] -= enc[i]
                 rem_d[j] -= dec[i]
+                room[j] -= 1
                 bins[j].append(pool[i])
                 avail[i] = False
         left: list[Example] = [(*pool[i][:5], pool[i][5] + 1) for i in np.flatnonzero(avail)]  # type: ignore[misc]
@@ -445,43 +471,49 @@ class UL2Dataset(IterableDataset):
         return stats
 
     def collate_varlen(self, examples: Sequence[Example]) -> dict[str, Any]:
-        """Padding-free batch: flattened tokens plus cu_seqlens for encoder and decoder (example i <-> segment i)."""
-        enc_lens = np.fromiter((len(x[0]) for x in examples), dtype=np.int64, count=len(examples))
-        dec_lens = np.fromiter((len(x[1]) for x in examples), dtype=np.int64, count=len(examples))
-        enc = np.concatenate([x[0] for x in examples], dtype=np.int64)
-        labels = np.concatenate([x[1] for x in examples], dtype=np.int64)
-        cu = np.zeros(len(examples) + 1, dtype=np.int32)
+        """Padding-free batch: flattened tokens, encoder and decoder ``cu_seqlens`` (example i <-> document i); with
+        ``max_docs``, padded to the static shapes (module docstring)."""
+        n = len(examples)
+        enc_lens = np.fromiter((len(x[0]) for x in examples), dtype=np.int64, count=n)
+        dec_lens = np.fromiter((len(x[1]) for x in examples), dtype=np.int64, count=n)
+        n_enc, n_dec = int(enc_lens.sum()), int(dec_lens.sum())
+        parts_e, parts_d = [x[0] for x in examples], [x[1] for x in examples]
+        if self.max_docs is not None:
+            pe, pd = (
+                _tail_docs(self.max_tokens - n_enc, self.max_input_len),
+                _tail_docs(self.max_target_tokens - n_dec, self.max_target_len),
+            )
+            empty = self.max_docs - n - max(len(pe), len(pd))
+            enc_lens = np.concatenate([enc_lens, pe, np.zeros(max(len(pd) - len(pe), 0) + empty, np.int64)])
+            dec_lens = np.concatenate([dec_lens, pd, np.zeros(max(len(pe) - len(pd), 0) + empty, np.int64)])
+            parts_e.append(np.full(self.max_tokens - n_enc, self.pad_id, dtype=np.int64))
+            parts_d.append(np.full(self.max_target_tokens - n_dec, -100, dtype=np.int64))
+        enc = np.concatenate(parts_e, dtype=np.int64)
+        labels = np.concatenate(parts_d, dtype=np.int64)
+        cu = np.zeros(len(enc_lens) + 1, dtype=np.int32)
         np.cumsum(enc_lens, out=cu[1:])
-        dcu = np.zeros(len(examples) + 1, dtype=np.int32)
+        dcu = np.zeros(len(dec_lens) + 1, dtype=np.int32)
         np.cumsum(dec_lens, out=dcu[1:])
-        # Shift right per example: shift the concatenation, then put decoder_start at every segment start.
-        dec_in = np.empty_like(labels)
-        dec_in[1:] = labels[:-1]
-        dec_in[dcu[:-1]] = self.decoder_start_id
-        return {
-            "input_ids": torch.from_numpy(enc)[None],  # (1, T_enc)
-            "cu_seqlens": torch.from_numpy(cu),
-            "max_seqlen": int(enc_lens.max()),
-            "decoder_input_ids": torch.from_numpy(dec_in)[None],  # (1, T_dec)
-            "labels": torch.from_numpy(labels)[None],
-            "decoder_cu_seqlens": torch.from_numpy(dcu),
-            "decoder_max_seqlen": int(dec_lens.max()),
-            "stats": self._stats(
-                examples, len(enc), len(labels), self.max_tokens, self.max_target_tokens, padded=False
-            ),
-        }
+        static = self.max_docs is not None
+        max_e = self.max_input_len if static else int(enc_lens.max())
+        max_d = self.max_target_len if static else int(dec_lens.max())
+        batch = Batch(
+            torch.from_numpy(enc)[None],  # (1, T_enc)
+            torch.from_numpy(labels)[None],  # (1, T_dec)
+            Layout("varlen", 1, len(enc), cu_seqlens=torch.from_numpy(cu), max_seqlen=max_e),
+            Layout("varlen", 1, len(labels), cu_seqlens=torch.from_numpy(dcu), max_seqlen=max_d),
+        )
+        cap_e, cap_d = self.max_tokens, self.max_target_tokens
+        return {"batch": batch, "stats": self._stats(examples, n_enc, n_dec, cap_e, cap_d, padded=static)}
 
     def collate_padded(self, rows: Sequence[Sequence[Example]]) -> dict[str, Any]:
-        """Rows packed with several examples each, right-padded to row_len / row_target_len."""
+        """Rows packed with several examples each, right-padded to row_len / row_target_len (packed layouts:
+        decoder segment s of a row belongs to encoder segment s of the same row)."""
         b, li, ld = len(rows), self.row_len, self.row_target_len
         input_ids = np.full((b, li), self.pad_id, dtype=np.int64)
         seg = np.zeros((b, li), dtype=np.int32)
-        pos = np.zeros((b, li), dtype=np.int32)
         labels = np.full((b, ld), -100, dtype=np.int64)
-        dec_in = np.full((b, ld), self.pad_id, dtype=np.int64)
         dseg = np.zeros((b, ld), dtype=np.int32)
-        dpos = np.zeros((b, ld), dtype=np.int32)
-        ar = np.arange(max(li, ld), dtype=np.int32)  # positions restart at 0 per example: slices of this
         n_enc = n_dec = 0
         for r, row in enumerate(rows):
             oe = od = 0
@@ -489,29 +521,20 @@ class UL2Dataset(IterableDataset):
                 ne, nd = len(enc), len(dec)
                 input_ids[r, oe : oe + ne] = enc
                 seg[r, oe : oe + ne] = s
-                pos[r, oe : oe + ne] = ar[:ne]
                 labels[r, od : od + nd] = dec
-                dec_in[r, od] = self.decoder_start_id
-                dec_in[r, od + 1 : od + nd] = dec[:-1]
                 dseg[r, od : od + nd] = s
-                dpos[r, od : od + nd] = ar[:nd]
                 oe += ne
                 od += nd
             n_enc += oe
             n_dec += od
         flat = [x for row in rows for x in row]
-        return {
-            "input_ids": torch.from_numpy(input_ids),  # (B, Li)
-            "attention_mask": torch.from_numpy((seg > 0).astype(np.int64)),
-            "segment_ids": torch.from_numpy(seg),
-            "position_ids": torch.from_numpy(pos),
-            "decoder_input_ids": torch.from_numpy(dec_in),  # (B, Ld)
-            "labels": torch.from_numpy(labels),
-            "decoder_attention_mask": torch.from_numpy((dseg > 0).astype(np.int64)),
-            "decoder_segment_ids": torch.from_numpy(dseg),
-            "decoder_position_ids": torch.from_numpy(dpos),
-            "stats": self._stats(flat, n_enc, n_dec, b * li, b * ld, padded=True),
-        }
+        batch = Batch(
+            torch.from_numpy(input_ids),  # (B, Li)
+            torch.from_numpy(labels),  # (B, Ld)
+            Layout("packed", b, li, segment_ids=torch.from_numpy(seg)),
+            Layout("packed", b, ld, segment_ids=torch.from_numpy(dseg)),
+        )
+        return {"batch": batch, "stats": self._stats(flat, n_enc, n_dec, b * li, b * ld, padded=True)}
 
     def iter_examples(self, epoch: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(encoder ids + EOS, target ids + EOS) of every chunk of this rank's documents in one epoch, unpacked."""
@@ -610,8 +633,8 @@ class ResumableLoader:
 
 
 def tokenizer_kwargs(tokenizer: Any, denoisers: str | Sequence[Any] = "t5") -> dict[str, Any]:
-    """``sentinel_ids``, ``prefix_ids`` (for the mixture's mode tokens), ``eos_id``, ``pad_id`` and
-    ``decoder_start_id`` of a tokenizer, to pass to :class:`UL2Dataset` or :func:`eval_examples`."""
+    """``sentinel_ids``, ``prefix_ids`` (for the mixture's mode tokens), ``eos_id`` and ``pad_id`` of a tokenizer,
+    to pass to :class:`UL2Dataset` or :func:`eval_examples`."""
     from flasht5.data.tokenizer import mode_token_ids, sentinel_ids
 
     prefixes = {d.prefix for d, _ in resolve_mixture(denoisers)}
@@ -622,7 +645,6 @@ def tokenizer_kwargs(tokenizer: Any, denoisers: str | Sequence[Any] = "t5") -> d
         "prefix_ids": mode_token_ids(tokenizer, sorted(prefixes)),
         "eos_id": tokenizer.eos_token_id,
         "pad_id": tokenizer.pad_token_id,
-        "decoder_start_id": tokenizer.pad_token_id,
     }
 
 
@@ -634,11 +656,10 @@ def collate_plain(
     examples: Sequence[tuple[np.ndarray | Sequence[int], np.ndarray | Sequence[int]]],
     *,
     pad_id: int = 0,
-    decoder_start_id: int = 0,
 ) -> dict[str, torch.Tensor]:
-    """One example per row, Hugging Face style: ``input_ids``, ``attention_mask``, ``labels`` (-100 padding),
-    ``decoder_input_ids`` (labels shifted right), ``decoder_attention_mask``. Examples are (encoder ids incl. EOS,
-    target ids incl. EOS)."""
+    """One example per row, Hugging Face style: ``input_ids``, ``attention_mask``, ``labels`` (-100 padding) and
+    ``decoder_attention_mask`` (the model shifts the labels into decoder inputs). Examples are (encoder ids incl.
+    EOS, target ids incl. EOS)."""
     if not examples:
         raise ValueError("examples is empty")
     b = len(examples)
@@ -647,24 +668,25 @@ def collate_plain(
     input_ids = np.full((b, li), pad_id, dtype=np.int64)
     attn = np.zeros((b, li), dtype=np.int64)
     labels = np.full((b, ld), -100, dtype=np.int64)
-    dec_in = np.full((b, ld), pad_id, dtype=np.int64)
     dattn = np.zeros((b, ld), dtype=np.int64)
     for i, (enc, tgt) in enumerate(examples):
         enc, tgt = np.asarray(enc), np.asarray(tgt)
         input_ids[i, : len(enc)] = enc
         attn[i, : len(enc)] = 1
         labels[i, : len(tgt)] = tgt
-        if len(tgt):
-            dec_in[i, 0] = decoder_start_id
-            dec_in[i, 1 : len(tgt)] = tgt[:-1]
         dattn[i, : len(tgt)] = 1
     return {
         "input_ids": torch.from_numpy(input_ids),
         "attention_mask": torch.from_numpy(attn),
         "labels": torch.from_numpy(labels),
-        "decoder_input_ids": torch.from_numpy(dec_in),
         "decoder_attention_mask": torch.from_numpy(dattn),
     }
+
+
+def _tail_docs(tokens: int, longest: int) -> np.ndarray:
+    """Lengths of the padding documents that fill ``tokens`` unused tokens, none longer than ``longest``."""
+    n, rest = divmod(tokens, longest)
+    return np.array([longest] * n + ([rest] if rest else []), dtype=np.int64)
 
 
 def eval_examples(
