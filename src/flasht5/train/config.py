@@ -25,7 +25,7 @@ class ModelConfig:
     preset: str = "demo"  # a FlashT5Config preset (flasht5.config.PRESETS)
     overrides: dict[str, Any] = field(default_factory=dict)  # FlashT5Config fields that differ from the preset
     init_from: str | None = None  # a flasht5 or Hugging Face T5 folder to start from instead of random weights
-    attn_implementation: str | None = None  # eager | sdpa | flash; None = flash on CUDA, sdpa on CPU
+    attn_implementation: str | None = None  # eager | sdpa | flash; None = flash on CUDA, sdpa on CPU (the backend)
 
 
 @dataclass
@@ -46,7 +46,8 @@ class DataConfig:
     mode: str = "varlen"  # "varlen" (padding-free) or "padded" (rows packed with segment ids)
     row_len: int | None = None  # padded mode: encoder row length (None: max_input_len; ~4x suits ul2/fat5)
     row_target_len: int | None = None  # padded mode: decoder row length (None: max_target_len)
-    num_workers: int = 0  # DataLoader worker processes
+    num_workers: int | None = None  # DataLoader worker processes; None = 2 on CUDA (batches built ahead), 0 on CPU
+    max_docs: int | None = None  # varlen: documents per batch for static shapes (CUDA graphs); None = auto
     eval_batches: int = 8  # held-out batches evaluated each time
 
 
@@ -75,6 +76,7 @@ class RunConfig:
     keep_checkpoints: int = 2  # how many step checkpoints to keep
     resume: bool = True  # continue from the newest checkpoint in out_dir if there is one
     compile: bool = False  # torch.compile the model
+    cuda_graphs: bool | None = None  # replay the whole step from one CUDA graph; None = on for CUDA + varlen batches
     gradient_checkpointing: bool = False
     threads: int = 0  # CPU threads for torch (0 = torch's default)
     samples: int = 3  # span-filling generations printed at the end
