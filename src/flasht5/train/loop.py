@@ -3,7 +3,9 @@
 ``train(cfg)`` prepares whatever is missing (it trains the tokenizer and pretokenizes the corpus on first use),
 then trains with a progress bar (loss, tokens/s), writes ``metrics.jsonl`` and ``loss.png``, evaluates on held-out
 text, checkpoints periodically (and resumes from the newest checkpoint), saves ``final/`` and prints span-filling
-samples. On a CUDA machine it trains on the GPU in bf16 autocast with the flash kernels.
+samples. On a CUDA machine it trains on the GPU in bf16 autocast with the flash kernels, the step replayed from a
+CUDA graph (:class:`flasht5.train.step.TrainStep`) on static varlen batches that DataLoader workers build ahead into
+pinned memory; the loop itself reads the device only to log.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from flasht5.data.packing import ResumableLoader
 from flasht5.modeling import FlashT5ForConditionalGeneration
 from flasht5.train.config import Config
 from flasht5.train.optim import AdamWScale, lr_at
+from flasht5.train.step import TrainStep
 
 
 def log(msg: str) -> None:
@@ -74,10 +77,18 @@ def prepare_data(cfg: Config) -> tuple[Any, Any, Any | None]:
     return tokenizer, TokenStore(store_dir), heldout
 
 
-def make_dataset(store: Any, tokenizer: Any, cfg: Config, *, seed: int, rank: int = 0, world_size: int = 1):
+def make_dataset(
+    store: Any, tokenizer: Any, cfg: Config, *, seed: int, static: bool = False, rank: int = 0, world_size: int = 1
+):
+    """The UL2 stream of ``cfg.data``; ``static``: fixed batch shapes (varlen), so a CUDA graph can replay the step."""
     from flasht5.data.packing import UL2Dataset
 
     d = cfg.data
+    max_docs = None
+    if static and d.mode == "varlen":
+        # Room for examples averaging half the longest input, plus padding documents for a quarter of the budget;
+        # a batch that needs more (e.g. the last one of a finite stream) runs eagerly.
+        max_docs = d.max_docs or 2 * -(-d.max_tokens // d.max_input_len) + -(-d.max_tokens // d.max_input_len) // 4 + 1
     return UL2Dataset.from_tokenizer(
         store,
         tokenizer,
@@ -92,6 +103,7 @@ def make_dataset(store: Any, tokenizer: Any, cfg: Config, *, seed: int, rank: in
         seed=seed,
         rank=rank,
         world_size=world_size,
+        max_docs=max_docs,
     )
 
 
@@ -109,20 +121,10 @@ def build_model(cfg: Config, vocab_size: int, device: torch.device) -> FlashT5Fo
         config = FlashT5Config.from_preset(m.preset, **{"vocab_size": -(-vocab_size // 128) * 128, **m.overrides})
         if config.vocab_size < vocab_size:
             raise ValueError(f"model.overrides.vocab_size={config.vocab_size} < the tokenizer's {vocab_size} ids")
-        if m.attn_implementation is not None:
-            config._attn_implementation = m.attn_implementation
         model = FlashT5ForConditionalGeneration(config)
+        if m.attn_implementation is not None:
+            model.set_attn_implementation(m.attn_implementation)
     return model.to(device)
-
-
-def model_inputs(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    """The model's keyword arguments from a collated batch (tensors moved, bookkeeping dropped)."""
-    out = {}
-    for k, v in batch.items():
-        if k == "stats":
-            continue
-        out[k] = v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
-    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -131,14 +133,17 @@ def model_inputs(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def evaluate(model, batches: list[tuple[dict[str, Any], int]], autocast) -> float:
-    """Token-weighted mean loss over fixed held-out batches, given as (model inputs on the device, target tokens)."""
+def evaluate(model, batches: list[tuple[Any, int]], autocast) -> float:
+    """Token-weighted mean loss over fixed held-out batches, given as (Batch on the device, target tokens); ``model``
+    is the core :class:`flasht5.model.T5` (the LM head fused into the loss on the flash backend)."""
     was_training = model.training
     model.eval()
     losses = []
-    for inputs, _ in batches:
+    for b, _ in batches:
         with autocast():
-            losses.append(model(**inputs).loss)
+            losses.append(
+                model(b.input_ids, b.decoder_input_ids, b.labels, enc=b.enc, dec=b.dec, return_logits=False).loss
+            )
     model.train(was_training)
     values = torch.stack(losses).tolist()  # one host sync per evaluation, not one per batch
     total = sum(v * n for v, (_, n) in zip(values, batches))
@@ -237,18 +242,21 @@ def train(cfg: Config) -> dict[str, Any]:
 
     tokenizer, store, heldout = prepare_data(cfg)
     model = build_model(cfg, len(tokenizer), device)
+    core = model.model  # the training step drives the core model; the wrapper saves and generates
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     n_params = sum(p.numel() for p in model.parameters())
+    graphs = device.type == "cuda" and cfg.data.mode == "varlen" and not t.compile
+    graphs = graphs if t.cuda_graphs is None else t.cuda_graphs
     log(
-        f"model: {n_params / 1e6:.1f}M parameters, attention {model.config._attn_implementation}, device {device}, "
-        f"{'bf16 autocast' if bf16 else 'fp32'}"
+        f"model: {n_params / 1e6:.1f}M parameters, backend {core.backend}, device {device}, "
+        f"{'bf16 autocast' if bf16 else 'fp32'}{', CUDA-graph step' if graphs else ''}"
     )
     optimizer = AdamWScale(
         model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
         weight_decay=cfg.optim.weight_decay,
     )  # fmt: skip
-    dataset = make_dataset(store, tokenizer, cfg, seed=t.seed)
+    dataset = make_dataset(store, tokenizer, cfg, seed=t.seed, static=graphs)
 
     start_step, data_state = 0, None
     ckpts = _checkpoints(out) if t.resume else []
@@ -264,22 +272,27 @@ def train(cfg: Config) -> dict[str, Any]:
         log(f"resumed from {ckpts[-1]} at step {start_step}")
 
     # The held-out batches are fixed: moved to the device and counted once, not at every evaluation.
-    eval_batches: list[tuple[dict[str, Any], int]] = []
+    eval_batches: list[tuple[Any, int]] = []
     if heldout is not None:
-        for batch in make_dataset(heldout, tokenizer, cfg, seed=t.seed + 1):
-            eval_batches.append((model_inputs(batch, device), batch["stats"]["target_tokens"]))
+        for item in make_dataset(heldout, tokenizer, cfg, seed=t.seed + 1):
+            eval_batches.append((item["batch"].to(device), item["stats"]["target_tokens"]))
             if len(eval_batches) >= cfg.data.eval_batches:
                 break
 
-    train_model = torch.compile(model) if t.compile else model
+    step_fn = TrainStep(
+        torch.compile(core) if t.compile else core, optimizer, amp_dtype=torch.bfloat16 if bf16 else None,
+        grad_clip=cfg.optim.grad_clip, cuda_graph=graphs,
+    )  # fmt: skip
     # The loader's state (every worker's position) is what a checkpoint stores, so a resumed run sees the exact
-    # stream an uninterrupted one would have seen.
-    loader = ResumableLoader(dataset, num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda")
+    # stream an uninterrupted one would have seen. Workers build batches ahead, into pinned memory on CUDA.
+    workers = cfg.data.num_workers if cfg.data.num_workers is not None else (2 if device.type == "cuda" else 0)
+    extra = dict(prefetch_factor=4, persistent_workers=True) if workers else {}
+    loader = ResumableLoader(dataset, num_workers=workers, pin_memory=device.type == "cuda", **extra)
     if data_state is not None:
         loader.load_state_dict(data_state)
     metrics_path = out / "metrics.jsonl"
     metrics = metrics_path.open("a")
-    first_eval = evaluate(model, eval_batches, autocast) if eval_batches else math.nan
+    first_eval = evaluate(core, eval_batches, autocast) if eval_batches else math.nan
     if eval_batches:
         metrics.write(json.dumps({"step": start_step, "eval_loss": first_eval}) + "\n")
         log(f"held-out loss at step {start_step}: {first_eval:.4f}")
@@ -293,42 +306,35 @@ def train(cfg: Config) -> dict[str, Any]:
     data_iter = iter(loader)
     while step < t.steps:
         try:
-            batch = next(data_iter)
+            item = next(data_iter)
         except StopIteration:  # the dataset ended an epoch: start the next one
             data_iter = iter(loader)
-            batch = next(data_iter)
-        stats = batch["stats"]  # the collator's token counts (real, non-padding tokens) and mixture counts
-        scale = lr_at(
+            item = next(data_iter)
+        stats = item["stats"]  # the collator's token counts (real, non-padding tokens) and mixture counts
+        lr = cfg.optim.lr * lr_at(
             step, total=t.steps, warmup=cfg.optim.warmup_steps, schedule=cfg.optim.schedule,
             final_ratio=cfg.optim.final_lr_ratio,
         )  # fmt: skip
-        for group in optimizer.param_groups:
-            group["lr"] = cfg.optim.lr * scale
-        with autocast():
-            outputs = train_model(**model_inputs(batch, device))
-        loss = outputs.loss
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            model.parameters(), cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-        )
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        step_fn.set_lr(lr)
+        res = step_fn(item["batch"])
         step += 1
         window_tokens += stats["input_tokens"] + stats["target_tokens"]
         # Not converted here: that would wait for the GPU every step; the log rows sync once.
-        losses.append(loss.detach())
-        if outputs.z_loss is not None:
-            z_terms.append(outputs.z_loss.detach())
+        losses.append(res.loss)
+        if res.z_loss is not None:
+            z_terms.append(res.z_loss)
         bar.update(1)
         if step % t.log_every == 0 or step == t.steps:
+            row_loss = float(torch.stack(list(losses)).mean())  # the one sync per log window
             elapsed = time.perf_counter() - window_t0
             row = {
                 "step": step,
-                "loss": float(torch.stack(list(losses)).mean()),
-                "lr": cfg.optim.lr * scale,
-                "grad_norm": float(grad_norm),
+                "loss": row_loss,
+                "lr": lr,
+                "grad_norm": float(res.grad_norm),
                 **({"z_loss": float(torch.stack(list(z_terms)).mean())} if z_terms else {}),
                 "tokens_per_s": window_tokens / max(elapsed, 1e-9),
+                "graphed": step_fn.graphed,
                 **{f"data_{k}": v for k, v in stats.items() if isinstance(v, (int, float))},
             }
             metrics.write(json.dumps(row) + "\n")
@@ -336,14 +342,18 @@ def train(cfg: Config) -> dict[str, Any]:
             bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}", lr=f"{row['lr']:.2e}")
             window_tokens, window_t0 = 0, time.perf_counter()
         if eval_batches and (step % t.eval_every == 0 or step == t.steps):
-            last_eval = evaluate(model, eval_batches, autocast)
+            last_eval = evaluate(core, eval_batches, autocast)
             metrics.write(json.dumps({"step": step, "eval_loss": last_eval}) + "\n")
             metrics.flush()
             bar.write(f"step {step}: held-out loss {last_eval:.4f}")
+            window_t0 = time.perf_counter()  # evaluation time is not training throughput
         if (t.save_every and step % t.save_every == 0) or step == t.steps:
             save_checkpoint(out, step, model, optimizer, loader.state_dict(), t.keep_checkpoints)
+            window_t0 = time.perf_counter()
     bar.close()
     metrics.close()
+    if step_fn.eager_batches:
+        log(f"{step_fn.eager_batches} batches did not fit the CUDA graph's shapes and ran eagerly")
 
     final = out / "final"
     model.save_pretrained(final)

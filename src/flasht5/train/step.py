@@ -82,9 +82,8 @@ class TrainStep:
         self._static: tuple[Batch, StepOutput] | None = None
         self._signature: tuple | None = None
         if self.use_graph:  # the learning rate must live on the device to change between replays
-            for group in optimizer.param_groups:
-                if not isinstance(group["lr"], Tensor):
-                    group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device=self.device)
+            for group in optimizer.param_groups:  # (a resumed optimizer may bring a CPU tensor)
+                group["lr"] = torch.as_tensor(group["lr"], dtype=torch.float32).to(self.device)
 
     # -- public ------------------------------------------------------------------------------------------------
     def set_lr(self, lr: float) -> None:
