@@ -104,14 +104,20 @@ def kernels_for(backend: str) -> Kernels:
     if backend != "flash":
         return Kernels(backend, False, functools.partial(attend_reference, impl=backend), norm_reference,
                        gated_reference, None, cross_entropy_reference)  # fmt: skip
-    from flasht5.ops import activations
+    # Imported here, once: the modules then call plain functions (no per-call import or backend test).
+    from flasht5.ops import activations, attention, loss, norm
 
     fused = set(activations.KINDS)
 
     def gated(gate: Tensor, up: Tensor, name: str) -> Tensor:
         return activations.gated_act(gate, up, name) if name in fused else gated_reference(gate, up, name)
 
-    return Kernels("flash", True, attend_flash, norm_kernel, gated, lm_loss_kernel, cross_entropy_kernel)
+    return Kernels(
+        "flash", True, functools.partial(attend_flash, attention.flash_attention),
+        functools.partial(norm_kernel, norm.rms_norm), gated,
+        functools.partial(lm_loss_kernel, loss.linear_cross_entropy),
+        functools.partial(cross_entropy_kernel, loss.cross_entropy),
+    )  # fmt: skip
 
 
 def norm_reference(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = None):
@@ -126,11 +132,9 @@ def norm_reference(x: Tensor, weight: Tensor, eps: float, residual: Tensor | Non
     return y if residual is None else (y, h)
 
 
-def norm_kernel(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = None):
+def norm_kernel(rms_norm: Callable, x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = None):
     """The Triton RMSNorm, fused with the residual add. Under autocast it writes the autocast dtype directly: the
     value Hugging Face's fp32 norm output takes when the next Linear casts it, without that extra cast."""
-    from flasht5.ops.norm import rms_norm
-
     out_dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
     if residual is not None and (x.dtype == torch.float16 or residual.dtype == torch.float16):
         h = _clamp_fp16(residual + x)  # Hugging Face clamps the fp16 sum before the norm: not fused
@@ -164,20 +168,18 @@ def cross_entropy_reference(logits: Tensor, labels: Tensor, z_loss: float) -> tu
     return loss + z, z.detach()
 
 
-def cross_entropy_kernel(logits: Tensor, labels: Tensor, z_loss: float) -> tuple[Tensor, Tensor | None]:
-    from flasht5.ops.loss import cross_entropy
-
+def cross_entropy_kernel(
+    cross_entropy: Callable, logits: Tensor, labels: Tensor, z_loss: float
+) -> tuple[Tensor, Tensor | None]:
     loss, z = cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), z_loss=z_loss,
                             return_z_loss=True)  # fmt: skip
     return loss, (z if z_loss else None)
 
 
 def lm_loss_kernel(
-    hidden: Tensor, weight: Tensor, scale: float | None, labels: Tensor, z_loss: float
+    linear_cross_entropy: Callable, hidden: Tensor, weight: Tensor, scale: float | None, labels: Tensor, z_loss: float
 ) -> tuple[Tensor, Tensor | None]:
     """LM head and loss fused: the (tokens, vocab) logits are never materialised."""
-    from flasht5.ops.loss import linear_cross_entropy
-
     dt = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else hidden.dtype
     loss, z = linear_cross_entropy(
         hidden.reshape(-1, hidden.shape[-1]).to(dt), weight.to(dt), labels.reshape(-1), z_loss=z_loss, scale=scale,
@@ -237,13 +239,11 @@ def attend_reference(
 
 
 def attend_flash(
-    q: Tensor, k: Tensor, v: Tensor, bias: dict[str, Any], ql: Layout, kl: Layout, *, causal: bool, dropout: float,
-    training: bool,
+    flash_attention: Callable, q: Tensor, k: Tensor, v: Tensor, bias: dict[str, Any], ql: Layout, kl: Layout, *,
+    causal: bool, dropout: float, training: bool,
 ) -> Tensor:  # fmt: skip
     """The flash kernel on padding-free layouts: q (B, Lq, H, D) dense or (1, T, H, D) varlen; k, v likewise, or
     padded rows (cached decoding: the kept keys are gathered). ``bias``: the kernel's position-bias arguments."""
-    from flasht5.ops.attention import flash_attention
-
     if training and dropout > 0:
         _warn_once(
             "attn_implementation='flash' applies no dropout to attention probabilities (hidden-state dropout is "
