@@ -39,14 +39,23 @@ writes the gradient in place (its pass-2 path, ``HAS_GRAD``), which is where the
 
 Shapes and dtypes: ``logits`` (..., V) fp32/fp16/bf16 (any V: 32100, 32128, 250112 are tested), ``labels`` (...)
 of an integer dtype. Rows may have any stride; a non-unit stride along V is copied to contiguous first. Labels
-outside [0, V) that are not ``ignore_index`` raise ``ValueError``: this is a host-side check (one device sync per
-call), skipped while a CUDA graph is being captured; the kernel clamps the label's address, so an unchecked bad
-label can give a wrong loss but never an out-of-bounds read.
+outside [0, V) that are not ``ignore_index`` raise ``ValueError`` where they are checked: always for CPU tensors,
+for CUDA tensors only with ``FLASHT5_DEBUG=1`` (the check reads the labels on the host, a device sync; it is also
+skipped while a CUDA graph is being captured). The kernel clamps the label's address, so an unchecked bad label
+gives a wrong loss but never an out-of-bounds read.
 
-Tuned and tested on an H200 (sm90); the launch configs use nothing beyond sm80. Registered as
-``torch.library.custom_op`` ``flasht5::cross_entropy_fwd`` / ``_bwd`` and ``flasht5::scale_rows`` with fake
-implementations and an autograd formula, so ``torch.compile(fullgraph=True)`` traces through it (defining the ops
-is the only thing done at import).
+Tuned and tested on an H200 (sm90); the launch configs use nothing beyond sm80. Host overhead: the mean's
+1 / n_kept comes from one tiny exact kernel (``_inv_count_kernel``, bit for bit torch's
+``1 / (labels != ignore_index).sum().clamp(min=1)``) instead of five torch ops, the z-term is reduced only when
+``return_z_loss=True``, and nothing synchronises with the GPU.
+
+Two routes, one implementation (the launchers ``_ce_forward`` / ``_ce_backward`` here, ``_lce_forward`` /
+``_lce_backward_none`` below): eager calls go through a ``torch.autograd.Function`` with
+:class:`flasht5.ops._launch.FastKernel` launches (no autograd at all without gradients); while ``torch.compile``
+traces (or for tensor subclasses) the same launchers run inside the ``torch.library.custom_op``
+``flasht5::cross_entropy_fwd`` / ``_bwd`` and ``flasht5::scale_rows``, with fake implementations and an autograd
+formula, so ``torch.compile(fullgraph=True)`` traces through it (defining the ops is the only thing done at
+import).
 
 Credits: Liger-Kernel (Hsu et al. 2024) for the gradient-in-the-forward-pass and in-place tricks (used by the fused
 linear + CE); flash-attention's cross-entropy (Dao et al.) for saving lse and recomputing in backward; FAT5 for its
@@ -80,14 +89,15 @@ one streaming pass and one accumulator read-modify-write per chunk (more tokens 
 
 Dtypes and shapes: ``hidden`` (..., d) and ``weight`` (V, d) of one dtype (fp32 / fp16 / bf16), ``labels``
 ``hidden.shape[:-1]`` of an integer dtype; labels outside [0, V) other than ``ignore_index`` raise ``ValueError``
-(host check, as in ``cross_entropy``). fp16 note: gradients are formed in the forward pass assuming
-``grad_output == 1`` (the mean's 1/n is applied to ``grad_weight`` before it is rounded to fp16); with fp16 and a
-loss scaler, gradient entries below fp16's range can flush to zero before the scale arrives (as with Liger).
-bf16 and fp32 are unaffected.
+(value check on CPU tensors or with ``FLASHT5_DEBUG=1``, as in ``cross_entropy``). fp16 note: gradients are
+formed in the forward pass assuming ``grad_output == 1`` (the mean's 1/n is applied to ``grad_weight`` before it is
+rounded to fp16); with fp16 and a loss scaler, gradient entries below fp16's range can flush to zero before the
+scale arrives (as with Liger). bf16 and fp32 are unaffected.
 
-Tuned and tested on an H200 (sm90); the Triton kernel and cuBLAS paths run on sm80 unchanged. Registered as
-``torch.library.custom_op`` ``flasht5::linear_cross_entropy_fwd`` / ``_bwd`` with fake implementations and an
-autograd formula, so ``torch.compile(fullgraph=True)`` traces through it.
+Tuned and tested on an H200 (sm90); the Triton kernel and cuBLAS paths run on sm80 unchanged. Eager calls go
+through a ``torch.autograd.Function``; ``torch.compile`` traces the ``torch.library.custom_op``
+``flasht5::linear_cross_entropy_fwd`` / ``_bwd`` (fake implementations and an autograd formula), both around the
+same launchers.
 
 Credits: Liger-Kernel (Hsu et al. 2024) for the chunked fused linear + cross-entropy with gradients computed in the
 forward pass and the in-place CE gradient (after mgmalek/efficient_cross_entropy); Apple's Cut Cross-Entropy
@@ -105,7 +115,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from flasht5.ops._device import check_float_tensor, check_kernel_device, rows_2d
+from flasht5.ops._device import check_float_tensor, check_kernel_device, debug_checks, row_major, use_custom_op
+from flasht5.ops._launch import FastKernel
 
 __all__ = ["cross_entropy", "cross_entropy_ref", "linear_cross_entropy", "linear_cross_entropy_ref"]
 
@@ -295,18 +306,49 @@ def _scale_rows_kernel(
     tl.store(OUT + r64 * stride_o + cols[None, :], (x * f).to(OUT.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _inv_count_kernel(Y, INV_N, n_rows, ignore_index, BLOCK: tl.constexpr):
+    # 1 / max(#{i : labels[i] != ignore_index}, 1) in fp32, by one program: the count is exact and div_rn rounds
+    # correctly, as torch's reciprocal does, so this is bit for bit `1.0 / (y != ii).sum().clamp(min=1).float()`.
+    acc = tl.zeros([BLOCK], dtype=tl.int32)
+    for start in range(0, n_rows, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        mask = offs < n_rows
+        y = tl.load(Y + offs, mask=mask, other=0).to(tl.int64)
+        acc += ((y != ignore_index) & mask).to(tl.int32)
+    n = tl.maximum(tl.sum(acc, axis=0), 1)
+    tl.store(INV_N, tl.math.div_rn(1.0, n.to(tl.float32)))
+
+
 # --------------------------------------------------------------------------------------------------------------
-# Launchers (shared by cross_entropy and linear_cross_entropy)
+# Launchers: the one implementation, called by the eager autograd.Functions and by the custom ops
 # --------------------------------------------------------------------------------------------------------------
+_CE_FWD = FastKernel(_ce_fwd_kernel)
+_CE_BWD = FastKernel(_ce_bwd_kernel)
+_SCALE_ROWS = FastKernel(_scale_rows_kernel)
+_INV_COUNT = FastKernel(_inv_count_kernel)
+
+_COUNT_BLOCK = 4096
+_COUNT_MAX_ROWS = 16 * _COUNT_BLOCK  # one program loops over at most 16 blocks; torch's ops above that
+
+
 def _ce_config(n_cols: int) -> tuple[int, int]:
     if _CONFIG_OVERRIDE is not None:
         return _CONFIG_OVERRIDE
+    return _ce_config_default(n_cols)
+
+
+@functools.cache
+def _ce_config_default(n_cols: int) -> tuple[int, int]:
     block_v = min(triton.next_power_of_2(n_cols), 8192)
     return block_v, 8 if block_v >= 4096 else 4
 
 
 def _launch_ce(
     logits: Tensor,
+    stride_x: int,
+    n_rows: int,
+    n_cols: int,
     labels: Tensor,
     loss_rows: Tensor,
     z_rows: Tensor,
@@ -318,75 +360,56 @@ def _launch_ce(
     z_loss: float,
 ) -> None:
     """Per-row loss (ce + z) into ``loss_rows``, z-term into ``z_rows``, logsumexp into ``lse_rows`` and,
-    optionally, the per-row gradient into ``grad`` (which may be ``logits`` itself: each element is read before it
-    is overwritten), scaled by ``row_scale``."""
-    n_rows, n_cols = logits.shape
+    optionally, the per-row gradient into ``grad`` (contiguous rows of ``n_cols``; it may be ``logits`` itself: each
+    element is read before it is overwritten), scaled by ``row_scale``. ``logits``' row r starts ``r * stride_x``
+    elements after its data pointer; ``labels`` and the row outputs are contiguous."""
     if n_rows == 0:
         return
     block_v, num_warps = _ce_config(n_cols)
-    _ce_fwd_kernel[(n_rows,)](
-        logits,
-        grad if grad is not None else logits,
-        labels,
-        loss_rows,
-        z_rows,
-        lse_rows,
-        row_scale if row_scale is not None else loss_rows,
-        logits.stride(0),
-        grad.stride(0) if grad is not None else 0,
-        n_cols,
-        ignore_index,
-        float(label_smoothing),
-        float(z_loss),
-        HAS_GRAD=grad is not None,
-        HAS_ROW_SCALE=row_scale is not None,
-        HAS_SMOOTHING=label_smoothing != 0.0,
-        BLOCK_V=block_v,
+    _CE_FWD(
+        (n_rows,),
+        (logits, logits if grad is None else grad, labels, loss_rows, z_rows, lse_rows,
+         loss_rows if row_scale is None else row_scale, stride_x, 0 if grad is None else n_cols, n_cols,
+         ignore_index, label_smoothing, z_loss),
+        (grad is not None, row_scale is not None, label_smoothing != 0.0, block_v),
         num_warps=num_warps,
-    )
+    )  # fmt: skip
 
 
-def _launch_ce_bwd(
-    logits: Tensor,
-    labels: Tensor,
-    lse: Tensor,
-    factor: Tensor,
-    ignore_index: int,
-    label_smoothing: float,
-    z_loss: float,
-) -> Tensor:
-    n_rows, n_cols = logits.shape
-    grad = torch.empty((n_rows, n_cols), dtype=logits.dtype, device=logits.device)
-    if grad.numel() > 0:
-        block_n = min(triton.next_power_of_2(n_cols), 4096 if logits.is_cuda else 32768)
-        block_m = 1 if logits.is_cuda else 8  # the interpreter's cost is per program
-        _ce_bwd_kernel[(triton.cdiv(n_rows, block_m), triton.cdiv(n_cols, block_n))](
-            logits, grad, labels, lse, factor, n_rows, n_cols, logits.stride(0), grad.stride(0), ignore_index,
-            float(label_smoothing), float(z_loss), PER_ROW=factor.dim() == 1, BLOCK_M=block_m, BLOCK_N=block_n,
-            num_warps=8 if block_n >= 4096 else 4,
-        )  # fmt: skip
-    return grad
-
-
-def _scale_rows_into(x: Tensor, factor: Tensor, out: Tensor) -> Tensor:
-    """out[i, :] = x[i, :] * factor (0-d) or factor[i] ((N,)), computed in fp32, rounded to out's dtype."""
+def _scale_rows_into(x: Tensor, factor: Tensor, out: Tensor, per_row: bool) -> Tensor:
+    """out[i, :] = x[i, :] * factor (0-d, or factor[i] when ``per_row``), computed in fp32, rounded to out's dtype;
+    ``x`` and ``out`` are (N, M) with unit column stride, ``factor`` contiguous fp32."""
     n_rows, n_cols = x.shape
-    if x.numel() > 0:
+    if n_rows * n_cols > 0:
         block_n = min(triton.next_power_of_2(n_cols), 1024)
         # big tiles under the CPU interpreter (its cost is per program), 4k elements per program on the GPU
         block_m = max(1, (4096 if x.is_cuda else 65536) // block_n)
-        _scale_rows_kernel[(triton.cdiv(n_rows, block_m), triton.cdiv(n_cols, block_n))](
-            x, out, factor, n_rows, n_cols, x.stride(0), out.stride(0),
-            PER_ROW=factor.dim() == 1, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
-        )  # fmt: skip
+        _SCALE_ROWS(
+            (triton.cdiv(n_rows, block_m), triton.cdiv(n_cols, block_n)),
+            (x, out, factor, n_rows, n_cols, x.stride(0), out.stride(0)),
+            (per_row, block_m, block_n),
+            num_warps=4,
+        )
     return out
 
 
+def _scale_rows_impl(x: Tensor, factor: Tensor) -> Tensor:
+    """x (N, ...) times a 0-d or (N,) fp32 factor, in x's dtype, as a new tensor of x's shape."""
+    x2 = x if x.dim() == 2 and x.stride(-1) == 1 else x.reshape(x.shape[0], -1).contiguous()
+    if factor.dtype != torch.float32 or not factor.is_contiguous():
+        factor = factor.to(torch.float32).contiguous()
+    out = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
+    return _scale_rows_into(x2, factor, out, factor.dim() == 1).view(x.shape)
+
+
 def _check_labels(labels: Tensor, n_classes: int, ignore_index: int, arg: str = "labels") -> None:
-    """Host-side range check (one sync); skipped during CUDA graph capture, where a sync is not allowed."""
-    if labels.numel() == 0:
+    """Value check: labels in [0, n_classes) or equal to ``ignore_index``. It reads the labels on the host, so it
+    runs for CPU tensors, and for CUDA tensors only with ``FLASHT5_DEBUG=1`` (one device sync; skipped during CUDA
+    graph capture, where a sync is not allowed). Unchecked bad labels cannot read out of bounds (the kernel clamps
+    the label's address) but give a wrong loss."""
+    if labels.is_cuda and (not debug_checks() or torch.cuda.is_current_stream_capturing()):
         return
-    if labels.is_cuda and torch.cuda.is_current_stream_capturing():
+    if labels.numel() == 0:
         return
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= n_classes))
     if bool(bad.any()):
@@ -394,34 +417,128 @@ def _check_labels(labels: Tensor, n_classes: int, ignore_index: int, arg: str = 
         raise ValueError(f"{arg} must be in [0, {n_classes}) or equal ignore_index={ignore_index}; found {first}")
 
 
-def _reduce(rows: Tensor, inv_n: Tensor, reduction: str) -> Tensor:
+def _inv_count(labels: Tensor, n_rows: int, ignore_index: int) -> Tensor:
+    """1 / (number of kept tokens), 0-d fp32 on the device, no host sync; an all-ignored batch divides by 1.
+
+    Bit for bit ``1.0 / (labels != ignore_index).sum().clamp(min=1).to(torch.float32)``: for contiguous int64 /
+    int32 labels up to 65536 tokens one single-program launch (:func:`_inv_count_kernel`) replaces those five torch
+    ops (host overhead); above that, or for other label dtypes, it is those torch ops."""
+    if n_rows <= _COUNT_MAX_ROWS and labels.dtype in (torch.int64, torch.int32) and labels.is_contiguous():
+        inv_n = torch.empty((), dtype=torch.float32, device=labels.device)
+        _INV_COUNT((1,), (labels, inv_n, n_rows, ignore_index), (_COUNT_BLOCK,), num_warps=4)
+        return inv_n
+    return 1.0 / (labels != ignore_index).sum().clamp(min=1).to(torch.float32)
+
+
+def _reduce(rows: Tensor, inv_n: Tensor | None, reduction: str) -> Tensor:
     if reduction == "none":
         return rows
     total = rows.sum()
     return total * inv_n if reduction == "mean" else total
 
 
-def _inv_count(labels: Tensor, ignore_index: int) -> Tensor:
-    # 1 / (number of kept tokens), 0-d fp32 on the device (no sync); an all-ignored batch divides by 1
-    return 1.0 / (labels != ignore_index).sum().clamp(min=1).to(torch.float32)
-
-
-def _grad_factor(grad_output: Tensor, inv_n: Tensor, reduction: str) -> Tensor:
+def _grad_factor(grad_output: Tensor, inv_n: Tensor | None, reduction: str) -> Tensor:
+    """The fp32 factor backward multiplies the per-token gradient by: grad_output (/ n for the mean), 0-d, or per
+    token (contiguous, labels' shape) for reduction "none"."""
+    go = grad_output if grad_output.dtype == torch.float32 else grad_output.to(torch.float32)
     if reduction == "none":
-        return grad_output.reshape(-1).to(torch.float32).contiguous()
-    go = grad_output.to(torch.float32).reshape(())
+        return go if go.is_contiguous() else go.contiguous()
+    if go.dim() != 0:
+        go = go.reshape(())
     return go * inv_n if reduction == "mean" else go
 
 
+def _ce_forward(
+    logits: Tensor,
+    labels: Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    reduction: str,
+    want_z: bool,
+) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
+    """logits (..., V), labels logits.shape[:-1] -> (loss, z_term or None, per-token logsumexp (labels' shape),
+    1/n_kept for the mean else None). Loss and z_term: 0-d, or labels' shape for reduction "none"."""
+    n_cols = logits.shape[-1]
+    x, stride_x = row_major(logits, n_cols)
+    y = labels if labels.is_contiguous() else labels.contiguous()
+    _check_labels(y, n_cols, ignore_index)
+    n_rows = y.numel()
+    dev = logits.device
+    loss_rows = torch.empty(y.shape, dtype=torch.float32, device=dev)
+    z_rows = torch.empty(y.shape, dtype=torch.float32, device=dev)
+    lse = torch.empty(y.shape, dtype=torch.float32, device=dev)
+    _launch_ce(
+        x, stride_x, n_rows, n_cols, y, loss_rows, z_rows, lse, None, None, ignore_index, label_smoothing, z_loss
+    )
+    inv_n = _inv_count(y, n_rows, ignore_index) if reduction == "mean" else None
+    z_term = _reduce(z_rows, inv_n, reduction) if want_z else None
+    return _reduce(loss_rows, inv_n, reduction), z_term, lse, inv_n
+
+
+def _ce_backward(
+    logits: Tensor,
+    labels: Tensor,
+    lse: Tensor,
+    factor: Tensor,
+    per_row: bool,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+) -> Tensor:
+    """d loss / d logits (logits' shape, logits' dtype, contiguous); ``factor`` is grad_output (/ n) as fp32, 0-d or
+    one per token (``per_row``)."""
+    n_cols = logits.shape[-1]
+    x, stride_x = row_major(logits, n_cols)
+    y = labels if labels.is_contiguous() else labels.contiguous()
+    if not lse.is_contiguous():
+        lse = lse.contiguous()
+    n_rows = y.numel()
+    grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    if n_rows > 0:
+        block_n = min(triton.next_power_of_2(n_cols), 4096 if logits.is_cuda else 32768)
+        block_m = 1 if logits.is_cuda else 8  # the interpreter's cost is per program
+        _CE_BWD(
+            (triton.cdiv(n_rows, block_m), triton.cdiv(n_cols, block_n)),
+            (x, grad, y, lse, factor, n_rows, n_cols, stride_x, n_cols, ignore_index, label_smoothing, z_loss),
+            (per_row, block_m, block_n),
+            num_warps=8 if block_n >= 4096 else 4,
+        )
+    return grad
+
+
+class _CrossEntropyFn(torch.autograd.Function):
+    """The eager route: one Python autograd node around the launchers."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, ignore_index, label_smoothing, z_loss, reduction, want_z):
+        loss, z_term, lse, inv_n = _ce_forward(logits, labels, ignore_index, label_smoothing, z_loss, reduction, want_z)
+        ctx.set_materialize_grads(False)  # the z_term gets no zero-filled grad
+        ctx.reduction = reduction
+        ctx.ce_args = (ignore_index, label_smoothing, z_loss)
+        ctx.save_for_backward(logits, labels, lse, inv_n)
+        if z_term is None:
+            return loss, None
+        ctx.mark_non_differentiable(z_term)  # for logging: gradients flow through the loss only
+        return loss, z_term
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_z):
+        if grad_loss is None:
+            return (None,) * 7
+        logits, labels, lse, inv_n = ctx.saved_tensors
+        factor = _grad_factor(grad_loss, inv_n, ctx.reduction)
+        grad = _ce_backward(logits, labels, lse, factor, ctx.reduction == "none", *ctx.ce_args)
+        return grad, None, None, None, None, None, None
+
+
 # --------------------------------------------------------------------------------------------------------------
-# Custom ops
+# Custom ops (the route torch.compile traces)
 # --------------------------------------------------------------------------------------------------------------
 @torch.library.custom_op("flasht5::scale_rows", mutates_args=())
 def _scale_rows(x: Tensor, factor: Tensor) -> Tensor:
     """x (N, M) times a 0-d or (N,) fp32 factor, in x's dtype (the backward of the precomputed gradients)."""
-    x2 = x if x.dim() == 2 and x.stride(-1) == 1 else x.reshape(x.shape[0], -1).contiguous()
-    out = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
-    return _scale_rows_into(x2, factor.to(torch.float32).contiguous(), out).view(x.shape)
+    return _scale_rows_impl(x, factor)
 
 
 @_scale_rows.register_fake
@@ -438,17 +555,9 @@ def _cross_entropy_fwd(
     z_loss: float,
     reduction: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """logits (N, V), labels (N,) -> (loss, z_term, per-token logsumexp (N,), 1/n_kept)."""
-    n_rows, n_cols = logits.shape
-    x = rows_2d(logits, n_cols)
-    y = labels.contiguous()
-    _check_labels(y, n_cols, ignore_index)
-    loss_rows = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
-    z_rows = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
-    lse = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
-    _launch_ce(x, y, loss_rows, z_rows, lse, None, None, ignore_index, label_smoothing, z_loss)
-    inv_n = _inv_count(y, ignore_index)
-    return _reduce(loss_rows, inv_n, reduction), _reduce(z_rows, inv_n, reduction), lse, inv_n
+    """logits (N, V), labels (N,) -> (loss, z_term, per-token logsumexp (N,), 1/n_kept (empty unless "mean"))."""
+    loss, z_term, lse, inv_n = _ce_forward(logits, labels, ignore_index, label_smoothing, z_loss, reduction, True)
+    return loss, z_term, lse, (lse.new_empty(0) if inv_n is None else inv_n)
 
 
 @_cross_entropy_fwd.register_fake
@@ -456,7 +565,8 @@ def _(logits, labels, ignore_index, label_smoothing, z_loss, reduction):
     shape = (logits.shape[0],) if reduction == "none" else ()
     loss = logits.new_empty(shape, dtype=torch.float32)
     lse = logits.new_empty((logits.shape[0],), dtype=torch.float32)
-    return loss, loss.new_empty(shape), lse, logits.new_empty((), dtype=torch.float32)
+    inv_n = logits.new_empty(() if reduction == "mean" else (0,), dtype=torch.float32)
+    return loss, loss.new_empty(shape), lse, inv_n
 
 
 @torch.library.custom_op("flasht5::cross_entropy_bwd", mutates_args=())
@@ -470,11 +580,9 @@ def _cross_entropy_bwd(
     z_loss: float,
 ) -> Tensor:
     """d loss / d logits (N, V) in the logits' dtype; ``factor`` is grad_output (/ n), 0-d or per row (N,)."""
-    x = rows_2d(logits, logits.shape[1])
-    return _launch_ce_bwd(
-        x, labels.contiguous(), lse.contiguous(), factor.to(torch.float32).contiguous(), ignore_index,
-        label_smoothing, z_loss,
-    )  # fmt: skip
+    if factor.dtype != torch.float32 or not factor.is_contiguous():
+        factor = factor.to(torch.float32).contiguous()
+    return _ce_backward(logits, labels, lse, factor, factor.dim() == 1, ignore_index, label_smoothing, z_loss)
 
 
 @_cross_entropy_bwd.register_fake
@@ -491,7 +599,7 @@ def _ce_setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(logits, labels, lse, inv_n)
 
 
-def _ce_backward(ctx, grad_loss: Tensor, _grad_z: Tensor, _grad_lse: Tensor, _grad_inv: Tensor):
+def _ce_op_backward(ctx, grad_loss: Tensor, _grad_z: Tensor, _grad_lse: Tensor, _grad_inv: Tensor):
     logits, labels, lse, inv_n = ctx.saved_tensors
     if grad_loss is None:  # only z_term was used downstream, and it is detached by the public function
         return None, None, None, None, None, None
@@ -500,7 +608,7 @@ def _ce_backward(ctx, grad_loss: Tensor, _grad_z: Tensor, _grad_lse: Tensor, _gr
     return grad, None, None, None, None, None
 
 
-torch.library.register_autograd("flasht5::cross_entropy_fwd", _ce_backward, setup_context=_ce_setup_context)
+torch.library.register_autograd("flasht5::cross_entropy_fwd", _ce_op_backward, setup_context=_ce_setup_context)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -513,9 +621,9 @@ def _check_common(labels: Tensor, label_smoothing: float, z_loss: float, reducti
         raise ValueError("labels must be an integer tensor, got torch.bool")
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    if not 0.0 <= float(label_smoothing) <= 1.0:
+    if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
-    if float(z_loss) < 0.0:
+    if z_loss < 0.0:
         raise ValueError(f"z_loss must be >= 0, got {z_loss}")
 
 
@@ -533,8 +641,10 @@ def cross_entropy(
 
     Returns the fp32 loss (0-d for "mean"/"sum", ``labels.shape`` for "none"), or ``(loss, z_term)`` with
     ``return_z_loss=True`` (``loss`` includes ``z_term``; ``z_term`` is detached). Raises ``ValueError`` for wrong
-    shapes or dtypes, labels outside [0, V) other than ``ignore_index`` (host check), unknown ``reduction``.
+    shapes or dtypes, an unknown ``reduction``, and labels outside [0, V) other than ``ignore_index`` (a value
+    check: always for CPU tensors, for CUDA tensors with ``FLASHT5_DEBUG=1``).
     """
+    label_smoothing, z_loss, ignore_index = float(label_smoothing), float(z_loss), int(ignore_index)
     check_float_tensor(logits, "logits")
     _check_common(labels, label_smoothing, z_loss, reduction)
     if logits.dim() < 1 or logits.shape[:-1] != labels.shape:
@@ -547,18 +657,28 @@ def cross_entropy(
     if labels.device != logits.device:
         raise ValueError(f"labels are on {labels.device} but logits are on {logits.device}")
     check_kernel_device(logits, "logits")
-    n_cols = logits.shape[-1]
-    loss, z_term, _, _ = torch.ops.flasht5.cross_entropy_fwd(
-        logits.reshape(-1, n_cols),  # (N, V)
-        labels.reshape(-1),  # (N,)
-        int(ignore_index),
-        float(label_smoothing),
-        float(z_loss),
-        reduction,
-    )
-    if reduction == "none":
-        loss, z_term = loss.view(labels.shape), z_term.view(labels.shape)
-    return (loss, z_term.detach()) if return_z_loss else loss
+    if use_custom_op(logits):
+        n_cols = logits.shape[-1]
+        loss, z_term, _, _ = torch.ops.flasht5.cross_entropy_fwd(
+            logits.reshape(-1, n_cols),  # (N, V)
+            labels.reshape(-1),  # (N,)
+            ignore_index,
+            label_smoothing,
+            z_loss,
+            reduction,
+        )
+        if reduction == "none":
+            loss, z_term = loss.view(labels.shape), z_term.view(labels.shape)
+        return (loss, z_term.detach()) if return_z_loss else loss
+    if torch.is_grad_enabled() and logits.requires_grad:
+        loss, z_term = _CrossEntropyFn.apply(
+            logits, labels, ignore_index, label_smoothing, z_loss, reduction, return_z_loss
+        )
+    else:  # no gradient: no autograd node at all
+        loss, z_term, _, _ = _ce_forward(
+            logits, labels, ignore_index, label_smoothing, z_loss, reduction, return_z_loss
+        )
+    return (loss, z_term) if return_z_loss else loss
 
 
 # ==============================================================================================================
@@ -608,14 +728,18 @@ _SLABS = 8  # fallback path: grad_weight updated in 8 vocabulary slabs, so its r
 @functools.cache
 def _has_fp32_out_addmm(device_index: int) -> bool:
     """Whether cuBLAS ``addmm(out_dtype=float32)`` accepts an fp32 accumulator with bf16 operands here (newer torch
-    on CUDA): the product is added in the GEMM epilogue, without a temporary or an extra rounding."""
+    on CUDA): the product is added in the GEMM epilogue, without a temporary or an extra rounding.
+
+    Probed once per device on tiny tensors, without reading the result back: no host sync, so that a first call
+    under ``torch.cuda.set_sync_debug_mode("error")`` gets the same answer as any other (a value check here would
+    raise there, be caught, and silently select the slower fallback). The GPU tests check the gradients it gives.
+    """
     try:
         dev = torch.device("cuda", device_index)
-        a = torch.randn(64, 32, device=dev, dtype=torch.bfloat16)
-        b = torch.randn(32, 48, device=dev, dtype=torch.bfloat16)
-        acc = torch.ones(64, 48, device=dev, dtype=torch.float32)
-        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-        return bool(torch.allclose(acc, 1 + a.float() @ b.float(), atol=1e-2, rtol=1e-2))
+        a = torch.ones(16, 16, device=dev, dtype=torch.bfloat16)
+        acc = torch.zeros(16, 16, device=dev, dtype=torch.float32)
+        torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)
+        return True
     except (RuntimeError, TypeError):
         return False
 
@@ -656,42 +780,173 @@ def _chunks(
     grad_weight32: Tensor | None,
 ) -> None:
     """Walk the token chunks: logits, CE (loss rows and/or in-place gradient), then grad_hidden / grad_weight."""
-    n_tokens = hidden.shape[0]
+    n_tokens, n_classes = hidden.shape[0], weight.shape[0]
     need_grad = grad_hidden is not None or grad_weight32 is not None
-    chunk = _default_chunk_tokens(n_tokens, weight.shape[0], weight.shape[1])
+    chunk = _default_chunk_tokens(n_tokens, n_classes, weight.shape[1])
     # loss rows are needed by the kernel even when only gradients are wanted
-    scratch_loss = loss_rows if loss_rows is not None else torch.empty(n_tokens, device=hidden.device)
-    scratch_z = z_rows if z_rows is not None else torch.empty(n_tokens, device=hidden.device)
-    scratch_lse = torch.empty(n_tokens, device=hidden.device)
+    dev = hidden.device
+    scratch_loss = loss_rows if loss_rows is not None else torch.empty(n_tokens, dtype=torch.float32, device=dev)
+    scratch_z = z_rows if z_rows is not None else torch.empty(n_tokens, dtype=torch.float32, device=dev)
+    scratch_lse = torch.empty(n_tokens, dtype=torch.float32, device=dev)
     for start in range(0, n_tokens, chunk):
         end = min(start + chunk, n_tokens)
-        hs = hidden[start:end]
+        whole = start == 0 and end == n_tokens  # one chunk: no slicing (each slice is a torch call)
+        hs = hidden if whole else hidden[start:end]
         if scale != 1.0:
             hs = hs * scale  # in hidden's dtype, exactly like the unfused model
         logits = torch.mm(hs, weight.t())  # (C, V), the only logits alive
+        rows = (labels, scratch_loss, scratch_z, scratch_lse, row_scale)
+        if not whole:
+            rows = tuple(None if t is None else t[start:end] for t in rows)
         _launch_ce(
             logits,
-            labels[start:end],
-            scratch_loss[start:end],
-            scratch_z[start:end],
-            scratch_lse[start:end],
+            n_classes,
+            end - start,
+            n_classes,
+            rows[0],
+            rows[1],
+            rows[2],
+            rows[3],
             logits if need_grad else None,  # in place: the chunk is private
-            row_scale[start:end] if row_scale is not None else None,
+            rows[4],
             ignore_index,
             label_smoothing,
             z_loss,
         )
         if grad_hidden is not None:
-            torch.mm(logits, weight, out=grad_hidden[start:end])  # (C, d) = dL/d(scale * hidden)
+            torch.mm(logits, weight, out=grad_hidden if whole else grad_hidden[start:end])  # (C, d)
         if grad_weight32 is not None:
             _accumulate_grad_weight(grad_weight32, logits, hs)  # (V, d)
         del logits, hs  # free this chunk before the next one is allocated
 
 
-def _rows(hidden: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
-    h = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
+def _rows(hidden: Tensor, weight: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    h = hidden.reshape(-1, hidden.shape[-1])  # (N, d)
+    if h.stride(-1) != 1:
+        h = h.contiguous()
     w = weight if weight.stride(-1) == 1 else weight.contiguous()
-    return h, w
+    y = labels.reshape(-1)  # (N,)
+    if not y.is_contiguous():
+        y = y.contiguous()
+    return h, w, y
+
+
+def _lce_forward(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    reduction: str,
+    scale: float,
+    need_grad_hidden: bool,
+    need_grad_weight: bool,
+    want_z: bool,
+) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+    """hidden (..., d), weight (V, d), labels hidden.shape[:-1] -> (loss, z_term or None, dL/d(scale*hidden) per
+    token (N, d) or None, grad_weight (V, d) already divided by n for the mean or None, 1/n_kept for the mean or
+    None). Loss and z_term are 0-d, or (N,) for "none", where no gradient is formed here (the backward recomputes)."""
+    h, w, y = _rows(hidden, weight, labels)
+    n_tokens, n_classes = h.shape[0], w.shape[0]
+    _check_labels(y, n_classes, ignore_index)
+    precompute = reduction != "none"
+    dev = h.device
+    grad_hidden = torch.empty(h.shape, dtype=h.dtype, device=dev) if precompute and need_grad_hidden else None
+    grad_weight32 = torch.zeros(w.shape, dtype=torch.float32, device=dev) if precompute and need_grad_weight else None
+    loss_rows = torch.empty(n_tokens, dtype=torch.float32, device=dev)
+    z_rows = torch.empty(n_tokens, dtype=torch.float32, device=dev)
+    _chunks(h, w, y, ignore_index, label_smoothing, z_loss, scale, loss_rows, z_rows, None, grad_hidden, grad_weight32)
+    inv_n = _inv_count(y, n_tokens, ignore_index) if reduction == "mean" else None
+    grad_weight = None
+    if grad_weight32 is not None:
+        if inv_n is not None:
+            grad_weight = torch.empty(w.shape, dtype=w.dtype, device=dev)
+            _scale_rows_into(grad_weight32, inv_n, grad_weight, False)
+        else:  # "sum": x * 1.0 rounded once, which is what the cast does
+            grad_weight = grad_weight32.to(w.dtype)
+        del grad_weight32
+    z_term = _reduce(z_rows, inv_n, reduction) if want_z else None
+    return _reduce(loss_rows, inv_n, reduction), z_term, grad_hidden, grad_weight, inv_n
+
+
+def _lce_backward_none(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    grad_rows: Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    scale: float,
+    need_grad_hidden: bool,
+    need_grad_weight: bool,
+) -> tuple[Tensor | None, Tensor | None]:
+    """Recomputing backward for reduction "none": per-token grad_rows (N,) fp32 -> (grad_hidden (N, d), grad_weight)."""
+    h, w, y = _rows(hidden, weight, labels)
+    dev = h.device
+    grad_hidden = torch.empty(h.shape, dtype=h.dtype, device=dev) if need_grad_hidden else None
+    grad_weight32 = torch.zeros(w.shape, dtype=torch.float32, device=dev) if need_grad_weight else None
+    _chunks(h, w, y, ignore_index, label_smoothing, z_loss, scale, None, None, grad_rows, grad_hidden, grad_weight32)
+    if grad_hidden is not None and scale != 1.0:
+        _scale_rows_into(grad_hidden, torch.full((), scale, device=dev), grad_hidden, False)
+    grad_weight = grad_weight32.to(w.dtype) if grad_weight32 is not None else None
+    return grad_hidden, grad_weight
+
+
+def _lce_grads(scale_rows, saved, grad_loss: Tensor, reduction: str, scale: float, need_gh: bool, need_gw: bool):
+    """(grad_hidden (N, d) or None, grad_weight or None) for reduction "mean"/"sum" from the gradients stored by the
+    forward; ``scale_rows`` is :func:`_scale_rows_impl` (eager) or the ``scale_rows`` custom op (traced)."""
+    grad_hidden, grad_weight, inv_n = saved
+    factor = _grad_factor(grad_loss, inv_n, reduction)  # go / n (mean) or go (sum)
+    gh = scale_rows(grad_hidden, factor if scale == 1.0 else factor * scale) if need_gh else None
+    if need_gw:
+        go = grad_loss if grad_loss.dtype == torch.float32 else grad_loss.to(torch.float32)
+        gw = scale_rows(grad_weight, go if go.dim() == 0 else go.reshape(()))
+    else:
+        gw = None
+    return gh, gw
+
+
+class _LinearCrossEntropyFn(torch.autograd.Function):
+    """The eager route: one Python autograd node around the launchers."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, ignore_index, label_smoothing, z_loss, reduction, scale, want_z):
+        need_gh, need_gw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        ce_args = (ignore_index, label_smoothing, z_loss)
+        loss, z_term, grad_hidden, grad_weight, inv_n = _lce_forward(
+            hidden, weight, labels, *ce_args, reduction, scale, need_gh, need_gw, want_z
+        )
+        ctx.set_materialize_grads(False)  # the z_term gets no zero-filled grad
+        ctx.reduction, ctx.scale, ctx.need_gh, ctx.need_gw = reduction, scale, need_gh, need_gw
+        ctx.ce_args, ctx.hidden_shape = ce_args, hidden.shape
+        if reduction == "none":
+            ctx.save_for_backward(hidden, weight, labels)
+        else:
+            ctx.save_for_backward(grad_hidden, grad_weight, inv_n)
+        if z_term is None:
+            return loss, None
+        ctx.mark_non_differentiable(z_term)
+        return loss, z_term
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_z):
+        if grad_loss is None:
+            return (None,) * 9
+        if ctx.reduction == "none":
+            hidden, weight, labels = ctx.saved_tensors
+            grad_rows = _grad_factor(grad_loss, None, "none").reshape(-1)
+            gh, gw = _lce_backward_none(
+                hidden, weight, labels, grad_rows, *ctx.ce_args, ctx.scale, ctx.need_gh, ctx.need_gw
+            )
+        else:
+            gh, gw = _lce_grads(
+                _scale_rows_impl, ctx.saved_tensors, grad_loss, ctx.reduction, ctx.scale, ctx.need_gh, ctx.need_gw
+            )
+        if gh is not None:
+            gh = gh.view(ctx.hidden_shape)
+        return gh, gw, None, None, None, None, None, None, None
 
 
 @torch.library.custom_op("flasht5::linear_cross_entropy_fwd", mutates_args=())
@@ -708,30 +963,20 @@ def _lce_fwd(
     need_grad_weight: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """hidden (N, d), weight (V, d), labels (N,) -> (loss, z_term, dL/d(scale*hidden) per token (N, d) or empty,
-    grad_weight already divided by n for the mean (V, d) or empty, 1/n_kept). For reduction "none" no gradient is
-    formed here (the backward recomputes)."""
-    h, w = _rows(hidden, weight)
-    y = labels.contiguous()
-    n_tokens, n_classes = h.shape[0], w.shape[0]
-    _check_labels(y, n_classes, ignore_index)
-    precompute = reduction != "none"
-    grad_hidden = torch.empty(h.shape, dtype=h.dtype, device=h.device) if precompute and need_grad_hidden else None
-    grad_weight32 = (
-        torch.zeros(w.shape, dtype=torch.float32, device=w.device) if precompute and need_grad_weight else None
+    grad_weight already divided by n for the mean (V, d) or empty, 1/n_kept or empty). For reduction "none" no
+    gradient is formed here (the backward recomputes)."""
+    loss, z_term, gh, gw, inv_n = _lce_forward(
+        hidden, weight, labels, ignore_index, label_smoothing, z_loss, reduction, scale, need_grad_hidden,
+        need_grad_weight, True,
+    )  # fmt: skip
+    empty = loss.new_empty(0)
+    return (
+        loss,
+        z_term,
+        hidden.new_empty(0) if gh is None else gh,
+        weight.new_empty(0) if gw is None else gw,
+        empty if inv_n is None else inv_n,
     )
-    loss_rows = torch.empty(n_tokens, dtype=torch.float32, device=h.device)
-    z_rows = torch.empty(n_tokens, dtype=torch.float32, device=h.device)
-    _chunks(h, w, y, ignore_index, label_smoothing, z_loss, scale, loss_rows, z_rows, None, grad_hidden, grad_weight32)
-    inv_n = _inv_count(y, ignore_index)
-    if grad_weight32 is not None:
-        grad_weight = torch.empty(w.shape, dtype=w.dtype, device=w.device)
-        factor = inv_n if reduction == "mean" else torch.ones((), device=w.device)
-        _scale_rows_into(grad_weight32, factor, grad_weight)
-        del grad_weight32
-    else:
-        grad_weight = w.new_empty(0)
-    grad_hidden = grad_hidden if grad_hidden is not None else h.new_empty(0)
-    return _reduce(loss_rows, inv_n, reduction), _reduce(z_rows, inv_n, reduction), grad_hidden, grad_weight, inv_n
 
 
 @_lce_fwd.register_fake
@@ -741,7 +986,8 @@ def _(hidden, weight, labels, ignore_index, label_smoothing, z_loss, reduction, 
     precompute = reduction != "none"
     gh = hidden.new_empty(hidden.shape) if precompute and need_gh else hidden.new_empty(0)
     gw = weight.new_empty(weight.shape) if precompute and need_gw else weight.new_empty(0)
-    return loss, loss.new_empty(shape), gh, gw, hidden.new_empty((), dtype=torch.float32)
+    inv_n = hidden.new_empty(() if reduction == "mean" else (0,), dtype=torch.float32)
+    return loss, loss.new_empty(shape), gh, gw, inv_n
 
 
 @torch.library.custom_op("flasht5::linear_cross_entropy_bwd", mutates_args=())
@@ -758,15 +1004,11 @@ def _lce_bwd(
     need_grad_weight: bool,
 ) -> tuple[Tensor, Tensor]:
     """Recomputing backward for reduction "none": per-token grad_rows (N,) fp32 -> (grad_hidden, grad_weight)."""
-    h, w = _rows(hidden, weight)
-    y = labels.contiguous()
-    grad_hidden = torch.empty(h.shape, dtype=h.dtype, device=h.device) if need_grad_hidden else None
-    grad_weight32 = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_grad_weight else None
-    _chunks(h, w, y, ignore_index, label_smoothing, z_loss, scale, None, None, grad_rows, grad_hidden, grad_weight32)
-    if grad_hidden is not None and scale != 1.0:
-        _scale_rows_into(grad_hidden, torch.full((), scale, device=h.device), grad_hidden)
-    grad_weight = grad_weight32.to(w.dtype) if grad_weight32 is not None else w.new_empty(0)
-    return (grad_hidden if grad_hidden is not None else h.new_empty(0)), grad_weight
+    gh, gw = _lce_backward_none(
+        hidden, weight, labels, grad_rows, ignore_index, label_smoothing, z_loss, scale, need_grad_hidden,
+        need_grad_weight,
+    )  # fmt: skip
+    return (hidden.new_empty(0) if gh is None else gh), (weight.new_empty(0) if gw is None else gw)
 
 
 @_lce_bwd.register_fake
@@ -791,7 +1033,7 @@ def _lce_setup_context(ctx, inputs, output) -> None:
         ctx.save_for_backward(grad_hidden, grad_weight, inv_n)
 
 
-def _lce_backward(ctx, grad_loss: Tensor, _gz: Tensor, _ggh: Tensor, _ggw: Tensor, _ginv: Tensor):
+def _lce_op_backward(ctx, grad_loss: Tensor, _gz: Tensor, _ggh: Tensor, _ggw: Tensor, _ginv: Tensor):
     if grad_loss is None:  # only the (detached) z_term was used downstream
         return (None,) * 10
     if ctx.reduction == "none":
@@ -801,16 +1043,16 @@ def _lce_backward(ctx, grad_loss: Tensor, _gz: Tensor, _ggh: Tensor, _ggw: Tenso
             hidden, weight, labels, grad_rows, *ctx.ce_args, ctx.scale, ctx.need_gh, ctx.need_gw
         )
     else:
-        grad_hidden, grad_weight, inv_n = ctx.saved_tensors
-        factor = _grad_factor(grad_loss, inv_n, ctx.reduction)  # go / n (mean) or go (sum)
-        gh = torch.ops.flasht5.scale_rows(grad_hidden, factor * ctx.scale) if ctx.need_gh else None
-        gw = torch.ops.flasht5.scale_rows(grad_weight, grad_loss.to(torch.float32).reshape(())) if ctx.need_gw else None
+        scale_rows = torch.ops.flasht5.scale_rows
+        gh, gw = _lce_grads(
+            scale_rows, ctx.saved_tensors, grad_loss, ctx.reduction, ctx.scale, ctx.need_gh, ctx.need_gw
+        )
     gh = gh if ctx.need_gh else None
     gw = gw if ctx.need_gw else None
     return gh, gw, None, None, None, None, None, None, None, None
 
 
-torch.library.register_autograd("flasht5::linear_cross_entropy_fwd", _lce_backward, setup_context=_lce_setup_context)
+torch.library.register_autograd("flasht5::linear_cross_entropy_fwd", _lce_op_backward, setup_context=_lce_setup_context)
 
 
 def linear_cross_entropy(
@@ -829,8 +1071,10 @@ def linear_cross_entropy(
 
     ``hidden`` (..., d), ``weight`` (V, d), ``labels`` ``hidden.shape[:-1]``. Returns the fp32 loss (0-d, or
     ``labels.shape`` for "none"), or ``(loss, z_term)`` with ``return_z_loss=True`` (z_term detached). Raises
-    ``ValueError`` for wrong shapes, dtypes, devices, labels, reduction.
+    ``ValueError`` for wrong shapes, dtypes, devices, reduction, and for labels outside [0, V) other than
+    ``ignore_index`` (a value check: always for CPU tensors, for CUDA tensors with ``FLASHT5_DEBUG=1``).
     """
+    label_smoothing, z_loss, ignore_index = float(label_smoothing), float(z_loss), int(ignore_index)
     check_float_tensor(hidden, "hidden")
     check_float_tensor(weight, "weight")
     _check_common(labels, label_smoothing, z_loss, reduction)
@@ -852,19 +1096,31 @@ def linear_cross_entropy(
     check_kernel_device(hidden, "hidden")
     if scale is not None and not isinstance(scale, (int, float)):
         raise ValueError(f"scale must be a Python float or None, got {type(scale)}")
+    scale = 1.0 if scale is None else float(scale)
     grad_on = torch.is_grad_enabled()
-    loss, z_term, _, _, _ = torch.ops.flasht5.linear_cross_entropy_fwd(
-        hidden.reshape(-1, hidden.shape[-1]),  # (N, d)
-        weight,
-        labels.reshape(-1),  # (N,)
-        int(ignore_index),
-        float(label_smoothing),
-        float(z_loss),
-        reduction,
-        1.0 if scale is None else float(scale),
-        grad_on and hidden.requires_grad,
-        grad_on and weight.requires_grad,
-    )
+    need_gh, need_gw = grad_on and hidden.requires_grad, grad_on and weight.requires_grad
+    if use_custom_op(hidden):
+        loss, z_term, _, _, _ = torch.ops.flasht5.linear_cross_entropy_fwd(
+            hidden.reshape(-1, hidden.shape[-1]),  # (N, d)
+            weight,
+            labels.reshape(-1),  # (N,)
+            ignore_index,
+            label_smoothing,
+            z_loss,
+            reduction,
+            scale,
+            need_gh,
+            need_gw,
+        )
+        if reduction == "none":
+            loss, z_term = loss.view(labels.shape), z_term.view(labels.shape)
+        return (loss, z_term.detach()) if return_z_loss else loss
+    args = (ignore_index, label_smoothing, z_loss, reduction, scale)
+    if need_gh or need_gw:
+        loss, z_term = _LinearCrossEntropyFn.apply(hidden, weight, labels, *args, return_z_loss)
+    else:  # no gradient: no autograd node at all
+        loss, z_term, _, _, _ = _lce_forward(hidden, weight, labels, *args, False, False, return_z_loss)
     if reduction == "none":
-        loss, z_term = loss.view(labels.shape), z_term.view(labels.shape)
-    return (loss, z_term.detach()) if return_z_loss else loss
+        loss = loss.view(labels.shape)
+        z_term = None if z_term is None else z_term.view(labels.shape)
+    return (loss, z_term) if return_z_loss else loss
