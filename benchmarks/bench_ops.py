@@ -23,13 +23,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from utils import bench, markdown_table, peak_memory, write_results  # noqa: E402
 
-import flasht5.ops.cross_entropy as ce_mod  # noqa: E402
-import flasht5.ops.linear_cross_entropy as lce_mod  # noqa: E402
-import flasht5.ops.rms_norm as rms_mod  # noqa: E402
+import flasht5.ops.loss as loss_mod  # noqa: E402
+import flasht5.ops.norm as norm_mod  # noqa: E402
 from flasht5.ops.activations import gated_act, gated_act_ref  # noqa: E402
-from flasht5.ops.cross_entropy import cross_entropy, cross_entropy_ref  # noqa: E402
-from flasht5.ops.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_ref  # noqa: E402
-from flasht5.ops.rms_norm import rms_norm, rms_norm_ref  # noqa: E402
+from flasht5.ops.loss import (  # noqa: E402
+    cross_entropy,
+    cross_entropy_ref,
+    linear_cross_entropy,
+    linear_cross_entropy_ref,
+)
+from flasht5.ops.norm import rms_norm, rms_norm_ref  # noqa: E402
 
 GB = 1e9
 _QUICK = False  # --quick: one repetition per measurement (the run only checks the script)
@@ -225,7 +228,7 @@ def bench_linear_cross_entropy(device, quick, liger) -> list[dict]:
     n_tokens = 8 if quick else 32768
     z = 1e-4
     for d_model, n_classes in ((768, 32128), (2048, 32128), (768, 250112), (2048, 250112)):
-        chunk = lce_mod._default_chunk_tokens(n_tokens, n_classes, d_model)
+        chunk = loss_mod._default_chunk_tokens(n_tokens, n_classes, d_model)
         print(f"[linear_cross_entropy] tokens={n_tokens} d_model={d_model} vocab={n_classes} chunk={chunk}", flush=True)
         hidden = torch.randn(n_tokens, d_model, device=device, dtype=torch.bfloat16, requires_grad=True)
         weight = (torch.randn(n_classes, d_model, device=device) * d_model**-0.5).to(torch.bfloat16)
@@ -295,10 +298,10 @@ def sweep_configs(device, quick) -> list[dict]:
     logits = torch.randn(n_tokens, n_classes, device=device).to(torch.bfloat16).requires_grad_()
     labels = _labels(n_tokens, n_classes, device)
     for cfg in [None, (4096, 8), (8192, 8), (8192, 16), (16384, 16), (32768, 32)]:
-        ce_mod._CONFIG_OVERRIDE = cfg
+        loss_mod._CONFIG_OVERRIDE = cfg
         r = _measure(f"ce {cfg}", _fwd_bwd(lambda x: cross_entropy(x, labels), [logits]))
         rows.append({"kernel": "cross_entropy", "shape": f"{n_tokens}x{n_classes}", "config": str(cfg), "ms": r["ms"]})
-    ce_mod._CONFIG_OVERRIDE = None
+    loss_mod._CONFIG_OVERRIDE = None
     # RMSNorm: forward (BLOCK_M, warps) timed alone; backward (BLOCK_M, warps, stages, programs/SM) as fwd+bwd
     fwd_cfgs = [None, (1, 2), (4, 4), (4, 16), (1, 16)]
     bwd_cfgs = [None, (1, 2, 3, 8), (2, 4, 1, 4), (4, 4, 3, 4), (2, 8, 3, 2), (1, 8, 3, 4), (1, 16, 3, 4)]
@@ -308,15 +311,15 @@ def sweep_configs(device, quick) -> list[dict]:
         dy = torch.randn_like(x)
         shape = f"{x.shape[0]}x{d_model}"
         for cfg in fwd_cfgs:
-            rms_mod._FWD_OVERRIDE = cfg
+            norm_mod._FWD_OVERRIDE = cfg
             r = _measure(f"rms fwd {d_model} {cfg}", lambda x=x, w=w: rms_norm(x, w), graph=True)
             rows.append({"kernel": "rms_norm fwd", "shape": shape, "config": str(cfg), "ms": r["ms"]})
-        rms_mod._FWD_OVERRIDE = None
+        norm_mod._FWD_OVERRIDE = None
         for cfg in bwd_cfgs:
-            rms_mod._BWD_OVERRIDE = cfg
+            norm_mod._BWD_OVERRIDE = cfg
             r = _measure(f"rms fwd+bwd {d_model} {cfg}", _fwd_bwd(lambda x, w: rms_norm(x, w), [x, w], dy), graph=True)
             rows.append({"kernel": "rms_norm fwd+bwd (bwd config)", "shape": shape, "config": str(cfg), "ms": r["ms"]})
-        rms_mod._BWD_OVERRIDE = None
+        norm_mod._BWD_OVERRIDE = None
     return rows
 
 

@@ -5,9 +5,8 @@ import torch
 
 from flasht5.ops.activations import gated_act
 from flasht5.ops.attention import flash_attention
-from flasht5.ops.cross_entropy import cross_entropy
-from flasht5.ops.linear_cross_entropy import linear_cross_entropy
-from flasht5.ops.rms_norm import rms_norm
+from flasht5.ops.loss import cross_entropy, linear_cross_entropy
+from flasht5.ops.norm import rms_norm
 
 CASES = {
     "rms_norm": (lambda: rms_norm(torch.randn(2, 8), torch.ones(8)), "x is on cpu"),

@@ -1,23 +1,46 @@
 """Shared by the Triton launchers: where the kernels run (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``,
-the CPU tests), the float dtypes they take and the (rows, cols) view they read."""
+the CPU tests), the float dtypes they take, the (rows, cols) view they read, cached device facts, and the rule that
+picks the eager or the traceable route of an op.
+
+Everything here runs on every call of an op, so it is cheap Python (no device query, no torch op) except where a
+docstring says otherwise.
+"""
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
 from torch import Tensor
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def debug_checks() -> bool:
+    """``FLASHT5_DEBUG=1``: also run the value checks that read GPU memory (and so synchronise with the GPU)."""
+    return os.environ.get("FLASHT5_DEBUG", "0") == "1"
+
+
+def use_custom_op(t: Tensor) -> bool:
+    """Whether an op takes its ``torch.library.custom_op`` route instead of the eager ``autograd.Function``.
+
+    The custom ops (with fake implementations and registered autograd) are what ``torch.compile`` traces; they cost
+    ~0.7 ms of host time per call in eager mode (``custom_ops.py: backend_impl``, measured on the H200 machine), so
+    eager calls go straight to the launchers. Tensor subclasses (fake, functional, meta-device tracing) take the
+    custom op too: it is the route that knows how to handle them.
+    """
+    return type(t) is not Tensor or torch.compiler.is_compiling()
+
+
 def check_kernel_device(t: Tensor, name: str) -> None:
     """Raise a ``ValueError`` naming ``name`` when the kernels cannot run on ``t``'s device."""
-    if t.device.type != "cuda" and not interpreting():
+    if not t.is_cuda and not interpreting():
         raise ValueError(
             f"{name} is on {t.device}: the Triton kernels need a CUDA tensor (or TRITON_INTERPRET=1 on CPU); "
             "the *_ref functions run anywhere"
@@ -36,3 +59,19 @@ def rows_2d(t: Tensor, n_cols: int) -> Tensor:
     stride, e.g. ``chunk()``/slice views of a fused projection), else one contiguous copy."""
     t2 = t.reshape(-1, n_cols)  # (N, n_cols)
     return t2 if t2.stride(-1) == 1 or t2.numel() == 0 else t2.contiguous()
+
+
+def row_major(t: Tensor, n_cols: int) -> tuple[Tensor, int]:
+    """``(tensor, row_stride)`` such that row r, column c of ``t`` viewed as (rows, n_cols) sits at ``data_ptr +
+    r * row_stride + c`` (elements): ``t`` itself when contiguous (no reshape: the launchers pass only pointers and
+    strides), else :func:`rows_2d`'s view or copy."""
+    if t.is_contiguous():
+        return t, n_cols
+    t2 = rows_2d(t, n_cols)
+    return t2, t2.stride(0)
+
+
+@functools.cache
+def sm_count(device_index: int) -> int:
+    """Streaming multiprocessors of a CUDA device (``get_device_properties`` costs microseconds: cached)."""
+    return torch.cuda.get_device_properties(device_index).multi_processor_count

@@ -14,8 +14,11 @@ Shapes and dtypes: ``gate`` and ``up`` of one shape (..., F) and one dtype (fp32
 stride (``gate, up = x.chunk(2, -1)`` of a fused projection works without a copy); a non-unit stride along F is
 copied to contiguous first. The output is contiguous.
 
-Tuned and tested on an H200 (sm90); plain elementwise code, sm80-safe. Registered as ``torch.library.custom_op``
-``flasht5::gated_act_fwd`` / ``flasht5::gated_act_bwd`` with fake implementations and an autograd formula, so
+Tuned and tested on an H200 (sm90); plain elementwise code, sm80-safe. Two routes, one implementation (the
+launchers ``_forward`` / ``_backward``): eager calls go through a ``torch.autograd.Function`` with
+:class:`flasht5.ops._launch.FastKernel` launches (no autograd at all without gradients); while ``torch.compile``
+traces (or for tensor subclasses) the same launchers run inside the ``torch.library.custom_op``
+``flasht5::gated_act_fwd`` / ``flasht5::gated_act_bwd``, with fake implementations and an autograd formula, so
 ``torch.compile(fullgraph=True)`` traces through it.
 
 Credits: GLU variants (Shazeer, 2020, "GLU Variants Improve Transformer"); the tanh GELU approximation (Hendrycks &
@@ -24,6 +27,7 @@ Gimpel, 2016); fused gate-multiply kernels as in Liger-Kernel's GEGLU / SwiGLU.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -32,7 +36,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from flasht5.ops._device import check_float_tensor, check_kernel_device, rows_2d
+from flasht5.ops._device import check_float_tensor, check_kernel_device, row_major, use_custom_op
+from flasht5.ops._launch import FastKernel
 
 __all__ = ["gated_act", "gated_act_ref"]
 
@@ -137,25 +142,79 @@ def _gated_bwd_kernel(
     tl.store(DUP + r64 * stride_du + cols[None, :], (do * act).to(DUP.dtype.element_ty), mask=mask)
 
 
+@functools.cache
 def _config(n_cols: int) -> tuple[int, int, int]:
     block_n = min(triton.next_power_of_2(n_cols), 1024)
     block_m = max(1, 2048 // block_n)
     return block_m, block_n, 4
 
 
+# --------------------------------------------------------------------------------------------------------------
+# Launchers: the one implementation, called by the eager autograd.Function and by the custom ops
+# --------------------------------------------------------------------------------------------------------------
+_FWD = FastKernel(_gated_fwd_kernel)
+_BWD = FastKernel(_gated_bwd_kernel)
+
+
+def _forward(gate: Tensor, up: Tensor, kind: int) -> Tensor:
+    n_cols = gate.shape[-1]
+    g2, stride_g = row_major(gate, n_cols)
+    u2, stride_u = row_major(up, n_cols)
+    out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)  # row-major: row stride n_cols
+    n_rows = out.numel() // n_cols if n_cols else 0
+    if n_rows > 0:
+        block_m, block_n, num_warps = _config(n_cols)
+        _FWD(
+            (triton.cdiv(n_rows, block_m), triton.cdiv(n_cols, block_n)),
+            (g2, u2, out, n_rows, n_cols, stride_g, stride_u, n_cols),
+            (kind, block_m, block_n),
+            num_warps=num_warps,
+        )
+    return out
+
+
+def _backward(dout: Tensor, gate: Tensor, up: Tensor, kind: int) -> tuple[Tensor, Tensor]:
+    n_cols = gate.shape[-1]
+    d2, stride_d = row_major(dout, n_cols)
+    g2, stride_g = row_major(gate, n_cols)
+    u2, stride_u = row_major(up, n_cols)
+    dev = gate.device
+    dgate = torch.empty(gate.shape, dtype=gate.dtype, device=dev)
+    dup = torch.empty(up.shape, dtype=up.dtype, device=dev)
+    n_rows = dgate.numel() // n_cols if n_cols else 0
+    if n_rows > 0:
+        block_m, block_n, num_warps = _config(n_cols)
+        _BWD(
+            (triton.cdiv(n_rows, block_m), triton.cdiv(n_cols, block_n)),
+            (d2, g2, u2, dgate, dup, n_rows, n_cols, stride_d, stride_g, stride_u, n_cols, n_cols),
+            (kind, block_m, block_n),
+            num_warps=num_warps,
+        )
+    return dgate, dup
+
+
+class _GatedActFn(torch.autograd.Function):
+    """The eager route: one Python autograd node around the launchers."""
+
+    @staticmethod
+    def forward(ctx, gate, up, kind):
+        ctx.kind = kind
+        ctx.save_for_backward(gate, up)
+        return _forward(gate, up, kind)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        gate, up = ctx.saved_tensors
+        dgate, dup = _backward(grad_out, gate, up, ctx.kind)
+        return dgate, dup, None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Custom ops (the route torch.compile traces)
+# --------------------------------------------------------------------------------------------------------------
 @torch.library.custom_op("flasht5::gated_act_fwd", mutates_args=())
 def _gated_act_fwd(gate: Tensor, up: Tensor, kind: int) -> Tensor:
-    n_cols = gate.shape[-1]
-    g2, u2 = rows_2d(gate, n_cols), rows_2d(up, n_cols)
-    out = torch.empty(g2.shape, dtype=gate.dtype, device=gate.device)
-    if out.numel() > 0:
-        block_m, block_n, num_warps = _config(n_cols)
-        grid = (triton.cdiv(g2.shape[0], block_m), triton.cdiv(n_cols, block_n))
-        _gated_fwd_kernel[grid](
-            g2, u2, out, g2.shape[0], n_cols, g2.stride(0), u2.stride(0), out.stride(0),
-            KIND=kind, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
-        )  # fmt: skip
-    return out.view(gate.shape)
+    return _forward(gate, up, kind)
 
 
 @_gated_act_fwd.register_fake
@@ -165,18 +224,7 @@ def _(gate: Tensor, up: Tensor, kind: int) -> Tensor:
 
 @torch.library.custom_op("flasht5::gated_act_bwd", mutates_args=())
 def _gated_act_bwd(dout: Tensor, gate: Tensor, up: Tensor, kind: int) -> tuple[Tensor, Tensor]:
-    n_cols = gate.shape[-1]
-    d2, g2, u2 = rows_2d(dout, n_cols), rows_2d(gate, n_cols), rows_2d(up, n_cols)
-    dgate = torch.empty(g2.shape, dtype=gate.dtype, device=gate.device)
-    dup = torch.empty(g2.shape, dtype=up.dtype, device=up.device)
-    if dgate.numel() > 0:
-        block_m, block_n, num_warps = _config(n_cols)
-        grid = (triton.cdiv(g2.shape[0], block_m), triton.cdiv(n_cols, block_n))
-        _gated_bwd_kernel[grid](
-            d2, g2, u2, dgate, dup, g2.shape[0], n_cols, d2.stride(0), g2.stride(0), u2.stride(0), dgate.stride(0),
-            dup.stride(0), KIND=kind, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
-        )  # fmt: skip
-    return dgate.view(gate.shape), dup.view(up.shape)
+    return _backward(dout, gate, up, kind)
 
 
 @_gated_act_bwd.register_fake
@@ -190,22 +238,27 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(gate, up)
 
 
-def _backward(ctx, grad_out: Tensor):
+def _op_backward(ctx, grad_out: Tensor):
     gate, up = ctx.saved_tensors
     dgate, dup = torch.ops.flasht5.gated_act_bwd(grad_out, gate, up, ctx.kind)
     return dgate, dup, None
 
 
-torch.library.register_autograd("flasht5::gated_act_fwd", _backward, setup_context=_setup_context)
+torch.library.register_autograd("flasht5::gated_act_fwd", _op_backward, setup_context=_setup_context)
 
 
+# --------------------------------------------------------------------------------------------------------------
+# Public function
+# --------------------------------------------------------------------------------------------------------------
 def gated_act(gate: Tensor, up: Tensor, kind: str) -> Tensor:
     """``act(gate) * up`` for ``kind`` in {"gelu_tanh" (= "gelu_new", "gelu_pytorch_tanh"), "silu" (= "swish")}.
 
     ``gate`` and ``up``: same shape (..., F) and dtype (fp32/fp16/bf16); differentiable in both. Raises
     ``ValueError`` for an unknown ``kind`` or mismatched shapes/dtypes/devices.
     """
-    kind_id = _KINDS[_canonical_kind(kind)]
+    kind_id = _KINDS.get(kind)
+    if kind_id is None:
+        raise ValueError(f"kind must be one of {sorted(_KINDS)}, got {kind!r}")
     check_float_tensor(gate, "gate")
     check_float_tensor(up, "up")
     if gate.shape != up.shape or gate.dim() < 1:
@@ -215,4 +268,8 @@ def gated_act(gate: Tensor, up: Tensor, kind: str) -> Tensor:
     if gate.device != up.device:
         raise ValueError(f"up is on {up.device} but gate is on {gate.device}")
     check_kernel_device(gate, "gate")
-    return torch.ops.flasht5.gated_act_fwd(gate, up, kind_id)
+    if use_custom_op(gate):
+        return torch.ops.flasht5.gated_act_fwd(gate, up, kind_id)
+    if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
+        return _GatedActFn.apply(gate, up, kind_id)
+    return _forward(gate, up, kind_id)  # inference: no autograd node at all

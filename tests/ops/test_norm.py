@@ -1,10 +1,10 @@
-"""rms_norm (Triton) against the HF-semantics reference, with the error-ratio rule of DESIGN.md §5."""
+"""ops/norm.py: rms_norm (Triton) against the HF-semantics reference, with the error-ratio rule of DESIGN.md §5."""
 
 import pytest
 import torch
 from ratio import assert_ratio
 
-from flasht5.ops.rms_norm import rms_norm, rms_norm_ref
+from flasht5.ops.norm import rms_norm, rms_norm_ref
 
 
 def _run(fn, x, w, r, gy, gh):

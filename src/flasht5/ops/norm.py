@@ -26,10 +26,16 @@ have any stride; a non-unit stride along D is copied to contiguous first.
 
 Tuned and tested on an H200 (sm90): one row block in registers per program, and a backward loop software-pipelined
 through shared memory (at most 96 KB per program). Nothing beyond sm80 is used, so A100s run the same code
-(untested there). Registered as ``torch.library.custom_op`` ``flasht5::rms_norm_fwd`` /
-``flasht5::rms_norm_bwd`` with fake implementations and an autograd formula, so ``torch.compile(fullgraph=True)``
-traces through it. Defining the ops is the only thing that happens at import (needed for the compiler to see
-them); nothing is launched and no global setting changes.
+(untested there).
+
+Two routes, one implementation (the launchers ``_forward`` / ``_backward``): eager calls go through a
+``torch.autograd.Function`` whose launches skip Triton's per-call binding (:class:`flasht5.ops._launch.FastKernel`),
+and calls without any gradient skip autograd too; while ``torch.compile`` traces (or for tensor subclasses) the
+same launchers run inside the ``torch.library.custom_op`` ``flasht5::rms_norm_fwd`` / ``flasht5::rms_norm_bwd``,
+with fake implementations and an autograd formula, so ``torch.compile(fullgraph=True)`` traces through it. No
+host synchronisation and no device query per call (launch configs and the SM count are cached). Defining the ops
+is the only thing that happens at import (needed for the compiler to see them); nothing is launched and no global
+setting changes.
 
 Credits: RMSNorm (Zhang & Sennrich, 2019, "Root Mean Square Layer Normalization"); the persistent-grid dweight
 reduction follows Triton's layer-norm tutorial and Liger-Kernel's RMSNorm; the residual fusion follows FAT5 and
@@ -38,12 +44,15 @@ Liger's fused add + RMSNorm.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from flasht5.ops._device import check_float_tensor, check_kernel_device, rows_2d
+from flasht5.ops._device import HALF_DTYPES, check_float_tensor, check_kernel_device, row_major, sm_count, use_custom_op
+from flasht5.ops._launch import FastKernel
 
 __all__ = ["rms_norm", "rms_norm_ref"]
 
@@ -71,9 +80,14 @@ def rms_norm_ref(
     return out if residual is None else (out, h)
 
 
-def _out_dtype(weight_dtype: torch.dtype) -> torch.dtype:
+@functools.cache
+def _promote(a: torch.dtype, b: torch.dtype) -> torch.dtype:
+    return torch.promote_types(a, b)  # an aten op, dispatched on every call: cached
+
+
+def _default_out_dtype(weight_dtype: torch.dtype) -> torch.dtype:
     # HF: y is fp32 after the rsqrt multiply; a half weight casts it down, an fp32 weight keeps fp32.
-    return weight_dtype if weight_dtype in (torch.float16, torch.bfloat16) else torch.float32
+    return weight_dtype if weight_dtype in HALF_DTYPES else torch.float32
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -199,8 +213,9 @@ def _dw_sum_kernel(DW_PART, DW, n_parts, n_cols, BLOCK_P: tl.constexpr, BLOCK_C:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Launch configuration
+# Launch configuration (cached: it runs on every call)
 # --------------------------------------------------------------------------------------------------------------
+@functools.cache
 def _block_config(n_cols: int) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps): ~2048 elements per program (a row block), 16 per thread.
 
@@ -219,7 +234,18 @@ def _fwd_config(n_cols: int) -> tuple[int, int, int]:
     return _block_config(n_cols)
 
 
-def _bwd_config(n_cols: int, bytes_per_col: int, device: torch.device) -> tuple[int, int, int, int, int]:
+@functools.cache
+def _bwd_config_default(n_cols: int, bytes_per_col: int, device_index: int) -> tuple[int, int, int, int, int]:
+    block_m, block_n, num_warps = _block_config(n_cols)
+    stage_bytes = block_m * block_n * bytes_per_col
+    num_stages = 3 if 3 * stage_bytes <= 96 * 1024 else 1
+    per_sm = max(1, min(4, (200 * 1024) // (num_stages * stage_bytes)))
+    # device_index -1: the interpreter on CPU, where few programs keep the tests fast
+    n_progs = sm_count(device_index) * per_sm if device_index >= 0 else 4
+    return block_m, block_n, num_warps, num_stages, n_progs
+
+
+def _bwd_config(n_cols: int, bytes_per_col: int, device_index: int) -> tuple[int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages, programs) of the persistent, software-pipelined backward.
 
     ``bytes_per_col``: bytes one row element brings in through the pipelined loads (h, dy, and dh_in if any).
@@ -227,68 +253,142 @@ def _bwd_config(n_cols: int, bytes_per_col: int, device: torch.device) -> tuple[
     its shared memory, at most 4 (the H200 has 228 KB): at d_model 4096 that is 4 programs of 48 KB (fwd+bwd
     0.68 ms, against 0.71 with 3).
     """
-    if _BWD_OVERRIDE is not None:
-        block_m, num_warps, num_stages, per_sm = _BWD_OVERRIDE
-        block_n = triton.next_power_of_2(n_cols)
-    else:
-        block_m, block_n, num_warps = _block_config(n_cols)
-        stage_bytes = block_m * block_n * bytes_per_col
-        num_stages = 3 if 3 * stage_bytes <= 96 * 1024 else 1
-        per_sm = max(1, min(4, (200 * 1024) // (num_stages * stage_bytes)))
-    if device.type == "cuda":
-        n_progs = torch.cuda.get_device_properties(device).multi_processor_count * per_sm
-    else:
-        n_progs = 4  # interpreter: few programs keep CPU tests fast
-    return block_m, block_n, num_warps, num_stages, n_progs
+    if _BWD_OVERRIDE is None:
+        return _bwd_config_default(n_cols, bytes_per_col, device_index)
+    block_m, num_warps, num_stages, per_sm = _BWD_OVERRIDE
+    n_progs = sm_count(device_index) * per_sm if device_index >= 0 else 4
+    return block_m, triton.next_power_of_2(n_cols), num_warps, num_stages, n_progs
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Custom ops
+# Launchers: the one implementation, called by the eager autograd.Function and by the custom ops
+# --------------------------------------------------------------------------------------------------------------
+_FWD = FastKernel(_rms_norm_fwd_kernel)
+_BWD = FastKernel(_rms_norm_bwd_kernel)
+_DW_SUM = FastKernel(_dw_sum_kernel)
+
+
+def _forward(
+    x: Tensor, weight: Tensor, residual: Tensor | None, eps: float, out_dtype: torch.dtype
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """(y (x.shape, out_dtype), h = x + residual (x.shape, promoted dtype) or None, rstd (x.shape[:-1], fp32))."""
+    n_cols = x.shape[-1]
+    n_rows = x.numel() // n_cols
+    dev = x.device
+    x2, stride_x = row_major(x, n_cols)
+    if weight.stride(0) != 1:
+        weight = weight.contiguous()
+    y = torch.empty(x.shape, dtype=out_dtype, device=dev)  # row-major: row stride n_cols
+    rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=dev)
+    if residual is not None:
+        r2, stride_r = row_major(residual, n_cols)
+        h = torch.empty(x.shape, dtype=_promote(x.dtype, residual.dtype), device=dev)
+    else:
+        r2, stride_r, h = x2, stride_x, None
+    if n_rows > 0:
+        block_m, block_n, num_warps = _fwd_config(n_cols)
+        _FWD(
+            (triton.cdiv(n_rows, block_m),),
+            (x2, r2, weight, y, y if h is None else h, rstd, n_rows, n_cols, stride_x, stride_r, n_cols,
+             0 if h is None else n_cols, eps),
+            (h is not None, weight.dtype in HALF_DTYPES, block_m, block_n),
+            num_warps=num_warps,
+        )  # fmt: skip
+    return y, h, rstd
+
+
+def _backward(dy: Tensor, h: Tensor, weight: Tensor, rstd: Tensor, dh_in: Tensor | None) -> tuple[Tensor, Tensor]:
+    """(dL/dh in h's dtype and shape, dL/dweight in weight's dtype); ``dh_in`` is the gradient flowing into h
+    itself. ``dy`` may have any float dtype (the gradient of y in its ``out_dtype``)."""
+    n_cols = h.shape[-1]
+    n_rows = h.numel() // n_cols
+    dev = h.device
+    h2, stride_h = row_major(h, n_cols)
+    dy2, stride_dy = row_major(dy, n_cols)
+    if weight.stride(0) != 1:
+        weight = weight.contiguous()
+    if not rstd.is_contiguous():
+        rstd = rstd.contiguous()
+    dh = torch.empty(h.shape, dtype=h.dtype, device=dev)
+    if dh_in is not None:
+        dhin2, stride_dhin = row_major(dh_in, n_cols)
+        bytes_per_col = h.element_size() + dy.element_size() + dh_in.element_size()
+    else:
+        dhin2, stride_dhin = dh, n_cols
+        bytes_per_col = h.element_size() + dy.element_size()
+    block_m, block_n, num_warps, num_stages, n_progs = _bwd_config(n_cols, bytes_per_col, h.get_device())
+    n_progs = max(1, min(n_progs, triton.cdiv(n_rows, block_m)))
+    dw_part = torch.empty((n_progs, n_cols), dtype=torch.float32, device=dev)
+    dweight = torch.empty(weight.shape, dtype=weight.dtype, device=dev)
+    if n_rows > 0:
+        cast_y = weight.dtype in HALF_DTYPES
+        _BWD(
+            (n_progs,),
+            (dy2, h2, weight, rstd, dhin2, dh, dw_part, n_rows, n_cols, stride_dy, stride_h, stride_dhin, n_cols),
+            (dh_in is not None, cast_y, block_m, block_n, num_stages),
+            num_warps=num_warps,
+        )
+        block_p = min(1024, triton.next_power_of_2(n_progs))
+        block_c = 16 if h.is_cuda else block_n  # interpreter: one program
+        _DW_SUM((triton.cdiv(n_cols, block_c),), (dw_part, dweight, n_progs, n_cols), (block_p, block_c), num_warps=8)
+    else:
+        dweight.zero_()
+    return dh, dweight
+
+
+def _grads(
+    bwd,
+    h: Tensor,
+    weight: Tensor,
+    rstd: Tensor,
+    grad_y: Tensor | None,
+    grad_h: Tensor | None,
+    x_dtype: torch.dtype,
+    res_dtype: torch.dtype | None,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """(dx, dweight, d residual) from the grads of y and h (either may be None: materialised grads are off);
+    ``bwd`` is :func:`_backward` (eager) or the ``rms_norm_bwd`` custom op (traced)."""
+    dh_in = grad_h if res_dtype is not None else None
+    if grad_y is None:  # only h = x + residual was used: its gradient passes straight through
+        if dh_in is None:
+            return None, None, None
+        return dh_in.to(x_dtype), None, dh_in.to(res_dtype)
+    dh, dweight = bwd(grad_y, h, weight, rstd, dh_in)
+    return dh.to(x_dtype), dweight, (dh.to(res_dtype) if res_dtype is not None else None)
+
+
+class _RMSNormFn(torch.autograd.Function):
+    """The eager route: one Python autograd node around the launchers."""
+
+    @staticmethod
+    def forward(ctx, x, weight, residual, eps, out_dtype):
+        y, h, rstd = _forward(x, weight, residual, eps, out_dtype)
+        ctx.set_materialize_grads(False)  # no zero-filled grad for y or h when only one of them is used
+        ctx.x_dtype = x.dtype
+        ctx.res_dtype = None if residual is None else residual.dtype
+        ctx.save_for_backward(x if h is None else h, weight, rstd)
+        return y if h is None else (y, h)
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_h=None):
+        h, weight, rstd = ctx.saved_tensors
+        dx, dw, dres = _grads(_backward, h, weight, rstd, grad_y, grad_h, ctx.x_dtype, ctx.res_dtype)
+        return dx, dw, dres, None, None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Custom ops (the route torch.compile traces)
 # --------------------------------------------------------------------------------------------------------------
 @torch.library.custom_op("flasht5::rms_norm_fwd", mutates_args=())
 def _rms_norm_fwd(x: Tensor, weight: Tensor, residual: Tensor | None, eps: float) -> tuple[Tensor, Tensor, Tensor]:
     """Returns (y, h, rstd); h is x + residual, or an empty tensor without residual (outputs may not alias x)."""
-    n_cols = x.shape[-1]
-    x2 = rows_2d(x, n_cols)
-    weight = weight.contiguous()
-    n_rows = x2.shape[0]
-    y = torch.empty((n_rows, n_cols), dtype=_out_dtype(weight.dtype), device=x.device)
-    rstd = torch.empty((n_rows,), dtype=torch.float32, device=x.device)
-    if residual is not None:
-        r2 = rows_2d(residual, n_cols)
-        h = torch.empty((n_rows, n_cols), dtype=torch.promote_types(x.dtype, residual.dtype), device=x.device)
-    else:
-        r2, h = x2, x.new_empty(0)
-    if n_rows > 0:
-        block_m, block_n, num_warps = _fwd_config(n_cols)
-        _rms_norm_fwd_kernel[(triton.cdiv(n_rows, block_m),)](
-            x2,
-            r2,
-            weight,
-            y,
-            h if residual is not None else y,
-            rstd,
-            n_rows,
-            n_cols,
-            x2.stride(0),
-            r2.stride(0),
-            y.stride(0),
-            h.stride(0) if residual is not None else 0,
-            eps,
-            HAS_RESIDUAL=residual is not None,
-            CAST_Y=weight.dtype in (torch.float16, torch.bfloat16),
-            BLOCK_M=block_m,
-            BLOCK_N=block_n,
-            num_warps=num_warps,
-        )
-    y = y.view(x.shape)
-    h = h.view(x.shape) if residual is not None else h
-    return y, h, rstd.view(x.shape[:-1])
+    y, h, rstd = _forward(x, weight, residual, eps, _default_out_dtype(weight.dtype))
+    return y, (x.new_empty(0) if h is None else h), rstd
 
 
 @_rms_norm_fwd.register_fake
 def _(x: Tensor, weight: Tensor, residual: Tensor | None, eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    y = x.new_empty(x.shape, dtype=_out_dtype(weight.dtype))
+    y = x.new_empty(x.shape, dtype=_default_out_dtype(weight.dtype))
     if residual is not None:
         h = x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, residual.dtype))
     else:
@@ -299,49 +399,7 @@ def _(x: Tensor, weight: Tensor, residual: Tensor | None, eps: float) -> tuple[T
 @torch.library.custom_op("flasht5::rms_norm_bwd", mutates_args=())
 def _rms_norm_bwd(dy: Tensor, h: Tensor, weight: Tensor, rstd: Tensor, dh_in: Tensor | None) -> tuple[Tensor, Tensor]:
     """Returns (dL/dh in h's dtype, dL/dweight in weight's dtype); dh_in is the gradient flowing into h itself."""
-    n_cols = h.shape[-1]
-    h2 = rows_2d(h, n_cols)
-    weight = weight.contiguous()
-    dy2 = rows_2d(dy, n_cols)
-    n_rows = h2.shape[0]
-    rstd1 = rstd.reshape(-1).contiguous()
-    dh = torch.empty((n_rows, n_cols), dtype=h.dtype, device=h.device)
-    dhin2 = rows_2d(dh_in, n_cols) if dh_in is not None else dh
-    bytes_per_col = h.element_size() + dy.element_size() + (dh_in.element_size() if dh_in is not None else 0)
-    block_m, block_n, num_warps, num_stages, n_progs = _bwd_config(n_cols, bytes_per_col, h.device)
-    n_progs = max(1, min(n_progs, triton.cdiv(n_rows, block_m)))
-    dw_part = torch.empty((n_progs, n_cols), dtype=torch.float32, device=h.device)
-    dweight = torch.empty_like(weight)
-    if n_rows > 0:
-        _rms_norm_bwd_kernel[(n_progs,)](
-            dy2,
-            h2,
-            weight,
-            rstd1,
-            dhin2,
-            dh,
-            dw_part,
-            n_rows,
-            n_cols,
-            dy2.stride(0),
-            h2.stride(0),
-            dhin2.stride(0),
-            dh.stride(0),
-            HAS_DH_IN=dh_in is not None,
-            CAST_Y=weight.dtype in (torch.float16, torch.bfloat16),
-            BLOCK_M=block_m,
-            BLOCK_N=block_n,
-            NUM_STAGES=num_stages,
-            num_warps=num_warps,
-        )
-        block_p = min(1024, triton.next_power_of_2(n_progs))
-        block_c = 16 if h.is_cuda else block_n  # interpreter: one program
-        _dw_sum_kernel[(triton.cdiv(n_cols, block_c),)](
-            dw_part, dweight, n_progs, n_cols, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=8
-        )
-    else:
-        dweight.zero_()
-    return dh.view(h.shape), dweight
+    return _backward(dy, h, weight, rstd, dh_in)
 
 
 @_rms_norm_bwd.register_fake
@@ -353,26 +411,19 @@ def _setup_context(ctx, inputs, output) -> None:
     x, weight, residual, _eps = inputs
     _y, h, rstd = output
     ctx.set_materialize_grads(False)  # no zero-filled grads for rstd, or for y / h when only one is used
-    ctx.has_residual = residual is not None
     ctx.x_dtype = x.dtype
     ctx.res_dtype = residual.dtype if residual is not None else None
     ctx.save_for_backward(h if residual is not None else x, weight, rstd)
 
 
-def _backward(ctx, grad_y: Tensor, grad_h: Tensor, _grad_rstd: Tensor):
+def _op_backward(ctx, grad_y: Tensor, grad_h: Tensor, _grad_rstd: Tensor):
     h, weight, rstd = ctx.saved_tensors
-    dh_in = grad_h if ctx.has_residual and grad_h is not None else None
-    if grad_y is None:  # only h = x + residual was used: its gradient passes straight through
-        if dh_in is None:
-            return None, None, None, None
-        return dh_in.to(ctx.x_dtype), None, dh_in.to(ctx.res_dtype), None
-    dh, dweight = torch.ops.flasht5.rms_norm_bwd(grad_y, h, weight, rstd, dh_in)
-    dx = dh.to(ctx.x_dtype)
-    dres = dh.to(ctx.res_dtype) if ctx.has_residual else None
-    return dx, dweight, dres, None
+    bwd = torch.ops.flasht5.rms_norm_bwd
+    dx, dw, dres = _grads(bwd, h, weight, rstd, grad_y, grad_h, ctx.x_dtype, ctx.res_dtype)
+    return dx, dw, dres, None
 
 
-torch.library.register_autograd("flasht5::rms_norm_fwd", _backward, setup_context=_setup_context)
+torch.library.register_autograd("flasht5::rms_norm_fwd", _op_backward, setup_context=_setup_context)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -380,8 +431,8 @@ torch.library.register_autograd("flasht5::rms_norm_fwd", _backward, setup_contex
 # --------------------------------------------------------------------------------------------------------------
 def _check(x: Tensor, weight: Tensor, residual: Tensor | None) -> None:
     check_float_tensor(x, "x")
-    if x.dim() < 1:
-        raise ValueError("x must have at least one dimension (..., d_model)")
+    if x.dim() < 1 or x.shape[-1] == 0:
+        raise ValueError(f"x must have shape (..., d_model) with d_model >= 1, got {tuple(x.shape)}")
     if not isinstance(weight, Tensor) or weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
         raise ValueError(f"weight must have shape ({x.shape[-1]},) to match x's last dim, got {tuple(weight.shape)}")
     check_float_tensor(weight, "weight")
@@ -407,5 +458,14 @@ def rms_norm(
     Differentiable in ``x``, ``weight`` and ``residual``. Raises ``ValueError`` for wrong shapes/dtypes/devices.
     """
     _check(x, weight, residual)
-    y, h, _ = torch.ops.flasht5.rms_norm_fwd(x, weight, residual, float(eps))
-    return y if residual is None else (y, h)
+    eps = float(eps)
+    if use_custom_op(x):
+        y, h, _ = torch.ops.flasht5.rms_norm_fwd(x, weight, residual, eps)
+        return y if residual is None else (y, h)
+    out_dtype = _default_out_dtype(weight.dtype)
+    if torch.is_grad_enabled() and (
+        x.requires_grad or weight.requires_grad or (residual is not None and residual.requires_grad)
+    ):
+        return _RMSNormFn.apply(x, weight, residual, eps, out_dtype)
+    y, h, _ = _forward(x, weight, residual, eps, out_dtype)  # inference: no autograd node at all
+    return y if h is None else (y, h)
