@@ -372,9 +372,13 @@ def _grads(
     if grad_y is None:  # only h = x + residual was used: its gradient passes straight through
         if dh_in is None:
             return None, None, None
-        return dh_in.to(x_dtype), None, dh_in.to(res_dtype)
+        return _cast(dh_in, x_dtype), None, _cast(dh_in, res_dtype)
     dh, dweight = bwd(grad_y, h, weight, rstd, dh_in)
-    return dh.to(x_dtype), dweight, (dh.to(res_dtype) if res_dtype is not None else None)
+    return _cast(dh, x_dtype), dweight, (_cast(dh, res_dtype) if res_dtype is not None else None)
+
+
+def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t if t.dtype == dtype else t.to(dtype)  # .to() of the same dtype is still a dispatched call
 
 
 class _RMSNormFn(torch.autograd.Function):
