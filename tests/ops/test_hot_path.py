@@ -25,6 +25,11 @@ def _cases(device):
             lambda x, w, res: norm_mod.rms_norm(x, w, 1e-6, res),
             [r(2, 5, 40, dtype=torch.float16), r(40), r(2, 5, 40)],
         ),
+        "rms_norm residual out_dtype": (
+            norm_mod,
+            lambda x, w, res: norm_mod.rms_norm(x, w, 1e-6, res, out_dtype=torch.float16),
+            [r(2, 5, 40, dtype=torch.float16), r(40), r(2, 5, 40)],
+        ),
         "gated_act": (act_mod, lambda f: act_mod.gated_act(*f.chunk(2, -1), "gelu_tanh"), [r(2, 5, 80)]),
         "cross_entropy mean": (
             loss_mod,

@@ -135,8 +135,106 @@ def test_rms_norm_torch_compile_matches_eager(device):
     got = torch.autograd.grad(compiled(x, w, r), (x, w, r))
     for a, b in zip(got, eager):
         torch.testing.assert_close(a, b)
-    torch.library.opcheck(torch.ops.flasht5.rms_norm_fwd.default, (x, w, r, 1e-6))
-    torch.library.opcheck(torch.ops.flasht5.rms_norm_fwd.default, (x, w, None, 1e-6))
+    torch.library.opcheck(torch.ops.flasht5.rms_norm_fwd.default, (x, w, r, 1e-6, torch.float32))
+    torch.library.opcheck(torch.ops.flasht5.rms_norm_fwd.default, (x, w, None, 1e-6, torch.float32))
+    torch.library.opcheck(torch.ops.flasht5.rms_norm_fwd.default, (x, w, r, 1e-6, torch.float16))
+
+
+# out_dtype: the dtype of y, rounded once from the value of the default call. bf16 on the GPU (the autocast use:
+# fp32 weight and residual stream, bf16 into the next Linear); the interpreter cannot do bf16, so fp16 there.
+_HALF_OUT = torch.bfloat16 if torch.cuda.is_available() else torch.float16
+
+
+def _grads_of(fn, leaves, gys):
+    leaves = [t.detach().clone().requires_grad_() for t in leaves]
+    out = fn(*leaves)
+    outs = list(out) if isinstance(out, tuple) else [out]
+    loss = sum((o.double() * g).sum() for o, g in zip(outs, gys))
+    return outs, list(torch.autograd.grad(loss, leaves))
+
+
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize(
+    "xdtype,wdtype,out_dtype",
+    [
+        (torch.float32, torch.float32, _HALF_OUT),
+        (torch.float16, torch.float32, _HALF_OUT),  # HF + autocast: half activations, fp32 weight
+        (torch.float32, torch.float16, torch.float32),  # half weight: the product unrounded
+        (torch.float16, torch.float16, _HALF_OUT),
+    ],
+)
+def test_rms_norm_out_dtype_matches_reference(xdtype, wdtype, out_dtype, residual, device):
+    torch.manual_seed(0)
+    d_model = 200
+    x = torch.randn(3, 7, d_model, device=device).to(xdtype) * 3
+    w = (1 + 0.2 * torch.randn(d_model, device=device)).to(wdtype)
+    r = torch.randn(3, 7, d_model, device=device) if residual else None  # an fp32 residual stream
+    leaves = [x, w] if r is None else [x, w, r]
+    g = torch.Generator().manual_seed(1)
+    gys = [torch.randn(x.shape, generator=g, dtype=torch.float64).to(device) for _ in range(2)]
+
+    def ours(x, w, r=None):
+        return rms_norm(x, w, 1e-6, r, out_dtype=out_dtype)
+
+    def same(x, w, r=None):  # HF's norm, then the cast the next layer does
+        out = rms_norm_ref(x, w, 1e-6, r)
+        return out.to(out_dtype) if r is None else (out[0].to(out_dtype), out[1])
+
+    outs, grads = _grads_of(ours, leaves, gys)
+    s_outs, s_grads = _grads_of(same, leaves, gys)
+    hi_outs, hi_grads = _grads_of(lambda *a: rms_norm_ref(*a[:2], 1e-6, *a[2:]), [t.double() for t in leaves], gys)
+    assert outs[0].dtype == out_dtype and outs[0].shape == x.shape
+    if residual:
+        assert outs[1].dtype == torch.promote_types(xdtype, torch.float32) and outs[1].dtype == s_outs[1].dtype
+    dtypes = [out_dtype, xdtype][: len(outs)] + [t.dtype for t in leaves]
+    for i, (o, h, s, dt) in enumerate(zip(outs + grads, hi_outs + hi_grads, s_outs + s_grads, dtypes, strict=True)):
+        assert o.dtype == s.dtype, i
+        assert torch.isfinite(o).all()
+        assert_ratio(o, h, s, dt if dt != torch.float32 else xdtype, f"tensor {i}")
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_rms_norm_out_dtype_is_one_rounding_of_the_default(residual, device):
+    # fp32 weight: the default output is the fp32 value; out_dtype rounds that value once, h is unchanged, and the
+    # backward of a gradient given in out_dtype is the default backward of the same gradient upcast.
+    torch.manual_seed(0)
+    x = torch.randn(5, 96, device=device, dtype=torch.float16)
+    w = 1 + 0.2 * torch.randn(96, device=device)
+    r = torch.randn(5, 96, device=device) if residual else None
+    leaves = [x, w] if r is None else [x, w, r]
+    dy = torch.randn(5, 96, device=device).to(_HALF_OUT)
+    dh = torch.randn(5, 96, device=device)
+
+    def run(out_dtype, dy):
+        ls = [t.detach().clone().requires_grad_() for t in leaves]
+        out = rms_norm(ls[0], ls[1], 1e-6, ls[2] if residual else None, out_dtype=out_dtype)
+        outs = list(out) if residual else [out]
+        grads = torch.autograd.grad(outs, ls, [dy, dh][: len(outs)])
+        return outs, grads
+
+    (y, *h), grads = run(_HALF_OUT, dy)
+    (y_def, *h_def), grads_def = run(None, dy.float())
+    assert y_def.dtype == torch.float32 and y.dtype == _HALF_OUT
+    assert torch.equal(y, y_def.to(_HALF_OUT))
+    for a, b in zip(h + list(grads), h_def + list(grads_def), strict=True):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+def test_rms_norm_out_dtype_compile_and_bad_value(device):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, device=device, requires_grad=True)
+    w = torch.randn(32, device=device, requires_grad=True)
+
+    def f(x, w):
+        y, h = rms_norm(x * 2, w, 1e-6, x, out_dtype=torch.float16)
+        return (y.float() * h).sum()
+
+    eager = torch.autograd.grad(f(x, w), (x, w))
+    got = torch.autograd.grad(torch.compile(f, fullgraph=True, backend="aot_eager")(x, w), (x, w))
+    for a, b in zip(got, eager):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="out_dtype"):
+        rms_norm(x, w, out_dtype=torch.int32)
 
 
 @pytest.mark.gpu

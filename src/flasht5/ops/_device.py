@@ -75,3 +75,14 @@ def row_major(t: Tensor, n_cols: int) -> tuple[Tensor, int]:
 def sm_count(device_index: int) -> int:
     """Streaming multiprocessors of a CUDA device (``get_device_properties`` costs microseconds: cached)."""
     return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` of ints. ``triton.cdiv`` is the same, but as a ``constexpr_function`` its wrapper costs
+    microseconds per host call."""
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= ``n`` (``n >= 1``), as ``triton.next_power_of_2`` without its wrapper's cost."""
+    return 1 << (n - 1).bit_length()

@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from flasht5.ops._device import check_float_tensor, check_kernel_device, row_major, use_custom_op
+from flasht5.ops._device import cdiv, check_float_tensor, check_kernel_device, next_pow2, row_major, use_custom_op
 from flasht5.ops._launch import FastKernel
 
 __all__ = ["gated_act", "gated_act_ref"]
@@ -144,7 +144,7 @@ def _gated_bwd_kernel(
 
 @functools.cache
 def _config(n_cols: int) -> tuple[int, int, int]:
-    block_n = min(triton.next_power_of_2(n_cols), 1024)
+    block_n = min(next_pow2(n_cols), 1024)
     block_m = max(1, 2048 // block_n)
     return block_m, block_n, 4
 
@@ -165,7 +165,7 @@ def _forward(gate: Tensor, up: Tensor, kind: int) -> Tensor:
     if n_rows > 0:
         block_m, block_n, num_warps = _config(n_cols)
         _FWD(
-            (triton.cdiv(n_rows, block_m), triton.cdiv(n_cols, block_n)),
+            (cdiv(n_rows, block_m), cdiv(n_cols, block_n)),
             (g2, u2, out, n_rows, n_cols, stride_g, stride_u, n_cols),
             (kind, block_m, block_n),
             num_warps=num_warps,
@@ -185,7 +185,7 @@ def _backward(dout: Tensor, gate: Tensor, up: Tensor, kind: int) -> tuple[Tensor
     if n_rows > 0:
         block_m, block_n, num_warps = _config(n_cols)
         _BWD(
-            (triton.cdiv(n_rows, block_m), triton.cdiv(n_cols, block_n)),
+            (cdiv(n_rows, block_m), cdiv(n_cols, block_n)),
             (d2, g2, u2, dgate, dup, n_rows, n_cols, stride_d, stride_g, stride_u, n_cols, n_cols),
             (kind, block_m, block_n),
             num_warps=num_warps,

@@ -12,6 +12,13 @@ Output dtype (HF's, reproduced on purpose): ``weight.dtype`` when the weight is 
 weight is fp32 -- also for bf16/fp16 ``x``, because HF's ``weight * y`` promotes to fp32 there. Callers that keep
 the norm weight in fp32 under a bf16 model (mixed precision) therefore get an fp32 activation, as with HF.
 
+``out_dtype`` overrides that dtype and nothing else: ``out`` is computed as above (the product in fp32; with a half
+weight the normalised value is rounded to the weight's dtype before it) and rounded once to ``out_dtype``. The use:
+under bf16 autocast HF keeps fp32 norm weights and an fp32 residual stream, its norm returns fp32 and the next
+``Linear`` casts that to bf16; ``out_dtype=torch.bfloat16`` writes the bf16 directly, the same rounding of the same
+fp32 value (up to the order of the fp32 sum of squares), without the extra cast kernel. With the default dtype the
+result is HF's bit for bit where HF's half ``weight * y`` is one correctly rounded product, which it is.
+
 With ``residual`` given, ``h = x + residual`` is formed first (in ``torch.promote_types(x.dtype,
 residual.dtype)``, rounded once as torch's add rounds) and the call returns ``(rms_norm(h), h)``: one read of
 each input and one write of each output instead of a separate add kernel.
@@ -51,7 +58,17 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from flasht5.ops._device import HALF_DTYPES, check_float_tensor, check_kernel_device, row_major, sm_count, use_custom_op
+from flasht5.ops._device import (
+    FLOAT_DTYPES,
+    HALF_DTYPES,
+    cdiv,
+    check_float_tensor,
+    check_kernel_device,
+    next_pow2,
+    row_major,
+    sm_count,
+    use_custom_op,
+)
 from flasht5.ops._launch import FastKernel
 
 __all__ = ["rms_norm", "rms_norm_ref"]
@@ -70,7 +87,10 @@ _BWD_OVERRIDE: tuple[int, int, int, int] | None = None
 def rms_norm_ref(
     x: Tensor, weight: Tensor, eps: float = 1e-6, residual: Tensor | None = None
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """Plain-PyTorch T5 RMSNorm, line for line Hugging Face's ``T5LayerNorm.forward`` (plus the residual add)."""
+    """Plain-PyTorch T5 RMSNorm, line for line Hugging Face's ``T5LayerNorm.forward`` (plus the residual add).
+
+    No ``out_dtype``: HF's output cast with ``.to(out_dtype)`` is the reference for :func:`rms_norm`'s
+    (the same single rounding whenever the default output dtype is fp32)."""
     h = x if residual is None else x + residual
     variance = h.to(torch.float32).pow(2).mean(-1, keepdim=True)
     y = h * torch.rsqrt(variance + eps)
@@ -223,14 +243,14 @@ def _block_config(n_cols: int) -> tuple[int, int, int]:
     forward shapes at each size, and the best backward shape at 768/1024 (1% off at 4096); twice the rows per
     program (32 elements per thread) made fwd+bwd 11-17% slower, and a persistent forward was never faster.
     """
-    block_n = triton.next_power_of_2(n_cols)
+    block_n = next_pow2(n_cols)
     block_m = max(1, min(16, 2048 // block_n))
     return block_m, block_n, max(2, min(32, block_m * block_n // 512))
 
 
 def _fwd_config(n_cols: int) -> tuple[int, int, int]:
     if _FWD_OVERRIDE is not None:
-        return _FWD_OVERRIDE[0], triton.next_power_of_2(n_cols), _FWD_OVERRIDE[1]
+        return _FWD_OVERRIDE[0], next_pow2(n_cols), _FWD_OVERRIDE[1]
     return _block_config(n_cols)
 
 
@@ -257,7 +277,7 @@ def _bwd_config(n_cols: int, bytes_per_col: int, device_index: int) -> tuple[int
         return _bwd_config_default(n_cols, bytes_per_col, device_index)
     block_m, num_warps, num_stages, per_sm = _BWD_OVERRIDE
     n_progs = sm_count(device_index) * per_sm if device_index >= 0 else 4
-    return block_m, triton.next_power_of_2(n_cols), num_warps, num_stages, n_progs
+    return block_m, next_pow2(n_cols), num_warps, num_stages, n_progs
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -288,7 +308,7 @@ def _forward(
     if n_rows > 0:
         block_m, block_n, num_warps = _fwd_config(n_cols)
         _FWD(
-            (triton.cdiv(n_rows, block_m),),
+            (cdiv(n_rows, block_m),),
             (x2, r2, weight, y, y if h is None else h, rstd, n_rows, n_cols, stride_x, stride_r, n_cols,
              0 if h is None else n_cols, eps),
             (h is not None, weight.dtype in HALF_DTYPES, block_m, block_n),
@@ -317,7 +337,7 @@ def _backward(dy: Tensor, h: Tensor, weight: Tensor, rstd: Tensor, dh_in: Tensor
         dhin2, stride_dhin = dh, n_cols
         bytes_per_col = h.element_size() + dy.element_size()
     block_m, block_n, num_warps, num_stages, n_progs = _bwd_config(n_cols, bytes_per_col, h.get_device())
-    n_progs = max(1, min(n_progs, triton.cdiv(n_rows, block_m)))
+    n_progs = max(1, min(n_progs, cdiv(n_rows, block_m)))
     dw_part = torch.empty((n_progs, n_cols), dtype=torch.float32, device=dev)
     dweight = torch.empty(weight.shape, dtype=weight.dtype, device=dev)
     if n_rows > 0:
@@ -328,9 +348,9 @@ def _backward(dy: Tensor, h: Tensor, weight: Tensor, rstd: Tensor, dh_in: Tensor
             (dh_in is not None, cast_y, block_m, block_n, num_stages),
             num_warps=num_warps,
         )
-        block_p = min(1024, triton.next_power_of_2(n_progs))
+        block_p = min(1024, next_pow2(n_progs))
         block_c = 16 if h.is_cuda else block_n  # interpreter: one program
-        _DW_SUM((triton.cdiv(n_cols, block_c),), (dw_part, dweight, n_progs, n_cols), (block_p, block_c), num_warps=8)
+        _DW_SUM((cdiv(n_cols, block_c),), (dw_part, dweight, n_progs, n_cols), (block_p, block_c), num_warps=8)
     else:
         dweight.zero_()
     return dh, dweight
@@ -352,16 +372,22 @@ def _grads(
     if grad_y is None:  # only h = x + residual was used: its gradient passes straight through
         if dh_in is None:
             return None, None, None
-        return dh_in.to(x_dtype), None, dh_in.to(res_dtype)
+        return _cast(dh_in, x_dtype), None, _cast(dh_in, res_dtype)
     dh, dweight = bwd(grad_y, h, weight, rstd, dh_in)
-    return dh.to(x_dtype), dweight, (dh.to(res_dtype) if res_dtype is not None else None)
+    return _cast(dh, x_dtype), dweight, (_cast(dh, res_dtype) if res_dtype is not None else None)
+
+
+def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t if t.dtype == dtype else t.to(dtype)  # .to() of the same dtype is still a dispatched call
 
 
 class _RMSNormFn(torch.autograd.Function):
-    """The eager route: one Python autograd node around the launchers."""
+    """The eager route: one Python autograd node around the launchers. The non-tensor arguments come as one tuple:
+    ``apply`` walks every argument, ~0.5 us each."""
 
     @staticmethod
-    def forward(ctx, x, weight, residual, eps, out_dtype):
+    def forward(ctx, x, weight, residual, cfg):
+        eps, out_dtype = cfg
         y, h, rstd = _forward(x, weight, residual, eps, out_dtype)
         ctx.set_materialize_grads(False)  # no zero-filled grad for y or h when only one of them is used
         ctx.x_dtype = x.dtype
@@ -373,22 +399,26 @@ class _RMSNormFn(torch.autograd.Function):
     def backward(ctx, grad_y, grad_h=None):
         h, weight, rstd = ctx.saved_tensors
         dx, dw, dres = _grads(_backward, h, weight, rstd, grad_y, grad_h, ctx.x_dtype, ctx.res_dtype)
-        return dx, dw, dres, None, None
+        return dx, dw, dres, None
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Custom ops (the route torch.compile traces)
 # --------------------------------------------------------------------------------------------------------------
 @torch.library.custom_op("flasht5::rms_norm_fwd", mutates_args=())
-def _rms_norm_fwd(x: Tensor, weight: Tensor, residual: Tensor | None, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+def _rms_norm_fwd(
+    x: Tensor, weight: Tensor, residual: Tensor | None, eps: float, out_dtype: torch.dtype
+) -> tuple[Tensor, Tensor, Tensor]:
     """Returns (y, h, rstd); h is x + residual, or an empty tensor without residual (outputs may not alias x)."""
-    y, h, rstd = _forward(x, weight, residual, eps, _default_out_dtype(weight.dtype))
+    y, h, rstd = _forward(x, weight, residual, eps, out_dtype)
     return y, (x.new_empty(0) if h is None else h), rstd
 
 
 @_rms_norm_fwd.register_fake
-def _(x: Tensor, weight: Tensor, residual: Tensor | None, eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    y = x.new_empty(x.shape, dtype=_default_out_dtype(weight.dtype))
+def _(
+    x: Tensor, weight: Tensor, residual: Tensor | None, eps: float, out_dtype: torch.dtype
+) -> tuple[Tensor, Tensor, Tensor]:
+    y = x.new_empty(x.shape, dtype=out_dtype)
     if residual is not None:
         h = x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, residual.dtype))
     else:
@@ -408,7 +438,7 @@ def _(dy: Tensor, h: Tensor, weight: Tensor, rstd: Tensor, dh_in: Tensor | None)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, weight, residual, _eps = inputs
+    x, weight, residual, _eps, _out_dtype = inputs
     _y, h, rstd = output
     ctx.set_materialize_grads(False)  # no zero-filled grads for rstd, or for y / h when only one is used
     ctx.x_dtype = x.dtype
@@ -420,7 +450,7 @@ def _op_backward(ctx, grad_y: Tensor, grad_h: Tensor, _grad_rstd: Tensor):
     h, weight, rstd = ctx.saved_tensors
     bwd = torch.ops.flasht5.rms_norm_bwd
     dx, dw, dres = _grads(bwd, h, weight, rstd, grad_y, grad_h, ctx.x_dtype, ctx.res_dtype)
-    return dx, dw, dres, None
+    return dx, dw, dres, None, None
 
 
 torch.library.register_autograd("flasht5::rms_norm_fwd", _op_backward, setup_context=_setup_context)
@@ -429,7 +459,7 @@ torch.library.register_autograd("flasht5::rms_norm_fwd", _op_backward, setup_con
 # --------------------------------------------------------------------------------------------------------------
 # Public function
 # --------------------------------------------------------------------------------------------------------------
-def _check(x: Tensor, weight: Tensor, residual: Tensor | None) -> None:
+def _check(x: Tensor, weight: Tensor, residual: Tensor | None, out_dtype: torch.dtype | None) -> None:
     check_float_tensor(x, "x")
     if x.dim() < 1 or x.shape[-1] == 0:
         raise ValueError(f"x must have shape (..., d_model) with d_model >= 1, got {tuple(x.shape)}")
@@ -446,26 +476,37 @@ def _check(x: Tensor, weight: Tensor, residual: Tensor | None) -> None:
         check_float_tensor(residual, "residual")
         if residual.device != x.device:
             raise ValueError(f"residual is on {residual.device} but x is on {x.device}")
+    if out_dtype is not None and out_dtype not in FLOAT_DTYPES:
+        raise ValueError(f"out_dtype must be None or torch.float32/float16/bfloat16, got {out_dtype!r}")
     check_kernel_device(x, "x")
 
 
 def rms_norm(
-    x: Tensor, weight: Tensor, eps: float = 1e-6, residual: Tensor | None = None
+    x: Tensor,
+    weight: Tensor,
+    eps: float = 1e-6,
+    residual: Tensor | None = None,
+    *,
+    out_dtype: torch.dtype | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """T5 RMSNorm of ``x`` (..., D) with ``weight`` (D,); see the module docstring for the exact dtype rules.
 
-    Returns ``weight * x / rms(x)``; with ``residual`` it returns ``(rms_norm(x + residual), x + residual)``.
-    Differentiable in ``x``, ``weight`` and ``residual``. Raises ``ValueError`` for wrong shapes/dtypes/devices.
+    Returns ``weight * x / rms(x)``; with ``residual`` it returns ``(rms_norm(x + residual), x + residual)``, the
+    sum in ``torch.promote_types(x.dtype, residual.dtype)``. ``out_dtype`` (fp32/fp16/bf16) is the dtype of the
+    normalised output, rounded once from the same value; default: the weight's dtype if it is half, else fp32 (HF).
+    Differentiable in ``x``, ``weight`` and ``residual`` (the output's gradient may come in ``out_dtype``). Raises
+    ``ValueError`` for wrong shapes/dtypes/devices.
     """
-    _check(x, weight, residual)
+    _check(x, weight, residual, out_dtype)
     eps = float(eps)
+    if out_dtype is None:
+        out_dtype = _default_out_dtype(weight.dtype)
     if use_custom_op(x):
-        y, h, _ = torch.ops.flasht5.rms_norm_fwd(x, weight, residual, eps)
+        y, h, _ = torch.ops.flasht5.rms_norm_fwd(x, weight, residual, eps, out_dtype)
         return y if residual is None else (y, h)
-    out_dtype = _default_out_dtype(weight.dtype)
     if torch.is_grad_enabled() and (
         x.requires_grad or weight.requires_grad or (residual is not None and residual.requires_grad)
     ):
-        return _RMSNormFn.apply(x, weight, residual, eps, out_dtype)
+        return _RMSNormFn.apply(x, weight, residual, (eps, out_dtype))
     y, h, _ = _forward(x, weight, residual, eps, out_dtype)  # inference: no autograd node at all
     return y if h is None else (y, h)
