@@ -173,8 +173,7 @@ def flasht5_reference_state(cfg, seed: int = 0) -> tuple[dict, dict]:
 def flasht5_step(cfg, state: dict, data: Data, *, graph: bool) -> tuple[Callable[[], object], list]:
     """flasht5's training step on ``data`` (dense batch if unpadded, else packed varlen). Returns the step function
     (returns the loss tensor, no host sync) and the objects to keep alive / free."""
-    # (I001: ruff sorts flasht5.layout / flasht5.train.step as third-party until those modules exist.)
-    from flasht5.layout import Batch  # noqa: I001
+    from flasht5.layout import Batch
     from flasht5.model import T5
     from flasht5.train.step import TrainStep
 

@@ -316,7 +316,15 @@ def test_flash_packed_varlen_equals_separate_documents():
     ref = _separately(eager, enc, dec)
     out = _varlen(flash, enc, dec, return_logits=True).logits[0]
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item())
-    # An understated max_seqlen is harmless (never a wrong answer).
+
+
+def test_flash_understated_max_seqlen_is_harmless():
+    """Documents longer than the kernel's blocks (16 under the interpreter) with max_seqlen far too small."""
+    eager, flash = pair()
+    g = torch.Generator().manual_seed(5)
+    enc = [torch.randint(2, V, (n,), generator=g) for n in (37, 3, 20)]
+    dec = [torch.randint(2, V, (n,), generator=g) for n in (18, 2, 33)]
+    ref = _separately(eager, enc, dec)
     b = Batch.varlen(torch.cat(enc), torch.cat(dec), cu(enc), 2, cu(dec), 1)
     low = flash(b.input_ids, labels=b.labels, enc=b.enc, dec=b.dec, return_logits=True).logits[0]
     torch.testing.assert_close(low, ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item())

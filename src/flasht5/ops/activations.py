@@ -42,6 +42,7 @@ from flasht5.ops._launch import FastKernel
 __all__ = ["gated_act", "gated_act_ref"]
 
 _KINDS = {"gelu_tanh": 0, "gelu_new": 0, "gelu_pytorch_tanh": 0, "silu": 1, "swish": 1}
+KINDS = tuple(_KINDS)  # the activation names the kernel computes (the model falls back to torch for the others)
 
 
 def _canonical_kind(kind: str) -> str:
