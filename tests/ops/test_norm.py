@@ -216,8 +216,12 @@ def test_rms_norm_out_dtype_is_one_rounding_of_the_default(residual, device):
     (y_def, *h_def), grads_def = run(None, dy.float())
     assert y_def.dtype == torch.float32 and y.dtype == _HALF_OUT
     assert torch.equal(y, y_def.to(_HALF_OUT))
-    for a, b in zip(h + list(grads), h_def + list(grads_def), strict=True):
-        assert a.dtype == b.dtype and torch.equal(a, b)
+    for i, (a, b) in enumerate(zip(h + list(grads), h_def + list(grads_def), strict=True)):
+        assert a.dtype == b.dtype
+        if i == len(h) + 1:  # dweight: on the GPU the persistent grid's size (and so the order of the fp32 partial
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)  # sums) follows the bytes dy brings per row
+        else:
+            assert torch.equal(a, b)
 
 
 def test_rms_norm_out_dtype_compile_and_bad_value(device):
