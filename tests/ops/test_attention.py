@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from flasht5.ops import attention as A
-from flasht5.ops.attention import flash_attention, flash_attention_ref, relative_position_bucket
+from flasht5.ops.attention import flash_attention, flash_attention_ref, relative_position_bucket, t5_bias_lut
 
 # the interpreter warns on every tensor used as a loop bound
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
@@ -50,6 +50,8 @@ def run_case(
     bias_mask_batch=None,
     lens=None,  # varlen: (q lengths, k lengths)
     table_dtype=torch.float32,
+    lut=False,  # pass the T5 bias as rel_lut = t5_bias_lut(table) (gradient checked w.r.t. the lut)
+    max_seqlen=None,  # varlen: (max_seqlen_q, max_seqlen_k) handed to the kernel instead of the true maxima
     seed=0,
     device=DEV,
 ):
@@ -66,13 +68,19 @@ def run_case(
         cq = torch.tensor([0, *torch.tensor(lq).cumsum(0).tolist()], dtype=torch.int32, device=device)
         ck = torch.tensor([0, *torch.tensor(lk).cumsum(0).tolist()], dtype=torch.int32, device=device)
         cu = dict(cu_seqlens_q=cq, cu_seqlens_k=ck, max_seqlen_q=max(lq), max_seqlen_k=max(lk))
+        if max_seqlen is not None:
+            cu.update(max_seqlen_q=max_seqlen[0], max_seqlen_k=max_seqlen[1])
     q, k, v = (x.to(dtype).requires_grad_() for x in (q, k, v))
     kw: dict = dict(causal=causal, **cu)
     params = {}
     if rel is not None:
         nb, R, bidir = rel
-        params["rel_table"] = (rnd(nb, H) * 0.5).to(table_dtype).requires_grad_()
-        kw.update(rel_bidirectional=bidir, rel_max_distance=R)
+        table = (rnd(nb, H) * 0.5).to(table_dtype)
+        if lut:
+            params["rel_lut"] = t5_bias_lut(table, bidir, R).requires_grad_()
+        else:
+            params["rel_table"] = table.requires_grad_()
+            kw.update(rel_bidirectional=bidir, rel_max_distance=R)
     if alibi:
         kw["alibi_slopes"] = torch.rand(H, generator=g).to(device) * 0.5
     if bias_shape is not None:
@@ -83,6 +91,7 @@ def run_case(
     inputs = [q, k, v] + [p for p in params.values() if p.requires_grad]
 
     out = flash_attention(q, k, v, **kw, **params)
+    assert out.dtype == dtype and out.shape == q.shape
     dout = torch.randn(out.shape, generator=g).to(device).to(dtype)
     grads = torch.autograd.grad(out, inputs, dout)
 
@@ -104,6 +113,8 @@ def run_case(
         _check(name, gk, g32, gs, dtype)
         if name == "drel_table":
             assert gk.dtype == params["rel_table"].dtype
+        if name == "drel_lut":
+            assert gk.dtype == torch.float32
     return out
 
 
@@ -198,13 +209,183 @@ def test_strided_inputs_no_copy_path():
 
 @pytest.mark.parametrize(
     "force",
-    [dict(diag_gather=False), dict(dq=A._Cfg(16, 32, 4, 1), dkdv=A._Cfg(32, 16, 4, 1), fwd=A._Cfg(32, 16, 4, 1))],
-    ids=["atomic-fallback", "other-tile-shapes"],
+    [
+        dict(diag_gather=False, bwd="fused"),
+        dict(diag_gather=False, bwd="split"),
+        dict(bwd="split", dq=A._Cfg(16, 32, 4, 1), dkdv=A._Cfg(32, 16, 4, 1), fwd=A._Cfg(32, 16, 4, 1)),
+        dict(bwd="fused", kv=A._Cfg(16, 32, 4, 1)),
+        dict(bwd="fused", kv=A._Cfg(32, 16, 4, 1)),
+    ],
+    ids=["atomic-fallback-fused", "atomic-fallback-split", "split-other-tiles", "fused-BN>BM", "fused-BM>BN"],
 )
 def test_alternative_kernel_paths(force, monkeypatch):
-    """The per-element-atomic fallback of the d_lut reduction, and the other gather orientation (BLOCK_N > BLOCK_M)."""
+    """The per-element-atomic fallback of the d_lut reduction, and both gather orientations of each backward."""
     monkeypatch.setattr(A, "_FORCE", dict(force))
     run_case(torch.float32, B=1, Lq=45, Lk=38, H=2, rel=(8, 6, True))
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        dict(Lq=61, rel=(8, 6, True)),
+        dict(Lq=20, Lk=45, rel=(8, 6, False), causal=True),
+        dict(Lq=45, Lk=20, rel=(8, 6, True), causal=True),
+        dict(Lq=23, Lk=40, alibi=True, causal=True),
+        dict(Lq=33, Lk=21, bias_shape=(1, 2, 33, 21)),
+        dict(Lq=33, Lk=21, bias_shape=(2, 1, 1, 21)),
+        dict(Lq=33, Lk=21, bias_shape=(33, 1), causal=True),
+        dict(Lq=24, bias_shape=(2, 1, 1, 24), bias_mask_batch=1, rel=(8, 6, True)),
+        dict(lens=([1, 0, 17, 33], [3, 2, 17, 20]), rel=(8, 6, True)),
+        dict(lens=([1, 0, 17, 33], [1, 0, 17, 33]), rel=(8, 6, False), causal=True),
+    ],
+    ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()).replace(" ", ""),
+)
+def test_split_backward(case, monkeypatch):
+    """The deterministic two-kernel backward on the shapes that break kernels (the fused one runs everywhere else)."""
+    monkeypatch.setattr(A, "_FORCE", {"bwd": "split"})
+    run_case(torch.float32, **case)
+
+
+def test_deterministic_mode_selects_split(monkeypatch):
+    monkeypatch.setattr(A, "_FORCE", {})
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert A._bwd_variant() == "split"
+    finally:
+        torch.use_deterministic_algorithms(prev)
+    assert A._bwd_variant() == A._BWD_DEFAULT
+
+
+# ------------------------------------------------------------------------------------------------ varlen grid stride
+
+
+@pytest.mark.parametrize("variant", A.BWD_VARIANTS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_varlen_understated_max_seqlen(causal, variant, monkeypatch):
+    """A max_seqlen below the longest sequence (even 0) costs parallelism, never rows: the programs walk their
+    blocks with a grid stride. Sequences longer than 2 blocks of the interpreter's 16-row tiles, and empty ones."""
+    monkeypatch.setattr(A, "_FORCE", {"bwd": variant})
+    lens = ([40, 3, 0, 25], [40, 3, 0, 25]) if causal else ([40, 3, 0, 25], [33, 40, 5, 0])
+    for max_seqlen in ((16, 16), (0, 0), (40, 1)):
+        run_case(torch.float32, lens=lens, H=2, causal=causal, rel=(8, 6, not causal), max_seqlen=max_seqlen)
+
+
+def test_varlen_max_seqlen_none():
+    """None: the maxima are computed from cu_seqlens (one sync)."""
+    run_case(torch.float32, lens=([5, 0, 37], [9, 1, 20]), H=1, rel=(8, 6, True), max_seqlen=(None, None))
+
+
+# ------------------------------------------------------------------------------------------------ precomputed T5 lookup
+
+
+@pytest.mark.parametrize("bidirectional", [True, False])
+def test_t5_bias_lut_is_hf_bias(bidirectional):
+    """t5_bias_lut: fp32 (H, 2Re+1) lookup equal to table[HF bucket] at every (clamped) distance; its gradient is
+    the plain autograd scatter of the gather, accumulated in fp32 and returned in the table's dtype."""
+    from transformers.models.t5.modeling_t5 import T5Attention
+
+    g = torch.Generator().manual_seed(5)
+    table = torch.randn(32, 3, generator=g).to(DEV).bfloat16().requires_grad_()
+    lut = t5_bias_lut(table, bidirectional, 128)
+    radius = (lut.shape[1] - 1) // 2
+    assert lut.dtype == torch.float32 and lut.is_contiguous() and lut.shape == (3, 2 * radius + 1)
+    assert radius == (91 if bidirectional else 113)
+    r = torch.arange(-1500, 1501, device=DEV)
+    hf = T5Attention._relative_position_bucket(r, bidirectional, 32, 128)
+    assert torch.equal(lut[:, r.clamp(-radius, radius) + radius], table.detach().float()[hf].t())
+    w = torch.randn(lut.shape, generator=g).to(DEV)
+    (gt,) = torch.autograd.grad((lut * w).sum(), table)
+    buckets, _ = A.lut_buckets(table.device, bidirectional, 32, 128)
+    ref = torch.zeros(32, 3, device=DEV).index_add_(0, buckets, w.t()).bfloat16()
+    assert gt.dtype == torch.bfloat16 and torch.equal(gt, ref)
+
+
+@pytest.mark.parametrize("bidirectional,causal", [(True, False), (False, True)])
+def test_lut_path_equals_table_path(bidirectional, causal):
+    """rel_lut=t5_bias_lut(table) gives the same output and the same table gradient as rel_table=table."""
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(2, 27, 2, 16, generator=g).to(DEV).requires_grad_() for _ in range(3))
+    table = torch.randn(8, 2, generator=g).to(DEV).requires_grad_()
+    dout = torch.randn(2, 27, 2, 16, generator=g).to(DEV)
+    out_t = flash_attention(q, k, v, rel_table=table, rel_bidirectional=bidirectional, rel_max_distance=6,
+                            causal=causal)  # fmt: skip
+    grads_t = torch.autograd.grad(out_t, [q, k, v, table], dout)
+    lut = t5_bias_lut(table, bidirectional, 6)
+    out_l = flash_attention(q, k, v, rel_lut=lut, causal=causal)
+    grads_l = torch.autograd.grad(out_l, [q, k, v, table], dout)
+    torch.testing.assert_close(out_l, out_t, rtol=0, atol=0)
+    for a, b in zip(grads_l, grads_t):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)  # d_lut is summed by atomics (order may vary)
+    assert grads_l[3].abs().sum() > 0
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_rel_lut_gradient(causal):
+    """d_lut against the reference's gradient of the same clamped lookup (error-ratio rule)."""
+    run_case(torch.float32, Lq=45, Lk=40, rel=(8, 6, not causal), causal=causal, lut=True)
+
+
+def test_arbitrary_lut_width_one():
+    """A user lookup of width 1 (R = 0: one constant per head) is the constant bias."""
+    g = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(1, 20, 2, 16, generator=g).to(DEV) for _ in range(3))
+    lut = torch.tensor([[0.5], [-2.0]], device=DEV)
+    out = flash_attention(q, k, v, rel_lut=lut)
+    torch.testing.assert_close(out, flash_attention_ref(q, k, v, rel_lut=lut), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out, flash_attention_ref(q, k, v), rtol=1e-4, atol=1e-4)  # softmax shift-invariant
+
+
+# ------------------------------------------------------------------------------------------------ host path
+
+
+def test_eager_path_skips_custom_ops(monkeypatch):
+    """Eager calls go flash_attention -> autograd.Function -> launchers (the custom ops are for torch.compile),
+    and straight to the forward launcher when no input needs a gradient."""
+
+    def boom(*args, **kwargs):
+        raise AssertionError("not on this path")
+
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(1, 18, 2, 16, generator=g).to(DEV).requires_grad_() for _ in range(3))
+    table = torch.randn(8, 2, generator=g).to(DEV).requires_grad_()
+    ref = flash_attention(q, k, v, rel_table=table, rel_max_distance=6)
+    monkeypatch.setattr(A, "_flash_attn_fwd", boom)
+    monkeypatch.setattr(A, "_flash_attn_bwd", boom)
+    out = flash_attention(q, k, v, rel_table=table, rel_max_distance=6)
+    grads = torch.autograd.grad(out.sum(), [q, k, v, table])
+    assert all(gr.abs().sum() > 0 for gr in grads)
+    monkeypatch.setattr(A._FlashAttention, "apply", boom)
+    with torch.no_grad():
+        out_ng = flash_attention(q, k, v, rel_table=table, rel_max_distance=6)
+    assert not out_ng.requires_grad
+    torch.testing.assert_close(out_ng, ref.detach(), rtol=0, atol=0)
+
+
+def test_compile_fullgraph_matches_eager():
+    """torch.compile(fullgraph=True) traces flash_attention (validation, t5_bias_lut, the custom ops and their
+    autograd), also when the bucket cache is cold; aot_eager so that it runs on the CPU as well."""
+    from flasht5.ops import relative_position as RP
+
+    g = torch.Generator().manual_seed(8)
+    q, k, v = (torch.randn(1, 20, 2, 16, generator=g).to(DEV).requires_grad_() for _ in range(3))
+    table = torch.randn(8, 2, generator=g).to(DEV).requires_grad_()
+
+    def f(q, k, v, table):
+        o = flash_attention(q, k, v, rel_table=table, rel_max_distance=7, rel_bidirectional=False, causal=True)
+        return o.square().sum()
+
+    loss_e = f(q, k, v, table)
+    grads_e = torch.autograd.grad(loss_e, [q, k, v, table])
+    RP._BUCKET_CACHE.clear()
+    RP._VALUE_CACHE.clear()
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    loss_c = compiled(q, k, v, table)
+    grads_c = torch.autograd.grad(loss_c, [q, k, v, table])
+    torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads_c, grads_e):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------ buckets
@@ -221,7 +402,7 @@ def test_buckets_match_hf(bidirectional, num_buckets, max_distance):
     R = max_distance
     r = torch.arange(-11 * R - 5, 11 * R + 6)
     hf = T5Attention._relative_position_bucket(r, bidirectional, num_buckets, max_distance)
-    lut_buckets, Re = A._lut_buckets(torch.device("cpu"), bidirectional, num_buckets, max_distance)
+    lut_buckets, Re = A.lut_buckets(torch.device("cpu"), bidirectional, num_buckets, max_distance)
     assert 1 <= Re <= R and lut_buckets.shape == (2 * Re + 1,)
     assert torch.equal(lut_buckets[r.clamp(-Re, Re) + Re], hf)
     rel2d = torch.arange(300)[None, :] - torch.arange(260)[:, None]
@@ -239,6 +420,7 @@ def _bad_inputs():
     cu = torch.tensor([0, 3, 8], dtype=torch.int32, device=DEV)
     qv = torch.randn(8, 2, 32, device=DEV)
     tab = torch.randn(8, 2, device=DEV)
+    lut = torch.randn(2, 9, device=DEV)
     ones2 = torch.ones(2, device=DEV)
     return [
         ("q must be", lambda: flash_attention(q[0], q, q)),
@@ -249,7 +431,13 @@ def _bad_inputs():
         ("k: batch", lambda: flash_attention(q, q[:1], q[:1])),
         ("k: heads", lambda: flash_attention(q, q[:, :, :1], q[:, :, :1])),
         ("rel_table must be", lambda: flash_attention(q, q, q, rel_table=torch.randn(8, 3, device=DEV))),
-        ("rel_table and alibi", lambda: flash_attention(q, q, q, rel_table=tab, alibi_slopes=ones2)),
+        ("are exclusive", lambda: flash_attention(q, q, q, rel_table=tab, alibi_slopes=ones2)),
+        ("are exclusive", lambda: flash_attention(q, q, q, rel_lut=lut, alibi_slopes=ones2)),
+        ("are exclusive", lambda: flash_attention(q, q, q, rel_lut=lut, rel_table=tab)),
+        ("rel_lut must be float32", lambda: flash_attention(q, q, q, rel_lut=lut.double())),
+        ("rel_lut must have an odd", lambda: flash_attention(q, q, q, rel_lut=lut[:, :8])),
+        ("rel_lut must be \\(H=2", lambda: flash_attention(q, q, q, rel_lut=lut[:1])),
+        ("rel_lut must be \\(H=2", lambda: flash_attention(q, q, q, rel_lut=lut[0])),
         ("rel_max_distance", lambda: flash_attention(q, q, q, rel_table=tab, rel_max_distance=2)),
         ("num_buckets", lambda: flash_attention(q, q, q, rel_table=tab[:3])),
         ("alibi_slopes must", lambda: flash_attention(q, q, q, alibi_slopes=torch.ones(3, device=DEV))),
@@ -296,12 +484,12 @@ def test_cpu_without_interpreter_raises(monkeypatch):
 
 
 def test_opcheck():
-    """Schema, fake tensor, autograd registration and AOT dispatch of the custom op (rel table + bias)."""
+    """Schema, fake tensor, autograd registration and AOT dispatch of the custom op (T5 lookup + bias)."""
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(1, 9, 1, 16, generator=g).to(DEV).requires_grad_() for _ in range(3))
-    tab = torch.randn(8, 1, generator=g).to(DEV).requires_grad_()
+    lut = torch.randn(1, 9, generator=g).to(DEV).requires_grad_()
     bias = torch.randn(1, 1, 9, 9, generator=g).to(DEV).requires_grad_()
-    args = (q, k, v, tab, None, bias, None, None, 9, 9, 1.0, True, False, 6)
+    args = (q, k, v, lut, None, bias, None, None, 9, 9, 1.0, True)
     torch.library.opcheck(torch.ops.flasht5.flash_attn_fwd.default, args)
 
 
@@ -337,6 +525,48 @@ def test_gpu_varlen(causal):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("variant", A.BWD_VARIANTS)
+def test_gpu_bwd_variants(variant, monkeypatch):
+    """Both backward schemes on the GPU tiles: T5 lookup, causal Lq != Lk at D=128, a broadcast bias, varlen with
+    an understated max_seqlen."""
+    monkeypatch.setattr(A, "_FORCE", {"bwd": variant})
+    run_case(torch.bfloat16, B=2, Lq=1024, H=12, D=64, rel=(32, 128, True), lut=True)
+    run_case(torch.bfloat16, B=1, Lq=1000, Lk=1531, H=12, D=128, rel=(32, 128, False), causal=True)
+    run_case(torch.float16, B=2, Lq=512, Lk=700, H=4, D=64, bias_shape=(2, 1, 1, 700))
+    lens = ([1, 0, 17, 1000, 333], [5, 3, 17, 1000, 400])
+    run_case(torch.bfloat16, lens=lens, H=12, D=64, rel=(32, 128, True), max_seqlen=(128, 64))
+
+
+@pytest.mark.gpu
+def test_gpu_no_host_sync():
+    """A warmed-up forward + backward (T5 table, varlen with given max_seqlen) never synchronises with the host."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(700, 4, 64, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(3))
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    table = torch.randn(32, 4, device="cuda", generator=g, requires_grad=True)
+    cu = torch.tensor([0, 100, 100, 700], dtype=torch.int32, device="cuda")
+    kw = dict(cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=600, max_seqlen_k=600)
+
+    def step():
+        for variant in A.BWD_VARIANTS:
+            A._FORCE["bwd"] = variant
+            flash_attention(q, k, v, rel_table=table, **kw).sum().backward()
+            lut = t5_bias_lut(table, False, 128)
+            flash_attention(q, k, v, rel_lut=lut, causal=True, **kw).sum().backward()
+
+    try:
+        step()  # warm-up: compiles every kernel, caches the buckets (one sync each)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+        A._FORCE.clear()
+    torch.cuda.synchronize()
+    assert table.grad is not None and torch.isfinite(table.grad).all()
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("D", [16, 32, 256])
 def test_gpu_other_head_dims(D):
     run_case(torch.bfloat16, B=2, Lq=513, H=4, D=D, rel=(32, 128, True))
@@ -369,7 +599,7 @@ def test_gpu_buckets_match_hf_on_device():
     for bidir in (True, False):
         r = torch.arange(-2000, 2001, device="cuda")
         hf = T5Attention._relative_position_bucket(r, bidir, 32, 128)
-        lut_buckets, Re = A._lut_buckets(r.device, bidir, 32, 128)
+        lut_buckets, Re = A.lut_buckets(r.device, bidir, 32, 128)
         assert torch.equal(lut_buckets[r.clamp(-Re, Re) + Re], hf)
 
 

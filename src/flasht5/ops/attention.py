@@ -5,16 +5,17 @@ What it computes
 ``out = softmax(scale * q @ k^T + B) @ v`` per (batch, head), where the additive score term ``B`` is any sum of
 
 * the T5 relative-position bias ``rel_table[bucket(key_pos - query_pos), h]`` (``rel_table``: ``(num_buckets, H)``,
-  buckets exactly as Hugging Face's ``T5Attention._relative_position_bucket``, bidirectional or causal),
-* ALiBi ``-slope[h] * |key_pos - query_pos|`` (``alibi_slopes``: ``(H,)``; exclusive with ``rel_table``),
+  buckets exactly as Hugging Face's ``T5Attention._relative_position_bucket``, bidirectional or causal), given
+  either as the table or as its precomputed per-head lookup ``rel_lut = t5_bias_lut(rel_table, ...)``,
+* ALiBi ``-slope[h] * |key_pos - query_pos|`` (``alibi_slopes``: ``(H,)``; exclusive with the T5 bias),
 * an arbitrary additive tensor ``bias`` broadcastable to ``(B, H, Lq, Lk)`` (dense layout only),
 
 plus an optional causal mask. Positions restart at 0 in every sequence; when ``Lq != Lk`` the queries sit
 bottom-right (query ``i`` is at position ``i + Lk - Lq``) for the causal mask and the distance alike. A query row
 that sees no key (causal with ``Lq > Lk``, an empty key sequence, or an all ``-inf`` bias row) returns 0, and its
-gradients are 0 (never NaN). Gradients: ``q``, ``k``, ``v``, ``rel_table`` (in the table's own dtype) and ``bias``
-(in the bias's dtype, reduced over its broadcast dims). ``alibi_slopes`` gets no gradient (rejected if it
-requires one). No dropout.
+gradients are 0 (never NaN). Gradients: ``q``, ``k``, ``v``, ``rel_table`` (in the table's own dtype) or
+``rel_lut`` (fp32), and ``bias`` (in the bias's dtype, reduced over its broadcast dims). ``alibi_slopes`` gets no
+gradient (rejected if it requires one). No dropout.
 
 Layouts and dtypes
 ------------------
@@ -25,19 +26,28 @@ Any strides are accepted as long as the head dim is contiguous (stride 1); other
 ``out`` is a new contiguous tensor shaped like ``q``. q/k/v: fp16 or bf16 on the GPU (fp32 accumulation,
 fp32 also accepted there with IEEE fp32 dots, slow); fp32/fp16 under ``TRITON_INTERPRET=1`` on the CPU.
 Head dims 16, 32, 64, 128, 256. ``rel_table``/``bias`` may be any float dtype (a fp32 table under bf16 autocast
-is the usual case); they are read as fp32.
+is the usual case); they are read as fp32. ``rel_lut`` must be fp32 ``(H, 2R+1)``.
+
+``max_seqlen_q``/``max_seqlen_k`` (varlen) only size the grid: each program walks its (query or key) blocks with a
+grid stride, ``for start in range(pid * BLOCK, seqlen, n_programs * BLOCK)``, so one pass covers every sequence
+up to the given maximum and a longer one (an understated max_seqlen) is still computed in full, only with less
+parallelism; never a wrong answer. Empty and short sequences cost their programs a few loads. ``None`` computes
+the maxima from cu_seqlens (one host sync for both, and a graph break under ``torch.compile``).
 
 How the T5 bias is computed exactly, without ``log`` in the kernel
 -------------------------------------------------------------------
 Triton's ``tl.log`` is not bit-identical to ``torch.log`` and T5's bucket boundaries fall exactly on integers
-(distances 16, 32, 64 for 32 buckets / max distance 128), so an in-kernel log would flip buckets. Instead, the
-custom op computes, eagerly with Hugging Face's formula verbatim on the same device (cached per configuration;
-one host sync the first time), the bucket of every distance in ``[-Re, Re]``, where ``Re <= rel_max_distance``
-is the radius beyond which the bucket is constant on both sides (91 for T5's bidirectional 32 buckets / 128, 113
-for the causal ones). It gathers a per-head table ``lut[h, r + Re] = rel_table[bucket(r), h]`` (fp32,
-``(H, 2Re+1)``) that the kernels read at ``clamp(key_pos - query_pos, -Re, Re)``. The backward reduces ``dS``
-into ``d_lut`` in-kernel and the op scatters it to ``d_rel_table`` with ``index_add`` (2Re+1 rows). No
-``(Lq, Lk)`` tensor is ever materialised. Tests check the clamped lookup against HF up to 11x the max distance.
+(distances 16, 32, 64 for 32 buckets / max distance 128), so an in-kernel log would flip buckets. Instead
+:func:`t5_bias_lut` (``ops/relative_position.py``, plain PyTorch) computes, eagerly with Hugging Face's formula
+verbatim on the table's device (cached per configuration; one host sync the first time), the bucket of every
+distance in ``[-Re, Re]``, where ``Re <= rel_max_distance`` is the radius beyond which the bucket is constant on
+both sides (91 for T5's bidirectional 32 buckets / 128, 113 for the causal ones), and gathers a per-head lookup
+``lut[h, r + Re] = rel_table[bucket(r), h]`` (fp32, ``(H, 2Re+1)``; differentiable by plain autograd) that the
+kernels read at ``clamp(key_pos - query_pos, -Re, Re)``. The backward reduces ``dS`` into ``d_lut`` in-kernel;
+autograd's index_select backward scatters it into the table. ``rel_table=`` is exactly ``t5_bias_lut`` + the
+``rel_lut=`` path; a model whose layers share a table builds the lookup once per stack forward, so the gather and
+its scatter run once per stack instead of once per layer. No ``(Lq, Lk)`` tensor is ever materialised. Tests check
+the clamped lookup against HF up to 11x the max distance.
 
 Speed structure (FlashAttention-2 with a banded bias)
 -----------------------------------------------------
@@ -50,34 +60,49 @@ each pipelined loop its own stage buffers. The per-element lookup is an elementw
 ``tl.load`` gather anchors a blocked layout and made Triton round-trip *every* score tile through shared memory
 (2.5x slower forward on the H200); the inline load keeps the scores in the MMA layout. Without a T5 table the
 band is just the causal diagonal, as in FlashAttention-2; ALiBi is computed per element (three flops).
-Backward (FlashAttention-2 form): ``delta = rowsum(dO * O)``, one kernel per key block looping over queries for
-dK/dV, one kernel per query block looping over keys for dQ, both recomputing P from the LSE; no atomics on
-dQ/dK/dV (deterministic). The dQ kernel also reduces the table gradient: far tiles add row sums of ``dS``
-(warp-level, like a softmax row max) into two per-program scalars; near tiles skew ``dS`` with ``tl.gather`` so
-every relative offset becomes one row or column and add its ``BLOCK_M + BLOCK_N - 1`` diagonal sums to ``d_lut``
-with relaxed fp32 atomics (one atomic per score element instead was 2.3x slower end to end). ``d_lut`` and a
-broadcast ``d_bias`` are therefore summed in a nondeterministic order (fp32 rounding only).
+
+Backward, after a preprocessing kernel (``delta = rowsum(dO * O)``, which also zeroes the accumulators), in one of
+two variants (``BWD_VARIANTS``; ``_FORCE["bwd"]`` selects one for tests and benchmarks):
+
+* ``"fused"`` (default): FlashAttention-2's original scheme. One program per key block loops over the query
+  blocks, recomputes P from the LSE, accumulates dK/dV in registers and adds each tile's ``dS K`` into an fp32 dQ
+  accumulator with relaxed atomics (cast to the input dtype at the end): 5 matmuls per tile. The T5 table
+  gradient is reduced in the same pass (far tiles: column sums of ``dS^T`` into two per-program scalars; near
+  tiles: ``dS^T`` skewed by ``tl.gather`` so that each relative offset becomes one row or column, its
+  ``BLOCK_M + BLOCK_N - 1`` diagonal sums added to ``d_lut`` with fp32 atomics).
+* ``"split"``: one kernel per key block for dK/dV and one per query block for dQ (which also reduces ``d_lut``
+  and ``d_bias``), no atomics on dQ/dK/dV: deterministic gradients of q/k/v, 7 matmuls per tile. Chosen
+  automatically under ``torch.use_deterministic_algorithms(True)``.
+
+``d_lut`` and a broadcast ``d_bias`` are summed by atomics in both variants (nondeterministic order, fp32 rounding
+only), as is dQ in the fused one.
+
+Host path
+---------
+The eager call is ``flash_attention`` -> one ``_check_inputs`` (shapes, dtypes, devices, Python types) ->
+``torch.autograd.Function`` (or the forward launcher directly when no input needs a gradient) -> launchers that
+call the compiled kernels through ``FastKernel`` (``ops/_launch.py``); launch configs are cached per (kernel, head
+dim, device, dtype). Under ``torch.compile`` the same launchers run inside the ``flasht5::flash_attn_fwd`` /
+``flash_attn_bwd`` custom ops (fake implementations + registered autograd), so ``fullgraph=True`` traces.
 
 Tuning, hardware, measured speed
 --------------------------------
 Tiles come from a static per-architecture table keyed on the head dim, measured on one H200 (sm90) with
-``benchmarks/bench_attention.py --sweep/--shape-sweep`` over candidates pre-screened offline (sm90 cubins compiled
-without a GPU: no register spills, shared memory within 227 KB). No runtime autotuning: it would cost seconds of
-compilation and benchmarking per shape in every process and give run-to-run varying tiles (and numerics). The
-sm80 table fits A100's 164 KB and is run on the H200 by the tests, but was not measured on Ampere hardware.
-On the H200 (bf16, H=12, 32k tokens/batch, same-run SDPA flash without bias as the ceiling), for L >= 1024:
-forward with the T5 table 0.85-1.24x the ceiling (D=64 at L=1024 noisy: one 0.57x reading), forward+backward
-with the table gradient 0.61-0.91x, peak memory at L=16k 0.68x the ceiling's; at L=512 every tile is in the
-band and the forward drops to 0.26-0.83x. See benchmarks/results/2026-11-29-h200.md. Under the Triton
-interpreter one 16x16 configuration is used.
+``benchmarks/bench_attention.py --sweep/--shape-sweep`` over candidates pre-screened offline
+(``bench_attention.py --screen`` compiles sm90 cubins without a GPU and reports registers, spills and shared
+memory). No runtime autotuning: it would cost seconds of compilation and benchmarking per shape in every process
+and give run-to-run varying tiles (and numerics). The sm80 table fits A100's 164 KB and is run on the H200 by the
+tests, but was not measured on Ampere hardware. On the H200 (bf16, H=12, 32k tokens/batch, same-run SDPA flash
+without bias as the ceiling; before the fused backward), for L >= 1024: forward with the T5 table 0.85-1.24x the
+ceiling, forward+backward with the table gradient 0.61-0.91x (split backward), peak memory at L=16k 0.68x the
+ceiling's; at L=512 every tile is in the band and the forward drops to 0.26-0.83x. See
+benchmarks/results/2026-11-29-h200.md. Under the Triton interpreter one 16x16 configuration is used.
 
 Validation never syncs the GPU on the hot path: shapes, dtypes and devices are checked always; the *values* of
 ``cu_seqlens`` (start at 0, monotone, end at the token count) are checked on CPU tensors, or on the GPU when
-``FLASHT5_DEBUG=1`` (one sync). ``max_seqlen_*`` may be ``None``, in which case it is computed (one sync, and a
-graph break under ``torch.compile``); a ``max_seqlen`` smaller than the true maximum silently drops rows (as in
-flash-attention), so pass exact values.
+``FLASHT5_DEBUG=1`` (one sync).
 
-Credits: FlashAttention-2 (Dao, 2023) for the algorithm and the backward split; the Triton fused-attention
+Credits: FlashAttention-2 (Dao, 2023) for the algorithm and both backward schemes; the Triton fused-attention
 tutorial (Tillet et al.) for the Triton structure; T5 (Raffel et al., 2020) for the relative-position buckets;
 ALiBi (Press et al., 2022) for the linear bias.
 """
@@ -91,48 +116,15 @@ import triton
 import triton.language as tl
 
 from flasht5.ops._device import check_kernel_device, interpreting
-from flasht5.ops.relative_position import relative_position_bucket
+from flasht5.ops._launch import FastKernel
+from flasht5.ops.relative_position import lut_buckets, relative_position_bucket, t5_bias_lut
 
-__all__ = ["flash_attention", "flash_attention_ref", "relative_position_bucket"]
+__all__ = ["flash_attention", "flash_attention_ref", "t5_bias_lut", "relative_position_bucket"]
 
 LOG2E = 1.4426950408889634
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# T5 buckets (Hugging Face's formula, copied verbatim so ops/ never imports transformers)
-# ----------------------------------------------------------------------------------------------------------------
-
-
-_BUCKET_CACHE: dict[tuple, tuple[torch.Tensor, int]] = {}
-
-
-def _lut_buckets(
-    device: torch.device, bidirectional: bool, num_buckets: int, max_distance: int
-) -> tuple[torch.Tensor, int]:
-    """Buckets of the distances ``-Re..Re`` (int64, ``(2 Re + 1,)``) and ``Re``, the radius beyond which the bucket
-    is constant on both sides (``Re <= max_distance``; 91 for T5's 32 buckets / 128, whose last log bucket starts
-    at 91). Computed with HF's formula on ``device``, once per configuration (one host sync, then cached)."""
-    key = (str(device), bidirectional, num_buckets, max_distance)
-    hit = _BUCKET_CACHE.get(key)
-    if hit is None:
-        R = max_distance
-        r = torch.arange(-11 * R, 11 * R + 1, device=device)
-        full = relative_position_bucket(r, bidirectional, num_buckets, max_distance).cpu()
-        if bool((full < 0).any() | (full >= num_buckets).any()):  # pragma: no cover - excluded by validation
-            raise ValueError("rel_max_distance: degenerate bucket formula for this num_buckets / max distance")
-        # the kernel clamps |distance| to Re: exact only where the bucket has saturated on both sides
-        left = full[: 10 * R + 1]  # distances -11R .. -R
-        right = full[12 * R :]  # distances R .. 11R
-        if bool((left != left[0]).any() | (right != right[-1]).any()):  # pragma: no cover
-            raise ValueError("rel_max_distance: the bucket formula does not saturate at rel_max_distance")
-        mid = full[10 * R : 12 * R + 1]  # distances -R .. R
-        lo_change = int((mid != mid[0]).nonzero().min()) if bool((mid != mid[0]).any()) else R
-        hi_change = int((mid != mid[-1]).nonzero().max()) if bool((mid != mid[-1]).any()) else R
-        Re = max(1, R - lo_change + 1, hi_change + 1 - R)  # buckets constant for d <= -Re and d >= Re
-        hit = (mid[R - Re : R + Re + 1].to(device), Re)
-        _BUCKET_CACHE[key] = hit
-    return hit
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_lut_buckets = lut_buckets  # the buckets behind t5_bias_lut (tests compare them with HF's)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -233,22 +225,51 @@ def _kv_segments(m0, off, Lk, R, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, C
 
 
 @triton.jit
+def _q_segments(n0, off, Lq, R, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+                HAS_REL: tl.constexpr):  # fmt: skip
+    """Query-block segments for the key block starting at ``n0``: far-right ``[m_start, m_a)`` (every distance
+    >= R), near ``[m_a, m_b)``, far-left ``[m_b, m_full)`` (every distance <= -R, or fully visible when causal),
+    masked tail ``[m_full, m_end)``. Causal: ``m_start`` is the first query block that sees a key of the block."""
+    m_end = tl.cdiv(Lq, BLOCK_M)
+    if CAUSAL:
+        m_start = tl.minimum(tl.maximum(n0 - off, 0), Lq) // BLOCK_M
+    else:
+        m_start = m_end * 0
+    if HAS_REL:
+        m_a = tl.maximum(n0 - R - off + 1, 0) // BLOCK_M
+        m_b = tl.cdiv(tl.maximum(n0 + BLOCK_N - 1 + R - off, 0), BLOCK_M)
+    elif CAUSAL:
+        m_a = m_start
+        m_b = tl.cdiv(tl.maximum(n0 + BLOCK_N - 1 - off, 0), BLOCK_M)
+    else:
+        m_a = m_start
+        m_b = m_start
+    m_a = tl.minimum(tl.maximum(m_a, m_start), m_end)
+    m_b = tl.minimum(tl.maximum(m_b, m_a), m_end)
+    m_full = tl.maximum(tl.minimum(Lq // BLOCK_M, m_end), m_b)
+    return m_start, m_a, m_b, m_full, m_end
+
+
+@triton.jit
 def _seq_info(CU_Q, CU_K, b, LQ, LK, VARLEN: tl.constexpr):
-    """Sequence ``b``: (first query row, first key row, first LSE row, Lq, Lk). Dense tensors are addressed with
-    their batch stride (rows start at 0); the LSE is (H, total query tokens) for both layouts."""
+    """Sequence ``b``: (first query row, first key row, Lq, Lk) for the user's q/k/v, which are addressed with their
+    own strides (dense: batch stride, rows from 0), and (first query row, first key row) of the flat contiguous
+    layout of everything the op allocates (out, dO, dQ, dK, dV: ``(tokens, H, D)``; LSE, delta: ``(H, tokens)``)."""
     if VARLEN:
         q0 = tl.load(CU_Q + b)
         k0 = tl.load(CU_K + b)
         Lq = tl.load(CU_Q + b + 1) - q0
         Lk = tl.load(CU_K + b + 1) - k0
         r0 = q0
+        kr0 = k0
     else:
         q0 = b * 0
         k0 = b * 0
         Lq = LQ + b * 0
         Lk = LK + b * 0
         r0 = b * LQ
-    return q0, k0, r0, Lq, Lk
+        kr0 = b * LK
+    return q0, k0, r0, kr0, Lq, Lk
 
 
 @triton.jit
@@ -266,44 +287,37 @@ def _head_consts(LUT, ALIBI, h, R, HAS_REL: tl.constexpr, HAS_ALIBI: tl.constexp
     return lut_base, c_left, c_right, alibi2
 
 
-# Lengths and counts are not specialised (divisibility by 16 buys nothing for them): one compile serves all shapes.
-_NO_SPEC = ["H", "LQ", "LK", "T_LSE", "R", "MAX_Q", "MAX_K", "NUM_BH", "L"]
-
-
-@triton.jit(do_not_specialize=[n for n in _NO_SPEC if n not in ("MAX_K", "L")])
-def _attn_fwd(
-    Q, K, V, O, LSE, LUT, ALIBI, BIAS, CU_Q, CU_K,
-    sqb, sqm, sqh, skb, skm, skh, svb, svm, svh, sob, som, soh, sbb, sbh, sbm, sbn,
-    H, LQ, LK, T_LSE, R, scale2, MAX_Q, NUM_BH,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-    HAS_REL: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr, VARLEN: tl.constexpr,
-    DOT_PREC: tl.constexpr, ASM_GATHER: tl.constexpr,
-):  # fmt: skip
-    # 1-D grid (no 65535 limit on batch * heads for many short packed sequences)
+@triton.jit
+def _block_order(NUM_BLK, HEAVY_FIRST: tl.constexpr):
+    """(block index, batch * head) of this program; the 1-D grid is NUM_BLK blocks x (batch * heads) (no 65535
+    limit on batch * heads for many short packed sequences). ``HEAVY_FIRST`` (causal): block-major, the blocks with
+    the most work first (better tail balance); otherwise (batch, head)-major, so that the programs running together
+    share the (batch, head)'s K/V (or Q/dO) in L2."""
     pid = tl.program_id(0)
-    num_m = tl.cdiv(MAX_Q, BLOCK_M)
-    if CAUSAL:  # heavy (late) query blocks first: better tail balance
-        pid_m = num_m - 1 - pid // NUM_BH
-        bh = pid % NUM_BH
+    NUM_BH = tl.num_programs(0) // NUM_BLK
+    if HEAVY_FIRST:
+        return pid // NUM_BH, pid % NUM_BH
     else:
-        pid_m = pid % num_m
-        bh = pid // num_m
-    b = bh // H
-    h = bh % H
-    q0, k0, r0, Lq, Lk = _seq_info(CU_Q, CU_K, b, LQ, LK, VARLEN)
-    m0 = pid_m * BLOCK_M
-    if m0 >= Lq:
-        return
+        return pid % NUM_BLK, pid // NUM_BLK
+
+
+# Lengths and counts are not specialised (divisibility by 16 buys nothing for them): one compile serves all shapes.
+_NO_SPEC = ["H", "LQ", "LK", "T_LSE", "R", "NUM_M", "NUM_N"]
+
+
+@triton.jit
+def _fwd_block(
+    m0, q_base, k_base, v_base, o_base, lse_base, lut_base, c_left, c_right, alibi2, bias_base,
+    sqm, skm, svm, som, sbm, sbn, Lq, Lk, R, scale2,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+    HAS_REL: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr,
+    ASM_GATHER: tl.constexpr,
+):  # fmt: skip
+    """Forward of the query block starting at row ``m0`` of one (sequence, head)."""
     off = Lk - Lq
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    q_base = Q + b.to(tl.int64) * sqb + q0.to(tl.int64) * sqm + h * sqh
-    k_base = K + b.to(tl.int64) * skb + k0.to(tl.int64) * skm + h * skh
-    v_base = V + b.to(tl.int64) * svb + k0.to(tl.int64) * svm + h * svh
     q = tl.load(q_base + offs_m[:, None] * sqm + offs_d[None, :], mask=offs_m[:, None] < Lq, other=0.0)
-    lut_base, c_left, c_right, alibi2 = _head_consts(LUT, ALIBI, h, R, HAS_REL, HAS_ALIBI)
-    bias_base = BIAS + b.to(tl.int64) * sbb + h.to(tl.int64) * sbh
-
     n_a, n_b, n_full, n_end = _kv_segments(m0, off, Lk, R, BLOCK_M, BLOCK_N, CAUSAL, HAS_REL)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -332,139 +346,123 @@ def _attn_fwd(
     empty = l_i == 0.0  # no visible key: output 0, LSE +inf (so the backward's P is exactly 0)
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
-    o_base = O + b.to(tl.int64) * sob + q0.to(tl.int64) * som + h * soh
     rmask = offs_m < Lq
-    tl.store(o_base + offs_m[:, None] * som + offs_d[None, :], out.to(O.dtype.element_ty), mask=rmask[:, None])
-    tl.store(LSE + h * T_LSE + r0 + offs_m, lse, mask=rmask)
+    tl.store(o_base + offs_m[:, None] * som + offs_d[None, :], out.to(o_base.dtype.element_ty), mask=rmask[:, None])
+    tl.store(lse_base + offs_m, lse, mask=rmask)
 
 
-@triton.jit(do_not_specialize=["L", "T_LSE"])
-def _bwd_delta(
-    O, DO, DELTA, sob, som, soh, sdob, sdom, sdoh, L, T_LSE,
-    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr,
-):  # fmt: skip
-    """delta[h, b * L + row] = sum_d dO * O (FlashAttention-2 preprocessing); varlen: one batch of T rows."""
-    pid = tl.program_id(0)
-    b = tl.program_id(1)
-    h = tl.program_id(2)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    offs_d = tl.arange(0, HEAD_DIM)
-    mask = offs[:, None] < L
-    o = tl.load(O + b.to(tl.int64) * sob + offs[:, None].to(tl.int64) * som + h * soh + offs_d[None, :], mask=mask,
-                other=0.0)  # fmt: skip
-    do = tl.load(DO + b.to(tl.int64) * sdob + offs[:, None].to(tl.int64) * sdom + h * sdoh + offs_d[None, :],
-                 mask=mask, other=0.0)  # fmt: skip
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(DELTA + h * T_LSE + b * L + offs, delta, mask=offs < L)
-
-
-@triton.jit(do_not_specialize=[n for n in _NO_SPEC if n not in ("MAX_Q", "NUM_BH", "L")])
-def _attn_bwd_dkdv(
-    Q, K, V, DO, DK, DV, LSE, DELTA, LUT, ALIBI, BIAS, CU_Q, CU_K,
-    sqb, sqm, sqh, skb, skm, skh, svb, svm, svh, sdob, sdom, sdoh, sdkb, sdkm, sdkh, sdvb, sdvm, sdvh,
-    sbb, sbh, sbm, sbn,
-    H, LQ, LK, T_LSE, R, scale2, scale, MAX_K,
+@triton.jit(do_not_specialize=_NO_SPEC[:6])
+def _attn_fwd(
+    Q, K, V, O, LSE, LUT, ALIBI, BIAS, CU_Q, CU_K,
+    sqb, sqm, sqh, skb, skm, skh, svb, svm, svh, sbb, sbh, sbm, sbn,
+    H, LQ, LK, T_LSE, R, NUM_M, scale2,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
     HAS_REL: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr, VARLEN: tl.constexpr,
     DOT_PREC: tl.constexpr, ASM_GATHER: tl.constexpr,
 ):  # fmt: skip
-    pid = tl.program_id(0)
-    num_n = tl.cdiv(MAX_K, BLOCK_N)
-    pid_n = pid % num_n
-    bh = pid // num_n
+    pid_m, bh = _block_order(NUM_M, CAUSAL)
+    if CAUSAL:
+        pid_m = NUM_M - 1 - pid_m  # late query blocks see the most keys
     b = bh // H
     h = bh % H
-    q0, k0, r0, Lq, Lk = _seq_info(CU_Q, CU_K, b, LQ, LK, VARLEN)
-    n0 = pid_n * BLOCK_N
-    if n0 >= Lk:
-        return
-    off = Lk - Lq
-    offs_n = n0 + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-    kmask = offs_n[:, None] < Lk
+    q0, k0, r0, kr0, Lq, Lk = _seq_info(CU_Q, CU_K, b, LQ, LK, VARLEN)
+    HD = H * HEAD_DIM  # row stride of the flat (tokens, H, D) outputs
+    q_base = Q + b.to(tl.int64) * sqb + q0.to(tl.int64) * sqm + h * sqh
     k_base = K + b.to(tl.int64) * skb + k0.to(tl.int64) * skm + h * skh
     v_base = V + b.to(tl.int64) * svb + k0.to(tl.int64) * svm + h * svh
-    k = tl.load(k_base + offs_n[:, None] * skm + offs_d[None, :], mask=kmask, other=0.0)
-    v = tl.load(v_base + offs_n[:, None] * svm + offs_d[None, :], mask=kmask, other=0.0)
-    q_base = Q + b.to(tl.int64) * sqb + q0.to(tl.int64) * sqm + h * sqh
-    do_base = DO + b.to(tl.int64) * sdob + q0.to(tl.int64) * sdom + h * sdoh
-    lse_base = LSE + h * T_LSE + r0
-    delta_base = DELTA + h * T_LSE + r0
+    o_base = O + r0.to(tl.int64) * HD + h * HEAD_DIM
+    lse_base = LSE + h.to(tl.int64) * T_LSE + r0
     lut_base, c_left, c_right, alibi2 = _head_consts(LUT, ALIBI, h, R, HAS_REL, HAS_ALIBI)
     bias_base = BIAS + b.to(tl.int64) * sbb + h.to(tl.int64) * sbh
-
-    # Query-block segments for this key block: far-right [m_start, m_a) (every distance >= R), near [m_a, m_b),
-    # far-left [m_b, m_full) (every distance <= -R, or fully visible when causal), masked tail [m_full, m_end).
-    m_end = tl.cdiv(Lq, BLOCK_M)
-    if CAUSAL:
-        m_start = tl.minimum(tl.maximum(n0 - off, 0), Lq) // BLOCK_M
-    else:
-        m_start = m_end * 0
-    if HAS_REL:
-        m_a = tl.maximum(n0 - R - off + 1, 0) // BLOCK_M
-        m_b = tl.cdiv(tl.maximum(n0 + BLOCK_N - 1 + R - off, 0), BLOCK_M)
-    elif CAUSAL:
-        m_a = m_start
-        m_b = tl.cdiv(tl.maximum(n0 + BLOCK_N - 1 - off, 0), BLOCK_M)
-    else:
-        m_a = m_start
-        m_b = m_start
-    m_a = tl.minimum(tl.maximum(m_a, m_start), m_end)
-    m_b = tl.minimum(tl.maximum(m_b, m_a), m_end)
-    m_full = tl.maximum(tl.minimum(Lq // BLOCK_M, m_end), m_b)
-
-    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-    for start_m in range(m_start * BLOCK_M, m_end * BLOCK_M, BLOCK_M):
-        blk = start_m // BLOCK_M
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        rmask = offs_m < Lq
-        q = tl.load(q_base + offs_m[:, None] * sqm + offs_d[None, :], mask=rmask[:, None], other=0.0)
-        do = tl.load(do_base + offs_m[:, None] * sdom + offs_d[None, :], mask=rmask[:, None], other=0.0)
-        lse = tl.load(lse_base + offs_m, mask=rmask, other=float("inf"))  # +inf: P = 0 for padding rows
-        delta = tl.load(delta_base + offs_m, mask=rmask, other=0.0)
-        st = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * scale2  # (BLOCK_N, BLOCK_M): S^T, log2 units
-        near = ((blk >= m_a) & (blk < m_b)) | (blk >= m_full)
-        st = _scores(
-            st, near, blk < m_a, offs_m[None, :], offs_n[:, None], off, c_right, c_left, lut_base, alibi2,
-            bias_base, sbm, sbn, Lq, Lk, R, CAUSAL, HAS_REL, HAS_ALIBI, HAS_BIAS, ASM_GATHER,
+    if VARLEN:
+        # Grid stride: NUM_M comes from max_seqlen_q; a longer sequence (an understated max_seqlen_q) is still
+        # computed in full by further passes, an empty one costs its programs three loads.
+        for m0 in range(pid_m * BLOCK_M, Lq, NUM_M * BLOCK_M):
+            _fwd_block(
+                m0, q_base, k_base, v_base, o_base, lse_base, lut_base, c_left, c_right, alibi2, bias_base,
+                sqm, skm, svm, HD, sbm, sbn, Lq, Lk, R, scale2,
+                HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, HAS_REL, HAS_ALIBI, HAS_BIAS, DOT_PREC, ASM_GATHER,
+            )  # fmt: skip
+    else:  # dense: the grid has exactly cdiv(Lq, BLOCK_M) query blocks per head
+        _fwd_block(
+            pid_m * BLOCK_M, q_base, k_base, v_base, o_base, lse_base, lut_base, c_left, c_right, alibi2,
+            bias_base, sqm, skm, svm, HD, sbm, sbn, Lq, Lk, R, scale2,
+            HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, HAS_REL, HAS_ALIBI, HAS_BIAS, DOT_PREC, ASM_GATHER,
         )  # fmt: skip
-        pt = tl.math.exp2(st - lse[None, :])
-        dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PREC)
-        dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
-        dst = pt * (dpt - delta[None, :])
-        dk = tl.dot(dst.to(q.dtype), q, dk, input_precision=DOT_PREC)
-    dk *= scale
-    dk_base = DK + b.to(tl.int64) * sdkb + k0.to(tl.int64) * sdkm + h * sdkh
-    dv_base = DV + b.to(tl.int64) * sdvb + k0.to(tl.int64) * sdvm + h * sdvh
-    tl.store(dk_base + offs_n[:, None] * sdkm + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=kmask)
-    tl.store(dv_base + offs_n[:, None] * sdvm + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kmask)
+
+
+@triton.jit(do_not_specialize=["H", "T", "W"])
+def _bwd_prep(
+    O, DO, DELTA, DQ, DLUT, H, T, W,
+    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, ZERO_DQ: tl.constexpr, ZERO_DLUT: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+):  # fmt: skip
+    """delta[h, t] = sum_d dO[t, h] * O[t, h] over the T query tokens of the flat (T, H, D) layout (FlashAttention-2
+    preprocessing). Also zeroes the fp32 dQ accumulator of the fused backward and d_lut (saves two memsets)."""
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, HEAD_DIM)
+    mask = offs[:, None] < T
+    ptrs = offs[:, None].to(tl.int64) * (H * HEAD_DIM) + h * HEAD_DIM + offs_d[None, :]
+    o = tl.load(O + ptrs, mask=mask, other=0.0)
+    do = tl.load(DO + ptrs, mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + h.to(tl.int64) * T + offs, delta, mask=offs < T)
+    if ZERO_DQ:
+        tl.store(DQ + ptrs, tl.zeros([BLOCK, HEAD_DIM], dtype=tl.float32), mask=mask)
+    if ZERO_DLUT:  # noqa: SIM102 (a constexpr test, then a runtime one: Triton traces them separately)
+        if pid == 0:
+            for w0 in range(0, W, BLOCK_W):
+                offs_w = w0 + tl.arange(0, BLOCK_W)
+                tl.store(DLUT + h * W + offs_w, tl.zeros([BLOCK_W], dtype=tl.float32), mask=offs_w < W)
 
 
 @triton.jit
 def _diag_sums_to_lut(ds, c, R, dlut_base, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      DIAG_GATHER: tl.constexpr, mi, nj, off):  # fmt: skip
-    """Add ``ds[i, j]`` into ``d_lut[clamp(c + j - i, -R, R) + R]`` for a near tile.
+                      TRANSPOSED: tl.constexpr, DIAG_GATHER: tl.constexpr, mi, nj, off):  # fmt: skip
+    """Add every element of a near tile of ``dS`` into ``d_lut[clamp(distance, -R, R) + R]``.
 
-    With ``DIAG_GATHER`` the tile is skewed by ``tl.gather`` (a shared-memory shuffle) so every diagonal becomes a
-    row (or column); its sum goes out as one atomic per diagonal. Otherwise one atomic per element (fallback)."""
+    ``ds`` is ``(BLOCK_M, BLOCK_N)`` (rows = queries; element ``(i, j)`` at distance ``c + j - i``) or, with
+    ``TRANSPOSED``, ``(BLOCK_N, BLOCK_M)`` (rows = keys; element ``(a, b)`` at distance ``c + a - b``); ``c`` is the
+    distance of the (first query, first key) element. With ``DIAG_GATHER`` the tile is skewed by ``tl.gather`` (a
+    shared-memory shuffle) so every diagonal ``t`` (distance ``c + t - (BLOCK_M - 1)``) becomes a row or column;
+    its sum goes out as one atomic. Otherwise one atomic per element (fallback)."""
     if DIAG_GATHER:
-        if BLOCK_M >= BLOCK_N:
-            W: tl.constexpr = 2 * BLOCK_M  # next power of two >= BLOCK_M + BLOCK_N - 1
-            t = tl.arange(0, W)
-            jj = tl.arange(0, BLOCK_N)
-            ii = jj[None, :] - t[:, None] + (BLOCK_M - 1)  # (W, BLOCK_N): row of diagonal t in column j
-            ok = (ii >= 0) & (ii < BLOCK_M)
-            g = tl.gather(ds, tl.where(ok, ii, 0), 0)
-            d = tl.sum(tl.where(ok, g, 0.0), 1)  # (W,)
+        if TRANSPOSED:
+            if BLOCK_N >= BLOCK_M:
+                W: tl.constexpr = 2 * BLOCK_N  # next power of two >= BLOCK_M + BLOCK_N - 1
+                t = tl.arange(0, W)
+                bb = tl.arange(0, BLOCK_M)
+                aa = t[:, None] + bb[None, :] - (BLOCK_M - 1)  # (W, BLOCK_M): row of diagonal t in column b
+                ok = (aa >= 0) & (aa < BLOCK_N)
+                g = tl.gather(ds, tl.where(ok, aa, 0), 0)
+                d = tl.sum(tl.where(ok, g, 0.0), 1)  # (W,)
+            else:
+                W: tl.constexpr = 2 * BLOCK_M
+                t = tl.arange(0, W)
+                aa = tl.arange(0, BLOCK_N)
+                bb = aa[:, None] - t[None, :] + (BLOCK_M - 1)  # (BLOCK_N, W): column of diagonal t in row a
+                ok = (bb >= 0) & (bb < BLOCK_M)
+                g = tl.gather(ds, tl.where(ok, bb, 0), 1)
+                d = tl.sum(tl.where(ok, g, 0.0), 0)  # (W,)
         else:
-            W: tl.constexpr = 2 * BLOCK_N
-            t = tl.arange(0, W)
-            ii = tl.arange(0, BLOCK_M)
-            jj = t[None, :] + ii[:, None] - (BLOCK_M - 1)  # (BLOCK_M, W): column of diagonal t in row i
-            ok = (jj >= 0) & (jj < BLOCK_N)
-            g = tl.gather(ds, tl.where(ok, jj, 0), 1)
-            d = tl.sum(tl.where(ok, g, 0.0), 0)  # (W,)
+            if BLOCK_M >= BLOCK_N:
+                W: tl.constexpr = 2 * BLOCK_M
+                t = tl.arange(0, W)
+                jj = tl.arange(0, BLOCK_N)
+                ii = jj[None, :] - t[:, None] + (BLOCK_M - 1)  # (W, BLOCK_N): row of diagonal t in column j
+                ok = (ii >= 0) & (ii < BLOCK_M)
+                g = tl.gather(ds, tl.where(ok, ii, 0), 0)
+                d = tl.sum(tl.where(ok, g, 0.0), 1)  # (W,)
+            else:
+                W: tl.constexpr = 2 * BLOCK_N
+                t = tl.arange(0, W)
+                ii = tl.arange(0, BLOCK_M)
+                jj = t[None, :] + ii[:, None] - (BLOCK_M - 1)  # (BLOCK_M, W): column of diagonal t in row i
+                ok = (jj >= 0) & (jj < BLOCK_N)
+                g = tl.gather(ds, tl.where(ok, jj, 0), 1)
+                d = tl.sum(tl.where(ok, g, 0.0), 0)  # (W,)
         rel = c + t - (BLOCK_M - 1)
         idx = tl.minimum(tl.maximum(rel, -R), R) + R
         tl.atomic_add(dlut_base + idx, d, mask=t < BLOCK_M + BLOCK_N - 1, sem="relaxed")
@@ -474,47 +472,163 @@ def _diag_sums_to_lut(ds, c, R, dlut_base, BLOCK_M: tl.constexpr, BLOCK_N: tl.co
         tl.atomic_add(dlut_base + idx, ds, sem="relaxed")
 
 
-@triton.jit(do_not_specialize=[n for n in _NO_SPEC if n not in ("MAX_K", "L")])
-def _attn_bwd_dq(
-    Q, K, V, DO, DQ, LSE, DELTA, LUT, DLUT, ALIBI, BIAS, DBIAS, CU_Q, CU_K,
-    sqb, sqm, sqh, skb, skm, skh, svb, svm, svh, sdob, sdom, sdoh, sdqb, sdqm, sdqh,
-    sbb, sbh, sbm, sbn, sdbb, sdbh, sdbm, sdbn,
-    H, LQ, LK, T_LSE, R, scale2, scale, MAX_Q, NUM_BH,
+@triton.jit
+def _bwd_kv_block(
+    n0, q_base, k_base, v_base, do_base, dk_base, dv_base, dq_base, lse_base, delta_base, lut_base, dlut_base,
+    c_left, c_right, alibi2, bias_base, db_base,
+    sqm, skm, svm, sdom, sdkm, sdvm, sdqm, sbm, sbn, sdbm, sdbn, Lq, Lk, R, scale2, scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-    HAS_REL: tl.constexpr, REL_GRAD: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BIAS_GRAD: tl.constexpr, DB_BM: tl.constexpr, DB_BN: tl.constexpr, DB_ATOMIC: tl.constexpr,
-    VARLEN: tl.constexpr, DIAG_GATHER: tl.constexpr, DOT_PREC: tl.constexpr, ASM_GATHER: tl.constexpr,
+    HAS_REL: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr, DQ_ATOMIC: tl.constexpr,
+    REL_GRAD: tl.constexpr, BIAS_GRAD: tl.constexpr, DB_BM: tl.constexpr, DB_BN: tl.constexpr,
+    DB_ATOMIC: tl.constexpr, DIAG_GATHER: tl.constexpr, DOT_PREC: tl.constexpr, ASM_GATHER: tl.constexpr,
 ):  # fmt: skip
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(MAX_Q, BLOCK_M)
-    if CAUSAL:
-        pid_m = num_m - 1 - pid // NUM_BH
-        bh = pid % NUM_BH
-    else:
-        pid_m = pid % num_m
-        bh = pid // num_m
+    """Backward of the key block starting at ``n0``: dK, dV (stored), and with ``DQ_ATOMIC`` also dQ (fp32 atomics
+    into the accumulator), d_lut and d_bias, in one pass over the query blocks (5 matmuls per tile)."""
+    off = Lk - Lq
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    kmask = offs_n[:, None] < Lk
+    k = tl.load(k_base + offs_n[:, None] * skm + offs_d[None, :], mask=kmask, other=0.0)
+    v = tl.load(v_base + offs_n[:, None] * svm + offs_d[None, :], mask=kmask, other=0.0)
+    m_start, m_a, m_b, m_full, m_end = _q_segments(n0, off, Lq, R, BLOCK_M, BLOCK_N, CAUSAL, HAS_REL)
+    # a partial key block is masked in every tile: its padding keys would otherwise enter the far tiles' sums
+    kv_tail = n0 + BLOCK_N > Lk
+
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dl_left = tl.zeros([BLOCK_N], dtype=tl.float32)
+    dl_right = tl.zeros([BLOCK_N], dtype=tl.float32)
+    db_cols = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for start_m in range(m_start * BLOCK_M, m_end * BLOCK_M, BLOCK_M):
+        blk = start_m // BLOCK_M
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        rmask = offs_m < Lq
+        q = tl.load(q_base + offs_m[:, None] * sqm + offs_d[None, :], mask=rmask[:, None], other=0.0)
+        do = tl.load(do_base + offs_m[:, None] * sdom + offs_d[None, :], mask=rmask[:, None], other=0.0)
+        lse = tl.load(lse_base + offs_m, mask=rmask, other=float("inf"))  # +inf: P = 0 for padding rows
+        delta = tl.load(delta_base + offs_m, mask=rmask, other=0.0)
+        st = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * scale2  # (BLOCK_N, BLOCK_M): S^T, log2 units
+        near = ((blk >= m_a) & (blk < m_b)) | (blk >= m_full) | kv_tail
+        st = _scores(
+            st, near, blk < m_a, offs_m[None, :], offs_n[:, None], off, c_right, c_left, lut_base, alibi2,
+            bias_base, sbm, sbn, Lq, Lk, R, CAUSAL, HAS_REL, HAS_ALIBI, HAS_BIAS, ASM_GATHER,
+        )  # fmt: skip
+        pt = tl.math.exp2(st - lse[None, :])
+        dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PREC)
+        dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+        dst = pt * (dpt - delta[None, :])  # dL/dS^T in natural units (S = scale * q k^T + bias)
+        dk = tl.dot(dst.to(q.dtype), q, dk, input_precision=DOT_PREC)
+        if DQ_ATOMIC:
+            dq = tl.dot(tl.trans(dst.to(k.dtype)), k, input_precision=DOT_PREC)  # (BLOCK_M, HEAD_DIM)
+            tl.atomic_add(dq_base + offs_m[:, None] * sdqm + offs_d[None, :], dq, mask=rmask[:, None], sem="relaxed")
+        if REL_GRAD:
+            if near:
+                c = n0 - (start_m + off)  # distance of tile element (key n0, query start_m)
+                _diag_sums_to_lut(
+                    dst, c, R, dlut_base, BLOCK_M, BLOCK_N, True, DIAG_GATHER, offs_m[None, :], offs_n[:, None], off
+                )  # fmt: skip
+            else:  # a far tile shares the bucket of distance +R (right, blk < m_a) or -R (left): sums suffice
+                cs = tl.sum(dst, 1)
+                dl_right += tl.where(blk < m_a, cs, 0.0)
+                dl_left += tl.where(blk < m_a, 0.0, cs)
+        if BIAS_GRAD:
+            if DB_BM:  # bias broadcast over queries: column sums, written once after the loop
+                db_cols += tl.sum(dst, 1)
+            elif DB_BN:  # bias broadcast over keys: row sums of this key block, one atomic per query row
+                tl.atomic_add(db_base + offs_m * sdbm, tl.sum(dst, 0), mask=rmask, sem="relaxed")
+            else:
+                db_ptrs = db_base + offs_m[None, :] * sdbm + offs_n[:, None] * sdbn
+                db_mask = rmask[None, :] & (offs_n[:, None] < Lk)
+                if DB_ATOMIC:
+                    tl.atomic_add(db_ptrs, dst, mask=db_mask, sem="relaxed")
+                else:
+                    tl.store(db_ptrs, dst, mask=db_mask)
+    dk *= scale
+    tl.store(dk_base + offs_n[:, None] * sdkm + offs_d[None, :], dk.to(dk_base.dtype.element_ty), mask=kmask)
+    tl.store(dv_base + offs_n[:, None] * sdvm + offs_d[None, :], dv.to(dv_base.dtype.element_ty), mask=kmask)
+    if REL_GRAD:
+        tl.atomic_add(dlut_base, tl.sum(dl_left, 0), sem="relaxed")
+        if not CAUSAL:
+            tl.atomic_add(dlut_base + 2 * R, tl.sum(dl_right, 0), sem="relaxed")
+    if BIAS_GRAD and DB_BM:
+        if DB_BN:
+            tl.atomic_add(db_base, tl.sum(db_cols, 0), sem="relaxed")
+        elif DB_ATOMIC:
+            tl.atomic_add(db_base + offs_n * sdbn, db_cols, mask=offs_n < Lk, sem="relaxed")
+        else:
+            tl.store(db_base + offs_n * sdbn, db_cols, mask=offs_n < Lk)
+
+
+@triton.jit(do_not_specialize=_NO_SPEC[:5] + ["NUM_N"])
+def _attn_bwd_kv(
+    Q, K, V, DO, DK, DV, DQ, LSE, DELTA, LUT, DLUT, ALIBI, BIAS, DBIAS, CU_Q, CU_K,
+    sqb, sqm, sqh, skb, skm, skh, svb, svm, svh, sbb, sbh, sbm, sbn, sdbb, sdbh, sdbm, sdbn,
+    H, LQ, LK, T_LSE, R, NUM_N, scale2, scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+    HAS_REL: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr, VARLEN: tl.constexpr,
+    DQ_ATOMIC: tl.constexpr, REL_GRAD: tl.constexpr, BIAS_GRAD: tl.constexpr, DB_BM: tl.constexpr,
+    DB_BN: tl.constexpr, DB_ATOMIC: tl.constexpr, DIAG_GATHER: tl.constexpr, DOT_PREC: tl.constexpr,
+    ASM_GATHER: tl.constexpr,
+):  # fmt: skip
+    """One program per key block (NUM_N per head): the "split" backward's dK/dV kernel, or with ``DQ_ATOMIC`` the
+    whole "fused" backward (dQ by fp32 atomics, d_lut, d_bias)."""
+    # causal: key block 0 sees every query, the heaviest first
+    pid_n, bh = _block_order(NUM_N, CAUSAL)
     b = bh // H
     h = bh % H
-    q0, k0, r0, Lq, Lk = _seq_info(CU_Q, CU_K, b, LQ, LK, VARLEN)
-    m0 = pid_m * BLOCK_M
-    if m0 >= Lq:
-        return
-    off = Lk - Lq
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    rmask = offs_m < Lq
-    q_base = Q + b.to(tl.int64) * sqb + q0.to(tl.int64) * sqm + h * sqh
-    do_base = DO + b.to(tl.int64) * sdob + q0.to(tl.int64) * sdom + h * sdoh
-    q = tl.load(q_base + offs_m[:, None] * sqm + offs_d[None, :], mask=rmask[:, None], other=0.0)
-    do = tl.load(do_base + offs_m[:, None] * sdom + offs_d[None, :], mask=rmask[:, None], other=0.0)
-    lse = tl.load(LSE + h * T_LSE + r0 + offs_m, mask=rmask, other=float("inf"))
-    delta = tl.load(DELTA + h * T_LSE + r0 + offs_m, mask=rmask, other=0.0)
+    q0, k0, r0, kr0, Lq, Lk = _seq_info(CU_Q, CU_K, b, LQ, LK, VARLEN)
+    HD = H * HEAD_DIM  # row stride of the flat (tokens, H, D) dO, dQ, dK, dV
     k_base = K + b.to(tl.int64) * skb + k0.to(tl.int64) * skm + h * skh
     v_base = V + b.to(tl.int64) * svb + k0.to(tl.int64) * svm + h * svh
+    dk_base = DK + kr0.to(tl.int64) * HD + h * HEAD_DIM
+    dv_base = DV + kr0.to(tl.int64) * HD + h * HEAD_DIM
+    q_base = Q + b.to(tl.int64) * sqb + q0.to(tl.int64) * sqm + h * sqh
+    do_base = DO + r0.to(tl.int64) * HD + h * HEAD_DIM
+    dq_base = DQ + r0.to(tl.int64) * HD + h * HEAD_DIM
+    lse_base = LSE + h.to(tl.int64) * T_LSE + r0
+    delta_base = DELTA + h.to(tl.int64) * T_LSE + r0
     lut_base, c_left, c_right, alibi2 = _head_consts(LUT, ALIBI, h, R, HAS_REL, HAS_ALIBI)
     dlut_base = DLUT + h * (2 * R + 1)
     bias_base = BIAS + b.to(tl.int64) * sbb + h.to(tl.int64) * sbh
     db_base = DBIAS + b.to(tl.int64) * sdbb + h.to(tl.int64) * sdbh
+    if VARLEN:  # grid stride over key blocks (see _attn_fwd)
+        for n0 in range(pid_n * BLOCK_N, Lk, NUM_N * BLOCK_N):
+            _bwd_kv_block(
+                n0, q_base, k_base, v_base, do_base, dk_base, dv_base, dq_base, lse_base, delta_base, lut_base,
+                dlut_base, c_left, c_right, alibi2, bias_base, db_base,
+                sqm, skm, svm, HD, HD, HD, HD, sbm, sbn, sdbm, sdbn, Lq, Lk, R, scale2, scale,
+                HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, HAS_REL, HAS_ALIBI, HAS_BIAS, DQ_ATOMIC, REL_GRAD, BIAS_GRAD,
+                DB_BM, DB_BN, DB_ATOMIC, DIAG_GATHER, DOT_PREC, ASM_GATHER,
+            )  # fmt: skip
+    else:
+        _bwd_kv_block(
+            pid_n * BLOCK_N, q_base, k_base, v_base, do_base, dk_base, dv_base, dq_base, lse_base, delta_base,
+            lut_base, dlut_base, c_left, c_right, alibi2, bias_base, db_base,
+            sqm, skm, svm, HD, HD, HD, HD, sbm, sbn, sdbm, sdbn, Lq, Lk, R, scale2, scale,
+            HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, HAS_REL, HAS_ALIBI, HAS_BIAS, DQ_ATOMIC, REL_GRAD, BIAS_GRAD,
+            DB_BM, DB_BN, DB_ATOMIC, DIAG_GATHER, DOT_PREC, ASM_GATHER,
+        )  # fmt: skip
+
+
+@triton.jit
+def _bwd_q_block(
+    m0, q_base, k_base, v_base, do_base, dq_base, lse_base, delta_base, lut_base, dlut_base,
+    c_left, c_right, alibi2, bias_base, db_base,
+    sqm, skm, svm, sdom, sdqm, sbm, sbn, sdbm, sdbn, Lq, Lk, R, scale2, scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+    HAS_REL: tl.constexpr, REL_GRAD: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BIAS_GRAD: tl.constexpr, DB_BM: tl.constexpr, DB_BN: tl.constexpr, DB_ATOMIC: tl.constexpr,
+    DIAG_GATHER: tl.constexpr, DOT_PREC: tl.constexpr, ASM_GATHER: tl.constexpr,
+):  # fmt: skip
+    """dQ (+ d_lut, d_bias) of the query block starting at ``m0`` (the "split" backward's second kernel)."""
+    off = Lk - Lq
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    rmask = offs_m < Lq
+    q = tl.load(q_base + offs_m[:, None] * sqm + offs_d[None, :], mask=rmask[:, None], other=0.0)
+    do = tl.load(do_base + offs_m[:, None] * sdom + offs_d[None, :], mask=rmask[:, None], other=0.0)
+    lse = tl.load(lse_base + offs_m, mask=rmask, other=float("inf"))
+    delta = tl.load(delta_base + offs_m, mask=rmask, other=0.0)
 
     n_a, n_b, n_full, n_end = _kv_segments(m0, off, Lk, R, BLOCK_M, BLOCK_N, CAUSAL, HAS_REL)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
@@ -541,8 +655,8 @@ def _attn_bwd_dq(
             if near:
                 c = start_n - (m0 + off)  # distance of tile element (0, 0)
                 _diag_sums_to_lut(
-                    ds, c, R, dlut_base, BLOCK_M, BLOCK_N, DIAG_GATHER, offs_m[:, None], offs_n[None, :], off
-                )
+                    ds, c, R, dlut_base, BLOCK_M, BLOCK_N, False, DIAG_GATHER, offs_m[:, None], offs_n[None, :], off
+                )  # fmt: skip
             else:  # the whole far tile shares the bucket of distance -R (left) or +R (right): row sums suffice
                 rs = tl.sum(ds, 1)
                 dl_left += tl.where(blk < n_a, rs, 0.0)
@@ -560,8 +674,7 @@ def _attn_bwd_dq(
                 else:
                     tl.store(db_ptrs, ds, mask=db_mask)
     dq *= scale
-    dq_base = DQ + b.to(tl.int64) * sdqb + q0.to(tl.int64) * sdqm + h * sdqh
-    tl.store(dq_base + offs_m[:, None] * sdqm + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=rmask[:, None])
+    tl.store(dq_base + offs_m[:, None] * sdqm + offs_d[None, :], dq.to(dq_base.dtype.element_ty), mask=rmask[:, None])
     if REL_GRAD:
         # far tiles: two atomics per program
         tl.atomic_add(dlut_base, tl.sum(dl_left, 0), sem="relaxed")
@@ -576,6 +689,53 @@ def _attn_bwd_dq(
             tl.store(db_base + offs_m * sdbm, db_rows, mask=rmask)
 
 
+@triton.jit(do_not_specialize=_NO_SPEC[:6])
+def _attn_bwd_dq(
+    Q, K, V, DO, DQ, LSE, DELTA, LUT, DLUT, ALIBI, BIAS, DBIAS, CU_Q, CU_K,
+    sqb, sqm, sqh, skb, skm, skh, svb, svm, svh, sbb, sbh, sbm, sbn, sdbb, sdbh, sdbm, sdbn,
+    H, LQ, LK, T_LSE, R, NUM_M, scale2, scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+    HAS_REL: tl.constexpr, REL_GRAD: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BIAS_GRAD: tl.constexpr, DB_BM: tl.constexpr, DB_BN: tl.constexpr, DB_ATOMIC: tl.constexpr,
+    VARLEN: tl.constexpr, DIAG_GATHER: tl.constexpr, DOT_PREC: tl.constexpr, ASM_GATHER: tl.constexpr,
+):  # fmt: skip
+    pid_m, bh = _block_order(NUM_M, CAUSAL)
+    if CAUSAL:
+        pid_m = NUM_M - 1 - pid_m
+    b = bh // H
+    h = bh % H
+    q0, k0, r0, kr0, Lq, Lk = _seq_info(CU_Q, CU_K, b, LQ, LK, VARLEN)
+    HD = H * HEAD_DIM
+    q_base = Q + b.to(tl.int64) * sqb + q0.to(tl.int64) * sqm + h * sqh
+    do_base = DO + r0.to(tl.int64) * HD + h * HEAD_DIM
+    dq_base = DQ + r0.to(tl.int64) * HD + h * HEAD_DIM
+    k_base = K + b.to(tl.int64) * skb + k0.to(tl.int64) * skm + h * skh
+    v_base = V + b.to(tl.int64) * svb + k0.to(tl.int64) * svm + h * svh
+    lse_base = LSE + h.to(tl.int64) * T_LSE + r0
+    delta_base = DELTA + h.to(tl.int64) * T_LSE + r0
+    lut_base, c_left, c_right, alibi2 = _head_consts(LUT, ALIBI, h, R, HAS_REL, HAS_ALIBI)
+    dlut_base = DLUT + h * (2 * R + 1)
+    bias_base = BIAS + b.to(tl.int64) * sbb + h.to(tl.int64) * sbh
+    db_base = DBIAS + b.to(tl.int64) * sdbb + h.to(tl.int64) * sdbh
+    if VARLEN:  # grid stride over query blocks (see _attn_fwd)
+        for m0 in range(pid_m * BLOCK_M, Lq, NUM_M * BLOCK_M):
+            _bwd_q_block(
+                m0, q_base, k_base, v_base, do_base, dq_base, lse_base, delta_base, lut_base, dlut_base,
+                c_left, c_right, alibi2, bias_base, db_base,
+                sqm, skm, svm, HD, HD, sbm, sbn, sdbm, sdbn, Lq, Lk, R, scale2, scale,
+                HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, HAS_REL, REL_GRAD, HAS_ALIBI, HAS_BIAS, BIAS_GRAD,
+                DB_BM, DB_BN, DB_ATOMIC, DIAG_GATHER, DOT_PREC, ASM_GATHER,
+            )  # fmt: skip
+    else:
+        _bwd_q_block(
+            pid_m * BLOCK_M, q_base, k_base, v_base, do_base, dq_base, lse_base, delta_base, lut_base, dlut_base,
+            c_left, c_right, alibi2, bias_base, db_base,
+            sqm, skm, svm, HD, HD, sbm, sbn, sdbm, sdbn, Lq, Lk, R, scale2, scale,
+            HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, HAS_REL, REL_GRAD, HAS_ALIBI, HAS_BIAS, BIAS_GRAD,
+            DB_BM, DB_BN, DB_ATOMIC, DIAG_GATHER, DOT_PREC, ASM_GATHER,
+        )  # fmt: skip
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Launch configuration
 # ----------------------------------------------------------------------------------------------------------------
@@ -588,10 +748,11 @@ class _Cfg(NamedTuple):
     num_stages: int
 
 
-# (kernel, head_dim) -> config. fwd: BLOCK_M queries owned, BLOCK_N keys streamed; dkdv: BLOCK_N keys owned,
-# BLOCK_M queries streamed; dq: BLOCK_M queries owned, BLOCK_N keys streamed. D=64/128: measured on one H200
-# (bench_attention.py --sweep / --shape-sweep; candidates pre-screened offline for spills and shared memory);
-# D=16/32 reuse D=64's, D=256 chosen to fit (GPU-tested, not tuned).
+# (kernel, head_dim) -> config. fwd: BLOCK_M queries owned, BLOCK_N keys streamed; dkdv (split backward) and kv
+# (fused backward): BLOCK_N keys owned, BLOCK_M queries streamed; dq (split backward): BLOCK_M queries owned,
+# BLOCK_N keys streamed. fwd/dkdv/dq at D=64/128: measured on one H200 (bench_attention.py --sweep /
+# --shape-sweep; candidates pre-screened offline for spills and shared memory); D=16/32 reuse D=64's, D=256 chosen
+# to fit (GPU-tested, not tuned). kv: pre-screened offline only (bench_attention.py --screen), not yet measured.
 _SM90: dict[tuple[str, int], _Cfg] = {
     ("fwd", 16): _Cfg(64, 64, 4, 3),
     ("fwd", 32): _Cfg(64, 64, 4, 3),
@@ -608,6 +769,11 @@ _SM90: dict[tuple[str, int], _Cfg] = {
     ("dq", 64): _Cfg(64, 32, 4, 4),
     ("dq", 128): _Cfg(64, 32, 4, 3),
     ("dq", 256): _Cfg(64, 32, 8, 2),
+    ("kv", 16): _Cfg(64, 128, 8, 2),
+    ("kv", 32): _Cfg(64, 128, 8, 2),
+    ("kv", 64): _Cfg(64, 128, 8, 2),
+    ("kv", 128): _Cfg(64, 64, 8, 2),
+    ("kv", 256): _Cfg(32, 64, 8, 2),
 }
 # Ampere (164 KB shared memory on A100; 100 KB on sm86/89 -> these small tiles fit both).
 _SM80: dict[tuple[str, int], _Cfg] = {
@@ -626,33 +792,66 @@ _SM80: dict[tuple[str, int], _Cfg] = {
     ("dq", 64): _Cfg(64, 32, 4, 2),
     ("dq", 128): _Cfg(64, 32, 4, 2),
     ("dq", 256): _Cfg(32, 32, 4, 1),
+    ("kv", 16): _Cfg(32, 64, 4, 2),
+    ("kv", 32): _Cfg(32, 64, 4, 2),
+    ("kv", 64): _Cfg(32, 64, 4, 2),
+    ("kv", 128): _Cfg(32, 64, 4, 2),
+    ("kv", 256): _Cfg(16, 32, 4, 1),
 }
 _INTERPRET_CFG = _Cfg(16, 16, 4, 1)
-# Tests may force configurations: {"fwd": _Cfg, "dkdv": _Cfg, "dq": _Cfg} or {"arch": 8} to use the sm80 table.
+# Tests and benchmarks may force configurations: {"fwd" / "dkdv" / "dq" / "kv": _Cfg}, {"arch": 8} (the sm80
+# table), {"diag_gather": False} (per-element d_lut atomics), {"bwd": "fused" | "split"} (backward variant).
 _FORCE: dict[str, object] = {}
+_CFG_CACHE: dict[tuple, _Cfg] = {}
+
+# The backward: "fused" = one kernel per key block, dQ accumulated by fp32 atomics (FlashAttention-2's original
+# scheme: 5 matmuls per tile), d_lut/d_bias reduced in the same pass; "split" = a dK/dV kernel per key block plus a
+# dQ (+ d_lut, d_bias) kernel per query block (7 matmuls per tile, no atomics on dQ/dK/dV: deterministic, used when
+# torch.use_deterministic_algorithms(True) is set).
+BWD_VARIANTS = ("fused", "split")
+_BWD_DEFAULT = "fused"
 
 
-def _arch(device: torch.device) -> int:
-    if "arch" in _FORCE:
-        return int(_FORCE["arch"])  # type: ignore[arg-type]
-    return torch.cuda.get_device_capability(device)[0]
+def _bwd_variant() -> str:
+    v = _FORCE.get("bwd") if _FORCE else None
+    if v is not None:
+        return v  # type: ignore[return-value]
+    return "split" if torch.are_deterministic_algorithms_enabled() else _BWD_DEFAULT
 
 
-def _config(kernel: str, head_dim: int, device: torch.device, dtype: torch.dtype) -> _Cfg:
-    if kernel in _FORCE:
-        return _FORCE[kernel]  # type: ignore[return-value]
+def _pick(kernel: str, head_dim: int, dtype: torch.dtype, arch: int) -> _Cfg:
     if interpreting():
         return _INTERPRET_CFG
     if dtype == torch.float32:  # 4-byte tiles: the small Ampere tiles, single-stage at D=256 (shared memory)
         cfg = _SM80[(kernel, head_dim)]
         return cfg._replace(num_stages=1) if head_dim == 256 else cfg
-    table = _SM90 if _arch(device) >= 9 else _SM80
-    return table[(kernel, head_dim)]
+    return (_SM90 if arch >= 9 else _SM80)[(kernel, head_dim)]
+
+
+def _config(kernel: str, head_dim: int, device: torch.device, dtype: torch.dtype) -> _Cfg:
+    """The table's config, cached per (kernel, head dim, device, dtype): no device query per call."""
+    if _FORCE:
+        forced = _FORCE.get(kernel)
+        if forced is not None:
+            return forced  # type: ignore[return-value]
+        if "arch" in _FORCE:
+            return _pick(kernel, head_dim, dtype, int(_FORCE["arch"]))  # type: ignore[arg-type]
+    key = (kernel, head_dim, device, dtype)
+    cfg = _CFG_CACHE.get(key)
+    if cfg is None:
+        arch = torch.cuda.get_device_capability(device)[0] if device.type == "cuda" else 0
+        cfg = _CFG_CACHE[key] = _pick(kernel, head_dim, dtype, arch)
+    return cfg
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Launchers (plain functions on tensors; the custom ops below wrap them)
+# Launchers (plain functions on tensors, shared by the autograd.Function and the custom ops)
 # ----------------------------------------------------------------------------------------------------------------
+
+_FWD = FastKernel(_attn_fwd)
+_PREP = FastKernel(_bwd_prep)
+_KV = FastKernel(_attn_bwd_kv)
+_DQ = FastKernel(_attn_bwd_dq)
 
 
 def _rowview(x: torch.Tensor) -> torch.Tensor:
@@ -660,170 +859,199 @@ def _rowview(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _strides(x: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
-    """(batch, row, head) strides of a (B, L, H, D) or (T, H, D) tensor; varlen has batch stride 0."""
-    if varlen:
-        return 0, x.stride(0), x.stride(1)
-    return x.stride(0), x.stride(1), x.stride(2)
-
-
-class _Geo(NamedTuple):
-    varlen: bool
-    nb: int  # batch size or number of sequences
-    H: int
-    D: int
-    Lq: int  # dense lengths (0 for varlen)
-    Lk: int
-    Tq: int  # total query tokens (columns of the LSE)
-    max_q: int
-    max_k: int
-
-
-def _geometry(q: torch.Tensor, k: torch.Tensor, cu_q, max_q: int, max_k: int) -> _Geo:
-    if cu_q is not None:
-        Tq, H, D = q.shape
-        return _Geo(True, cu_q.numel() - 1, H, D, 0, 0, Tq, max_q, max_k)
-    B, Lq, H, D = q.shape
-    return _Geo(False, B, H, D, Lq, k.shape[1], B * Lq, Lq, k.shape[1])
-
-
-def _bias4(bias: torch.Tensor | None) -> torch.Tensor | None:
+def _bias4(bias: torch.Tensor) -> torch.Tensor:
     """View ``bias`` as 4-D (leading size-1 dims)."""
-    if bias is None or bias.dim() == 4:
-        return bias
-    return bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape))
+    return bias if bias.dim() == 4 else bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape))
 
 
-def _bcast_strides(t: torch.Tensor | None) -> tuple[int, int, int, int]:
+def _bcast_strides(t: torch.Tensor) -> tuple[int, int, int, int]:
     """Strides of a 4-D tensor read as broadcast to (B, H, Lq, Lk): size-1 dims get stride 0."""
-    if t is None:
-        return (0, 0, 0, 0)
     return tuple(0 if n == 1 else s for n, s in zip(t.shape, t.stride()))  # type: ignore[return-value]
 
 
-def _build_lut(rel_table: torch.Tensor, bidirectional: bool, R: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(H, 2Re+1) fp32 lookup of the T5 bias by distance -Re..Re, the buckets it was gathered with, and Re."""
-    buckets, Re = _lut_buckets(rel_table.device, bidirectional, rel_table.shape[0], R)
-    lut = rel_table[buckets].t().to(torch.float32).contiguous()  # (2Re+1, H) -> (H, 2Re+1)
-    return lut, buckets, Re
+_NO_BIAS_STRIDES = (0, 0, 0, 0)
 
 
-def _launch(name: str, fn, x: torch.Tensor, n_programs, args: dict) -> None:
-    """Launch ``fn`` with the table config of ``x``'s head dim / device / dtype; ``n_programs(BLOCK_M, BLOCK_N)``
-    sizes the 1-D grid."""
-    cfg = _config(name, x.shape[-1], x.device, x.dtype)
-    n = n_programs(cfg.block_m, cfg.block_n)
-    if n > 0:
-        fn[(n,)](**args, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
 
-def _fwd_impl(q, k, v, rel_table, alibi, bias, cu_q, cu_k, max_q, max_k, scale, causal, rel_bidir, R):
+def _qkv_strides(q, k, v, varlen: bool) -> tuple[int, ...]:
+    """(batch, row, head) strides of q, k, v (dense ``(B, L, H, D)``; varlen ``(T, H, D)``, batch stride 0)."""
+    if varlen:
+        (sqm, sqh, _), (skm, skh, _), (svm, svh, _) = q.stride(), k.stride(), v.stride()
+        return 0, sqm, sqh, 0, skm, skh, 0, svm, svh
+    return (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3])
+
+
+def _fwd_impl(q, k, v, lut, alibi, bias, cu_q, cu_k, max_q, max_k, scale, causal):
+    """(out, lse): out like q (contiguous), lse ``(H, total query tokens)`` fp32 in log2 units."""
     varlen = cu_q is not None
-    g = _geometry(q, k, cu_q, max_q, max_k)
-    q, k, v = _rowview(q), _rowview(k), _rowview(v)
-    out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
-    lse = torch.empty((g.H, g.Tq), device=q.device, dtype=torch.float32)
-    if g.Tq == 0 or g.H == 0:
+    if varlen:
+        Tq, H, D = q.shape
+        nb, LQ, LK = cu_q.shape[0] - 1, 0, 0
+    else:
+        nb, LQ, H, D = q.shape
+        LK, Tq, max_q = k.shape[1], nb * LQ, LQ
+    out = q.new_empty(q.shape)
+    lse = q.new_empty((H, Tq), dtype=torch.float32)
+    if Tq == 0 or H == 0:
         return out, lse
-    lut, _, R = _build_lut(rel_table.detach(), rel_bidir, R) if rel_table is not None else (None, None, R)
-    bias4 = _bias4(bias)
-    sb = _bcast_strides(bias4)
-    (sqb, sqm, sqh), (skb, skm, skh), (svb, svm, svh), (sob, som, soh) = (_strides(x, varlen) for x in (q, k, v, out))
-    dummy = lse
-    args = dict(
-        Q=q, K=k, V=v, O=out, LSE=lse, LUT=lut if lut is not None else dummy,
-        ALIBI=alibi if alibi is not None else dummy, BIAS=bias4 if bias4 is not None else dummy,
-        CU_Q=cu_q if varlen else dummy, CU_K=cu_k if varlen else dummy,
-        sqb=sqb, sqm=sqm, sqh=sqh, skb=skb, skm=skm, skh=skh, svb=svb, svm=svm, svh=svh, sob=sob, som=som, soh=soh,
-        sbb=sb[0], sbh=sb[1], sbm=sb[2], sbn=sb[3],
-        H=g.H, LQ=g.Lq, LK=g.Lk, T_LSE=g.Tq, R=R, scale2=scale * LOG2E, MAX_Q=g.max_q, NUM_BH=g.nb * g.H,
-        HEAD_DIM=g.D, CAUSAL=causal, HAS_REL=lut is not None, HAS_ALIBI=alibi is not None,
-        HAS_BIAS=bias4 is not None, VARLEN=varlen, DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
-        ASM_GATHER=not interpreting(),
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+        q, k, v = _rowview(q), _rowview(k), _rowview(v)
+    cfg = _config("fwd", D, q.device, q.dtype)
+    if bias is None:
+        bias4, sb = lse, _NO_BIAS_STRIDES
+    else:
+        bias4 = _bias4(bias)
+        sb = _bcast_strides(bias4)
+    num_m = max(1, _cdiv(max_q, cfg.block_m))  # >= 1: a zero max_seqlen_q still covers every row (grid stride)
+    _FWD(
+        (num_m * nb * H,),
+        (
+            q, k, v, out, lse, lse if lut is None else lut, lse if alibi is None else alibi, bias4,
+            cu_q if varlen else lse, cu_k if varlen else lse, *_qkv_strides(q, k, v, varlen), *sb,
+            H, LQ, LK, Tq, 0 if lut is None else lut.shape[1] >> 1, num_m, scale * LOG2E,
+        ),
+        (
+            D, cfg.block_m, cfg.block_n, causal, lut is not None, alibi is not None, bias is not None, varlen,
+            "ieee" if q.dtype == torch.float32 else "tf32", q.is_cuda,
+        ),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
-    _launch("fwd", _attn_fwd, q, lambda bm, bn: triton.cdiv(g.max_q, bm) * g.nb * g.H, args)
     return out, lse
 
 
 def _bwd_impl(
-    dout, q, k, v, out, lse, rel_table, alibi, bias, cu_q, cu_k, max_q, max_k, scale, causal, rel_bidir, R,
-    need_dtable, need_dbias,
+    dout, q, k, v, out, lse, lut, alibi, bias, cu_q, cu_k, max_q, max_k, scale, causal, need_dlut, need_dbias,
 ):  # fmt: skip
+    """(dq, dk, dv, d_lut, d_bias); d_lut fp32 ``(H, 2R+1)``, d_bias in the bias's dtype and shape (empty when not
+    needed)."""
     varlen = cu_q is not None
-    g = _geometry(q, k, cu_q, max_q, max_k)
-    # no kernel runs when either side is empty: the (possibly non-empty) other side's gradients are then 0
-    alloc = torch.zeros if q.numel() == 0 or k.numel() == 0 else torch.empty
-    dq, dk, dv = (alloc(x.shape, device=x.device, dtype=x.dtype) for x in (q, k, v))
-    rel_grad = rel_table is not None and need_dtable
+    if varlen:
+        Tq, H, D = q.shape
+        nb, LQ, LK = cu_q.shape[0] - 1, 0, 0
+    else:
+        nb, LQ, H, D = q.shape
+        LK, Tq, max_q, max_k = k.shape[1], nb * LQ, LQ, k.shape[1]
+    rel_grad = lut is not None and need_dlut
     bias_grad = bias is not None and need_dbias
-    dtable = torch.zeros(rel_table.shape, device=q.device, dtype=rel_table.dtype) if rel_grad else q.new_empty(0)
-    dbias = torch.zeros(bias.shape, device=q.device, dtype=bias.dtype) if bias_grad else q.new_empty(0)
-    if q.numel() == 0 or k.numel() == 0:
-        return dq, dk, dv, dtable, dbias
-    q, k, v, out, dout = (_rowview(x) for x in (q, k, v, out, dout))
-    (sqb, sqm, sqh), (skb, skm, skh), (svb, svm, svh) = (_strides(x, varlen) for x in (q, k, v))
-    (sob, som, soh), (sdob, sdom, sdoh) = _strides(out, varlen), _strides(dout, varlen)
-    (sdqb, sdqm, sdqh), (sdkb, sdkm, sdkh), (sdvb, sdvm, sdvh) = (_strides(x, varlen) for x in (dq, dk, dv))
-    dot_prec = "ieee" if q.dtype == torch.float32 else "tf32"
-
-    # FlashAttention-2 preprocessing: delta = rowsum(dO * O), laid out like the LSE
+    if q.numel() == 0 or k.numel() == 0:  # no kernel runs: the (possibly non-empty) other side's gradients are 0
+        dlut = torch.zeros_like(lut) if rel_grad else q.new_empty(0)
+        dbias = torch.zeros_like(bias) if bias_grad else q.new_empty(0)
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dlut, dbias
+    fused = _bwd_variant() == "fused"
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+        q, k, v = _rowview(q), _rowview(k), _rowview(v)
+    if not dout.is_contiguous():  # the kernels address dO like out: flat (tokens, H, D)
+        dout = dout.contiguous()
+    dk, dv = k.new_empty(k.shape), v.new_empty(v.shape)
+    # fused: dQ is accumulated by atomics in fp32 (zeroed by the prep kernel) and cast at the end
+    dq = q.new_empty(q.shape, dtype=torch.float32) if fused else q.new_empty(q.shape)
     delta = torch.empty_like(lse)
-    blk = 16 if interpreting() else 64
-    rows, nbat = (g.Tq, 1) if varlen else (g.Lq, g.nb)
-    _bwd_delta[(triton.cdiv(rows, blk), nbat, g.H)](
-        out, dout, delta, sob, som, soh, sdob, sdom, sdoh, rows, g.Tq, HEAD_DIM=g.D, BLOCK=blk, num_warps=4,
+    W = 1 if lut is None else lut.shape[1]
+    dlut = lut.new_empty(lut.shape) if rel_grad else lse  # zeroed by the prep kernel
+    interp = not q.is_cuda
+    blk = 16 if interp else 64
+    _PREP(
+        (_cdiv(Tq, blk), H), (out, dout, delta, dq, dlut, H, Tq, W),
+        (D, blk, fused, rel_grad, min(1024, triton.next_power_of_2(W))), num_warps=4, num_stages=1,
     )  # fmt: skip
 
-    lut, buckets, R = _build_lut(rel_table.detach(), rel_bidir, R) if rel_table is not None else (None, None, R)
-    unused = torch.zeros(1, device=q.device, dtype=torch.float32)  # placeholder for DLUT/DBIAS when not needed
-    dlut = torch.zeros_like(lut) if rel_grad else unused
-    bias4 = _bias4(bias)
-    sb = _bcast_strides(bias4)
+    if bias is None:
+        bias4, sb = lse, _NO_BIAS_STRIDES
+    else:
+        bias4 = _bias4(bias)
+        sb = _bcast_strides(bias4)
     if bias_grad:
         dbias32 = torch.zeros(bias4.shape, device=q.device, dtype=torch.float32)
         sdb = _bcast_strides(dbias32)
-        bc = [n == 1 and full > 1 for n, full in zip(bias4.shape, (g.nb, g.H, g.Lq, g.Lk))]
+        bc = [n == 1 and full > 1 for n, full in zip(bias4.shape, (nb, H, LQ, LK))]
         db_atomic, db_bm, db_bn = bc[0] or bc[1], bc[2], bc[3]
     else:
-        dbias32, sdb, db_atomic, db_bm, db_bn = unused, (0, 0, 0, 0), False, False, False
-    dummy = lse
-    common = dict(
-        Q=q, K=k, V=v, DO=dout, LSE=lse, DELTA=delta, LUT=lut if lut is not None else dummy,
-        ALIBI=alibi if alibi is not None else dummy, BIAS=bias4 if bias4 is not None else dummy,
-        CU_Q=cu_q if varlen else dummy, CU_K=cu_k if varlen else dummy,
-        sqb=sqb, sqm=sqm, sqh=sqh, skb=skb, skm=skm, skh=skh, svb=svb, svm=svm, svh=svh,
-        sdob=sdob, sdom=sdom, sdoh=sdoh, sbb=sb[0], sbh=sb[1], sbm=sb[2], sbn=sb[3],
-        H=g.H, LQ=g.Lq, LK=g.Lk, T_LSE=g.Tq, R=R, scale2=scale * LOG2E, scale=scale,
-        HEAD_DIM=g.D, CAUSAL=causal, HAS_REL=lut is not None, HAS_ALIBI=alibi is not None,
-        HAS_BIAS=bias4 is not None, VARLEN=varlen, DOT_PREC=dot_prec, ASM_GATHER=not interpreting(),
-    )  # fmt: skip
-    # dK, dV: one program per key block, looping over queries
-    dkdv_args = dict(
-        DK=dk, DV=dv, sdkb=sdkb, sdkm=sdkm, sdkh=sdkh, sdvb=sdvb, sdvm=sdvm, sdvh=sdvh, MAX_K=g.max_k, **common
-    )
-    _launch("dkdv", _attn_bwd_dkdv, q, lambda bm, bn: triton.cdiv(g.max_k, bn) * g.nb * g.H, dkdv_args)
-    # dQ (+ d_lut, d_bias): one program per query block, looping over keys
-    dq_args = dict(
-        DQ=dq, DLUT=dlut, DBIAS=dbias32, sdqb=sdqb, sdqm=sdqm, sdqh=sdqh,
-        sdbb=sdb[0], sdbh=sdb[1], sdbm=sdb[2], sdbn=sdb[3], MAX_Q=g.max_q, NUM_BH=g.nb * g.H,
-        REL_GRAD=rel_grad, BIAS_GRAD=bias_grad, DB_BM=db_bm, DB_BN=db_bn, DB_ATOMIC=db_atomic,
-        DIAG_GATHER=bool(_FORCE.get("diag_gather", True)), **common,
-    )  # fmt: skip
-    _launch("dq", _attn_bwd_dq, q, lambda bm, bn: triton.cdiv(g.max_q, bm) * g.nb * g.H, dq_args)
+        dbias32, sdb, db_atomic, db_bm, db_bn = lse, _NO_BIAS_STRIDES, False, False, False
+    dot_prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    diag = bool(_FORCE.get("diag_gather", True)) if _FORCE else True
+    lut_ = lse if lut is None else lut
+    alibi_ = lse if alibi is None else alibi
+    cq, ck = (cu_q, cu_k) if varlen else (lse, lse)
+    sqkv = _qkv_strides(q, k, v, varlen)
+    R, scale2 = W >> 1, scale * LOG2E
+    has = (lut is not None, alibi is not None, bias is not None)
 
-    if rel_grad:
-        # d_lut (H, 2R+1) -> d_rel_table (num_buckets, H): scatter-add of 2R+1 rows, returned in the table's dtype
-        dt32 = torch.zeros(rel_table.shape, device=q.device, dtype=torch.float32)
-        dt32.index_add_(0, buckets, dlut.t())
-        dtable = dt32.to(rel_table.dtype)
-    if bias_grad:
-        dbias = dbias32.to(bias.dtype).reshape(bias.shape)
-    return dq, dk, dv, dtable, dbias
+    # dK, dV (fused: + dQ, d_lut, d_bias): one program per key block, looping over queries
+    cfg = _config("kv" if fused else "dkdv", D, q.device, q.dtype)
+    num_n = max(1, _cdiv(max_k, cfg.block_n))  # >= 1 (grid stride, see _attn_fwd)
+    _KV(
+        (num_n * nb * H,),
+        (
+            q, k, v, dout, dk, dv, dq, lse, delta, lut_, dlut, alibi_, bias4, dbias32, cq, ck, *sqkv, *sb, *sdb,
+            H, LQ, LK, Tq, R, num_n, scale2, scale,
+        ),
+        (
+            D, cfg.block_m, cfg.block_n, causal, *has, varlen, fused, rel_grad and fused, bias_grad and fused,
+            db_bm, db_bn, db_atomic, diag, dot_prec, not interp,
+        ),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    if fused:
+        if scale != 1.0:
+            dq.mul_(scale)
+        dq = dq.to(q.dtype)
+    else:  # dQ (+ d_lut, d_bias): one program per query block, looping over keys
+        cfg = _config("dq", D, q.device, q.dtype)
+        num_m = max(1, _cdiv(max_q, cfg.block_m))
+        _DQ(
+            (num_m * nb * H,),
+            (
+                q, k, v, dout, dq, lse, delta, lut_, dlut, alibi_, bias4, dbias32, cq, ck, *sqkv, *sb, *sdb,
+                H, LQ, LK, Tq, R, num_m, scale2, scale,
+            ),
+            (
+                D, cfg.block_m, cfg.block_n, causal, has[0], rel_grad, has[1], has[2], bias_grad, db_bm, db_bn,
+                db_atomic, varlen, diag, dot_prec, not interp,
+            ),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )  # fmt: skip
+    dbias = dbias32.to(bias.dtype).reshape(bias.shape) if bias_grad else q.new_empty(0)
+    return dq, dk, dv, dlut if rel_grad else q.new_empty(0), dbias
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# torch.library custom ops (opaque to torch.compile, with fake implementations) and autograd
+# Autograd: a torch.autograd.Function on the eager path (cheap), torch.library custom ops under torch.compile
+# (opaque to Dynamo, with fake implementations); both call the launchers above.
 # ----------------------------------------------------------------------------------------------------------------
+
+
+class _FlashAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, lut, alibi, bias, cu_q, cu_k, max_q, max_k, scale, causal):
+        out, lse = _fwd_impl(q, k, v, lut, alibi, bias, cu_q, cu_k, max_q, max_k, scale, causal)
+        ctx.save_for_backward(q, k, v, out, lse, lut, alibi, bias, cu_q, cu_k)
+        ctx.params = (max_q, max_k, scale, causal)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse, lut, alibi, bias, cu_q, cu_k = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        dq, dk, dv, dlut, dbias = _bwd_impl(
+            dout, q, k, v, out, lse, lut, alibi, bias, cu_q, cu_k, *ctx.params, need[3], need[5]
+        )
+        return (
+            dq,
+            dk,
+            dv,
+            dlut if need[3] else None,
+            None,
+            dbias if need[5] else None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
 
 
 @torch.library.custom_op("flasht5::flash_attn_fwd", mutates_args=())
@@ -831,7 +1059,7 @@ def _flash_attn_fwd(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    rel_table: Optional[torch.Tensor],  # noqa: UP045 (torch.library schema inference)
+    rel_lut: Optional[torch.Tensor],  # noqa: UP045 (torch.library schema inference)
     alibi_slopes: Optional[torch.Tensor],  # noqa: UP045 (torch.library schema inference)
     bias: Optional[torch.Tensor],  # noqa: UP045 (torch.library schema inference)
     cu_seqlens_q: Optional[torch.Tensor],  # noqa: UP045 (torch.library schema inference)
@@ -840,19 +1068,15 @@ def _flash_attn_fwd(
     max_seqlen_k: int,
     scale: float,
     causal: bool,
-    rel_bidirectional: bool,
-    rel_max_distance: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return _fwd_impl(
-        q, k, v, rel_table, alibi_slopes, bias, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
-        causal, rel_bidirectional, rel_max_distance,
-    )  # fmt: skip
+        q, k, v, rel_lut, alibi_slopes, bias, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal
+    )
 
 
 @_flash_attn_fwd.register_fake
 def _flash_attn_fwd_fake(
-    q, k, v, rel_table, alibi_slopes, bias, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal,
-    rel_bidirectional, rel_max_distance,
+    q, k, v, rel_lut, alibi_slopes, bias, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal
 ):  # fmt: skip
     tq = q.shape[0] if cu_seqlens_q is not None else q.shape[0] * q.shape[1]
     return q.new_empty(q.shape), q.new_empty((q.shape[-2], tq), dtype=torch.float32)
@@ -866,7 +1090,7 @@ def _flash_attn_bwd(
     v: torch.Tensor,
     out: torch.Tensor,
     lse: torch.Tensor,
-    rel_table: Optional[torch.Tensor],  # noqa: UP045 (torch.library schema inference)
+    rel_lut: Optional[torch.Tensor],  # noqa: UP045 (torch.library schema inference)
     alibi_slopes: Optional[torch.Tensor],  # noqa: UP045 (torch.library schema inference)
     bias: Optional[torch.Tensor],  # noqa: UP045 (torch.library schema inference)
     cu_seqlens_q: Optional[torch.Tensor],  # noqa: UP045 (torch.library schema inference)
@@ -875,49 +1099,45 @@ def _flash_attn_bwd(
     max_seqlen_k: int,
     scale: float,
     causal: bool,
-    rel_bidirectional: bool,
-    rel_max_distance: int,
-    need_dtable: bool,
+    need_dlut: bool,
     need_dbias: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return _bwd_impl(
-        dout, q, k, v, out, lse, rel_table, alibi_slopes, bias, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-        max_seqlen_k, scale, causal, rel_bidirectional, rel_max_distance, need_dtable, need_dbias,
+        dout, q, k, v, out, lse, rel_lut, alibi_slopes, bias, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+        max_seqlen_k, scale, causal, need_dlut, need_dbias,
     )  # fmt: skip
 
 
 @_flash_attn_bwd.register_fake
 def _flash_attn_bwd_fake(
-    dout, q, k, v, out, lse, rel_table, alibi_slopes, bias, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-    scale, causal, rel_bidirectional, rel_max_distance, need_dtable, need_dbias,
+    dout, q, k, v, out, lse, rel_lut, alibi_slopes, bias, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+    scale, causal, need_dlut, need_dbias,
 ):  # fmt: skip
-    dtable = rel_table.new_empty(rel_table.shape) if rel_table is not None and need_dtable else q.new_empty(0)
+    dlut = rel_lut.new_empty(rel_lut.shape) if rel_lut is not None and need_dlut else q.new_empty(0)
     dbias = bias.new_empty(bias.shape) if bias is not None and need_dbias else q.new_empty(0)
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dtable, dbias
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dlut, dbias
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, rel_table, alibi, bias, cu_q, cu_k, max_q, max_k, scale, causal, rel_bidir, R = inputs
+    q, k, v, lut, alibi, bias, cu_q, cu_k, max_q, max_k, scale, causal = inputs
     out, lse = output
     ctx.set_materialize_grads(False)  # the LSE is never differentiated: no zero-filled (H, T) grad per backward
-    ctx.save_for_backward(q, k, v, out, lse, rel_table, alibi, bias, cu_q, cu_k)
-    ctx.params = (max_q, max_k, scale, causal, rel_bidir, R)
+    ctx.save_for_backward(q, k, v, out, lse, lut, alibi, bias, cu_q, cu_k)
+    ctx.params = (max_q, max_k, scale, causal)
 
 
 def _backward(ctx, dout, _dlse):
-    q, k, v, out, lse, rel_table, alibi, bias, cu_q, cu_k = ctx.saved_tensors
-    max_q, max_k, scale, causal, rel_bidir, R = ctx.params
-    need_dtable = rel_table is not None and ctx.needs_input_grad[3]
+    q, k, v, out, lse, lut, alibi, bias, cu_q, cu_k = ctx.saved_tensors
+    need_dlut = lut is not None and ctx.needs_input_grad[3]
     need_dbias = bias is not None and ctx.needs_input_grad[5]
     if dout is None:  # only the LSE was used downstream (not reachable through flash_attention)
         dout = torch.zeros_like(out)
-    dq, dk, dv, dtable, dbias = _flash_attn_bwd(
-        dout, q, k, v, out, lse, rel_table, alibi, bias, cu_q, cu_k, max_q, max_k, scale, causal, rel_bidir, R,
-        need_dtable, need_dbias,
-    )  # fmt: skip
+    dq, dk, dv, dlut, dbias = _flash_attn_bwd(
+        dout, q, k, v, out, lse, lut, alibi, bias, cu_q, cu_k, *ctx.params, need_dlut, need_dbias
+    )
     return (
-        dq, dk, dv, dtable if need_dtable else None, None, dbias if need_dbias else None,
-        None, None, None, None, None, None, None, None,
+        dq, dk, dv, dlut if need_dlut else None, None, dbias if need_dbias else None,
+        None, None, None, None, None, None,
     )  # fmt: skip
 
 
@@ -933,17 +1153,17 @@ def _debug_checks() -> bool:
     return os.environ.get("FLASHT5_DEBUG", "0") not in ("", "0", "false", "False")
 
 
-def _check_cu_seqlens(name: str, cu: torch.Tensor, tokens: int, ref: torch.Tensor, count_name: str) -> None:
+def _check_cu_seqlens(name: str, cu: object, tokens: int, device: torch.device, count_name: str) -> None:
     if not isinstance(cu, torch.Tensor):
         raise ValueError(f"{name} must be a tensor, got {type(cu).__name__}")
     if cu.dtype != torch.int32:
         raise ValueError(f"{name} must be int32, got {cu.dtype}")
-    if cu.dim() != 1 or cu.numel() < 1:
+    if cu.dim() != 1 or cu.shape[0] < 1:
         raise ValueError(f"{name} must be 1-D with num_seqs + 1 >= 1 entries, got shape {tuple(cu.shape)}")
-    if cu.device != ref.device:
-        raise ValueError(f"{name} must be on {ref.device}, got {cu.device}")
+    if cu.device != device:
+        raise ValueError(f"{name} must be on {device}, got {cu.device}")
     # Value checks read the tensor: free on the CPU, a GPU sync otherwise (only with FLASHT5_DEBUG=1).
-    if (cu.device.type == "cpu" or _debug_checks()) and not torch.compiler.is_compiling():
+    if (not cu.is_cuda or _debug_checks()) and not torch.compiler.is_compiling():
         vals = cu.tolist()
         if vals[0] != 0:
             raise ValueError(f"{name} must start at 0, got {vals[0]}")
@@ -951,6 +1171,120 @@ def _check_cu_seqlens(name: str, cu: torch.Tensor, tokens: int, ref: torch.Tenso
             raise ValueError(f"{name} must be non-decreasing (monotone)")
         if vals[-1] != tokens:
             raise ValueError(f"{name}[-1] = {vals[-1]} must equal the number of {count_name} tokens ({tokens})")
+
+
+def _max_seqlens(cu_q: torch.Tensor, cu_k: torch.Tensor, max_q, max_k) -> tuple[int, int]:
+    """Fill in a ``None`` max_seqlen from cu_seqlens (one host sync for both; a graph break under torch.compile)."""
+    if max_q is None or max_k is None:
+        if cu_q.shape[0] < 2:
+            mq = mk = 0
+        else:
+            mq, mk = torch.stack(((cu_q[1:] - cu_q[:-1]).max(), (cu_k[1:] - cu_k[:-1]).max())).tolist()
+        max_q = mq if max_q is None else max_q
+        max_k = mk if max_k is None else max_k
+    for name, val in (("max_seqlen_q", max_q), ("max_seqlen_k", max_k)):
+        if not isinstance(val, int) or val < 0:
+            raise ValueError(f"{name} must be a non-negative int, got {val!r}")
+    return max_q, max_k
+
+
+def _check_inputs(
+    q, k, v, scale, causal, rel_table, rel_bidirectional, rel_max_distance, rel_lut, alibi_slopes, bias, cu_q, cu_k,
+    max_q, max_k,
+):  # fmt: skip
+    """Validate :func:`flash_attention`'s arguments (shapes, dtypes, devices, Python types; values only of CPU
+    tensors or under FLASHT5_DEBUG=1) and return the launchers' arguments ``(q, k, v, lut, alibi, bias, cu_q, cu_k,
+    max_q, max_k, scale, causal)``; ``rel_table`` becomes its lookup (:func:`t5_bias_lut`)."""
+    varlen = cu_q is not None or cu_k is not None
+    nd = 3 if varlen else 4
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
+        if t.dim() != nd:
+            layout = "(T, H, D) with cu_seqlens" if varlen else "(B, L, H, D)"
+            raise ValueError(f"{name} must be {layout}, got shape {tuple(t.shape)}")
+    dtype, device = q.dtype, q.device
+    if dtype not in _DTYPES:
+        raise ValueError(f"q: unsupported dtype {dtype} (float16, bfloat16 or float32)")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != dtype:
+            raise ValueError(f"{name}.dtype {t.dtype} must match q.dtype {dtype}")
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device} but q is on {device}")
+    if not q.is_cuda:
+        check_kernel_device(q, "q")
+        if dtype == torch.bfloat16:
+            raise ValueError("q: bfloat16 is not supported by the Triton interpreter (use float32/float16 on CPU)")
+    qs, ks = q.shape, k.shape
+    H, D = qs[-2], qs[-1]
+    if D not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"q: head dim {D} is not supported (supported: {SUPPORTED_HEAD_DIMS})")
+    if ks != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(ks)} and {tuple(v.shape)}")
+    if ks[-2] != H or ks[-1] != D:
+        raise ValueError(f"k: heads/head dim {tuple(ks[-2:])} must match q's {(H, D)}")
+    if not varlen and ks[0] != qs[0]:
+        raise ValueError(f"k: batch size {ks[0]} must match q's {qs[0]}")
+    if not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite float, got {scale!r}")
+
+    if varlen:
+        if cu_q is None or cu_k is None:
+            raise ValueError("cu_seqlens_q and cu_seqlens_k must be given together (varlen layout)")
+        _check_cu_seqlens("cu_seqlens_q", cu_q, qs[0], device, "query")
+        _check_cu_seqlens("cu_seqlens_k", cu_k, ks[0], device, "key")
+        if cu_q.shape[0] != cu_k.shape[0]:
+            raise ValueError(f"cu_seqlens_k has {cu_k.shape[0]} entries but cu_seqlens_q has {cu_q.shape[0]}")
+        max_q, max_k = _max_seqlens(cu_q, cu_k, max_q, max_k)
+        if bias is not None:
+            raise ValueError("bias is only supported for the dense layout (not with cu_seqlens)")
+    else:
+        max_q, max_k = qs[1], ks[1]
+
+    n_pos = (rel_table is not None) + (rel_lut is not None) + (alibi_slopes is not None)
+    if n_pos > 1:
+        raise ValueError("rel_table, rel_lut and alibi_slopes are exclusive: pass one position bias")
+    lut = rel_lut
+    if rel_table is not None:
+        if not isinstance(rel_table, torch.Tensor) or rel_table.dim() != 2 or rel_table.shape[1] != H:
+            shape = tuple(rel_table.shape) if isinstance(rel_table, torch.Tensor) else type(rel_table).__name__
+            raise ValueError(f"rel_table must be (num_buckets, H={H}), got {shape}")
+        if not rel_table.is_floating_point():
+            raise ValueError(f"rel_table must be floating point, got {rel_table.dtype}")
+        if rel_table.device != device:
+            raise ValueError(f"rel_table is on {rel_table.device} but q is on {device}")
+        lut = t5_bias_lut(rel_table, rel_bidirectional, rel_max_distance)  # validates num_buckets / max distance
+    elif rel_lut is not None:
+        if not isinstance(rel_lut, torch.Tensor) or rel_lut.dim() != 2 or rel_lut.shape[0] != H:
+            shape = tuple(rel_lut.shape) if isinstance(rel_lut, torch.Tensor) else type(rel_lut).__name__
+            raise ValueError(f"rel_lut must be (H={H}, 2R+1) (see t5_bias_lut), got {shape}")
+        if rel_lut.shape[1] % 2 != 1:
+            raise ValueError(f"rel_lut must have an odd width 2R+1 (distances -R..R), got {rel_lut.shape[1]}")
+        if rel_lut.dtype != torch.float32:
+            raise ValueError(f"rel_lut must be float32, got {rel_lut.dtype}")
+        if rel_lut.device != device:
+            raise ValueError(f"rel_lut is on {rel_lut.device} but q is on {device}")
+        if not rel_lut.is_contiguous():
+            lut = rel_lut.contiguous()
+    if alibi_slopes is not None:
+        if not isinstance(alibi_slopes, torch.Tensor) or alibi_slopes.shape != (H,):
+            shape = tuple(alibi_slopes.shape) if isinstance(alibi_slopes, torch.Tensor) else alibi_slopes
+            raise ValueError(f"alibi_slopes must have shape ({H},), got {shape}")
+        if not alibi_slopes.is_floating_point() or alibi_slopes.device != device:
+            raise ValueError(f"alibi_slopes must be a float tensor on {device}")
+        if alibi_slopes.requires_grad and torch.is_grad_enabled():
+            raise ValueError("alibi_slopes: gradients are not supported (detach the slopes)")
+        if alibi_slopes.stride(0) != 1:
+            alibi_slopes = alibi_slopes.contiguous()
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or not bias.is_floating_point():
+            raise ValueError("bias must be a floating-point tensor")
+        if bias.device != device:
+            raise ValueError(f"bias is on {bias.device} but q is on {device}")
+        full = (qs[0], H, qs[1], ks[1])
+        if bias.dim() > 4 or any(n not in (1, f) for n, f in zip(bias.shape[::-1], full[::-1])):
+            raise ValueError(f"bias of shape {tuple(bias.shape)} is not broadcastable to (B, H, Lq, Lk) = {full}")
+    return q, k, v, lut, alibi_slopes, bias, cu_q, cu_k, max_q, max_k, float(scale), bool(causal)
 
 
 def flash_attention(
@@ -963,6 +1297,7 @@ def flash_attention(
     rel_table: torch.Tensor | None = None,
     rel_bidirectional: bool = True,
     rel_max_distance: int = 128,
+    rel_lut: torch.Tensor | None = None,
     alibi_slopes: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
     cu_seqlens_q: torch.Tensor | None = None,
@@ -973,102 +1308,28 @@ def flash_attention(
     """Flash attention with T5 relative-position bias / ALiBi / additive bias, causal and varlen (module docstring).
 
     Dense: q ``(B, Lq, H, D)``, k/v ``(B, Lk, H, D)``. Varlen: q ``(Tq, H, D)``, k/v ``(Tk, H, D)`` with int32
-    ``cu_seqlens_q``/``cu_seqlens_k`` (``num_seqs + 1``) and ``max_seqlen_q``/``max_seqlen_k`` (computed with a
-    sync when None). Returns a new tensor shaped like ``q``. T5 uses ``scale=1.0``.
+    ``cu_seqlens_q``/``cu_seqlens_k`` (``num_seqs + 1``) and ``max_seqlen_q``/``max_seqlen_k`` (computed with one
+    sync when None; an understated value is slower, never wrong). The T5 bias comes either as ``rel_table``
+    (``(num_buckets, H)``, with ``rel_bidirectional``/``rel_max_distance``) or precomputed as
+    ``rel_lut = t5_bias_lut(rel_table, rel_bidirectional, rel_max_distance)`` (build it once, pass it to every layer
+    that shares the table). Returns a new tensor shaped like ``q``. T5 uses ``scale=1.0``.
     """
-    varlen = cu_seqlens_q is not None or cu_seqlens_k is not None
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
-        if t.dim() != (3 if varlen else 4):
-            layout = "(T, H, D) with cu_seqlens" if varlen else "(B, L, H, D)"
-            raise ValueError(f"{name} must be {layout}, got shape {tuple(t.shape)}")
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise ValueError(f"q: unsupported dtype {q.dtype} (float16, bfloat16 or float32)")
-    for name, t in (("k", k), ("v", v)):
-        if t.dtype != q.dtype:
-            raise ValueError(f"{name}.dtype {t.dtype} must match q.dtype {q.dtype}")
-        if t.device != q.device:
-            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
-    check_kernel_device(q, "q")
-    if q.device.type != "cuda" and q.dtype == torch.bfloat16:
-        raise ValueError("q: bfloat16 is not supported by the Triton interpreter (use float32/float16 on CPU)")
-    H, D = q.shape[-2], q.shape[-1]
-    if D not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"q: head dim {D} is not supported (supported: {SUPPORTED_HEAD_DIMS})")
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-    if k.shape[-2:] != q.shape[-2:]:
-        raise ValueError(f"k: heads/head dim {tuple(k.shape[-2:])} must match q's {tuple(q.shape[-2:])}")
-    if not varlen and k.shape[0] != q.shape[0]:
-        raise ValueError(f"k: batch size {k.shape[0]} must match q's {q.shape[0]}")
-    if not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise ValueError(f"scale must be a finite float, got {scale!r}")
-
-    if varlen:
-        if cu_seqlens_q is None or cu_seqlens_k is None:
-            raise ValueError("cu_seqlens_q and cu_seqlens_k must be given together (varlen layout)")
-        _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], q, "query")
-        _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], q, "key")
-        if cu_seqlens_q.numel() != cu_seqlens_k.numel():
-            raise ValueError(
-                f"cu_seqlens_k has {cu_seqlens_k.numel()} entries but cu_seqlens_q has {cu_seqlens_q.numel()}"
-            )
-        if max_seqlen_q is None:  # a GPU sync (and a graph break under torch.compile): pass it when you can
-            max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max().item()) if cu_seqlens_q.numel() > 1 else 0
-        if max_seqlen_k is None:
-            max_seqlen_k = int((cu_seqlens_k[1:] - cu_seqlens_k[:-1]).max().item()) if cu_seqlens_k.numel() > 1 else 0
-        for name, val in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
-            if not isinstance(val, int) or val < 0:
-                raise ValueError(f"{name} must be a non-negative int, got {val!r}")
-        if bias is not None:
-            raise ValueError("bias is only supported for the dense layout (not with cu_seqlens)")
-        Lq = Lk = None
-    else:
-        Lq, Lk = q.shape[1], k.shape[1]
-        max_seqlen_q, max_seqlen_k = Lq, Lk
-
-    if rel_table is not None and alibi_slopes is not None:
-        raise ValueError("rel_table and alibi_slopes are exclusive: pass one position bias")
-    if rel_table is not None:
-        if not isinstance(rel_table, torch.Tensor) or rel_table.dim() != 2 or rel_table.shape[1] != H:
-            shape = tuple(rel_table.shape) if isinstance(rel_table, torch.Tensor) else type(rel_table).__name__
-            raise ValueError(f"rel_table must be (num_buckets, H={H}), got {shape}")
-        if not rel_table.is_floating_point():
-            raise ValueError(f"rel_table must be floating point, got {rel_table.dtype}")
-        if rel_table.device != q.device:
-            raise ValueError(f"rel_table is on {rel_table.device} but q is on {q.device}")
-        nb = rel_table.shape[0]
-        max_exact = (nb // 2 if rel_bidirectional else nb) // 2
-        if max_exact < 1:
-            raise ValueError(f"rel_table: num_buckets={nb} too small (need >= {4 if rel_bidirectional else 2})")
-        if not isinstance(rel_max_distance, int) or rel_max_distance <= max_exact:
-            raise ValueError(
-                f"rel_max_distance must be an int > {max_exact} (num_buckets={nb}), got {rel_max_distance!r}"
-            )
-    if alibi_slopes is not None:
-        if not isinstance(alibi_slopes, torch.Tensor) or tuple(alibi_slopes.shape) != (H,):
-            shape = tuple(alibi_slopes.shape) if isinstance(alibi_slopes, torch.Tensor) else alibi_slopes
-            raise ValueError(f"alibi_slopes must have shape ({H},), got {shape}")
-        if not alibi_slopes.is_floating_point() or alibi_slopes.device != q.device:
-            raise ValueError(f"alibi_slopes must be a float tensor on {q.device}")
-        if alibi_slopes.requires_grad and torch.is_grad_enabled():
-            raise ValueError("alibi_slopes: gradients are not supported (detach the slopes)")
-        alibi_slopes = alibi_slopes.contiguous()
-    if bias is not None:
-        if not isinstance(bias, torch.Tensor) or not bias.is_floating_point():
-            raise ValueError("bias must be a floating-point tensor")
-        if bias.device != q.device:
-            raise ValueError(f"bias is on {bias.device} but q is on {q.device}")
-        full = (q.shape[0], H, Lq, Lk)
-        if bias.dim() > 4 or any(n not in (1, f) for n, f in zip(bias.shape[::-1], full[::-1])):
-            raise ValueError(f"bias of shape {tuple(bias.shape)} is not broadcastable to (B, H, Lq, Lk) = {full}")
-
-    out, _ = _flash_attn_fwd(
-        q, k, v, rel_table, alibi_slopes, bias, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
-        float(scale), bool(causal), bool(rel_bidirectional), int(rel_max_distance),
+    args = _check_inputs(
+        q, k, v, scale, causal, rel_table, rel_bidirectional, rel_max_distance, rel_lut, alibi_slopes, bias,
+        cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
     )  # fmt: skip
-    return out
+    if torch.compiler.is_compiling():
+        return _flash_attn_fwd(*args)[0]
+    lut, bias = args[3], args[5]
+    if torch.is_grad_enabled() and (
+        q.requires_grad
+        or k.requires_grad
+        or v.requires_grad
+        or (lut is not None and lut.requires_grad)
+        or (bias is not None and bias.requires_grad)
+    ):
+        return _FlashAttention.apply(*args)
+    return _fwd_impl(*args)[0]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1076,7 +1337,8 @@ def flash_attention(
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _ref_dense(q, k, v, scale, causal, rel_table, rel_bidirectional, rel_max_distance, alibi_slopes, bias, dtype):
+def _ref_dense(q, k, v, scale, causal, rel_table, rel_bidirectional, rel_max_distance, rel_lut, alibi_slopes, bias,
+               dtype):  # fmt: skip
     Lq, Lk = q.shape[1], k.shape[1]
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     s = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale  # (B, H, Lq, Lk)
@@ -1085,6 +1347,9 @@ def _ref_dense(q, k, v, scale, causal, rel_table, rel_bidirectional, rel_max_dis
     if rel_table is not None:
         buckets = relative_position_bucket(rel, rel_bidirectional, rel_table.shape[0], rel_max_distance)
         s = s + rel_table.to(dtype)[buckets].permute(2, 0, 1)[None]  # (Lq, Lk, H) -> (1, H, Lq, Lk)
+    if rel_lut is not None:
+        R = (rel_lut.shape[1] - 1) // 2
+        s = s + rel_lut.to(dtype)[:, rel.clamp(-R, R) + R][None]  # (H, Lq, Lk) -> (1, H, Lq, Lk)
     if alibi_slopes is not None:
         s = s - alibi_slopes.to(dtype)[None, :, None, None] * rel.abs().to(dtype)
     if bias is not None:
@@ -1106,6 +1371,7 @@ def flash_attention_ref(
     rel_table: torch.Tensor | None = None,
     rel_bidirectional: bool = True,
     rel_max_distance: int = 128,
+    rel_lut: torch.Tensor | None = None,
     alibi_slopes: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
     cu_seqlens_q: torch.Tensor | None = None,
@@ -1114,7 +1380,9 @@ def flash_attention_ref(
     max_seqlen_k: int | None = None,
     upcast: bool = True,
 ) -> torch.Tensor:
-    """Plain-PyTorch reference of :func:`flash_attention` (materialises the (Lq, Lk) scores and bias).
+    """Plain-PyTorch reference of :func:`flash_attention` (materialises the (Lq, Lk) scores and bias; the T5 bias
+    from HF's bucket formula for ``rel_table``, from the clamped lookup for ``rel_lut``). ``max_seqlen_*`` are
+    ignored (every sequence is computed in full).
 
     Computes in fp32 when ``upcast`` (the accuracy reference), else in the inputs' dtype (the "same dtype" term of
     the error-ratio rule). Returns the result in that compute dtype.
@@ -1122,7 +1390,7 @@ def flash_attention_ref(
     dtype = torch.float32 if upcast else q.dtype
     kw = dict(
         scale=scale, causal=causal, rel_table=rel_table, rel_bidirectional=rel_bidirectional,
-        rel_max_distance=rel_max_distance, alibi_slopes=alibi_slopes,
+        rel_max_distance=rel_max_distance, rel_lut=rel_lut, alibi_slopes=alibi_slopes,
     )  # fmt: skip
     if cu_seqlens_q is None:
         return _ref_dense(q, k, v, bias=bias, dtype=dtype, **kw)
