@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from flasht5.layout import Layout, _readable, gather_tokens, scatter_tokens, shift_right
-from flasht5.ops.relative_position import relative_position_bucket
+from flasht5.ops.relative_position import relative_position_bucket, t5_bias_lut
 
 BACKENDS = ("eager", "sdpa", "flash")
 
@@ -386,8 +386,9 @@ class PositionBias(nn.Module):
         if self.kind == "rope":
             return [{} if kernels.flat else None] * self.num_layers
         if kernels.flat and self.kind == "t5":
-            per = [dict(rel_table=t.weight, rel_bidirectional=self.bidirectional, rel_max_distance=self.max_distance)
-                   for t in self.tables]  # fmt: skip
+            # The per-head distance lookup the kernel reads, gathered from the table once per stack forward (its
+            # gradient flows back to the table through autograd, once, not once per layer).
+            per = [dict(rel_lut=t5_bias_lut(t.weight, self.bidirectional, self.max_distance)) for t in self.tables]
         elif kernels.flat and self.kind == "alibi":
             per = [dict(alibi_slopes=self.slopes)]
         elif kernels.flat:  # FIRE: its MLP's bias, materialised (dense batches only)
