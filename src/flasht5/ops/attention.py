@@ -425,47 +425,41 @@ def _diag_sums_to_lut(ds, c, R, dlut_base, BLOCK_M: tl.constexpr, BLOCK_N: tl.co
 
     ``ds`` is ``(BLOCK_M, BLOCK_N)`` (rows = queries; element ``(i, j)`` at distance ``c + j - i``) or, with
     ``TRANSPOSED``, ``(BLOCK_N, BLOCK_M)`` (rows = keys; element ``(a, b)`` at distance ``c + a - b``); ``c`` is the
-    distance of the (first query, first key) element. With ``DIAG_GATHER`` the tile is skewed by ``tl.gather`` (a
-    shared-memory shuffle) so every diagonal ``t`` (distance ``c + t - (BLOCK_M - 1)``) becomes a row or column;
-    its sum goes out as one atomic. Otherwise one atomic per element (fallback)."""
+    distance of the (first query, first key) element.
+
+    With ``DIAG_GATHER``: every row of the tile is rotated by its own index (``tl.gather`` along the columns, a
+    shared-memory shuffle), so that each column holds one residue ``u mod C`` of the in-tile offset ``u`` (``C`` =
+    the number of columns) and each of its elements one "wrap" ``w = u // C``; the column sums per wrap are the
+    diagonal sums, one atomic each (``BLOCK_M + BLOCK_N - 1`` valid ones). The rotated tile has the tile's own size
+    (skewing the tile into diagonals-as-rows needs twice the registers, which spilled in the fused backward).
+    Otherwise one atomic per element (fallback)."""
     if DIAG_GATHER:
+        if TRANSPOSED:  # ds (BLOCK_N, BLOCK_M); in-tile offset u = a - b in [-(BLOCK_M - 1), BLOCK_N - 1]
+            ROWS: tl.constexpr = BLOCK_N
+            COLS: tl.constexpr = BLOCK_M
+            U_LO: tl.constexpr = -(BLOCK_M - 1)
+        else:  # ds (BLOCK_M, BLOCK_N); u = j - i in [-(BLOCK_M - 1), BLOCK_N - 1] (so the sign of the shift flips)
+            ROWS: tl.constexpr = BLOCK_M
+            COLS: tl.constexpr = BLOCK_N
+            U_LO: tl.constexpr = -(BLOCK_M - 1)
+        r = tl.arange(0, ROWS)[:, None]
+        col = tl.arange(0, COLS)[None, :]  # the residue column: u = col (mod COLS)
         if TRANSPOSED:
-            if BLOCK_N >= BLOCK_M:
-                W: tl.constexpr = 2 * BLOCK_N  # next power of two >= BLOCK_M + BLOCK_N - 1
-                t = tl.arange(0, W)
-                bb = tl.arange(0, BLOCK_M)
-                aa = t[:, None] + bb[None, :] - (BLOCK_M - 1)  # (W, BLOCK_M): row of diagonal t in column b
-                ok = (aa >= 0) & (aa < BLOCK_N)
-                g = tl.gather(ds, tl.where(ok, aa, 0), 0)
-                d = tl.sum(tl.where(ok, g, 0.0), 1)  # (W,)
-            else:
-                W: tl.constexpr = 2 * BLOCK_M
-                t = tl.arange(0, W)
-                aa = tl.arange(0, BLOCK_N)
-                bb = aa[:, None] - t[None, :] + (BLOCK_M - 1)  # (BLOCK_N, W): column of diagonal t in row a
-                ok = (bb >= 0) & (bb < BLOCK_M)
-                g = tl.gather(ds, tl.where(ok, bb, 0), 1)
-                d = tl.sum(tl.where(ok, g, 0.0), 0)  # (W,)
+            src = (r - col) & (COLS - 1)  # b with a - b = col (mod COLS)
+            u = r - src
         else:
-            if BLOCK_M >= BLOCK_N:
-                W: tl.constexpr = 2 * BLOCK_M
-                t = tl.arange(0, W)
-                jj = tl.arange(0, BLOCK_N)
-                ii = jj[None, :] - t[:, None] + (BLOCK_M - 1)  # (W, BLOCK_N): row of diagonal t in column j
-                ok = (ii >= 0) & (ii < BLOCK_M)
-                g = tl.gather(ds, tl.where(ok, ii, 0), 0)
-                d = tl.sum(tl.where(ok, g, 0.0), 1)  # (W,)
-            else:
-                W: tl.constexpr = 2 * BLOCK_N
-                t = tl.arange(0, W)
-                ii = tl.arange(0, BLOCK_M)
-                jj = t[None, :] + ii[:, None] - (BLOCK_M - 1)  # (BLOCK_M, W): column of diagonal t in row i
-                ok = (jj >= 0) & (jj < BLOCK_N)
-                g = tl.gather(ds, tl.where(ok, jj, 0), 1)
-                d = tl.sum(tl.where(ok, g, 0.0), 0)  # (W,)
-        rel = c + t - (BLOCK_M - 1)
-        idx = tl.minimum(tl.maximum(rel, -R), R) + R
-        tl.atomic_add(dlut_base + idx, d, mask=t < BLOCK_M + BLOCK_N - 1, sem="relaxed")
+            src = (r + col) & (COLS - 1)  # j with j - i = col (mod COLS)
+            u = src - r
+        g = tl.gather(ds, src, 1)  # (ROWS, COLS): g[row, col] = ds[row, src]
+        wrap = (u - col) // COLS  # exact: u = col + COLS * wrap
+        W_LO: tl.constexpr = -((-U_LO + COLS - 1) // COLS)  # floor(U_LO / COLS)
+        W_HI: tl.constexpr = (BLOCK_N - 1) // COLS
+        cols = tl.arange(0, COLS)
+        for w in tl.static_range(W_HI - W_LO + 1):
+            d = tl.sum(tl.where(wrap == W_LO + w, g, 0.0), 0)  # (COLS,): the diagonal u = col + COLS * w
+            uu = cols + COLS * (W_LO + w)
+            idx = tl.minimum(tl.maximum(c + uu, -R), R) + R
+            tl.atomic_add(dlut_base + idx, d, mask=(uu >= U_LO) & (uu <= BLOCK_N - 1), sem="relaxed")
     else:
         rel = nj - (mi + off)
         idx = tl.minimum(tl.maximum(rel, -R), R) + R
@@ -491,8 +485,13 @@ def _bwd_kv_block(
     k = tl.load(k_base + offs_n[:, None] * skm + offs_d[None, :], mask=kmask, other=0.0)
     v = tl.load(v_base + offs_n[:, None] * svm + offs_d[None, :], mask=kmask, other=0.0)
     m_start, m_a, m_b, m_full, m_end = _q_segments(n0, off, Lq, R, BLOCK_M, BLOCK_N, CAUSAL, HAS_REL)
-    # a partial key block is masked in every tile: its padding keys would otherwise enter the far tiles' sums
-    kv_tail = n0 + BLOCK_N > Lk
+    # with reductions over keys (d_lut, row sums of d_bias) a partial key block is masked in every tile: its padding
+    # keys would otherwise enter the far tiles' sums (dK/dV/dQ need no mask there: padding rows are never stored and
+    # their zero-loaded K adds nothing to dQ)
+    if REL_GRAD or (BIAS_GRAD and DB_BN):
+        kv_tail = n0 + BLOCK_N > Lk
+    else:
+        kv_tail = False
 
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
@@ -752,7 +751,8 @@ class _Cfg(NamedTuple):
 # (fused backward): BLOCK_N keys owned, BLOCK_M queries streamed; dq (split backward): BLOCK_M queries owned,
 # BLOCK_N keys streamed. fwd/dkdv/dq at D=64/128: measured on one H200 (bench_attention.py --sweep /
 # --shape-sweep; candidates pre-screened offline for spills and shared memory); D=16/32 reuse D=64's, D=256 chosen
-# to fit (GPU-tested, not tuned). kv: pre-screened offline only (bench_attention.py --screen), not yet measured.
+# to fit (GPU-tested, not tuned). kv: the largest tiles without register spills in bench_attention.py --screen
+# (sm90 cubins compiled offline: BLOCK_M=64 spills at D=64 because of the d_lut reduction), not yet timed on a GPU.
 _SM90: dict[tuple[str, int], _Cfg] = {
     ("fwd", 16): _Cfg(64, 64, 4, 3),
     ("fwd", 32): _Cfg(64, 64, 4, 3),
@@ -769,11 +769,11 @@ _SM90: dict[tuple[str, int], _Cfg] = {
     ("dq", 64): _Cfg(64, 32, 4, 4),
     ("dq", 128): _Cfg(64, 32, 4, 3),
     ("dq", 256): _Cfg(64, 32, 8, 2),
-    ("kv", 16): _Cfg(64, 128, 8, 2),
-    ("kv", 32): _Cfg(64, 128, 8, 2),
-    ("kv", 64): _Cfg(64, 128, 8, 2),
-    ("kv", 128): _Cfg(64, 64, 8, 2),
-    ("kv", 256): _Cfg(32, 64, 8, 2),
+    ("kv", 16): _Cfg(32, 128, 8, 3),
+    ("kv", 32): _Cfg(32, 128, 8, 3),
+    ("kv", 64): _Cfg(32, 128, 8, 3),
+    ("kv", 128): _Cfg(32, 64, 8, 2),
+    ("kv", 256): _Cfg(16, 32, 8, 2),
 }
 # Ampere (164 KB shared memory on A100; 100 KB on sm86/89 -> these small tiles fit both).
 _SM80: dict[tuple[str, int], _Cfg] = {
@@ -792,11 +792,11 @@ _SM80: dict[tuple[str, int], _Cfg] = {
     ("dq", 64): _Cfg(64, 32, 4, 2),
     ("dq", 128): _Cfg(64, 32, 4, 2),
     ("dq", 256): _Cfg(32, 32, 4, 1),
-    ("kv", 16): _Cfg(32, 64, 4, 2),
-    ("kv", 32): _Cfg(32, 64, 4, 2),
-    ("kv", 64): _Cfg(32, 64, 4, 2),
-    ("kv", 128): _Cfg(32, 64, 4, 2),
-    ("kv", 256): _Cfg(16, 32, 4, 1),
+    ("kv", 16): _Cfg(16, 64, 4, 2),
+    ("kv", 32): _Cfg(16, 64, 4, 2),
+    ("kv", 64): _Cfg(16, 64, 4, 2),
+    ("kv", 128): _Cfg(32, 64, 8, 2),
+    ("kv", 256): _Cfg(16, 32, 8, 1),
 }
 _INTERPRET_CFG = _Cfg(16, 16, 4, 1)
 # Tests and benchmarks may force configurations: {"fwd" / "dkdv" / "dq" / "kv": _Cfg}, {"arch": 8} (the sm80
