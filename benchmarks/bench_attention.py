@@ -304,13 +304,13 @@ SWEEP = {
         "fwd": [(64, 64, 4, 3), (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 3), (64, 64, 4, 4)],
         "dkdv": [(64, 64, 4, 3), (32, 64, 4, 3), (32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 4)],
         "dq": [(64, 32, 4, 3), (128, 32, 8, 3), (64, 32, 4, 4), (64, 64, 8, 3), (128, 64, 8, 3)],
-        "kv": [(32, 128, 8, 3), (32, 128, 8, 2), (32, 64, 4, 3), (64, 128, 8, 2), (64, 64, 4, 2), (16, 128, 4, 3)],
+        "kv": [(32, 128, 8, 3), (32, 128, 8, 2), (32, 64, 4, 3), (64, 128, 8, 2), (64, 64, 4, 3), (16, 128, 4, 3)],
     },
     128: {
         "fwd": [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (128, 64, 8, 2), (64, 32, 4, 3)],
         "dkdv": [(32, 64, 4, 3), (32, 128, 8, 3), (64, 64, 8, 3), (32, 64, 4, 4), (64, 128, 8, 2)],
         "dq": [(64, 32, 4, 3), (128, 32, 8, 3), (64, 64, 8, 3), (64, 32, 4, 4), (128, 64, 8, 3)],
-        "kv": [(32, 64, 4, 3), (32, 128, 8, 2), (32, 64, 8, 3), (64, 64, 8, 2), (16, 64, 4, 3), (32, 128, 8, 3)],
+        "kv": [(32, 64, 8, 3), (32, 64, 8, 2), (32, 128, 8, 2), (64, 64, 8, 2), (16, 64, 4, 3), (32, 64, 4, 3)],
     },
 }
 _VARIANT_OF = {"dkdv": "split", "dq": "split", "kv": "fused"}  # the backward variant a kernel belongs to
@@ -597,7 +597,7 @@ _POINTERS = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV", "LSE", "DELTA", "LUT", 
 }
 
 
-def _screen_source(kernel: str, D: int, cfg: tuple, causal: bool):
+def _screen_source(kernel: str, D: int, cfg: tuple, causal: bool, dq_t: bool = True):
     """A Triton ASTSource of ``kernel`` specialised as on the GPU for bf16 q/k/v (16-byte aligned pointers and
     16-divisible q/k/v strides; counts unspecialised) with the T5 lookup and its gradient."""
     from triton.compiler import ASTSource
@@ -607,7 +607,7 @@ def _screen_source(kernel: str, D: int, cfg: tuple, causal: bool):
     consts = dict(
         HEAD_DIM=D, BLOCK_M=cfg[0], BLOCK_N=cfg[1], CAUSAL=causal, HAS_REL=True, HAS_ALIBI=False, HAS_BIAS=False,
         VARLEN=False, DOT_PREC="tf32", ASM_GATHER=True, DQ_ATOMIC=fused, REL_GRAD=kernel in ("kv", "dq"),
-        BIAS_GRAD=False, DB_BM=False, DB_BN=False, DB_ATOMIC=False, DIAG_GATHER=True,
+        BIAS_GRAD=False, DB_BM=False, DB_BN=False, DB_ATOMIC=False, DIAG_GATHER=True, DQ_T=dq_t,
     )  # fmt: skip
     bf16 = {"Q", "K", "V", "O", "DO", "DK", "DV"} | (set() if fused else {"DQ"})
     strides16 = {"sqb", "sqm", "sqh", "skb", "skm", "skh", "svb", "svm", "svh"}
@@ -648,7 +648,8 @@ def screen(kernels: list[str], head_dims: list[int], arch: int = 90) -> list[dic
                     t0 = time.perf_counter()
                     try:
                         opts = dict(num_warps=cfg[2], num_stages=cfg[3])
-                        c = triton.compile(_screen_source(kernel, D, cfg, causal), GPUTarget("cuda", arch, 32), opts)
+                        src = _screen_source(kernel, D, cfg, causal, cfg[4] if len(cfg) > 4 else arch >= 90)
+                        c = triton.compile(src, GPUTarget("cuda", arch, 32), opts)
                         with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
                             f.write(c.asm["ptx"])
                             f.flush()

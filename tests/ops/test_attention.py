@@ -215,11 +215,20 @@ def test_strided_inputs_no_copy_path():
         dict(bwd="split", dq=A._Cfg(16, 32, 4, 1), dkdv=A._Cfg(32, 16, 4, 1), fwd=A._Cfg(32, 16, 4, 1)),
         dict(bwd="fused", kv=A._Cfg(16, 32, 4, 1)),
         dict(bwd="fused", kv=A._Cfg(32, 16, 4, 1)),
+        dict(bwd="fused", kv=A._Cfg(16, 32, 4, 1, False)),
     ],
-    ids=["atomic-fallback-fused", "atomic-fallback-split", "split-other-tiles", "fused-BN>BM", "fused-BM>BN"],
+    ids=[
+        "atomic-fallback-fused",
+        "atomic-fallback-split",
+        "split-other-tiles",
+        "fused-BN>BM",
+        "fused-BM>BN",
+        "fused-dQ",
+    ],
 )
 def test_alternative_kernel_paths(force, monkeypatch):
-    """The per-element-atomic fallback of the d_lut reduction, and both gather orientations of each backward."""
+    """The per-element-atomic fallback of the d_lut reduction, both gather orientations of each backward, and the
+    fused backward's dQ (instead of dQ^T) orientation (the sm80 one)."""
     monkeypatch.setattr(A, "_FORCE", dict(force))
     run_case(torch.float32, B=1, Lq=45, Lk=38, H=2, rel=(8, 6, True))
 

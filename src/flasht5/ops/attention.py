@@ -475,6 +475,7 @@ def _bwd_kv_block(
     HAS_REL: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr, DQ_ATOMIC: tl.constexpr,
     REL_GRAD: tl.constexpr, BIAS_GRAD: tl.constexpr, DB_BM: tl.constexpr, DB_BN: tl.constexpr,
     DB_ATOMIC: tl.constexpr, DIAG_GATHER: tl.constexpr, DOT_PREC: tl.constexpr, ASM_GATHER: tl.constexpr,
+    DQ_T: tl.constexpr,
 ):  # fmt: skip
     """Backward of the key block starting at ``n0``: dK, dV (stored), and with ``DQ_ATOMIC`` also dQ (fp32 atomics
     into the accumulator), d_lut and d_bias, in one pass over the query blocks (5 matmuls per tile)."""
@@ -518,8 +519,14 @@ def _bwd_kv_block(
         dst = pt * (dpt - delta[None, :])  # dL/dS^T in natural units (S = scale * q k^T + bias)
         dk = tl.dot(dst.to(q.dtype), q, dk, input_precision=DOT_PREC)
         if DQ_ATOMIC:
-            dq = tl.dot(tl.trans(dst.to(k.dtype)), k, input_precision=DOT_PREC)  # (BLOCK_M, HEAD_DIM)
-            tl.atomic_add(dq_base + offs_m[:, None] * sdqm + offs_d[None, :], dq, mask=rmask[:, None], sem="relaxed")
+            if DQ_T:  # dQ^T = K^T dS^T: M = HEAD_DIM, so Hopper's wgmma (M >= 64) also serves BLOCK_M < 64
+                dqt = tl.dot(tl.trans(k), dst.to(k.dtype), input_precision=DOT_PREC)  # (HEAD_DIM, BLOCK_M)
+                dq_ptrs = dq_base + offs_m[None, :] * sdqm + offs_d[:, None]
+                tl.atomic_add(dq_ptrs, dqt, mask=rmask[None, :], sem="relaxed")
+            else:
+                dq = tl.dot(tl.trans(dst.to(k.dtype)), k, input_precision=DOT_PREC)  # (BLOCK_M, HEAD_DIM)
+                dq_ptrs = dq_base + offs_m[:, None] * sdqm + offs_d[None, :]
+                tl.atomic_add(dq_ptrs, dq, mask=rmask[:, None], sem="relaxed")
         if REL_GRAD:
             if near:
                 c = n0 - (start_m + off)  # distance of tile element (key n0, query start_m)
@@ -567,7 +574,7 @@ def _attn_bwd_kv(
     HAS_REL: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr, VARLEN: tl.constexpr,
     DQ_ATOMIC: tl.constexpr, REL_GRAD: tl.constexpr, BIAS_GRAD: tl.constexpr, DB_BM: tl.constexpr,
     DB_BN: tl.constexpr, DB_ATOMIC: tl.constexpr, DIAG_GATHER: tl.constexpr, DOT_PREC: tl.constexpr,
-    ASM_GATHER: tl.constexpr,
+    ASM_GATHER: tl.constexpr, DQ_T: tl.constexpr,
 ):  # fmt: skip
     """One program per key block (NUM_N per head): the "split" backward's dK/dV kernel, or with ``DQ_ATOMIC`` the
     whole "fused" backward (dQ by fp32 atomics, d_lut, d_bias)."""
@@ -597,7 +604,7 @@ def _attn_bwd_kv(
                 dlut_base, c_left, c_right, alibi2, bias_base, db_base,
                 sqm, skm, svm, HD, HD, HD, HD, sbm, sbn, sdbm, sdbn, Lq, Lk, R, scale2, scale,
                 HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, HAS_REL, HAS_ALIBI, HAS_BIAS, DQ_ATOMIC, REL_GRAD, BIAS_GRAD,
-                DB_BM, DB_BN, DB_ATOMIC, DIAG_GATHER, DOT_PREC, ASM_GATHER,
+                DB_BM, DB_BN, DB_ATOMIC, DIAG_GATHER, DOT_PREC, ASM_GATHER, DQ_T,
             )  # fmt: skip
     else:
         _bwd_kv_block(
@@ -605,7 +612,7 @@ def _attn_bwd_kv(
             lut_base, dlut_base, c_left, c_right, alibi2, bias_base, db_base,
             sqm, skm, svm, HD, HD, HD, HD, sbm, sbn, sdbm, sdbn, Lq, Lk, R, scale2, scale,
             HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, HAS_REL, HAS_ALIBI, HAS_BIAS, DQ_ATOMIC, REL_GRAD, BIAS_GRAD,
-            DB_BM, DB_BN, DB_ATOMIC, DIAG_GATHER, DOT_PREC, ASM_GATHER,
+            DB_BM, DB_BN, DB_ATOMIC, DIAG_GATHER, DOT_PREC, ASM_GATHER, DQ_T,
         )  # fmt: skip
 
 
@@ -745,6 +752,7 @@ class _Cfg(NamedTuple):
     block_n: int
     num_warps: int
     num_stages: int
+    dq_t: bool = True  # fused backward: compute dQ^T = K^T dS^T (M = head dim: wgmma on sm90 even for BLOCK_M < 64)
 
 
 # (kernel, head_dim) -> config. fwd: BLOCK_M queries owned, BLOCK_N keys streamed; dkdv (split backward) and kv
@@ -772,7 +780,7 @@ _SM90: dict[tuple[str, int], _Cfg] = {
     ("kv", 16): _Cfg(32, 128, 8, 3),
     ("kv", 32): _Cfg(32, 128, 8, 3),
     ("kv", 64): _Cfg(32, 128, 8, 3),
-    ("kv", 128): _Cfg(32, 64, 8, 2),
+    ("kv", 128): _Cfg(32, 64, 8, 3),
     ("kv", 256): _Cfg(16, 32, 8, 2),
 }
 # Ampere (164 KB shared memory on A100; 100 KB on sm86/89 -> these small tiles fit both).
@@ -792,11 +800,11 @@ _SM80: dict[tuple[str, int], _Cfg] = {
     ("dq", 64): _Cfg(64, 32, 4, 2),
     ("dq", 128): _Cfg(64, 32, 4, 2),
     ("dq", 256): _Cfg(32, 32, 4, 1),
-    ("kv", 16): _Cfg(16, 64, 4, 2),
-    ("kv", 32): _Cfg(16, 64, 4, 2),
-    ("kv", 64): _Cfg(16, 64, 4, 2),
-    ("kv", 128): _Cfg(32, 64, 8, 2),
-    ("kv", 256): _Cfg(16, 32, 8, 1),
+    ("kv", 16): _Cfg(16, 64, 4, 2, False),
+    ("kv", 32): _Cfg(16, 64, 4, 2, False),
+    ("kv", 64): _Cfg(16, 64, 4, 2, False),
+    ("kv", 128): _Cfg(32, 64, 8, 2, False),
+    ("kv", 256): _Cfg(16, 32, 8, 1, False),
 }
 _INTERPRET_CFG = _Cfg(16, 16, 4, 1)
 # Tests and benchmarks may force configurations: {"fwd" / "dkdv" / "dq" / "kv": _Cfg}, {"arch": 8} (the sm80
@@ -990,7 +998,7 @@ def _bwd_impl(
         ),
         (
             D, cfg.block_m, cfg.block_n, causal, *has, varlen, fused, rel_grad and fused, bias_grad and fused,
-            db_bm, db_bn, db_atomic, diag, dot_prec, not interp,
+            db_bm, db_bn, db_atomic, diag, dot_prec, not interp, cfg.dq_t,
         ),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
