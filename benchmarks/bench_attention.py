@@ -305,31 +305,34 @@ SWEEP = {
         "dkdv": [(64, 64, 4, 3), (32, 64, 4, 3), (32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 4)],
         "dq": [(64, 32, 4, 3), (128, 32, 8, 3), (64, 32, 4, 4), (64, 64, 8, 3), (128, 64, 8, 3)],
         "kv": [(32, 128, 8, 3), (32, 128, 8, 2), (32, 64, 4, 3), (64, 128, 8, 2), (64, 64, 4, 3), (16, 128, 4, 3)],
+        "kv_nolut": [(64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2)],
     },
     128: {
         "fwd": [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (128, 64, 8, 2), (64, 32, 4, 3)],
         "dkdv": [(32, 64, 4, 3), (32, 128, 8, 3), (64, 64, 8, 3), (32, 64, 4, 4), (64, 128, 8, 2)],
         "dq": [(64, 32, 4, 3), (128, 32, 8, 3), (64, 64, 8, 3), (64, 32, 4, 4), (128, 64, 8, 3)],
         "kv": [(32, 64, 8, 3), (32, 64, 8, 2), (32, 128, 8, 2), (64, 64, 8, 2), (16, 64, 4, 3), (32, 64, 4, 3)],
+        "kv_nolut": [(32, 128, 8, 2), (64, 64, 8, 2), (32, 64, 8, 3), (64, 128, 8, 2)],
     },
 }
-_VARIANT_OF = {"dkdv": "split", "dq": "split", "kv": "fused"}  # the backward variant a kernel belongs to
+_VARIANT_OF = {"dkdv": "split", "dq": "split", "kv": "fused", "kv_nolut": "fused"}  # backward variant of a kernel
 
 
 def sweep_configs(D: int, L: int = 2048) -> list[dict]:
-    """Time fwd (forward only) and fwd+bwd with each kernel's candidate tiles forced (T5 bias, bidirectional)."""
+    """Time fwd (forward only) and fwd+bwd with each kernel's candidate tiles forced (T5 bias, bidirectional;
+    kv_nolut: no bias)."""
     cands = SWEEP[D]
     B = TOKENS // L
     out = []
     for kernel, cfgs in cands.items():
         for c in cfgs:
             A._FORCE.clear()
-            A._FORCE[kernel] = A._Cfg(*c)
+            A._FORCE["kv" if kernel == "kv_nolut" else kernel] = A._Cfg(*c)
             if kernel in _VARIANT_OF:
                 A._FORCE["bwd"] = _VARIANT_OF[kernel]
             row = dict(kernel=kernel, D=D, cfg=str(c))
             try:
-                fwd, fb = make_ours(B, L, D, False, "t5")
+                fwd, fb = make_ours(B, L, D, False, "none" if kernel == "kv_nolut" else "t5")
                 ms = utils.bench(fwd if kernel == "fwd" else fb, warmup=10, rep=40)
                 row["ms"] = ms
                 mode = "fwd" if kernel == "fwd" else "fwd_bwd"
@@ -597,16 +600,17 @@ _POINTERS = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV", "LSE", "DELTA", "LUT", 
 }
 
 
-def _screen_source(kernel: str, D: int, cfg: tuple, causal: bool, dq_t: bool = True):
+def _screen_source(kernel: str, D: int, cfg: tuple, causal: bool, dq_t: bool = True, rel: bool = True):
     """A Triton ASTSource of ``kernel`` specialised as on the GPU for bf16 q/k/v (16-byte aligned pointers and
-    16-divisible q/k/v strides; counts unspecialised) with the T5 lookup and its gradient."""
+    16-divisible q/k/v strides; counts unspecialised) with the T5 lookup and its gradient (``rel``) or no bias."""
     from triton.compiler import ASTSource
 
-    fn = {"fwd": A._attn_fwd, "dkdv": A._attn_bwd_kv, "kv": A._attn_bwd_kv, "dq": A._attn_bwd_dq}[kernel]
-    fused = kernel == "kv"
+    fn = {"fwd": A._attn_fwd, "dq": A._attn_bwd_dq}.get(kernel, A._attn_bwd_kv)
+    fused = kernel in ("kv", "kv_nolut")
+    rel = rel and kernel != "kv_nolut"
     consts = dict(
-        HEAD_DIM=D, BLOCK_M=cfg[0], BLOCK_N=cfg[1], CAUSAL=causal, HAS_REL=True, HAS_ALIBI=False, HAS_BIAS=False,
-        VARLEN=False, DOT_PREC="tf32", ASM_GATHER=True, DQ_ATOMIC=fused, REL_GRAD=kernel in ("kv", "dq"),
+        HEAD_DIM=D, BLOCK_M=cfg[0], BLOCK_N=cfg[1], CAUSAL=causal, HAS_REL=rel, HAS_ALIBI=False, HAS_BIAS=False,
+        VARLEN=False, DOT_PREC="tf32", ASM_GATHER=True, DQ_ATOMIC=fused, REL_GRAD=rel and kernel in ("kv", "dq"),
         BIAS_GRAD=False, DB_BM=False, DB_BN=False, DB_ATOMIC=False, DIAG_GATHER=True, DQ_T=dq_t,
     )  # fmt: skip
     bf16 = {"Q", "K", "V", "O", "DO", "DK", "DV"} | (set() if fused else {"DQ"})
@@ -641,14 +645,14 @@ def screen(kernels: list[str], head_dims: list[int], arch: int = 90) -> list[dic
     rows = []
     for kernel in kernels:
         for D in head_dims:
-            table = tuple(A._SM90[(kernel, D)])
-            for cfg in dict.fromkeys([table] + [tuple(c) for c in SWEEP.get(D, {}).get(kernel, [])]):
+            table = A._SM90[(kernel, D)]
+            for cfg in dict.fromkeys([table] + [A._Cfg(*c) for c in SWEEP.get(D, {}).get(kernel, [])]):
                 for causal in (False, True):
                     row = dict(kernel=kernel, D=D, cfg=str(cfg), table=cfg == table, causal=causal)
                     t0 = time.perf_counter()
                     try:
                         opts = dict(num_warps=cfg[2], num_stages=cfg[3])
-                        src = _screen_source(kernel, D, cfg, causal, cfg[4] if len(cfg) > 4 else arch >= 90)
+                        src = _screen_source(kernel, D, cfg, causal, cfg.dq_t and arch >= 90)
                         c = triton.compile(src, GPUTarget("cuda", arch, 32), opts)
                         with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
                             f.write(c.asm["ptx"])
@@ -683,7 +687,7 @@ def _precompile(shard: int, nshards: int, mode: str, quick: bool) -> None:
                     continue
                 for c in cfgs:
                     for causal in (False, True) if mode == "shape-sweep" else (False,):
-                        jobs.append(("ours", D, causal, "t5", (kernel, c)))
+                        jobs.append(("ours", D, causal, "none" if kernel == "kv_nolut" else "t5", (kernel, c)))
     else:
         for D in dims:
             for causal in (False, True):
@@ -697,7 +701,8 @@ def _precompile(shard: int, nshards: int, mode: str, quick: bool) -> None:
             continue
         A._FORCE.clear()
         if what == "ours" and force:
-            A._FORCE[force[0]] = A._Cfg(*force[1]) if isinstance(force[1], tuple) else force[1]
+            key = "kv" if force[0] == "kv_nolut" else force[0]
+            A._FORCE[key] = A._Cfg(*force[1]) if isinstance(force[1], tuple) else force[1]
             if force[0] in _VARIANT_OF:
                 A._FORCE["bwd"] = _VARIANT_OF[force[0]]
         try:
@@ -754,7 +759,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--bwd-variants", action="store_true", help="only: time and check the two backward schemes")
     p.add_argument("--host", action="store_true", help="only: host overhead per call (tiny inputs)")
     p.add_argument("--screen", action="store_true", help="only (no GPU needed): compile candidate tiles for sm90")
-    p.add_argument("--screen-kernels", default="kv,dkdv,dq,fwd", help="kernels for --screen (comma-separated)")
+    p.add_argument("--screen-kernels", default="kv,kv_nolut,dkdv,dq,fwd", help="kernels for --screen (comma-separated)")
     p.add_argument("--sweep", action="store_true", help="also sweep tile configurations (L=2048, D=64/128)")
     p.add_argument("--shape-sweep", action="store_true", help="only: forward tiles per (causal, L), D=64, T5 bias")
     p.add_argument("--out", default=None, help="markdown results file to append to (default: results/<date>-<gpu>.md)")

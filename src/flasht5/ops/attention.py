@@ -65,17 +65,22 @@ Backward, after a preprocessing kernel (``delta = rowsum(dO * O)``, which also z
 two variants (``BWD_VARIANTS``; ``_FORCE["bwd"]`` selects one for tests and benchmarks):
 
 * ``"fused"`` (default): FlashAttention-2's original scheme. One program per key block loops over the query
-  blocks, recomputes P from the LSE, accumulates dK/dV in registers and adds each tile's ``dS K`` into an fp32 dQ
-  accumulator with relaxed atomics (cast to the input dtype at the end): 5 matmuls per tile. The T5 table
-  gradient is reduced in the same pass (far tiles: column sums of ``dS^T`` into two per-program scalars; near
-  tiles: ``dS^T`` skewed by ``tl.gather`` so that each relative offset becomes one row or column, its
-  ``BLOCK_M + BLOCK_N - 1`` diagonal sums added to ``d_lut`` with fp32 atomics).
+  blocks, recomputes P from the LSE, accumulates dK/dV in registers and adds each tile's dQ contribution into an
+  fp32 accumulator with relaxed atomics (zeroed by the prep kernel, cast to the input dtype at the end): 5 matmuls
+  per tile instead of 7. On sm90 the contribution is computed transposed, ``dQ^T = K^T dS^T``, so that its M is the
+  head dim and Hopper's wgmma (M >= 64) serves tiles with ``BLOCK_M = 32`` too (``_Cfg.dq_t``; the sm80 table
+  uses ``dS^T``'s transpose times K). The T5 table gradient is reduced in the same pass (far tiles: sums of
+  ``dS^T`` into two per-program scalars; near tiles: diagonal sums, see below).
 * ``"split"``: one kernel per key block for dK/dV and one per query block for dQ (which also reduces ``d_lut``
   and ``d_bias``), no atomics on dQ/dK/dV: deterministic gradients of q/k/v, 7 matmuls per tile. Chosen
   automatically under ``torch.use_deterministic_algorithms(True)``.
 
-``d_lut`` and a broadcast ``d_bias`` are summed by atomics in both variants (nondeterministic order, fp32 rounding
-only), as is dQ in the fused one.
+Near-tile diagonal sums for ``d_lut``: every row of the ``dS`` tile is rotated by its own index (``tl.gather``
+within rows: warp shuffles), so that each column holds one residue of the in-tile offset ``j - i`` modulo the
+column count; masked column sums per "wrap" are then the ``BLOCK_M + BLOCK_N - 1`` diagonal sums, each added to
+``d_lut`` with one fp32 atomic. (Skewing the tile into diagonals-as-rows, the first version, needs a gathered tile
+twice the tile's size and spilled registers in the fused kernel.) ``d_lut`` and a broadcast ``d_bias`` are summed
+by atomics in both variants (nondeterministic order, fp32 rounding only), as is dQ in the fused one.
 
 Host path
 ---------
@@ -89,14 +94,17 @@ Tuning, hardware, measured speed
 --------------------------------
 Tiles come from a static per-architecture table keyed on the head dim, measured on one H200 (sm90) with
 ``benchmarks/bench_attention.py --sweep/--shape-sweep`` over candidates pre-screened offline
-(``bench_attention.py --screen`` compiles sm90 cubins without a GPU and reports registers, spills and shared
-memory). No runtime autotuning: it would cost seconds of compilation and benchmarking per shape in every process
-and give run-to-run varying tiles (and numerics). The sm80 table fits A100's 164 KB and is run on the H200 by the
-tests, but was not measured on Ampere hardware. On the H200 (bf16, H=12, 32k tokens/batch, same-run SDPA flash
-without bias as the ceiling; before the fused backward), for L >= 1024: forward with the T5 table 0.85-1.24x the
-ceiling, forward+backward with the table gradient 0.61-0.91x (split backward), peak memory at L=16k 0.68x the
-ceiling's; at L=512 every tile is in the band and the forward drops to 0.26-0.83x. See
-benchmarks/results/2026-11-29-h200.md. Under the Triton interpreter one 16x16 configuration is used.
+(``bench_attention.py --screen`` compiles sm90 cubins on a machine without a GPU, through Triton's bundled ptxas,
+and reports registers, spills and shared memory). The fused backward's tiles ("kv") are so far only screened:
+at D=64 the largest spill-free one is (BLOCK_M, BLOCK_N) = (32, 128) with 8 warps; (64, 128) and (64, 64) spill
+0.7-0.9 KB. No runtime autotuning: it would cost seconds of compilation and benchmarking per shape in every
+process and give run-to-run varying tiles (and numerics). The sm80 table fits A100's 164 KB and is run on the H200
+by the tests, but was not measured on Ampere hardware. On the H200 (bf16, H=12, 32k tokens/batch, same-run SDPA
+flash backend without bias as the then ceiling; before the fused backward), for L >= 1024: forward with the T5
+table 0.85-1.24x that ceiling, forward+backward with the table gradient 0.61-0.91x (split backward), peak memory
+at L=16k 0.68x the ceiling's; at L=512 every tile is in the band and the forward drops to 0.26-0.83x. See
+benchmarks/results/2026-11-29-h200.md (the benchmark's ceiling is now SDPA's default dispatch). Under the Triton
+interpreter one 16x16 configuration is used.
 
 Validation never syncs the GPU on the hot path: shapes, dtypes and devices are checked always; the *values* of
 ``cu_seqlens`` (start at 0, monotone, end at the token count) are checked on CPU tensors, or on the GPU when
@@ -760,7 +768,9 @@ class _Cfg(NamedTuple):
 # BLOCK_N keys streamed. fwd/dkdv/dq at D=64/128: measured on one H200 (bench_attention.py --sweep /
 # --shape-sweep; candidates pre-screened offline for spills and shared memory); D=16/32 reuse D=64's, D=256 chosen
 # to fit (GPU-tested, not tuned). kv: the largest tiles without register spills in bench_attention.py --screen
-# (sm90 cubins compiled offline: BLOCK_M=64 spills at D=64 because of the d_lut reduction), not yet timed on a GPU.
+# (sm90 cubins compiled offline: BLOCK_M=64 spills at D=64 because of the d_lut reduction), not yet timed on a GPU;
+# kv_nolut: the same kernel without a T5 table gradient to reduce (no bias, ALiBi, a bias, a lut without grad),
+# which fits larger tiles.
 _SM90: dict[tuple[str, int], _Cfg] = {
     ("fwd", 16): _Cfg(64, 64, 4, 3),
     ("fwd", 32): _Cfg(64, 64, 4, 3),
@@ -782,6 +792,11 @@ _SM90: dict[tuple[str, int], _Cfg] = {
     ("kv", 64): _Cfg(32, 128, 8, 3),
     ("kv", 128): _Cfg(32, 64, 8, 3),
     ("kv", 256): _Cfg(16, 32, 8, 2),
+    ("kv_nolut", 16): _Cfg(64, 128, 8, 2),
+    ("kv_nolut", 32): _Cfg(64, 128, 8, 2),
+    ("kv_nolut", 64): _Cfg(64, 128, 8, 2),
+    ("kv_nolut", 128): _Cfg(32, 128, 8, 2),
+    ("kv_nolut", 256): _Cfg(16, 32, 8, 2),
 }
 # Ampere (164 KB shared memory on A100; 100 KB on sm86/89 -> these small tiles fit both).
 _SM80: dict[tuple[str, int], _Cfg] = {
@@ -805,9 +820,15 @@ _SM80: dict[tuple[str, int], _Cfg] = {
     ("kv", 64): _Cfg(16, 64, 4, 2, False),
     ("kv", 128): _Cfg(32, 64, 8, 2, False),
     ("kv", 256): _Cfg(16, 32, 8, 1, False),
+    ("kv_nolut", 16): _Cfg(16, 64, 4, 2, False),
+    ("kv_nolut", 32): _Cfg(16, 64, 4, 2, False),
+    ("kv_nolut", 64): _Cfg(16, 64, 4, 2, False),
+    ("kv_nolut", 128): _Cfg(32, 64, 8, 2, False),
+    ("kv_nolut", 256): _Cfg(16, 32, 8, 1, False),
 }
 _INTERPRET_CFG = _Cfg(16, 16, 4, 1)
-# Tests and benchmarks may force configurations: {"fwd" / "dkdv" / "dq" / "kv": _Cfg}, {"arch": 8} (the sm80
+# Tests and benchmarks may force configurations: {"fwd" / "dkdv" / "dq" / "kv": _Cfg} ("kv" also forces
+# "kv_nolut"), {"arch": 8} (the sm80
 # table), {"diag_gather": False} (per-element d_lut atomics), {"bwd": "fused" | "split"} (backward variant).
 _FORCE: dict[str, object] = {}
 _CFG_CACHE: dict[tuple, _Cfg] = {}
@@ -839,7 +860,7 @@ def _pick(kernel: str, head_dim: int, dtype: torch.dtype, arch: int) -> _Cfg:
 def _config(kernel: str, head_dim: int, device: torch.device, dtype: torch.dtype) -> _Cfg:
     """The table's config, cached per (kernel, head dim, device, dtype): no device query per call."""
     if _FORCE:
-        forced = _FORCE.get(kernel)
+        forced = _FORCE.get("kv" if kernel == "kv_nolut" else kernel)
         if forced is not None:
             return forced  # type: ignore[return-value]
         if "arch" in _FORCE:
@@ -988,7 +1009,7 @@ def _bwd_impl(
     has = (lut is not None, alibi is not None, bias is not None)
 
     # dK, dV (fused: + dQ, d_lut, d_bias): one program per key block, looping over queries
-    cfg = _config("kv" if fused else "dkdv", D, q.device, q.dtype)
+    cfg = _config(("kv" if rel_grad else "kv_nolut") if fused else "dkdv", D, q.device, q.dtype)
     num_n = max(1, _cdiv(max_k, cfg.block_n))  # >= 1 (grid stride, see _attn_fwd)
     _KV(
         (num_n * nb * H,),
