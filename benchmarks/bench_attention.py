@@ -318,10 +318,10 @@ SWEEP = {
 _VARIANT_OF = {"dkdv": "split", "dq": "split", "kv": "fused", "kv_nolut": "fused"}  # backward variant of a kernel
 
 
-def sweep_configs(D: int, L: int = 2048) -> list[dict]:
+def sweep_configs(D: int, L: int = 2048, kernels: list[str] | None = None) -> list[dict]:
     """Time fwd (forward only) and fwd+bwd with each kernel's candidate tiles forced (T5 bias, bidirectional;
     kv_nolut: no bias)."""
-    cands = SWEEP[D]
+    cands = {k: c for k, c in SWEEP[D].items() if kernels is None or k in kernels}
     B = TOKENS // L
     out = []
     for kernel, cfgs in cands.items():
@@ -343,7 +343,7 @@ def sweep_configs(D: int, L: int = 2048) -> list[dict]:
             out.append(row)
             print(row, flush=True)
     # the d_lut reduction's fallback (one atomic per score element in near tiles) against tl.gather
-    for variant in A.BWD_VARIANTS:
+    for variant in [v for v in A.BWD_VARIANTS if kernels is None or {"fused": "kv", "split": "dq"}[v] in kernels]:
         A._FORCE.update(diag_gather=False, bwd=variant)
         fwd, fb = make_ours(B, L, D, False, "t5")
         ms = utils.bench(fb, warmup=10, rep=40)
@@ -648,7 +648,7 @@ def screen(kernels: list[str], head_dims: list[int], arch: int = 90) -> list[dic
             table = A._SM90[(kernel, D)]
             for cfg in dict.fromkeys([table] + [A._Cfg(*c) for c in SWEEP.get(D, {}).get(kernel, [])]):
                 for causal in (False, True):
-                    row = dict(kernel=kernel, D=D, cfg=str(cfg), table=cfg == table, causal=causal)
+                    row = dict(kernel=kernel, D=D, cfg=str(tuple(cfg)), table=cfg == table, causal=causal)
                     t0 = time.perf_counter()
                     try:
                         opts = dict(num_warps=cfg[2], num_stages=cfg[3])
@@ -674,16 +674,19 @@ def screen(kernels: list[str], head_dims: list[int], arch: int = 90) -> list[dic
 # ------------------------------------------------------------------------------------------------ driver
 
 
-def _precompile(shard: int, nshards: int, mode: str, quick: bool) -> None:
+def _precompile(shard: int, nshards: int, mode: str, quick: bool, args=None) -> None:
     """Run each distinct kernel specialisation once at a tiny batch so that Triton's disk cache is warm."""
     jobs = []
     dims = (64,) if quick else (64, 128)
     if mode == "bwd-variants":
-        jobs = [("ours", D, c, "t5-lut", ("bwd", v)) for D in (64, 128) for c in (False, True) for v in A.BWD_VARIANTS]
+        dims = tuple(int(d) for d in args.head_dims.split(",")) if args else (64, 128)
+        jobs = [("ours", D, c, "t5-lut", ("bwd", v)) for D in dims for c in (False, True) for v in A.BWD_VARIANTS]
     elif mode in ("sweep", "shape-sweep"):
         for D in (64,) if mode == "shape-sweep" else dims:
             for kernel, cfgs in SWEEP[D].items():
                 if mode == "shape-sweep" and kernel != "fwd":
+                    continue
+                if mode == "sweep" and args and args.sweep_kernels and kernel not in args.sweep_kernels.split(","):
                     continue
                 for c in cfgs:
                     for causal in (False, True) if mode == "shape-sweep" else (False,):
@@ -761,6 +764,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--screen", action="store_true", help="only (no GPU needed): compile candidate tiles for sm90")
     p.add_argument("--screen-kernels", default="kv,kv_nolut,dkdv,dq,fwd", help="kernels for --screen (comma-separated)")
     p.add_argument("--sweep", action="store_true", help="also sweep tile configurations (L=2048, D=64/128)")
+    p.add_argument("--sweep-kernels", default=None, help="--sweep only these kernels (e.g. kv,kv_nolut), no main table")
+    p.add_argument("--head-dims", default="64,128", help="--bwd-variants: head dims (comma-separated)")
     p.add_argument("--shape-sweep", action="store_true", help="only: forward tiles per (causal, L), D=64, T5 bias")
     p.add_argument("--out", default=None, help="markdown results file to append to (default: results/<date>-<gpu>.md)")
     p.add_argument("--plot", default=None, help="PNG path for the TFLOP/s-vs-L plot")
@@ -786,7 +791,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if args._precompile:
         shard, n = map(int, args._precompile.split("/"))
-        _precompile(shard, n, args.mode, args.quick)
+        _precompile(shard, n, args.mode, args.quick, args)
         return
     t_start = time.perf_counter()
     if args.mode == "screen":
@@ -804,6 +809,9 @@ def main(argv=None) -> None:
     if args.jobs > 0 and args.mode != "host":  # compile in parallel processes (Triton's disk cache is shared)
         flags = {"bwd-variants": ["--bwd-variants"], "sweep": ["--sweep"], "shape-sweep": ["--shape-sweep"]}
         base = [sys.executable, __file__] + (["--quick"] if args.quick else []) + flags.get(args.mode, [])
+        base += ["--head-dims", args.head_dims] + (
+            ["--sweep-kernels", args.sweep_kernels] if args.sweep_kernels else []
+        )
         procs = [subprocess.Popen(base + ["--_precompile", f"{i}/{args.jobs}"]) for i in range(args.jobs)]
         for pr in procs:
             pr.wait()
@@ -811,7 +819,7 @@ def main(argv=None) -> None:
 
     sections = []
     if args.mode == "bwd-variants":
-        timing, correct = bwd_variant_rows()
+        timing, correct = bwd_variant_rows(tuple(int(d) for d in args.head_dims.split(",")))
         sections.append(("Backward variants: time (bf16, H=12, 32k tokens, T5 lookup + gradient)",
                          utils.markdown_table(timing)))  # fmt: skip
         sections.append(("Backward variants: error vs fp32 reference (ratio = err / bf16-torch err; ok = test rule)",
@@ -822,7 +830,8 @@ def main(argv=None) -> None:
         sections.append(("Forward tiles per shape (T5 bias, D=64, bf16, H=12, 32k tokens)", utils.markdown_table(ss)))
         return _write("flash attention: per-shape forward tiles (bench_attention.py)", sections, args, t_start)
     if args.mode == "sweep":
-        sw = sweep_configs(64) + (sweep_configs(128) if not args.quick else [])
+        kernels = args.sweep_kernels.split(",") if args.sweep_kernels else None
+        sw = sweep_configs(64, kernels=kernels) + (sweep_configs(128, kernels=kernels) if not args.quick else [])
         chosen = []
         for D in sorted({r["D"] for r in sw}):
             for kernel in SWEEP[D]:
@@ -836,6 +845,8 @@ def main(argv=None) -> None:
         sections.append(("Tile sweep (T5 bias, bidirectional, L=2048, B=16)", utils.markdown_table(sw)))
         sections.append(("Tiles used below (sweep winners)", utils.markdown_table(chosen)))
         print(chosen, flush=True)
+        if kernels:  # a partial sweep: only its tables
+            return _write("flash attention: tile sweep (bench_attention.py --sweep)", sections, args, t_start)
 
     rows = throughput_rows(args.quick)
     sections.append((f"Throughput (bf16, H=12, 32k tokens per batch; ceiling = {CEILING}, default dispatch)",
