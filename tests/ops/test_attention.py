@@ -280,6 +280,16 @@ def test_varlen_understated_max_seqlen(causal, variant, monkeypatch):
         run_case(torch.float32, lens=lens, H=2, causal=causal, rel=(8, 6, not causal), max_seqlen=max_seqlen)
 
 
+def test_varlen_strided_cu_seqlens():
+    """A strided cu_seqlens view (every other entry of a longer tensor) is read as its values."""
+    g = torch.Generator().manual_seed(9)
+    q, k, v = (torch.randn(30, 2, 16, generator=g).to(DEV) for _ in range(3))
+    cu = torch.tensor([0, 99, 7, 99, 30], dtype=torch.int32, device=DEV)[::2]  # [0, 7, 30], stride 2
+    out = flash_attention(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=23, max_seqlen_k=23)
+    ref = flash_attention_ref(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
 def test_varlen_max_seqlen_none():
     """None: the maxima are computed from cu_seqlens (one sync)."""
     run_case(torch.float32, lens=([5, 0, 37], [9, 1, 20]), H=1, rel=(8, 6, True), max_seqlen=(None, None))

@@ -1264,6 +1264,8 @@ def _check_inputs(
         _check_cu_seqlens("cu_seqlens_k", cu_k, ks[0], device, "key")
         if cu_q.shape[0] != cu_k.shape[0]:
             raise ValueError(f"cu_seqlens_k has {cu_k.shape[0]} entries but cu_seqlens_q has {cu_q.shape[0]}")
+        if cu_q.stride(0) != 1 or cu_k.stride(0) != 1:  # the kernels read them with unit stride
+            cu_q, cu_k = cu_q.contiguous(), cu_k.contiguous()
         max_q, max_k = _max_seqlens(cu_q, cu_k, max_q, max_k)
         if bias is not None:
             raise ValueError("bias is only supported for the dense layout (not with cu_seqlens)")
