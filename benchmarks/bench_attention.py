@@ -1,21 +1,35 @@
-"""Benchmark: flash attention with the T5 bias (flasht5) against SDPA and FlexAttention, in one run.
+"""Benchmark: flash attention with the T5 bias (flasht5) against SDPA and FlexAttention, in one process.
 
-Rows (bf16, H=12, ~32k tokens per batch: batch = 32768 // L):
-  ours-t5      flasht5 ``flash_attention`` with the T5 bucket table (fp32 table; fwd+bwd includes its gradient)
+Rows of the main table (bf16, H=12, ~32k tokens per batch: batch = 32768 // L), ratios against the ceiling:
+  sdpa         CEILING: SDPA's default dispatch without any bias (what users get; cuDNN attention on the H200)
+  sdpa-flash   SDPA pinned to the FlashAttention-2 backend (``sdpa_kernel(SDPBackend.FLASH_ATTENTION)``)
+  sdpa-cudnn   SDPA pinned to cuDNN attention (``SDPBackend.CUDNN_ATTENTION``)
+  ours-t5      flasht5 ``flash_attention`` with the T5 bucket table (fp32 table; fwd+bwd includes its gradient,
+               i.e. t5_bias_lut's gather and scatter as well)
   ours-alibi   flasht5 with ALiBi
-  ours-nobias  flasht5 without any bias (isolates the kernel from the bias cost)
-  sdpa-bias    the real T5 path without a fused kernel: gather table[buckets] -> (1, H, L, L) bias (requires grad),
-               then SDPA (memory-efficient backend; its backward computes the bias gradient, the gather's backward
-               scatters it into the table)
+  ours-nobias  flasht5 without any bias (the kernel itself; target >= 0.95x the ceiling)
+  sdpa-bias    the T5 path without a fused kernel: gather table[buckets] -> (1, H, L, L) bias (requires grad), then
+               SDPA (its backward computes the bias gradient, the gather's backward scatters it into the table)
   flex-t5      FlexAttention (torch.compile) with the same bias as a score_mod (table captured, requires grad)
-  sdpa-nobias  SDPA flash backend without any bias: the ceiling
-Plus: peak memory at L=16384 (ours-t5 vs the ceiling), varlen packed documents vs dense batches of the same work,
-and (``--sweep``) a tile-configuration sweep of the three kernels.
+Plus: cross-attention shapes (Lq x Lk = 114 x 512, 512 x 2048, no bias), packed varlen documents of mixed lengths
+vs dense batches of the same work, and peak memory of fwd+bwd at L=16384.
+
+Modes (each a separate run):
+  (default)        the sections above; --quick: D=64, L in {1024, 4096}, fewer competitors
+  --bwd-variants   the two backward schemes ("fused": one kernel, atomic dQ; "split": dK/dV + dQ kernels) at
+                   32k tokens, D in {64, 128}, L in {512, 1024, 4096}, causal and not, T5 lookup with its gradient:
+                   forward, backward-only and fwd+bwd times, backward / forward ratio, and each variant's error
+                   against the fp32 reference on the GPU (max error, error ratio of the test rule)
+  --host           host overhead per call (tiny inputs, wall time): ours vs SDPA, forward and forward+backward
+  --screen         (no GPU needed) compile the candidate tiles for sm90 and report registers / spills / shared mem
+  --sweep          tile sweep of every kernel at L=2048 (then the main table with the winners)
+  --shape-sweep    forward tiles per (causal, L), D=64, T5 bias
 
 Slow competitors are timed once (a single call after a warm-up) when one call exceeds 100 ms; some are skipped at
 long L because a single backward takes seconds (the table's scatter gradient): the table says so.
 
-  python3 benchmarks/bench_attention.py [--quick] [--sweep] [--out results.md] [--plot attention.png]
+  PYTHONPATH=src python3 benchmarks/bench_attention.py [--quick] [--bwd-variants] [--host] [--screen] [--sweep]
+                                                       [--out results.md] [--plot attention.png]
 """
 
 from __future__ import annotations
@@ -38,6 +52,9 @@ from flasht5.ops import attention as A  # noqa: E402
 H = 12
 TOKENS = 32768
 SLOW_MS = 100.0
+CEILING = "sdpa"
+CROSS_SHAPES = ((114, 512), (512, 2048))  # T5 pretraining (114 targets / 512 inputs) and a long-input one
+VARIANT_LENGTHS = (512, 1024, 4096)
 
 
 def _time(fn) -> tuple[float, str]:
@@ -53,9 +70,11 @@ def _time(fn) -> tuple[float, str]:
     return utils.bench(fn, warmup=10, rep=40), ""
 
 
-def _inputs(B: int, L: int, D: int, requires_grad: bool = True, seed: int = 0):
+def _inputs(B: int, L: int, D: int, requires_grad: bool = True, seed: int = 0, Lk: int | None = None):
+    Lk = L if Lk is None else Lk
     g = torch.Generator(device="cuda").manual_seed(seed)
-    q, k, v = (torch.randn(B, L, H, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
+    q = torch.randn(B, L, H, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    k, v = (torch.randn(B, Lk, H, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
     for x in (q, k, v):
         x.requires_grad_(requires_grad)
     table = (torch.randn(32, H, device="cuda", generator=g) * 0.5).requires_grad_(requires_grad)
@@ -71,19 +90,37 @@ def _fwd_bwd(f, inputs, dout):
     return run
 
 
-def make_ours(B, L, D, causal, kind):
-    q, k, v, table, dout = _inputs(B, L, D)
+def _bwd_only(f, inputs, dout):
+    """Backward alone: one forward kept alive, its graph differentiated again on every call."""
+    o = f()
+
+    def run():
+        torch.autograd.grad(o, inputs, dout, retain_graph=True)
+
+    return run
+
+
+def _ours_setup(B, L, D, causal, kind, Lk=None):
+    q, k, v, table, dout = _inputs(B, L, D, Lk=Lk)
     if kind == "t5":
         kw = dict(rel_table=table, rel_bidirectional=not causal, rel_max_distance=128)
         ins = [q, k, v, table]
+    elif kind == "t5-lut":  # the model's way: the lookup built once per stack, handed to every layer
+        lut = A.t5_bias_lut(table, not causal, 128).detach().requires_grad_()
+        kw = dict(rel_lut=lut)
+        ins = [q, k, v, lut]
     elif kind == "alibi":
-        slopes = torch.tensor([2 ** (-8 * (i + 1) / H) for i in range(H)], device="cuda")
-        kw = dict(alibi_slopes=slopes)
+        kw = dict(alibi_slopes=torch.tensor([2 ** (-8 * (i + 1) / H) for i in range(H)], device="cuda"))
         ins = [q, k, v]
     else:
         kw = {}
         ins = [q, k, v]
     f = lambda: A.flash_attention(q, k, v, causal=causal, **kw)
+    return f, ins, dout
+
+
+def make_ours(B, L, D, causal, kind, Lk=None):
+    f, ins, dout = _ours_setup(B, L, D, causal, kind, Lk)
     return f, _fwd_bwd(f, ins, dout)
 
 
@@ -139,33 +176,63 @@ def make_flex(B, L, D, causal):
     return f, _fwd_bwd(f, [q, k, v, table], dout)
 
 
-def make_sdpa_nobias(B, L, D, causal):
-    import torch.nn.functional as F
+def _sdpa_backend(backend: str | None):
+    """Context manager pinning SDPA to ``backend`` ("flash", "cudnn"), or SDPA's own choice (None)."""
+    import contextlib
+
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    q, k, v, _, dout = _inputs(B, L, D)
+    if backend is None:
+        return contextlib.nullcontext()
+    return sdpa_kernel({"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}[backend])
+
+
+def make_sdpa(B, L, D, causal, backend=None, Lk=None):
+    """SDPA without bias: default dispatch (the ceiling) or a pinned backend. Bottom-right causal when Lq != Lk is
+    not what is_causal does (top-left), so causal rows are only built for Lq == Lk."""
+    import torch.nn.functional as F
+
+    q, k, v, _, dout = _inputs(B, L, D, Lk=Lk)
 
     def f():
-        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        with _sdpa_backend(backend):
             qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
             return F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal, scale=1.0).transpose(1, 2)
 
     return f, _fwd_bwd(f, [q, k, v], dout)
 
 
-def measure(rows, method, maker, B, L, D, causal, *extra, modes=("fwd", "fwd_bwd")):
-    """Time ``maker(B, L, D, causal, *extra)`` -> (fwd, fwd+bwd) closures; append a row (errors are recorded)."""
-    row = dict(method=method, D=D, causal=causal, L=L, B=B)
+def _kernel_names(fn, n: int = 2) -> str:
+    """The longest-running CUDA kernels of one call of ``fn`` (which backend SDPA's default dispatch picked)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    evts = [e for e in prof.key_averages() if getattr(e, "self_device_time_total", 0.0) > 0]
+    evts.sort(key=lambda e: -e.self_device_time_total)
+    return "; ".join(e.key[:48] for e in evts[:n])
+
+
+def measure(rows, method, maker, B, L, D, causal, *extra, modes=("fwd", "fwd_bwd"), Lk=None, **kw):
+    """Time ``maker(B, L, D, causal, *extra, **kw)`` -> (fwd, fwd+bwd) closures; append a row (errors are
+    recorded). ``Lk``: key length (cross-attention), default L."""
+    Lk_ = L if Lk is None else Lk
+    row = dict(method=method, D=D, causal=causal, L=L if Lk is None else f"{L}x{Lk}", B=B)
     try:
-        fwd, fb = maker(B, L, D, causal, *extra)
+        fwd, fb = maker(B, L, D, causal, *extra, **({"Lk": Lk} if Lk is not None else {}), **kw)
         for mode, fn in (("fwd", fwd), ("fwd_bwd", fb)):
             if mode not in modes:
                 continue
             ms, note = _time(fn)
             row[f"{mode}_ms"] = ms
-            row[f"{mode}_tflops"] = utils.tflops(utils.attention_flops(B, H, L, L, D, causal=causal, mode=mode), ms)
+            row[f"{mode}_tflops"] = utils.tflops(utils.attention_flops(B, H, L, Lk_, D, causal=causal, mode=mode), ms)
             if note:
                 row["note"] = (row.get("note", "") + f" {mode}:{note}").strip()
+        if method == CEILING:
+            row["note"] = (row.get("note", "") + " kernels: " + _kernel_names(fwd)).strip()
     except Exception as e:  # record the failure (e.g. FlexAttention out of shared memory) and go on
         row["note"] = f"FAILED: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
         traceback.print_exc()
@@ -175,34 +242,97 @@ def measure(rows, method, maker, B, L, D, causal, *extra, modes=("fwd", "fwd_bwd
     return row
 
 
-# Candidate tiles (BLOCK_M, BLOCK_N, warps, stages) per head dim, pre-screened offline on sm90 cubins (no register
-# spills, shared memory within 227 KB). The first entry is the table default.
+def add_ratios(rows: list[dict]) -> None:
+    """``*_x_ceiling`` = TFLOP/s relative to the ceiling row of the same (D, causal, L)."""
+    ceil = {(r["D"], r["causal"], r["L"]): r for r in rows if r["method"] == CEILING}
+    for r in rows:
+        c = ceil.get((r["D"], r["causal"], r["L"]), {})
+        for m in ("fwd", "fwd_bwd"):
+            if f"{m}_tflops" in r and f"{m}_tflops" in c:
+                r[f"{m}_x_ceiling"] = r[f"{m}_tflops"] / c[f"{m}_tflops"]
+
+
+THROUGHPUT_COLS = ["method", "D", "causal", "L", "B", "fwd_ms", "fwd_tflops", "fwd_x_ceiling", "fwd_bwd_ms",
+                   "fwd_bwd_tflops", "fwd_bwd_x_ceiling", "note"]  # fmt: skip
+
+
+def throughput_rows(quick: bool) -> list[dict]:
+    if quick:
+        grid = [(64, L) for L in (1024, 4096)]
+    else:
+        grid = [(D, L) for D in (64, 128) for L in (512, 1024, 2048, 4096, 8192, 16384)]
+    rows: list[dict] = []
+    for D, L in grid:
+        B = TOKENS // L
+        for causal in (False, True):
+            measure(rows, CEILING, make_sdpa, B, L, D, causal)
+            measure(rows, "sdpa-flash", make_sdpa, B, L, D, causal, "flash")
+            measure(rows, "sdpa-cudnn", make_sdpa, B, L, D, causal, "cudnn")
+            measure(rows, "ours-nobias", make_ours, B, L, D, causal, "none")
+            measure(rows, "ours-t5", make_ours, B, L, D, causal, "t5")
+            measure(rows, "ours-alibi", make_ours, B, L, D, causal, "alibi")
+            if D == 64 and L <= 8192:  # its backward takes seconds beyond
+                bwd_max = 1024 if quick else 4096
+                modes = ("fwd", "fwd_bwd") if bwd_max >= L else ("fwd",)
+                measure(rows, "sdpa-bias", make_sdpa_bias, B, L, D, causal, modes=modes)
+            # FlexAttention compiles per shape (tens of seconds each): one L only
+            flex_L = 1024 if quick else 2048
+            if D == 64 and flex_L == L and not (quick and causal):
+                measure(rows, "flex-t5", make_flex, B, L, D, causal)
+    add_ratios(rows)
+    return rows
+
+
+def cross_rows(quick: bool) -> list[dict]:
+    """Cross-attention (no position bias in T5), Lq != Lk, 32k key tokens per batch."""
+    rows: list[dict] = []
+    for D in (64,) if quick else (64, 128):
+        for Lq, Lk in CROSS_SHAPES:
+            B = TOKENS // Lk
+            measure(rows, CEILING, make_sdpa, B, Lq, D, False, Lk=Lk)
+            measure(rows, "sdpa-flash", make_sdpa, B, Lq, D, False, "flash", Lk=Lk)
+            measure(rows, "sdpa-cudnn", make_sdpa, B, Lq, D, False, "cudnn", Lk=Lk)
+            measure(rows, "ours-nobias", make_ours, B, Lq, D, False, "none", Lk=Lk)
+    add_ratios(rows)
+    return rows
+
+
+# Candidate tiles (BLOCK_M, BLOCK_N, warps, stages) per head dim for the sweep (the first entry of each list is
+# the table default); `--screen` compiles them for sm90 offline (registers, spills, shared memory).
 SWEEP = {
     64: {
         "fwd": [(64, 64, 4, 3), (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 3), (64, 64, 4, 4)],
         "dkdv": [(64, 64, 4, 3), (32, 64, 4, 3), (32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 4)],
         "dq": [(64, 32, 4, 3), (128, 32, 8, 3), (64, 32, 4, 4), (64, 64, 8, 3), (128, 64, 8, 3)],
+        "kv": [(32, 128, 8, 3), (32, 128, 8, 2), (32, 64, 4, 3), (64, 128, 8, 2), (64, 64, 4, 3), (16, 128, 4, 3)],
+        "kv_nolut": [(64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2)],
     },
     128: {
         "fwd": [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (128, 64, 8, 2), (64, 32, 4, 3)],
         "dkdv": [(32, 64, 4, 3), (32, 128, 8, 3), (64, 64, 8, 3), (32, 64, 4, 4), (64, 128, 8, 2)],
         "dq": [(64, 32, 4, 3), (128, 32, 8, 3), (64, 64, 8, 3), (64, 32, 4, 4), (128, 64, 8, 3)],
+        "kv": [(32, 64, 8, 3), (32, 64, 8, 2), (32, 128, 8, 2), (64, 64, 8, 2), (16, 64, 4, 3), (32, 64, 4, 3)],
+        "kv_nolut": [(32, 128, 8, 2), (64, 64, 8, 2), (32, 64, 8, 3), (64, 128, 8, 2)],
     },
 }
+_VARIANT_OF = {"dkdv": "split", "dq": "split", "kv": "fused", "kv_nolut": "fused"}  # backward variant of a kernel
 
 
-def sweep_configs(D: int, L: int = 2048) -> list[dict]:
-    """Time fwd (forward only) and fwd+bwd with each kernel's candidate tiles forced (T5 bias, bidirectional)."""
-    cands = SWEEP[D]
+def sweep_configs(D: int, L: int = 2048, kernels: list[str] | None = None) -> list[dict]:
+    """Time fwd (forward only) and fwd+bwd with each kernel's candidate tiles forced (T5 bias, bidirectional;
+    kv_nolut: no bias)."""
+    cands = {k: c for k, c in SWEEP[D].items() if kernels is None or k in kernels}
     B = TOKENS // L
     out = []
     for kernel, cfgs in cands.items():
         for c in cfgs:
             A._FORCE.clear()
-            A._FORCE[kernel] = A._Cfg(*c)
+            A._FORCE["kv" if kernel == "kv_nolut" else kernel] = A._Cfg(*c)
+            if kernel in _VARIANT_OF:
+                A._FORCE["bwd"] = _VARIANT_OF[kernel]
             row = dict(kernel=kernel, D=D, cfg=str(c))
             try:
-                fwd, fb = make_ours(B, L, D, False, "t5")
+                fwd, fb = make_ours(B, L, D, False, "none" if kernel == "kv_nolut" else "t5")
                 ms = utils.bench(fwd if kernel == "fwd" else fb, warmup=10, rep=40)
                 row["ms"] = ms
                 mode = "fwd" if kernel == "fwd" else "fwd_bwd"
@@ -213,23 +343,24 @@ def sweep_configs(D: int, L: int = 2048) -> list[dict]:
             out.append(row)
             print(row, flush=True)
     # the d_lut reduction's fallback (one atomic per score element in near tiles) against tl.gather
-    A._FORCE["diag_gather"] = False
-    fwd, fb = make_ours(B, L, D, False, "t5")
-    ms = utils.bench(fb, warmup=10, rep=40)
-    A._FORCE.clear()
-    tf = utils.tflops(utils.attention_flops(B, H, L, L, D, causal=False, mode="fwd_bwd"), ms)
-    out.append(dict(kernel="dq", D=D, cfg="default, per-element atomics", ms=ms, tflops=tf))
-    print(out[-1], flush=True)
+    for variant in [v for v in A.BWD_VARIANTS if kernels is None or {"fused": "kv", "split": "dq"}[v] in kernels]:
+        A._FORCE.update(diag_gather=False, bwd=variant)
+        fwd, fb = make_ours(B, L, D, False, "t5")
+        ms = utils.bench(fb, warmup=10, rep=40)
+        A._FORCE.clear()
+        tf = utils.tflops(utils.attention_flops(B, H, L, L, D, causal=False, mode="fwd_bwd"), ms)
+        out.append(dict(kernel=variant, D=D, cfg="default, per-element d_lut atomics", ms=ms, tflops=tf))
+        print(out[-1], flush=True)
     return out
 
 
 def shape_sweep(D: int = 64) -> list[dict]:
-    """Forward tiles per (causal, L) with the T5 bias, against the no-bias ceiling measured alongside."""
+    """Forward tiles per (causal, L) with the T5 bias, against the ceiling measured alongside."""
     rows = []
     for causal in (False, True):
         for L in (512, 1024, 2048, 4096):
             B = TOKENS // L
-            fwd, _ = make_sdpa_nobias(B, L, D, causal)
+            fwd, _ = make_sdpa(B, L, D, causal)
             ceil_ms = utils.bench(fwd, warmup=10, rep=40)
             flops = utils.attention_flops(B, H, L, L, D, causal=causal, mode="fwd")
             for c in SWEEP[D]["fwd"]:
@@ -248,10 +379,13 @@ def shape_sweep(D: int = 64) -> list[dict]:
     return rows
 
 
+VARLEN_DOCS = [4096, 512, 2048, 1024, 512, 4096, 1024, 2048, 512, 1024, 4096, 2048, 512, 1024, 2048, 2048, 1024]
+
+
 def varlen_rows(D: int) -> list[dict]:
-    """Packed documents of mixed lengths (32k tokens) vs dense batches doing the same work (T5 bias, bidir)."""
-    lengths = [4096, 512, 2048, 1024, 512, 4096, 1024, 2048, 512, 1024, 4096, 2048, 512, 1024, 2048, 2048, 1024]
-    lengths += [512] * ((TOKENS - sum(lengths)) // 512)
+    """Packed documents of mixed lengths (32k tokens) vs dense batches doing the same work (T5 bias, bidir); the
+    ceiling (SDPA default, no bias) on dense batches of the same documents for scale."""
+    lengths = VARLEN_DOCS + [512] * ((TOKENS - sum(VARLEN_DOCS)) // 512)
     assert sum(lengths) == TOKENS
     g = torch.Generator(device="cuda").manual_seed(0)
     T = TOKENS
@@ -267,11 +401,12 @@ def varlen_rows(D: int) -> list[dict]:
     rows = []
     vl = {"fwd": _time(f)[0], "fwd_bwd": _time(_fwd_bwd(f, [q, k, v, table], dout))[0]}
     dense = {"fwd": 0.0, "fwd_bwd": 0.0}
+    ceil = {"fwd": 0.0, "fwd_bwd": 0.0}
     for n in sorted(set(lengths)):
         cnt = lengths.count(n)
-        fwd, fb = make_ours(cnt, n, D, False, "t5")
-        dense["fwd"] += _time(fwd)[0]
-        dense["fwd_bwd"] += _time(fb)[0]
+        for acc, (fwd, fb) in ((dense, make_ours(cnt, n, D, False, "t5")), (ceil, make_sdpa(cnt, n, D, False))):
+            acc["fwd"] += _time(fwd)[0]
+            acc["fwd_bwd"] += _time(fb)[0]
     for m in ("fwd", "fwd_bwd"):
         rows.append(
             dict(
@@ -282,7 +417,9 @@ def varlen_rows(D: int) -> list[dict]:
                 dense_same_work_ms=dense[m],
                 varlen_tflops=utils.tflops(flops[m], vl[m]),
                 dense_tflops=utils.tflops(flops[m], dense[m]),
-                ratio=dense[m] / vl[m],
+                varlen_x_dense=dense[m] / vl[m],
+                ceiling_dense_ms=ceil[m],
+                varlen_x_ceiling=ceil[m] / vl[m],
             )  # fmt: skip
         )
         print(rows[-1], flush=True)
@@ -293,41 +430,284 @@ def memory_rows(L: int = 16384, D: int = 64) -> list[dict]:
     B = TOKENS // L
     rows = []
     for method, maker in (
+        (CEILING, lambda: make_sdpa(B, L, D, False)),
+        ("sdpa-flash", lambda: make_sdpa(B, L, D, False, "flash")),
+        ("ours-nobias", lambda: make_ours(B, L, D, False, "none")),
         ("ours-t5", lambda: make_ours(B, L, D, False, "t5")),
-        ("sdpa-nobias", lambda: make_sdpa_nobias(B, L, D, False)),
     ):
         fwd, fb = maker()
         fb()
         peak = utils.peak_memory(fb)
         rows.append(dict(method=method, L=L, B=B, D=D, peak_fwd_bwd_MiB=peak / 2**20))
         print(rows[-1], flush=True)
-    rows.append(dict(method="ratio", peak_fwd_bwd_MiB=rows[0]["peak_fwd_bwd_MiB"] / rows[1]["peak_fwd_bwd_MiB"]))
+    for r in rows:
+        r["x_ceiling"] = r["peak_fwd_bwd_MiB"] / rows[0]["peak_fwd_bwd_MiB"]
     return rows
 
 
-def _precompile(shard: int, nshards: int, quick: bool, sweep: bool, shape_sweep_: bool = False) -> None:
+# ------------------------------------------------------------------------------------------------ backward variants
+
+
+def _errors(got: torch.Tensor, ref32: torch.Tensor, ref_same: torch.Tensor, atol: float = 1e-2) -> dict:
+    """max|got - ref32|, its ratio to max|torch_bf16 - ref32|, and the test rule err <= 2 base + atol * max|ref|."""
+    err = (got.float() - ref32).abs().max().item()
+    base = (ref_same.float() - ref32).abs().max().item()
+    return dict(err=err, ratio=err / max(base, 1e-30), ok=err <= 2 * base + atol * max(1.0, ref32.abs().max().item()))
+
+
+def variant_correctness(D: int, L: int, causal: bool) -> list[dict]:
+    """Each variant against the fp32 reference (materialised bias; HF buckets) on one shape, T5 table gradient
+    through the lookup. Batch 2 (1 at L >= 4096) so that the reference's (B, H, L, L) scores fit."""
+    B = 2 if L < 4096 else 1
+    q, k, v, table, dout = _inputs(B, L, D, seed=1)
+    kw = dict(causal=causal, rel_table=table, rel_bidirectional=not causal, rel_max_distance=128)
+    refs = {}
+    for upcast in (True, False):
+        ins = [
+            x.detach().float().requires_grad_() if upcast else x.detach().clone().requires_grad_() for x in (q, k, v)
+        ]
+        tab = table.detach().clone().requires_grad_()
+        o = A.flash_attention_ref(*ins, **{**kw, "rel_table": tab}, upcast=upcast)
+        refs[upcast] = (o.detach(), *torch.autograd.grad(o, [*ins, tab], dout.float() if upcast else dout))
+        del o
+    rows = []
+    for variant in A.BWD_VARIANTS:
+        A._FORCE["bwd"] = variant
+        lut = A.t5_bias_lut(table, not causal, 128)
+        o = A.flash_attention(q, k, v, rel_lut=lut, causal=causal)
+        got = (o.detach(), *torch.autograd.grad(o, [q, k, v, table], dout))
+        A._FORCE.clear()
+        row = dict(variant=variant, D=D, L=L, B=B, causal=causal)
+        for name, g, r32, rs in zip(("out", "dq", "dk", "dv", "dtable"), got, refs[True], refs[False]):
+            e = _errors(g, r32, rs)
+            row[f"{name}_err"], row[f"{name}_ratio"] = e["err"], e["ratio"]
+            row["ok"] = row.get("ok", True) and e["ok"]
+        rows.append(row)
+        print(row, flush=True)
+    del refs
+    torch.cuda.empty_cache()
+    return rows
+
+
+def bwd_variant_rows(head_dims=(64, 128), lengths=VARIANT_LENGTHS) -> tuple[list[dict], list[dict]]:
+    timing, correct = [], []
+    for D in head_dims:
+        for L in lengths:
+            B = TOKENS // L
+            for causal in (False, True):
+                flops = {m: utils.attention_flops(B, H, L, L, D, causal=causal, mode=m) for m in ("fwd", "bwd")}
+                for variant in A.BWD_VARIANTS:
+                    A._FORCE["bwd"] = variant
+                    row = dict(variant=variant, D=D, L=L, B=B, causal=causal)
+                    try:
+                        f, ins, dout = _ours_setup(B, L, D, causal, "t5-lut")
+                        row["fwd_ms"] = utils.bench(f, warmup=10, rep=40)
+                        row["bwd_ms"] = utils.bench(_bwd_only(f, ins, dout), warmup=10, rep=40)
+                        row["fwd_bwd_ms"] = utils.bench(_fwd_bwd(f, ins, dout), warmup=10, rep=40)
+                        row["bwd_x_fwd"] = row["bwd_ms"] / row["fwd_ms"]
+                        row["fwd_tflops"] = utils.tflops(flops["fwd"], row["fwd_ms"])
+                        row["bwd_tflops"] = utils.tflops(flops["bwd"], row["bwd_ms"])
+                    except Exception as e:
+                        row["note"] = f"FAILED: {type(e).__name__}: {str(e).splitlines()[0][:100]}"
+                        traceback.print_exc()
+                    A._FORCE.clear()
+                    torch.cuda.empty_cache()
+                    timing.append(row)
+                    print(row, flush=True)
+                correct += variant_correctness(D, L, causal)
+    return timing, correct
+
+
+# ------------------------------------------------------------------------------------------------ host overhead
+
+
+def _wall_us(fn, n: int = 500) -> float:
+    for _ in range(20):
+        fn()
+    torch.cuda.synchronize()
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        torch.cuda.synchronize()
+        best = min(best, (time.perf_counter() - t0) / n * 1e6)
+    return best
+
+
+def host_rows() -> list[dict]:
+    """Wall time per call with tiny inputs (the GPU is idle: host overhead), best of 3 x 500 calls."""
+    import torch.nn.functional as F
+
+    q = torch.randn(1, 16, 2, 64, device="cuda", dtype=torch.bfloat16)
+    qg, kg, vg = (q.clone().requires_grad_() for _ in range(3))
+    table = torch.randn(32, 2, device="cuda", requires_grad=True)
+    lut = A.t5_bias_lut(table, True, 128).detach().requires_grad_()
+    lut_ng, table_ng = lut.detach(), table.detach()
+    cu = torch.tensor([0, 16], dtype=torch.int32, device="cuda")
+    qv, kv, vv = (x.view(16, 2, 64) for x in (qg, kg, vg))
+    qh, qhg, khg, vhg = q.transpose(1, 2), qg.transpose(1, 2), kg.transpose(1, 2), vg.transpose(1, 2)
+    sdpa = F.scaled_dot_product_attention
+    fa = A.flash_attention
+    varlen = dict(cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=16, max_seqlen_k=16)
+    cases = [
+        ("sdpa", "fwd", lambda: sdpa(qh, qh, qh)),
+        ("sdpa", "fwd_bwd", lambda: sdpa(qhg, khg, vhg).sum().backward()),
+        ("ours-nobias", "fwd", lambda: fa(q, q, q)),
+        ("ours-nobias", "fwd_bwd", lambda: fa(qg, kg, vg).sum().backward()),
+        ("ours-t5-lut", "fwd", lambda: fa(q, q, q, rel_lut=lut_ng)),
+        ("ours-t5-lut", "fwd_bwd", lambda: fa(qg, kg, vg, rel_lut=lut).sum().backward()),
+        ("ours-t5-table", "fwd", lambda: fa(q, q, q, rel_table=table_ng)),
+        ("ours-t5-table", "fwd_bwd", lambda: fa(qg, kg, vg, rel_table=table).sum().backward()),
+        ("ours-varlen-t5-lut", "fwd_bwd", lambda: fa(qv, kv, vv, rel_lut=lut, **varlen).sum().backward()),
+    ]
+    us = {}
+    rows = []
+    for method, mode, fn in cases:
+        for variant in A.BWD_VARIANTS if mode == "fwd_bwd" and method != "sdpa" else (None,):
+            A._FORCE.clear()
+            if variant:
+                A._FORCE["bwd"] = variant
+            t = _wall_us(fn)
+            us[(method, mode, variant)] = t
+            ref = us[("sdpa", mode, None)]
+            rows.append(dict(method=method, mode=mode, bwd=variant or "", us_per_call=t, x_sdpa=t / ref))
+            print(rows[-1], flush=True)
+    A._FORCE.clear()
+    import cProfile
+    import io
+    import pstats
+
+    fn = cases[5][2]
+    pr = cProfile.Profile()
+    pr.enable()
+    for _ in range(300):
+        fn()
+    torch.cuda.synchronize()
+    pr.disable()
+    s = io.StringIO()
+    pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(18)
+    print("cProfile of ours-t5-lut fwd+bwd (300 calls):\n" + s.getvalue(), flush=True)
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------ offline screen
+
+
+_POINTERS = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV", "LSE", "DELTA", "LUT", "DLUT", "ALIBI", "BIAS", "DBIAS"} | {
+    "CU_Q",
+    "CU_K",
+}
+
+
+def _screen_source(kernel: str, D: int, cfg: tuple, causal: bool, dq_t: bool = True, rel: bool = True):
+    """A Triton ASTSource of ``kernel`` specialised as on the GPU for bf16 q/k/v (16-byte aligned pointers and
+    16-divisible q/k/v strides; counts unspecialised) with the T5 lookup and its gradient (``rel``) or no bias."""
+    from triton.compiler import ASTSource
+
+    fn = {"fwd": A._attn_fwd, "dq": A._attn_bwd_dq}.get(kernel, A._attn_bwd_kv)
+    fused = kernel in ("kv", "kv_nolut")
+    rel = rel and kernel != "kv_nolut"
+    consts = dict(
+        HEAD_DIM=D, BLOCK_M=cfg[0], BLOCK_N=cfg[1], CAUSAL=causal, HAS_REL=rel, HAS_ALIBI=False, HAS_BIAS=False,
+        VARLEN=False, DOT_PREC="tf32", ASM_GATHER=True, DQ_ATOMIC=fused, REL_GRAD=rel and kernel in ("kv", "dq"),
+        BIAS_GRAD=False, DB_BM=False, DB_BN=False, DB_ATOMIC=False, DIAG_GATHER=True, DQ_T=dq_t,
+    )  # fmt: skip
+    bf16 = {"Q", "K", "V", "O", "DO", "DK", "DV"} | (set() if fused else {"DQ"})
+    strides16 = {"sqb", "sqm", "sqh", "skb", "skm", "skh", "svb", "svm", "svh"}
+    sig, attrs, const_vals = {}, {}, {}
+    for i, p in enumerate(fn.params):
+        if p.is_constexpr:
+            sig[p.name] = "constexpr"
+            const_vals[p.name] = consts[p.name]
+        elif p.name in _POINTERS:
+            sig[p.name] = "*bf16" if p.name in bf16 else "*i32" if p.name.startswith("CU_") else "*fp32"
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif p.name.startswith("scale"):
+            sig[p.name] = "fp32"
+        else:
+            sig[p.name] = "i32"
+            if p.name in strides16:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return ASTSource(fn, sig, const_vals, attrs)
+
+
+def screen(kernels: list[str], head_dims: list[int], arch: int = 90) -> list[dict]:
+    """Compile candidate tiles for ``sm_<arch>`` on this machine (no GPU needed: Triton's bundled ptxas) and report
+    registers, spills (``ptxas -v``) and shared memory, so that the GPU sweep only times configs that fit."""
+    import re
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    rows = []
+    for kernel in kernels:
+        for D in head_dims:
+            table = A._SM90[(kernel, D)]
+            for cfg in dict.fromkeys([table] + [A._Cfg(*c) for c in SWEEP.get(D, {}).get(kernel, [])]):
+                for causal in (False, True):
+                    row = dict(kernel=kernel, D=D, cfg=str(tuple(cfg)), table=cfg == table, causal=causal)
+                    t0 = time.perf_counter()
+                    try:
+                        opts = dict(num_warps=cfg[2], num_stages=cfg[3])
+                        src = _screen_source(kernel, D, cfg, causal, cfg.dq_t and arch >= 90)
+                        c = triton.compile(src, GPUTarget("cuda", arch, 32), opts)
+                        with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+                            f.write(c.asm["ptx"])
+                            f.flush()
+                            cmd = [str(ptxas), "-v", f"--gpu-name=sm_{arch}a", "-o", os.devnull, f.name]
+                            log = subprocess.run(cmd, capture_output=True, text=True).stderr
+                        row["regs"] = int(re.search(r"Used (\d+) registers", log).group(1))
+                        row["spill_B"] = sum(int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", log))
+                        row["smem_KB"] = round(c.metadata.shared / 1024, 1)
+                        row["fits"] = row["spill_B"] == 0 and c.metadata.shared <= 227 * 1024
+                    except Exception as e:  # e.g. out of shared memory at compile time
+                        row["note"] = f"FAILED: {type(e).__name__}: {str(e).splitlines()[0][:100]}"
+                    row["compile_s"] = round(time.perf_counter() - t0, 1)
+                    rows.append(row)
+                    print(row, flush=True)
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------ driver
+
+
+def _precompile(shard: int, nshards: int, mode: str, quick: bool, args=None) -> None:
     """Run each distinct kernel specialisation once at a tiny batch so that Triton's disk cache is warm."""
     jobs = []
-    for D in (64,) if quick else (64, 128):
-        for causal in (False, True):
-            for kind in ("t5", "alibi", "none"):
-                jobs.append(("ours", D, causal, kind, None))
-                if sweep:  # the sweep winners become the tiles of the main rows: compile them all
-                    for kernel, cfgs in SWEEP[D].items():
-                        for c in cfgs[1:]:
-                            jobs.append(("ours", D, causal, kind, (kernel, c)))
-    if sweep:
-        for D in (64, 128):
-            jobs.append(("ours", D, False, "t5", ("diag_gather", False)))
-    if shape_sweep_:
-        jobs = [("ours", 64, causal, "t5", ("fwd", c)) for c in SWEEP[64]["fwd"] for causal in (False, True)]
-    jobs.append(("varlen", 64, False, "t5", None))
+    dims = (64,) if quick else (64, 128)
+    if mode == "bwd-variants":
+        dims = tuple(int(d) for d in args.head_dims.split(",")) if args else (64, 128)
+        jobs = [("ours", D, c, "t5-lut", ("bwd", v)) for D in dims for c in (False, True) for v in A.BWD_VARIANTS]
+    elif mode in ("sweep", "shape-sweep"):
+        for D in (64,) if mode == "shape-sweep" else dims:
+            for kernel, cfgs in SWEEP[D].items():
+                if mode == "shape-sweep" and kernel != "fwd":
+                    continue
+                if mode == "sweep" and args and args.sweep_kernels and kernel not in args.sweep_kernels.split(","):
+                    continue
+                for c in cfgs:
+                    for causal in (False, True) if mode == "shape-sweep" else (False,):
+                        jobs.append(("ours", D, causal, "none" if kernel == "kv_nolut" else "t5", (kernel, c)))
+    else:
+        for D in dims:
+            for causal in (False, True):
+                for kind in ("t5", "alibi", "none"):
+                    jobs.append(("ours", D, causal, kind, None))
+            for Lq, Lk in CROSS_SHAPES:
+                jobs.append(("cross", D, False, "none", (Lq, Lk)))
+        jobs.append(("varlen", 64, False, "t5", None))
     for i, (what, D, causal, kind, force) in enumerate(jobs):
         if i % nshards != shard:
             continue
         A._FORCE.clear()
-        if force:
-            A._FORCE[force[0]] = A._Cfg(*force[1]) if isinstance(force[1], tuple) else force[1]
+        if what == "ours" and force:
+            key = "kv" if force[0] == "kv_nolut" else force[0]
+            A._FORCE[key] = A._Cfg(*force[1]) if isinstance(force[1], tuple) else force[1]
+            if force[0] in _VARIANT_OF:
+                A._FORCE["bwd"] = _VARIANT_OF[force[0]]
         try:
             if what == "varlen":
                 q = torch.randn(1024, H, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -335,10 +715,13 @@ def _precompile(shard: int, nshards: int, quick: bool, sweep: bool, shape_sweep_
                 cu = torch.tensor([0, 512, 1024], dtype=torch.int32, device="cuda")
                 A.flash_attention(q, q, q, rel_table=tab, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=512,
                                   max_seqlen_k=512).sum().backward()  # fmt: skip
+            elif what == "cross":
+                make_ours(1, force[0], D, False, "none", Lk=force[1])[1]()
             else:
                 make_ours(1, 512, D, causal, kind)[1]()
         except Exception:
             traceback.print_exc()
+    A._FORCE.clear()
     torch.cuda.synchronize()
 
 
@@ -348,19 +731,21 @@ def plot(rows: list[dict], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    combos = sorted({(r["D"], r["causal"]) for r in rows if "L" in r})
+    rows = [r for r in rows if isinstance(r.get("L"), int)]
+    combos = sorted({(r["D"], r["causal"]) for r in rows})
     fig, axes = plt.subplots(len(combos), 2, figsize=(11, 3.3 * len(combos)), squeeze=False)
+    methods = ("ours-t5", "ours-alibi", "ours-nobias", "sdpa-bias", "flex-t5", CEILING, "sdpa-flash", "sdpa-cudnn")
     for i, (D, causal) in enumerate(combos):
         for j, mode in enumerate(("fwd", "fwd_bwd")):
             ax = axes[i][j]
-            for method in ("ours-t5", "ours-alibi", "ours-nobias", "sdpa-bias", "flex-t5", "sdpa-nobias"):
+            for method in methods:
                 pts = [
                     (r["L"], r[f"{mode}_tflops"])
                     for r in rows
                     if r.get("method") == method and r["D"] == D and r["causal"] == causal and f"{mode}_tflops" in r
                 ]
                 if pts:
-                    ax.plot(*zip(*sorted(pts)), marker="o", label=method)
+                    ax.plot(*zip(*sorted(pts)), marker="o", label=method + (" (ceiling)" if method == CEILING else ""))
             ax.set_xscale("log", base=2)
             ax.set_title(f"D={D} {'causal' if causal else 'bidirectional'} {mode}")
             ax.set_xlabel("L (batch = 32768 / L)")
@@ -371,99 +756,114 @@ def plot(rows: list[dict], path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
-def main() -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="D=64, L in {1024, 4096}; fewer competitors")
+    p.add_argument("--bwd-variants", action="store_true", help="only: time and check the two backward schemes")
+    p.add_argument("--host", action="store_true", help="only: host overhead per call (tiny inputs)")
+    p.add_argument("--screen", action="store_true", help="only (no GPU needed): compile candidate tiles for sm90")
+    p.add_argument("--screen-kernels", default="kv,kv_nolut,dkdv,dq,fwd", help="kernels for --screen (comma-separated)")
     p.add_argument("--sweep", action="store_true", help="also sweep tile configurations (L=2048, D=64/128)")
+    p.add_argument("--sweep-kernels", default=None, help="--sweep only these kernels (e.g. kv,kv_nolut), no main table")
+    p.add_argument("--head-dims", default="64,128", help="--bwd-variants: head dims (comma-separated)")
+    p.add_argument("--shape-sweep", action="store_true", help="only: forward tiles per (causal, L), D=64, T5 bias")
     p.add_argument("--out", default=None, help="markdown results file to append to (default: results/<date>-<gpu>.md)")
     p.add_argument("--plot", default=None, help="PNG path for the TFLOP/s-vs-L plot")
-    p.add_argument("--shape-sweep", action="store_true", help="only: forward tiles per (causal, L), D=64, T5 bias")
     p.add_argument("--jobs", type=int, default=8, help="parallel processes that pre-compile the kernels (0: none)")
     p.add_argument("--_precompile", default=None, help=argparse.SUPPRESS)
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    args.mode = (
+        "bwd-variants" if args.bwd_variants else "host" if args.host else "screen" if args.screen
+        else "shape-sweep" if args.shape_sweep else "sweep" if args.sweep else "main"
+    )  # fmt: skip
+    return args
+
+
+def _write(title: str, sections: list[tuple[str, str]], args, t_start: float):
+    body = "\n".join(f"### {t}\n\n{b}" for t, b in sections)
+    body += f"\nTotal benchmark wall time: {time.perf_counter() - t_start:.0f} s\n"
+    path = utils.write_results(title, body, out=args.out)
+    print(body)
+    print(f"wrote {path}")
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     if args._precompile:
         shard, n = map(int, args._precompile.split("/"))
-        _precompile(shard, n, args.quick, args.sweep, args.shape_sweep)
+        _precompile(shard, n, args.mode, args.quick, args)
         return
-
     t_start = time.perf_counter()
-    if args.jobs > 0:  # compile in parallel processes (Triton's disk cache is shared), time in this one
-        base = [sys.executable, __file__] + (["--quick"] if args.quick else []) + (["--sweep"] if args.sweep else [])
-        base += ["--shape-sweep"] if args.shape_sweep else []
+    if args.mode == "screen":
+        rows = screen(args.screen_kernels.split(","), [64, 128])
+        return _write("flash attention: sm90 tile screen (bench_attention.py --screen)",
+                      [("Registers, spills, shared memory (T5 lookup + gradient, bf16)", utils.markdown_table(rows))],
+                      args, t_start)  # fmt: skip
+    if not torch.cuda.is_available():
+        raise SystemExit("this mode needs a CUDA GPU (only --screen runs without one)")
+    if args.mode == "host":
+        rows = host_rows()
+        return _write("flash attention: host overhead per call (bench_attention.py --host)",
+                      [("Wall time per call, tiny inputs (1 x 16 x 2 x 64, bf16)", utils.markdown_table(rows))],
+                      args, t_start)  # fmt: skip
+    if args.jobs > 0 and args.mode != "host":  # compile in parallel processes (Triton's disk cache is shared)
+        flags = {"bwd-variants": ["--bwd-variants"], "sweep": ["--sweep"], "shape-sweep": ["--shape-sweep"]}
+        base = [sys.executable, __file__] + (["--quick"] if args.quick else []) + flags.get(args.mode, [])
+        base += ["--head-dims", args.head_dims] + (
+            ["--sweep-kernels", args.sweep_kernels] if args.sweep_kernels else []
+        )
         procs = [subprocess.Popen(base + ["--_precompile", f"{i}/{args.jobs}"]) for i in range(args.jobs)]
         for pr in procs:
             pr.wait()
         print(f"precompile: {time.perf_counter() - t_start:.1f} s", flush=True)
 
     sections = []
-    if args.shape_sweep:
+    if args.mode == "bwd-variants":
+        timing, correct = bwd_variant_rows(tuple(int(d) for d in args.head_dims.split(",")))
+        sections.append(("Backward variants: time (bf16, H=12, 32k tokens, T5 lookup + gradient)",
+                         utils.markdown_table(timing)))  # fmt: skip
+        sections.append(("Backward variants: error vs fp32 reference (ratio = err / bf16-torch err; ok = test rule)",
+                         utils.markdown_table(correct)))  # fmt: skip
+        return _write("flash attention: backward variants (bench_attention.py --bwd-variants)", sections, args, t_start)
+    if args.mode == "shape-sweep":
         ss = shape_sweep(64)
-        body = "### Forward tiles per shape (T5 bias, D=64, bf16, H=12, 32k tokens)\n\n" + utils.markdown_table(ss)
-        path = utils.write_results("flash attention: per-shape forward tiles (bench_attention.py)", body, out=args.out)
-        print(body)
-        print(f"wrote {path}")
-        return
-    if args.sweep:
-        sw = sweep_configs(64) + (sweep_configs(128) if not args.quick else [])
+        sections.append(("Forward tiles per shape (T5 bias, D=64, bf16, H=12, 32k tokens)", utils.markdown_table(ss)))
+        return _write("flash attention: per-shape forward tiles (bench_attention.py)", sections, args, t_start)
+    if args.mode == "sweep":
+        kernels = args.sweep_kernels.split(",") if args.sweep_kernels else None
+        sw = sweep_configs(64, kernels=kernels) + (sweep_configs(128, kernels=kernels) if not args.quick else [])
         chosen = []
         for D in sorted({r["D"] for r in sw}):
-            for kernel in ("fwd", "dkdv", "dq"):
+            for kernel in SWEEP[D]:
                 ok = [r for r in sw if r["D"] == D and r["kernel"] == kernel and "ms" in r and r["cfg"].startswith("(")]
                 if not ok:
                     continue
                 best = min(ok, key=lambda r: r["ms"])
                 A._SM90[(kernel, D)] = A._Cfg(*eval(best["cfg"]))  # the rows below use the winners
+                A._CFG_CACHE.clear()
                 chosen.append(dict(kernel=kernel, D=D, cfg=best["cfg"], ms=best["ms"]))
         sections.append(("Tile sweep (T5 bias, bidirectional, L=2048, B=16)", utils.markdown_table(sw)))
         sections.append(("Tiles used below (sweep winners)", utils.markdown_table(chosen)))
         print(chosen, flush=True)
+        if kernels:  # a partial sweep: only its tables
+            return _write("flash attention: tile sweep (bench_attention.py --sweep)", sections, args, t_start)
 
-    if args.quick:
-        grid = [(64, L) for L in (1024, 4096)]
-    else:
-        grid = [(D, L) for D in (64, 128) for L in (512, 1024, 2048, 4096, 8192, 16384)]
-    rows: list[dict] = []
-    for D, L in grid:
-        B = TOKENS // L
-        for causal in (False, True):
-            measure(rows, "ours-t5", make_ours, B, L, D, causal, "t5")
-            measure(rows, "ours-alibi", make_ours, B, L, D, causal, "alibi")
-            measure(rows, "ours-nobias", make_ours, B, L, D, causal, "none")
-            measure(rows, "sdpa-nobias", make_sdpa_nobias, B, L, D, causal)
-            if D == 64 and L <= 8192:  # its backward takes seconds beyond
-                bwd_max = 1024 if args.quick else 4096
-                modes = ("fwd", "fwd_bwd") if bwd_max >= L else ("fwd",)
-                measure(rows, "sdpa-bias", make_sdpa_bias, B, L, D, causal, modes=modes)
-            # FlexAttention compiles per shape (tens of seconds each): one L only
-            flex_L = 1024 if args.quick else 2048
-            if D == 64 and flex_L == L and not (args.quick and causal):
-                measure(rows, "flex-t5", make_flex, B, L, D, causal)
-    # ratios to the ceiling
-    ceil = {(r["D"], r["causal"], r["L"]): r for r in rows if r["method"] == "sdpa-nobias"}
-    for r in rows:
-        c = ceil.get((r["D"], r["causal"], r["L"]), {})
-        for m in ("fwd", "fwd_bwd"):
-            if f"{m}_tflops" in r and f"{m}_tflops" in c:
-                r[f"{m}_x_ceiling"] = r[f"{m}_tflops"] / c[f"{m}_tflops"]
-    cols = ["method", "D", "causal", "L", "B", "fwd_ms", "fwd_tflops", "fwd_x_ceiling", "fwd_bwd_ms",
-            "fwd_bwd_tflops", "fwd_bwd_x_ceiling", "note"]  # fmt: skip
-    sections.append(("Throughput (bf16, H=12, 32k tokens per batch)", utils.markdown_table(rows, cols)))
-
+    rows = throughput_rows(args.quick)
+    sections.append((f"Throughput (bf16, H=12, 32k tokens per batch; ceiling = {CEILING}, default dispatch)",
+                     utils.markdown_table(rows, THROUGHPUT_COLS)))  # fmt: skip
+    cross = cross_rows(args.quick)
+    sections.append(("Cross-attention shapes (no bias, 32k key tokens per batch)",
+                     utils.markdown_table(cross, THROUGHPUT_COLS)))  # fmt: skip
     mem = memory_rows(L=4096 if args.quick else 16384)
-    sections.append(("Peak memory of fwd+bwd (T5 bias vs no-bias flash)", utils.markdown_table(mem)))
+    sections.append(("Peak memory of fwd+bwd (bidirectional, D=64)", utils.markdown_table(mem)))
     vl = varlen_rows(64)
     sections.append(
         ("Varlen: packed mixed-length documents vs dense batches of the same work", utils.markdown_table(vl))
     )
-
-    body = "\n".join(f"### {t}\n\n{b}" for t, b in sections)
-    body += f"\nTotal benchmark wall time: {time.perf_counter() - t_start:.0f} s\n"
-    path = utils.write_results("flash attention with T5 bias (bench_attention.py)", body, out=args.out)
-    print(f"wrote {path}")
+    _write("flash attention with T5 bias (bench_attention.py)", sections, args, t_start)
     if args.plot:
         plot(rows, args.plot)
         print(f"wrote {args.plot}")
-    print(body)
 
 
 if __name__ == "__main__":

@@ -215,11 +215,20 @@ def test_strided_inputs_no_copy_path():
         dict(bwd="split", dq=A._Cfg(16, 32, 4, 1), dkdv=A._Cfg(32, 16, 4, 1), fwd=A._Cfg(32, 16, 4, 1)),
         dict(bwd="fused", kv=A._Cfg(16, 32, 4, 1)),
         dict(bwd="fused", kv=A._Cfg(32, 16, 4, 1)),
+        dict(bwd="fused", kv=A._Cfg(16, 32, 4, 1, False)),
     ],
-    ids=["atomic-fallback-fused", "atomic-fallback-split", "split-other-tiles", "fused-BN>BM", "fused-BM>BN"],
+    ids=[
+        "atomic-fallback-fused",
+        "atomic-fallback-split",
+        "split-other-tiles",
+        "fused-BN>BM",
+        "fused-BM>BN",
+        "fused-dQ",
+    ],
 )
 def test_alternative_kernel_paths(force, monkeypatch):
-    """The per-element-atomic fallback of the d_lut reduction, and both gather orientations of each backward."""
+    """The per-element-atomic fallback of the d_lut reduction, both gather orientations of each backward, and the
+    fused backward's dQ (instead of dQ^T) orientation (the sm80 one)."""
     monkeypatch.setattr(A, "_FORCE", dict(force))
     run_case(torch.float32, B=1, Lq=45, Lk=38, H=2, rel=(8, 6, True))
 
@@ -269,6 +278,16 @@ def test_varlen_understated_max_seqlen(causal, variant, monkeypatch):
     lens = ([40, 3, 0, 25], [40, 3, 0, 25]) if causal else ([40, 3, 0, 25], [33, 40, 5, 0])
     for max_seqlen in ((16, 16), (0, 0), (40, 1)):
         run_case(torch.float32, lens=lens, H=2, causal=causal, rel=(8, 6, not causal), max_seqlen=max_seqlen)
+
+
+def test_varlen_strided_cu_seqlens():
+    """A strided cu_seqlens view (every other entry of a longer tensor) is read as its values."""
+    g = torch.Generator().manual_seed(9)
+    q, k, v = (torch.randn(30, 2, 16, generator=g).to(DEV) for _ in range(3))
+    cu = torch.tensor([0, 99, 7, 99, 30], dtype=torch.int32, device=DEV)[::2]  # [0, 7, 30], stride 2
+    out = flash_attention(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=23, max_seqlen_k=23)
+    ref = flash_attention_ref(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
 
 
 def test_varlen_max_seqlen_none():

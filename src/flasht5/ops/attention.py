@@ -65,17 +65,22 @@ Backward, after a preprocessing kernel (``delta = rowsum(dO * O)``, which also z
 two variants (``BWD_VARIANTS``; ``_FORCE["bwd"]`` selects one for tests and benchmarks):
 
 * ``"fused"`` (default): FlashAttention-2's original scheme. One program per key block loops over the query
-  blocks, recomputes P from the LSE, accumulates dK/dV in registers and adds each tile's ``dS K`` into an fp32 dQ
-  accumulator with relaxed atomics (cast to the input dtype at the end): 5 matmuls per tile. The T5 table
-  gradient is reduced in the same pass (far tiles: column sums of ``dS^T`` into two per-program scalars; near
-  tiles: ``dS^T`` skewed by ``tl.gather`` so that each relative offset becomes one row or column, its
-  ``BLOCK_M + BLOCK_N - 1`` diagonal sums added to ``d_lut`` with fp32 atomics).
+  blocks, recomputes P from the LSE, accumulates dK/dV in registers and adds each tile's dQ contribution into an
+  fp32 accumulator with relaxed atomics (zeroed by the prep kernel, cast to the input dtype at the end): 5 matmuls
+  per tile instead of 7. On sm90 the contribution is computed transposed, ``dQ^T = K^T dS^T``, so that its M is the
+  head dim and Hopper's wgmma (M >= 64) serves tiles with ``BLOCK_M = 32`` too (``_Cfg.dq_t``; the sm80 table
+  uses ``dS^T``'s transpose times K). The T5 table gradient is reduced in the same pass (far tiles: sums of
+  ``dS^T`` into two per-program scalars; near tiles: diagonal sums, see below).
 * ``"split"``: one kernel per key block for dK/dV and one per query block for dQ (which also reduces ``d_lut``
   and ``d_bias``), no atomics on dQ/dK/dV: deterministic gradients of q/k/v, 7 matmuls per tile. Chosen
   automatically under ``torch.use_deterministic_algorithms(True)``.
 
-``d_lut`` and a broadcast ``d_bias`` are summed by atomics in both variants (nondeterministic order, fp32 rounding
-only), as is dQ in the fused one.
+Near-tile diagonal sums for ``d_lut``: every row of the ``dS`` tile is rotated by its own index (``tl.gather``
+within rows: warp shuffles), so that each column holds one residue of the in-tile offset ``j - i`` modulo the
+column count; masked column sums per "wrap" are then the ``BLOCK_M + BLOCK_N - 1`` diagonal sums, each added to
+``d_lut`` with one fp32 atomic. (Skewing the tile into diagonals-as-rows, the first version, needs a gathered tile
+twice the tile's size and spilled registers in the fused kernel.) ``d_lut`` and a broadcast ``d_bias`` are summed
+by atomics in both variants (nondeterministic order, fp32 rounding only), as is dQ in the fused one.
 
 Host path
 ---------
@@ -89,14 +94,17 @@ Tuning, hardware, measured speed
 --------------------------------
 Tiles come from a static per-architecture table keyed on the head dim, measured on one H200 (sm90) with
 ``benchmarks/bench_attention.py --sweep/--shape-sweep`` over candidates pre-screened offline
-(``bench_attention.py --screen`` compiles sm90 cubins without a GPU and reports registers, spills and shared
-memory). No runtime autotuning: it would cost seconds of compilation and benchmarking per shape in every process
-and give run-to-run varying tiles (and numerics). The sm80 table fits A100's 164 KB and is run on the H200 by the
-tests, but was not measured on Ampere hardware. On the H200 (bf16, H=12, 32k tokens/batch, same-run SDPA flash
-without bias as the ceiling; before the fused backward), for L >= 1024: forward with the T5 table 0.85-1.24x the
-ceiling, forward+backward with the table gradient 0.61-0.91x (split backward), peak memory at L=16k 0.68x the
-ceiling's; at L=512 every tile is in the band and the forward drops to 0.26-0.83x. See
-benchmarks/results/2026-11-29-h200.md. Under the Triton interpreter one 16x16 configuration is used.
+(``bench_attention.py --screen`` compiles sm90 cubins on a machine without a GPU, through Triton's bundled ptxas,
+and reports registers, spills and shared memory). The fused backward's tiles ("kv") are so far only screened:
+at D=64 the largest spill-free one is (BLOCK_M, BLOCK_N) = (32, 128) with 8 warps; (64, 128) and (64, 64) spill
+0.7-0.9 KB. No runtime autotuning: it would cost seconds of compilation and benchmarking per shape in every
+process and give run-to-run varying tiles (and numerics). The sm80 table fits A100's 164 KB and is run on the H200
+by the tests, but was not measured on Ampere hardware. On the H200 (bf16, H=12, 32k tokens/batch, same-run SDPA
+flash backend without bias as the then ceiling; before the fused backward), for L >= 1024: forward with the T5
+table 0.85-1.24x that ceiling, forward+backward with the table gradient 0.61-0.91x (split backward), peak memory
+at L=16k 0.68x the ceiling's; at L=512 every tile is in the band and the forward drops to 0.26-0.83x. See
+benchmarks/results/2026-11-29-h200.md (the benchmark's ceiling is now SDPA's default dispatch). Under the Triton
+interpreter one 16x16 configuration is used.
 
 Validation never syncs the GPU on the hot path: shapes, dtypes and devices are checked always; the *values* of
 ``cu_seqlens`` (start at 0, monotone, end at the token count) are checked on CPU tensors, or on the GPU when
@@ -425,47 +433,41 @@ def _diag_sums_to_lut(ds, c, R, dlut_base, BLOCK_M: tl.constexpr, BLOCK_N: tl.co
 
     ``ds`` is ``(BLOCK_M, BLOCK_N)`` (rows = queries; element ``(i, j)`` at distance ``c + j - i``) or, with
     ``TRANSPOSED``, ``(BLOCK_N, BLOCK_M)`` (rows = keys; element ``(a, b)`` at distance ``c + a - b``); ``c`` is the
-    distance of the (first query, first key) element. With ``DIAG_GATHER`` the tile is skewed by ``tl.gather`` (a
-    shared-memory shuffle) so every diagonal ``t`` (distance ``c + t - (BLOCK_M - 1)``) becomes a row or column;
-    its sum goes out as one atomic. Otherwise one atomic per element (fallback)."""
+    distance of the (first query, first key) element.
+
+    With ``DIAG_GATHER``: every row of the tile is rotated by its own index (``tl.gather`` along the columns, a
+    shared-memory shuffle), so that each column holds one residue ``u mod C`` of the in-tile offset ``u`` (``C`` =
+    the number of columns) and each of its elements one "wrap" ``w = u // C``; the column sums per wrap are the
+    diagonal sums, one atomic each (``BLOCK_M + BLOCK_N - 1`` valid ones). The rotated tile has the tile's own size
+    (skewing the tile into diagonals-as-rows needs twice the registers, which spilled in the fused backward).
+    Otherwise one atomic per element (fallback)."""
     if DIAG_GATHER:
+        if TRANSPOSED:  # ds (BLOCK_N, BLOCK_M); in-tile offset u = a - b in [-(BLOCK_M - 1), BLOCK_N - 1]
+            ROWS: tl.constexpr = BLOCK_N
+            COLS: tl.constexpr = BLOCK_M
+            U_LO: tl.constexpr = -(BLOCK_M - 1)
+        else:  # ds (BLOCK_M, BLOCK_N); u = j - i in [-(BLOCK_M - 1), BLOCK_N - 1] (so the sign of the shift flips)
+            ROWS: tl.constexpr = BLOCK_M
+            COLS: tl.constexpr = BLOCK_N
+            U_LO: tl.constexpr = -(BLOCK_M - 1)
+        r = tl.arange(0, ROWS)[:, None]
+        col = tl.arange(0, COLS)[None, :]  # the residue column: u = col (mod COLS)
         if TRANSPOSED:
-            if BLOCK_N >= BLOCK_M:
-                W: tl.constexpr = 2 * BLOCK_N  # next power of two >= BLOCK_M + BLOCK_N - 1
-                t = tl.arange(0, W)
-                bb = tl.arange(0, BLOCK_M)
-                aa = t[:, None] + bb[None, :] - (BLOCK_M - 1)  # (W, BLOCK_M): row of diagonal t in column b
-                ok = (aa >= 0) & (aa < BLOCK_N)
-                g = tl.gather(ds, tl.where(ok, aa, 0), 0)
-                d = tl.sum(tl.where(ok, g, 0.0), 1)  # (W,)
-            else:
-                W: tl.constexpr = 2 * BLOCK_M
-                t = tl.arange(0, W)
-                aa = tl.arange(0, BLOCK_N)
-                bb = aa[:, None] - t[None, :] + (BLOCK_M - 1)  # (BLOCK_N, W): column of diagonal t in row a
-                ok = (bb >= 0) & (bb < BLOCK_M)
-                g = tl.gather(ds, tl.where(ok, bb, 0), 1)
-                d = tl.sum(tl.where(ok, g, 0.0), 0)  # (W,)
+            src = (r - col) & (COLS - 1)  # b with a - b = col (mod COLS)
+            u = r - src
         else:
-            if BLOCK_M >= BLOCK_N:
-                W: tl.constexpr = 2 * BLOCK_M
-                t = tl.arange(0, W)
-                jj = tl.arange(0, BLOCK_N)
-                ii = jj[None, :] - t[:, None] + (BLOCK_M - 1)  # (W, BLOCK_N): row of diagonal t in column j
-                ok = (ii >= 0) & (ii < BLOCK_M)
-                g = tl.gather(ds, tl.where(ok, ii, 0), 0)
-                d = tl.sum(tl.where(ok, g, 0.0), 1)  # (W,)
-            else:
-                W: tl.constexpr = 2 * BLOCK_N
-                t = tl.arange(0, W)
-                ii = tl.arange(0, BLOCK_M)
-                jj = t[None, :] + ii[:, None] - (BLOCK_M - 1)  # (BLOCK_M, W): column of diagonal t in row i
-                ok = (jj >= 0) & (jj < BLOCK_N)
-                g = tl.gather(ds, tl.where(ok, jj, 0), 1)
-                d = tl.sum(tl.where(ok, g, 0.0), 0)  # (W,)
-        rel = c + t - (BLOCK_M - 1)
-        idx = tl.minimum(tl.maximum(rel, -R), R) + R
-        tl.atomic_add(dlut_base + idx, d, mask=t < BLOCK_M + BLOCK_N - 1, sem="relaxed")
+            src = (r + col) & (COLS - 1)  # j with j - i = col (mod COLS)
+            u = src - r
+        g = tl.gather(ds, src, 1)  # (ROWS, COLS): g[row, col] = ds[row, src]
+        wrap = (u - col) // COLS  # exact: u = col + COLS * wrap
+        W_LO: tl.constexpr = -((-U_LO + COLS - 1) // COLS)  # floor(U_LO / COLS)
+        W_HI: tl.constexpr = (BLOCK_N - 1) // COLS
+        cols = tl.arange(0, COLS)
+        for w in tl.static_range(W_HI - W_LO + 1):
+            d = tl.sum(tl.where(wrap == W_LO + w, g, 0.0), 0)  # (COLS,): the diagonal u = col + COLS * w
+            uu = cols + COLS * (W_LO + w)
+            idx = tl.minimum(tl.maximum(c + uu, -R), R) + R
+            tl.atomic_add(dlut_base + idx, d, mask=(uu >= U_LO) & (uu <= BLOCK_N - 1), sem="relaxed")
     else:
         rel = nj - (mi + off)
         idx = tl.minimum(tl.maximum(rel, -R), R) + R
@@ -481,6 +483,7 @@ def _bwd_kv_block(
     HAS_REL: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr, DQ_ATOMIC: tl.constexpr,
     REL_GRAD: tl.constexpr, BIAS_GRAD: tl.constexpr, DB_BM: tl.constexpr, DB_BN: tl.constexpr,
     DB_ATOMIC: tl.constexpr, DIAG_GATHER: tl.constexpr, DOT_PREC: tl.constexpr, ASM_GATHER: tl.constexpr,
+    DQ_T: tl.constexpr,
 ):  # fmt: skip
     """Backward of the key block starting at ``n0``: dK, dV (stored), and with ``DQ_ATOMIC`` also dQ (fp32 atomics
     into the accumulator), d_lut and d_bias, in one pass over the query blocks (5 matmuls per tile)."""
@@ -491,8 +494,13 @@ def _bwd_kv_block(
     k = tl.load(k_base + offs_n[:, None] * skm + offs_d[None, :], mask=kmask, other=0.0)
     v = tl.load(v_base + offs_n[:, None] * svm + offs_d[None, :], mask=kmask, other=0.0)
     m_start, m_a, m_b, m_full, m_end = _q_segments(n0, off, Lq, R, BLOCK_M, BLOCK_N, CAUSAL, HAS_REL)
-    # a partial key block is masked in every tile: its padding keys would otherwise enter the far tiles' sums
-    kv_tail = n0 + BLOCK_N > Lk
+    # with reductions over keys (d_lut, row sums of d_bias) a partial key block is masked in every tile: its padding
+    # keys would otherwise enter the far tiles' sums (dK/dV/dQ need no mask there: padding rows are never stored and
+    # their zero-loaded K adds nothing to dQ)
+    if REL_GRAD or (BIAS_GRAD and DB_BN):
+        kv_tail = n0 + BLOCK_N > Lk
+    else:
+        kv_tail = False
 
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
@@ -519,8 +527,14 @@ def _bwd_kv_block(
         dst = pt * (dpt - delta[None, :])  # dL/dS^T in natural units (S = scale * q k^T + bias)
         dk = tl.dot(dst.to(q.dtype), q, dk, input_precision=DOT_PREC)
         if DQ_ATOMIC:
-            dq = tl.dot(tl.trans(dst.to(k.dtype)), k, input_precision=DOT_PREC)  # (BLOCK_M, HEAD_DIM)
-            tl.atomic_add(dq_base + offs_m[:, None] * sdqm + offs_d[None, :], dq, mask=rmask[:, None], sem="relaxed")
+            if DQ_T:  # dQ^T = K^T dS^T: M = HEAD_DIM, so Hopper's wgmma (M >= 64) also serves BLOCK_M < 64
+                dqt = tl.dot(tl.trans(k), dst.to(k.dtype), input_precision=DOT_PREC)  # (HEAD_DIM, BLOCK_M)
+                dq_ptrs = dq_base + offs_m[None, :] * sdqm + offs_d[:, None]
+                tl.atomic_add(dq_ptrs, dqt, mask=rmask[None, :], sem="relaxed")
+            else:
+                dq = tl.dot(tl.trans(dst.to(k.dtype)), k, input_precision=DOT_PREC)  # (BLOCK_M, HEAD_DIM)
+                dq_ptrs = dq_base + offs_m[:, None] * sdqm + offs_d[None, :]
+                tl.atomic_add(dq_ptrs, dq, mask=rmask[:, None], sem="relaxed")
         if REL_GRAD:
             if near:
                 c = n0 - (start_m + off)  # distance of tile element (key n0, query start_m)
@@ -568,7 +582,7 @@ def _attn_bwd_kv(
     HAS_REL: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr, VARLEN: tl.constexpr,
     DQ_ATOMIC: tl.constexpr, REL_GRAD: tl.constexpr, BIAS_GRAD: tl.constexpr, DB_BM: tl.constexpr,
     DB_BN: tl.constexpr, DB_ATOMIC: tl.constexpr, DIAG_GATHER: tl.constexpr, DOT_PREC: tl.constexpr,
-    ASM_GATHER: tl.constexpr,
+    ASM_GATHER: tl.constexpr, DQ_T: tl.constexpr,
 ):  # fmt: skip
     """One program per key block (NUM_N per head): the "split" backward's dK/dV kernel, or with ``DQ_ATOMIC`` the
     whole "fused" backward (dQ by fp32 atomics, d_lut, d_bias)."""
@@ -598,7 +612,7 @@ def _attn_bwd_kv(
                 dlut_base, c_left, c_right, alibi2, bias_base, db_base,
                 sqm, skm, svm, HD, HD, HD, HD, sbm, sbn, sdbm, sdbn, Lq, Lk, R, scale2, scale,
                 HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, HAS_REL, HAS_ALIBI, HAS_BIAS, DQ_ATOMIC, REL_GRAD, BIAS_GRAD,
-                DB_BM, DB_BN, DB_ATOMIC, DIAG_GATHER, DOT_PREC, ASM_GATHER,
+                DB_BM, DB_BN, DB_ATOMIC, DIAG_GATHER, DOT_PREC, ASM_GATHER, DQ_T,
             )  # fmt: skip
     else:
         _bwd_kv_block(
@@ -606,7 +620,7 @@ def _attn_bwd_kv(
             lut_base, dlut_base, c_left, c_right, alibi2, bias_base, db_base,
             sqm, skm, svm, HD, HD, HD, HD, sbm, sbn, sdbm, sdbn, Lq, Lk, R, scale2, scale,
             HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, HAS_REL, HAS_ALIBI, HAS_BIAS, DQ_ATOMIC, REL_GRAD, BIAS_GRAD,
-            DB_BM, DB_BN, DB_ATOMIC, DIAG_GATHER, DOT_PREC, ASM_GATHER,
+            DB_BM, DB_BN, DB_ATOMIC, DIAG_GATHER, DOT_PREC, ASM_GATHER, DQ_T,
         )  # fmt: skip
 
 
@@ -746,13 +760,17 @@ class _Cfg(NamedTuple):
     block_n: int
     num_warps: int
     num_stages: int
+    dq_t: bool = True  # fused backward: compute dQ^T = K^T dS^T (M = head dim: wgmma on sm90 even for BLOCK_M < 64)
 
 
 # (kernel, head_dim) -> config. fwd: BLOCK_M queries owned, BLOCK_N keys streamed; dkdv (split backward) and kv
 # (fused backward): BLOCK_N keys owned, BLOCK_M queries streamed; dq (split backward): BLOCK_M queries owned,
 # BLOCK_N keys streamed. fwd/dkdv/dq at D=64/128: measured on one H200 (bench_attention.py --sweep /
 # --shape-sweep; candidates pre-screened offline for spills and shared memory); D=16/32 reuse D=64's, D=256 chosen
-# to fit (GPU-tested, not tuned). kv: pre-screened offline only (bench_attention.py --screen), not yet measured.
+# to fit (GPU-tested, not tuned). kv: the largest tiles without register spills in bench_attention.py --screen
+# (sm90 cubins compiled offline: BLOCK_M=64 spills at D=64 because of the d_lut reduction), not yet timed on a GPU;
+# kv_nolut: the same kernel without a T5 table gradient to reduce (no bias, ALiBi, a bias, a lut without grad),
+# which fits larger tiles.
 _SM90: dict[tuple[str, int], _Cfg] = {
     ("fwd", 16): _Cfg(64, 64, 4, 3),
     ("fwd", 32): _Cfg(64, 64, 4, 3),
@@ -769,11 +787,16 @@ _SM90: dict[tuple[str, int], _Cfg] = {
     ("dq", 64): _Cfg(64, 32, 4, 4),
     ("dq", 128): _Cfg(64, 32, 4, 3),
     ("dq", 256): _Cfg(64, 32, 8, 2),
-    ("kv", 16): _Cfg(64, 128, 8, 2),
-    ("kv", 32): _Cfg(64, 128, 8, 2),
-    ("kv", 64): _Cfg(64, 128, 8, 2),
-    ("kv", 128): _Cfg(64, 64, 8, 2),
-    ("kv", 256): _Cfg(32, 64, 8, 2),
+    ("kv", 16): _Cfg(32, 128, 8, 3),
+    ("kv", 32): _Cfg(32, 128, 8, 3),
+    ("kv", 64): _Cfg(32, 128, 8, 3),
+    ("kv", 128): _Cfg(32, 64, 8, 3),
+    ("kv", 256): _Cfg(16, 32, 8, 2),
+    ("kv_nolut", 16): _Cfg(64, 128, 8, 2),
+    ("kv_nolut", 32): _Cfg(64, 128, 8, 2),
+    ("kv_nolut", 64): _Cfg(64, 128, 8, 2),
+    ("kv_nolut", 128): _Cfg(32, 128, 8, 2),
+    ("kv_nolut", 256): _Cfg(16, 32, 8, 2),
 }
 # Ampere (164 KB shared memory on A100; 100 KB on sm86/89 -> these small tiles fit both).
 _SM80: dict[tuple[str, int], _Cfg] = {
@@ -792,14 +815,20 @@ _SM80: dict[tuple[str, int], _Cfg] = {
     ("dq", 64): _Cfg(64, 32, 4, 2),
     ("dq", 128): _Cfg(64, 32, 4, 2),
     ("dq", 256): _Cfg(32, 32, 4, 1),
-    ("kv", 16): _Cfg(32, 64, 4, 2),
-    ("kv", 32): _Cfg(32, 64, 4, 2),
-    ("kv", 64): _Cfg(32, 64, 4, 2),
-    ("kv", 128): _Cfg(32, 64, 4, 2),
-    ("kv", 256): _Cfg(16, 32, 4, 1),
+    ("kv", 16): _Cfg(16, 64, 4, 2, False),
+    ("kv", 32): _Cfg(16, 64, 4, 2, False),
+    ("kv", 64): _Cfg(16, 64, 4, 2, False),
+    ("kv", 128): _Cfg(32, 64, 8, 2, False),
+    ("kv", 256): _Cfg(16, 32, 8, 1, False),
+    ("kv_nolut", 16): _Cfg(16, 64, 4, 2, False),
+    ("kv_nolut", 32): _Cfg(16, 64, 4, 2, False),
+    ("kv_nolut", 64): _Cfg(16, 64, 4, 2, False),
+    ("kv_nolut", 128): _Cfg(32, 64, 8, 2, False),
+    ("kv_nolut", 256): _Cfg(16, 32, 8, 1, False),
 }
 _INTERPRET_CFG = _Cfg(16, 16, 4, 1)
-# Tests and benchmarks may force configurations: {"fwd" / "dkdv" / "dq" / "kv": _Cfg}, {"arch": 8} (the sm80
+# Tests and benchmarks may force configurations: {"fwd" / "dkdv" / "dq" / "kv": _Cfg} ("kv" also forces
+# "kv_nolut"), {"arch": 8} (the sm80
 # table), {"diag_gather": False} (per-element d_lut atomics), {"bwd": "fused" | "split"} (backward variant).
 _FORCE: dict[str, object] = {}
 _CFG_CACHE: dict[tuple, _Cfg] = {}
@@ -831,7 +860,7 @@ def _pick(kernel: str, head_dim: int, dtype: torch.dtype, arch: int) -> _Cfg:
 def _config(kernel: str, head_dim: int, device: torch.device, dtype: torch.dtype) -> _Cfg:
     """The table's config, cached per (kernel, head dim, device, dtype): no device query per call."""
     if _FORCE:
-        forced = _FORCE.get(kernel)
+        forced = _FORCE.get("kv" if kernel == "kv_nolut" else kernel)
         if forced is not None:
             return forced  # type: ignore[return-value]
         if "arch" in _FORCE:
@@ -980,7 +1009,7 @@ def _bwd_impl(
     has = (lut is not None, alibi is not None, bias is not None)
 
     # dK, dV (fused: + dQ, d_lut, d_bias): one program per key block, looping over queries
-    cfg = _config("kv" if fused else "dkdv", D, q.device, q.dtype)
+    cfg = _config(("kv" if rel_grad else "kv_nolut") if fused else "dkdv", D, q.device, q.dtype)
     num_n = max(1, _cdiv(max_k, cfg.block_n))  # >= 1 (grid stride, see _attn_fwd)
     _KV(
         (num_n * nb * H,),
@@ -990,7 +1019,7 @@ def _bwd_impl(
         ),
         (
             D, cfg.block_m, cfg.block_n, causal, *has, varlen, fused, rel_grad and fused, bias_grad and fused,
-            db_bm, db_bn, db_atomic, diag, dot_prec, not interp,
+            db_bm, db_bn, db_atomic, diag, dot_prec, not interp, cfg.dq_t,
         ),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
@@ -1235,6 +1264,8 @@ def _check_inputs(
         _check_cu_seqlens("cu_seqlens_k", cu_k, ks[0], device, "key")
         if cu_q.shape[0] != cu_k.shape[0]:
             raise ValueError(f"cu_seqlens_k has {cu_k.shape[0]} entries but cu_seqlens_q has {cu_q.shape[0]}")
+        if cu_q.stride(0) != 1 or cu_k.stride(0) != 1:  # the kernels read them with unit stride
+            cu_q, cu_k = cu_q.contiguous(), cu_k.contiguous()
         max_q, max_k = _max_seqlens(cu_q, cu_k, max_q, max_k)
         if bias is not None:
             raise ValueError("bias is only supported for the dense layout (not with cu_seqlens)")
