@@ -25,6 +25,7 @@ _LAZY = {
     "gated_act": "activations",
     "gated_act_ref": "activations",
     "relative_position_bucket": "relative_position",
+    "t5_bias_lut": "relative_position",
 }
 
 __all__ = list(_LAZY)

@@ -57,7 +57,6 @@ _BUCKET_CACHE: dict[tuple, tuple[torch.Tensor, int]] = {}
 _VALUE_CACHE: dict[tuple, tuple[tuple[int, ...], int]] = {}
 
 
-@torch.compiler.assume_constant_result
 def _bucket_values(
     device: torch.device, bidirectional: bool, num_buckets: int, max_distance: int
 ) -> tuple[tuple[int, ...], int]:
@@ -83,6 +82,11 @@ def _bucket_values(
         Re = max(1, R - lo_change + 1, hi_change + 1 - R)  # buckets constant for d <= -Re and d >= Re
         hit = _VALUE_CACHE[key] = (tuple(mid[R - Re : R + Re + 1].tolist()), Re)
     return hit
+
+
+# torch.compile treats the result as a constant (what torch.compiler.assume_constant_result marks, by this attribute:
+# the decorator itself imports torch._dynamo, and with it Triton, at import time, which this module must not do).
+_bucket_values._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 def lut_buckets(
