@@ -536,10 +536,10 @@ def _ce_forward(
     _check_labels(y, n_cols, ignore_index)
     n_rows = y.numel()
     # per-row terms: flat unless returned as they are ("none"); the z-terms only when the caller reads them
-    rows_shape = y.shape if reduction == "none" else (n_rows,)
+    rows_shape = y.shape if reduction == "none" else n_rows
     loss_rows = y.new_empty(rows_shape, dtype=torch.float32)
     z_rows = y.new_empty(rows_shape, dtype=torch.float32) if want_z else None
-    lse = y.new_empty((n_rows,), dtype=torch.float32)
+    lse = y.new_empty(n_rows, dtype=torch.float32)
     _launch_ce(
         x, stride_x, n_rows, n_cols, y, loss_rows, z_rows, lse, None, None, ignore_index, label_smoothing, z_loss
     )
@@ -886,8 +886,8 @@ def _chunks(
     need_grad = grad_hidden is not None or grad_weight32 is not None
     chunk = _default_chunk_tokens(n_tokens, n_classes, weight.shape[1])
     # loss rows are needed by the kernel even when only gradients are wanted; z rows only when asked for
-    scratch_loss = loss_rows if loss_rows is not None else labels.new_empty((n_tokens,), dtype=torch.float32)
-    scratch_lse = labels.new_empty((n_tokens,), dtype=torch.float32)
+    scratch_loss = loss_rows if loss_rows is not None else labels.new_empty(n_tokens, dtype=torch.float32)
+    scratch_lse = labels.new_empty(n_tokens, dtype=torch.float32)
     for start in range(0, n_tokens, chunk):
         end = min(start + chunk, n_tokens)
         whole = start == 0 and end == n_tokens  # one chunk: no slicing (each slice is a torch call)
@@ -957,8 +957,8 @@ def _lce_forward(
     grad_weight32 = torch.zeros_like(w, dtype=torch.float32) if precompute and need_grad_weight else None
     if grad_weight32 is not None and not grad_weight32.is_contiguous():
         grad_weight32 = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
-    loss_rows = y.new_empty((n_tokens,), dtype=torch.float32)
-    z_rows = y.new_empty((n_tokens,), dtype=torch.float32) if want_z else None
+    loss_rows = y.new_empty(n_tokens, dtype=torch.float32)
+    z_rows = y.new_empty(n_tokens, dtype=torch.float32) if want_z else None
     _chunks(h, w, y, ignore_index, label_smoothing, z_loss, scale, loss_rows, z_rows, None, grad_hidden, grad_weight32)
     loss, z_term, inv_n = _reduce(loss_rows, z_rows, y, ignore_index, reduction)
     grad_weight = None
