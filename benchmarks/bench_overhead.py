@@ -7,7 +7,10 @@ as the fastest repeat (noise only ever adds time, as ``timeit`` argues). Two pas
 "fwd" (inputs require grad, so the autograd graph is built and dropped) and "fwd+bwd" (``torch.autograd.grad`` of
 every output with a fixed upstream gradient). ``ratio`` = flasht5 / torch; the target is ratio <= 1.5 (DESIGN.md
 §4: eager per-op overhead kept to what a launch costs). ``nn.Linear`` is a calibration row (a cuBLAS call through
-autograd) to compare hosts.
+autograd) to compare hosts; the "floor" rows price the pieces every flasht5 op is made of on this host: one
+``torch.empty_like``, one FastKernel launch, one ``Tensor.sum`` (the losses' torch reduction), and the eager route's
+skeleton, an ``autograd.Function`` (called as the ops call theirs) whose forward and backward each allocate one
+tensor and launch one trivial kernel.
 
     PYTHONPATH=src python3 benchmarks/bench_overhead.py --out $OUT/overhead.md
     PYTHONPATH=src python3 benchmarks/bench_overhead.py --only rms_norm,cross_entropy --profile  # + cProfile tops
@@ -29,6 +32,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from utils import markdown_table, versions, write_results  # noqa: E402
@@ -117,7 +122,45 @@ def cases() -> list[tuple[str, Callable | None, Callable | None, list[torch.Tens
     lin = torch.nn.Linear(d, d, device="cuda", dtype=torch.bfloat16)
     xl = _leaf(4, 16, d)
     out.append(("nn.Linear (calibration)", lambda: lin(xl), None, [xl, *lin.parameters()], None))
+    out.extend(_floor_cases(x))
     return out
+
+
+@triton.jit
+def _copy_kernel(X, Y, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(Y + offs, tl.load(X + offs, mask=offs < n), mask=offs < n)
+
+
+def _floor_cases(x: torch.Tensor) -> list:
+    """Calibration: what the parts of an eager flasht5 op cost here (leaves None: no fwd+bwd row)."""
+    from flasht5.ops._device import function_apply
+    from flasht5.ops._launch import FastKernel
+
+    copy = FastKernel(_copy_kernel)
+
+    def launch(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+        copy((-(-src.numel() // 1024),), (src, dst, src.numel()), (1024,))
+        return dst
+
+    class _Floor(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, t, cfg):
+            return launch(t, torch.empty_like(t))
+
+        @staticmethod
+        def backward(ctx, g):
+            return launch(g, torch.empty_like(g)), None
+
+    apply = function_apply(_Floor)
+    xd = x.detach()
+    rows = xd.float().reshape(-1)
+    return [
+        ("floor: torch.empty_like", None, lambda: torch.empty_like(xd), None, None),
+        ("floor: FastKernel launch", None, lambda: launch(xd, xd), None, None),
+        ("floor: Tensor.sum (fp32 rows)", None, lambda: rows.sum(), None, None),
+        ("floor: autograd.Function, 1 alloc + 1 launch each way", None, lambda: apply(x, (1e-6,)), [x], None),
+    ]
 
 
 def _fwd_bwd(fn: Callable, leaves: list[torch.Tensor]) -> Callable:
@@ -165,7 +208,17 @@ def _profile(name: str, step: Callable, n: int) -> str:
     torch.cuda.synchronize()
     buf = io.StringIO()
     pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(15)
-    return f"### cProfile: {name} ({n} calls)\n\n```\n{buf.getvalue()}\n```\n"
+    # cProfile sees the calling thread only; on CUDA the autograd engine runs backward nodes on its device thread.
+    # torch.profiler records the aten ops of every thread: which allocations / torch ops / launches each call makes.
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as tprof:
+        for _ in range(n):
+            step()
+        torch.cuda.synchronize()
+    table = tprof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20)
+    return (
+        f"### cProfile: {name} ({n} calls)\n\n```\n{buf.getvalue()}\n```\n\n"
+        f"### torch.profiler (all threads): {name} ({n} calls)\n\n```\n{table}\n```\n"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -183,15 +236,15 @@ def main(argv: list[str] | None = None) -> None:
     only = [s.strip() for s in args.only.split(",") if s.strip()]
     rows, profiles, over = [], [], []
     for name, torch_fn, ft5_fn, leaves, torch_leaves in cases():
-        if only and not any(s in name for s in only):
+        if only and not any(s in name for s in only) and not name.startswith("floor"):  # floors: always
             continue
-        for mode in ("fwd", "fwd+bwd"):
+        for mode in ("fwd", "fwd+bwd") if leaves is not None else ("call",):
             t = f = None
             if torch_fn is not None:
-                step = torch_fn if mode == "fwd" else _fwd_bwd(torch_fn, torch_leaves or leaves)
+                step = torch_fn if mode != "fwd+bwd" else _fwd_bwd(torch_fn, torch_leaves or leaves)
                 t = per_call_us(step, args.n, args.warmup, args.repeats)
             if ft5_fn is not None:
-                step = ft5_fn if mode == "fwd" else _fwd_bwd(ft5_fn, leaves)
+                step = ft5_fn if mode != "fwd+bwd" else _fwd_bwd(ft5_fn, leaves)
                 f = per_call_us(step, args.n, args.warmup, args.repeats)
                 if args.profile and mode == "fwd+bwd":
                     profiles.append(_profile(f"{name} {mode}", step, min(args.n, 300)))
@@ -216,7 +269,8 @@ def main(argv: list[str] | None = None) -> None:
         f"{args.warmup} warm-up calls; bf16 inputs requiring grad. ratio = flasht5 / torch, target <= {TARGET}. "
         "Torch ops: F.rms_norm, x + r then F.rms_norm, F.gelu(tanh) * up, F.cross_entropy, F.linear + "
         "F.cross_entropy, F.scaled_dot_product_attention (default dispatch, no bias, (B, H, L, D) inputs) for both "
-        "attention rows.\n\n"
+        "attention rows. The floor rows (flasht5 column only) price one allocation, one FastKernel launch, one "
+        "torch sum and the autograd.Function route itself on this host.\n\n"
         + (f"Over the target: {', '.join(over)}.\n" if over else "Every row is within the target.\n")
     )
     text = note + "\n" + table + "".join("\n" + p for p in profiles)

@@ -119,6 +119,23 @@ def test_inv_count_is_torchs_formula_bit_for_bit(n, dtype, device):
         assert loss_mod._inv_count(y_all, n, 3).item() == (1.0 / torch.tensor(float(n))).item()
 
 
+@pytest.mark.parametrize("n", [0, 7, 4097, loss_mod._COUNT_MAX_ROWS + 1])
+@pytest.mark.parametrize("with_z", [False, True])
+def test_mean_in_place_is_torchs_sum_times_inv_count_bit_for_bit(n, with_z, device):
+    # the kernel divides the torch sums in place (or torch's mul_ above the kernel's limit): total * (1 / n_kept)
+    y = random_labels((n,), 50, device, p_ignore=0.4, seed=n)
+    g = torch.Generator().manual_seed(n)
+    rows = (torch.randn(n, generator=g) * 3).to(device)
+    z_rows = (torch.rand(n, generator=g) * 1e-3).to(device)
+    inv = 1.0 / (y != -100).sum().clamp(min=1).to(torch.float32)
+    total, total_z = rows.sum(), (z_rows.sum() if with_z else None)
+    got_inv = loss_mod._mean_(y, n, -100, total, total_z)
+    assert torch.equal(_bits(got_inv), _bits(inv))
+    assert torch.equal(_bits(total), _bits(rows.sum() * inv))
+    if with_z:
+        assert torch.equal(_bits(total_z), _bits(z_rows.sum() * inv))
+
+
 def test_cpu_labels_are_always_checked(device):
     if device != "cpu":
         pytest.skip("CPU tensors need the interpreter")

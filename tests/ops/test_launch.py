@@ -87,3 +87,36 @@ def test_launch_hook_and_interpreter_take_tritons_launch(fake, monkeypatch):
     from flasht5.ops.norm import _rms_norm_fwd_kernel
 
     assert L.FastKernel(_rms_norm_fwd_kernel)._direct == (not interpreting())
+
+
+class CudaLauncher:  # the name FastKernel recognises: Triton 3.6's launcher class, faked
+    def __init__(self, log, global_scratch=0, profile_scratch=0):
+        self.log = log
+        self.global_scratch_size, self.profile_scratch_size = global_scratch, profile_scratch
+        self.launch_cooperative_grid, self.launch_pdl = False, True
+
+    def launch(self, *a):
+        self.log.append(("raw", a))
+
+    def __call__(self, *a):
+        self.log.append(("launcher", a))
+
+
+@pytest.mark.parametrize("scratch", [(0, 0), (256, 0), (0, 64)])
+def test_cuda_launcher_is_called_through_its_c_launch_unless_it_needs_scratch(fake, monkeypatch, scratch):
+    jit, k = fake
+    compiled = _Compiled(jit.log)
+    compiled.run = CudaLauncher(jit.log, *scratch)
+    monkeypatch.setattr(_FakeJit, "__getitem__", lambda self, grid: lambda *a, **kw: compiled)
+    x = torch.zeros(64)
+    k((3,), (x, 32), (True,))  # compiles (here: returns the fake compiled kernel)
+    k((5, 2), (x, 48), (True,))
+    kind, args = jit.log[-1]
+    if scratch == (0, 0):
+        # launch(gx, gy, gz, stream, function, cooperative, pdl, global_scratch, profile_scratch, metadata,
+        #        launch_metadata, enter_hook, exit_hook, *args, *consts)
+        assert kind == "raw"
+        assert args == (5, 2, 1, 1234, "fn-handle", False, True, None, None, "meta", None, None, None, x, 48, True)
+    else:  # scratch memory: the launcher's own __call__ allocates it
+        assert kind == "launcher"
+        assert args == (5, 2, 1, 1234, "fn-handle", "meta", None, None, None, x, 48, True)

@@ -19,7 +19,11 @@ returns the compiled kernel. Triton's launch is also used for every call of a ke
 ``JITFunction`` (under ``TRITON_INTERPRET=1`` ``triton.jit`` returns an interpreted function; autotuned or heuristic
 wrappers keep their own logic) and while a Triton launch hook is installed (a profiler such as proton), so that the
 hook sees every launch. Skipped relative to Triton's launch: its pre-run hooks (none are installed on these
-kernels) and its check that the kernel's global variables did not change since it was compiled.
+kernels) and its check that the kernel's global variables did not change since it was compiled. Where the compiled
+kernel's launcher is Triton's ``CudaLauncher`` and the kernel needs no global or profile scratch memory (every
+flasht5 kernel), the cached entry is the launcher's C ``launch`` function with its fixed leading arguments, which
+also skips ``CudaLauncher.__call__`` (a Python frame and two scratch-allocation closures per launch); any other
+launcher is called as Triton calls it.
 """
 
 from __future__ import annotations
@@ -74,13 +78,34 @@ class FastKernel:
             else:
                 key.append(type(a))
         key = tuple(key)
-        kernel = self._compiled.get(key)
-        if kernel is None:
-            self._compiled[key] = self.fn[tuple(grid)](*args, *consts, num_warps=num_warps, num_stages=num_stages)
+        entry = self._compiled.get(key)
+        if entry is None:
+            kernel = self.fn[tuple(grid)](*args, *consts, num_warps=num_warps, num_stages=num_stages)
+            self._compiled[key] = _launch_entry(kernel)
             return
+        launch, head = entry
         n = len(grid)
-        stream = active.get_current_stream(device)
-        kernel.run(
-            grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, stream, kernel.function, kernel.packed_metadata,
-            None, None, None, *args, *consts,
+        launch(
+            grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, active.get_current_stream(device), *head, *args,
+            *consts,
         )  # fmt: skip
+
+
+def _launch_entry(kernel: Any) -> tuple[Any, tuple]:
+    """(callable, its fixed arguments after the stream) that launches the compiled ``kernel``.
+
+    Triton 3.6's ``CudaLauncher.__call__(gx, gy, gz, stream, function, metadata, launch_metadata, enter_hook,
+    exit_hook, *args)`` allocates the scratch buffers (none here) and calls its C ``launch(gx, gy, gz, stream,
+    function, cooperative_grid, pdl, global_scratch, profile_scratch, metadata, launch_metadata, enter_hook,
+    exit_hook, *args)``: that function is called directly when nothing needs scratch memory."""
+    run = kernel.run
+    raw = getattr(run, "launch", None)
+    if (
+        type(run).__name__ == "CudaLauncher"
+        and raw is not None
+        and not getattr(run, "global_scratch_size", 1)
+        and not getattr(run, "profile_scratch_size", 1)
+    ):
+        head = (kernel.function, run.launch_cooperative_grid, run.launch_pdl, None, None, kernel.packed_metadata)
+        return raw, (*head, None, None, None)
+    return run, (kernel.function, kernel.packed_metadata, None, None, None)

@@ -36,7 +36,16 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from flasht5.ops._device import cdiv, check_float_tensor, check_kernel_device, next_pow2, row_major, use_custom_op
+from flasht5.ops._device import (
+    FLOAT_DTYPES,
+    cdiv,
+    check_float_tensor,
+    check_kernel_device,
+    function_apply,
+    next_pow2,
+    row_major,
+    use_custom_op,
+)
 from flasht5.ops._launch import FastKernel
 
 __all__ = ["gated_act", "gated_act_ref"]
@@ -157,11 +166,19 @@ _FWD = FastKernel(_gated_fwd_kernel)
 _BWD = FastKernel(_gated_bwd_kernel)
 
 
+def _empty_rows(like: Tensor) -> Tensor:
+    """A row-major tensor of ``like``'s shape and dtype: ``empty_like`` where ``like`` is contiguous (a third of
+    ``torch.empty(shape, dtype=, device=)``'s host cost), else ``torch.empty``."""
+    if like.is_contiguous():
+        return torch.empty_like(like)
+    return torch.empty(like.shape, dtype=like.dtype, device=like.device)
+
+
 def _forward(gate: Tensor, up: Tensor, kind: int) -> Tensor:
     n_cols = gate.shape[-1]
     g2, stride_g = row_major(gate, n_cols)
     u2, stride_u = row_major(up, n_cols)
-    out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)  # row-major: row stride n_cols
+    out = _empty_rows(gate)  # row-major: row stride n_cols
     n_rows = out.numel() // n_cols if n_cols else 0
     if n_rows > 0:
         block_m, block_n, num_warps = _config(n_cols)
@@ -179,9 +196,8 @@ def _backward(dout: Tensor, gate: Tensor, up: Tensor, kind: int) -> tuple[Tensor
     d2, stride_d = row_major(dout, n_cols)
     g2, stride_g = row_major(gate, n_cols)
     u2, stride_u = row_major(up, n_cols)
-    dev = gate.device
-    dgate = torch.empty(gate.shape, dtype=gate.dtype, device=dev)
-    dup = torch.empty(up.shape, dtype=up.dtype, device=dev)
+    dgate = _empty_rows(gate)
+    dup = _empty_rows(up)
     n_rows = dgate.numel() // n_cols if n_cols else 0
     if n_rows > 0:
         block_m, block_n, num_warps = _config(n_cols)
@@ -208,6 +224,9 @@ class _GatedActFn(torch.autograd.Function):
         gate, up = ctx.saved_tensors
         dgate, dup = _backward(grad_out, gate, up, ctx.kind)
         return dgate, dup, None
+
+
+_apply = function_apply(_GatedActFn)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -258,6 +277,26 @@ def gated_act(gate: Tensor, up: Tensor, kind: str) -> Tensor:
     ``ValueError`` for an unknown ``kind`` or mismatched shapes/dtypes/devices.
     """
     kind_id = _KINDS.get(kind)
+    if not (  # the usual call in one expression; anything else goes through the checks that name the problem
+        kind_id is not None
+        and type(gate) is Tensor
+        and type(up) is Tensor
+        and gate.is_cuda
+        and gate.dtype in FLOAT_DTYPES
+        and gate.dtype == up.dtype
+        and gate.shape == up.shape
+        and gate.dim() >= 1
+        and gate.device == up.device
+    ):
+        _check(gate, up, kind_id, kind)
+    if use_custom_op(gate):
+        return torch.ops.flasht5.gated_act_fwd(gate, up, kind_id)
+    if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
+        return _apply(gate, up, kind_id)
+    return _forward(gate, up, kind_id)  # inference: no autograd node at all
+
+
+def _check(gate: Tensor, up: Tensor, kind_id: int | None, kind: str) -> None:
     if kind_id is None:
         raise ValueError(f"kind must be one of {sorted(_KINDS)}, got {kind!r}")
     check_float_tensor(gate, "gate")
@@ -269,8 +308,3 @@ def gated_act(gate: Tensor, up: Tensor, kind: str) -> Tensor:
     if gate.device != up.device:
         raise ValueError(f"up is on {up.device} but gate is on {gate.device}")
     check_kernel_device(gate, "gate")
-    if use_custom_op(gate):
-        return torch.ops.flasht5.gated_act_fwd(gate, up, kind_id)
-    if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
-        return _GatedActFn.apply(gate, up, kind_id)
-    return _forward(gate, up, kind_id)  # inference: no autograd node at all

@@ -116,10 +116,12 @@ import triton.language as tl
 from torch import Tensor
 
 from flasht5.ops._device import (
+    FLOAT_DTYPES,
     cdiv,
     check_float_tensor,
     check_kernel_device,
     debug_checks,
+    function_apply,
     next_pow2,
     row_major,
     use_custom_op,
@@ -129,6 +131,7 @@ from flasht5.ops._launch import FastKernel
 __all__ = ["cross_entropy", "cross_entropy_ref", "linear_cross_entropy", "linear_cross_entropy_ref"]
 
 _REDUCTIONS = ("mean", "sum", "none")
+_FAST_LABEL_DTYPES = (torch.int64, torch.int32)  # the public functions' one-expression check; others: full check
 
 # Set by benchmarks to sweep (BLOCK_V, num_warps); None means the built-in choice below.
 _CONFIG_OVERRIDE: tuple[int, int] | None = None
@@ -190,8 +193,10 @@ def _ce_fwd_kernel(
     HAS_GRAD: tl.constexpr,
     HAS_ROW_SCALE: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr,
+    HAS_Z: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
+    # HAS_Z: store the z-term per row (only when the caller reads it: one allocation fewer otherwise)
     row = tl.program_id(0).to(tl.int64)
     x_row = X + row * stride_x
     g_row = G + row * stride_g
@@ -200,7 +205,8 @@ def _ce_fwd_kernel(
 
     if label == ignore_index:
         tl.store(LOSS + row, 0.0)
-        tl.store(Z + row, 0.0)
+        if HAS_Z:
+            tl.store(Z + row, 0.0)
         tl.store(LSE + row, 0.0)
         if HAS_GRAD:
             for start in range(0, n_cols, BLOCK_V):
@@ -230,7 +236,8 @@ def _ce_fwd_kernel(
         loss = (1.0 - smoothing) * loss + smoothing * (lse - row_sum / n_cols)
     z_term = z_coef * lse * lse
     tl.store(LOSS + row, loss + z_term)
-    tl.store(Z + row, z_term)
+    if HAS_Z:
+        tl.store(Z + row, z_term)
     tl.store(LSE + row, lse)
 
     # Pass 2: d loss_i / d x_ij = p_ij * (1 + 2 z lse) - eps / V - (1 - eps) * [j == y]
@@ -256,6 +263,7 @@ def _ce_bwd_kernel(
     Y,
     LSE,
     FACTOR,
+    INV_N,
     n_rows,
     n_cols,
     stride_x,
@@ -264,11 +272,14 @@ def _ce_bwd_kernel(
     smoothing,
     z_coef,
     PER_ROW: tl.constexpr,
+    HAS_INV_N: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     # One read of the logits and one write of the gradient, tiled over (rows, vocab): the same formula as pass 2
-    # of the forward kernel, with the saved lse and grad_output (/ n) folded in as a per-row factor.
+    # of the forward kernel, with the saved lse and grad_output (/ n) folded in as a per-row factor. FACTOR is
+    # grad_output (fp32; per row with PER_ROW); HAS_INV_N multiplies it by the mean's 1/n here, the one fp32
+    # rounding torch's `grad_output * inv_n` would make, without that torch op.
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < n_rows
@@ -280,6 +291,8 @@ def _ce_bwd_kernel(
         f = tl.load(FACTOR + rows, mask=row_mask, other=0.0)
     else:
         f = tl.load(FACTOR)
+        if HAS_INV_N:
+            f = f * tl.load(INV_N)
     x = tl.load(X + r64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     g = tl.exp(x - lse[:, None]) * (1.0 + 2.0 * z_coef * lse)[:, None] - smoothing / n_cols
     g = tl.where(cols[None, :] == label[:, None], g - (1.0 - smoothing), g)
@@ -293,14 +306,20 @@ def _scale_rows_kernel(
     X,
     OUT,
     FACTOR,
+    INV_N,
     n_rows,
     n_cols,
     stride_x,
     stride_o,
+    scale,
     PER_ROW: tl.constexpr,
+    HAS_INV_N: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
+    # out = x * f, f = FACTOR[row] (PER_ROW) or FACTOR [* INV_N] [* scale], each product one fp32 rounding in that
+    # order: what torch's `(factor * inv_n) * scale` on 0-d fp32 tensors gives, without those torch ops.
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < n_rows
@@ -310,14 +329,20 @@ def _scale_rows_kernel(
         f = tl.load(FACTOR + rows, mask=row_mask, other=0.0)[:, None]
     else:
         f = tl.load(FACTOR)
+        if HAS_INV_N:
+            f = f * tl.load(INV_N)
+        if HAS_SCALE:
+            f = f * scale
     x = tl.load(X + r64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     tl.store(OUT + r64 * stride_o + cols[None, :], (x * f).to(OUT.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _inv_count_kernel(Y, INV_N, n_rows, ignore_index, BLOCK: tl.constexpr):
+def _inv_count_kernel(Y, INV_N, TOTAL, TOTAL_Z, n_rows, ignore_index, N_TOTALS: tl.constexpr, BLOCK: tl.constexpr):
     # 1 / max(#{i : labels[i] != ignore_index}, 1) in fp32, by one program: the count is exact and div_rn rounds
     # correctly, as torch's reciprocal does, so this is bit for bit `1.0 / (y != ii).sum().clamp(min=1).float()`.
+    # N_TOTALS = 1 or 2: also TOTAL (and TOTAL_Z) *= that 1/n in place, one fp32 rounding each as torch's
+    # `total * inv_n`: the mean of the loss (and z) sums in this same launch.
     acc = tl.zeros([BLOCK], dtype=tl.int32)
     for start in range(0, n_rows, BLOCK):
         offs = start + tl.arange(0, BLOCK)
@@ -325,7 +350,12 @@ def _inv_count_kernel(Y, INV_N, n_rows, ignore_index, BLOCK: tl.constexpr):
         y = tl.load(Y + offs, mask=mask, other=0).to(tl.int64)
         acc += ((y != ignore_index) & mask).to(tl.int32)
     n = tl.maximum(tl.sum(acc, axis=0), 1)
-    tl.store(INV_N, tl.math.div_rn(1.0, n.to(tl.float32)))
+    inv_n = tl.math.div_rn(1.0, n.to(tl.float32))
+    tl.store(INV_N, inv_n)
+    if N_TOTALS >= 1:
+        tl.store(TOTAL, tl.load(TOTAL) * inv_n)
+    if N_TOTALS >= 2:
+        tl.store(TOTAL_Z, tl.load(TOTAL_Z) * inv_n)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -359,7 +389,7 @@ def _launch_ce(
     n_cols: int,
     labels: Tensor,
     loss_rows: Tensor,
-    z_rows: Tensor,
+    z_rows: Tensor | None,
     lse_rows: Tensor,
     grad: Tensor | None,
     row_scale: Tensor | None,
@@ -367,26 +397,29 @@ def _launch_ce(
     label_smoothing: float,
     z_loss: float,
 ) -> None:
-    """Per-row loss (ce + z) into ``loss_rows``, z-term into ``z_rows``, logsumexp into ``lse_rows`` and,
-    optionally, the per-row gradient into ``grad`` (contiguous rows of ``n_cols``; it may be ``logits`` itself: each
-    element is read before it is overwritten), scaled by ``row_scale``. ``logits``' row r starts ``r * stride_x``
-    elements after its data pointer; ``labels`` and the row outputs are contiguous."""
+    """Per-row loss (ce + z) into ``loss_rows``, z-term into ``z_rows`` (None: not stored), logsumexp into
+    ``lse_rows`` and, optionally, the per-row gradient into ``grad`` (contiguous rows of ``n_cols``; it may be
+    ``logits`` itself: each element is read before it is overwritten), scaled by ``row_scale``. ``logits``' row r
+    starts ``r * stride_x`` elements after its data pointer; ``labels`` and the row outputs are contiguous."""
     if n_rows == 0:
         return
     block_v, num_warps = _ce_config(n_cols)
     _CE_FWD(
         (n_rows,),
-        (logits, logits if grad is None else grad, labels, loss_rows, z_rows, lse_rows,
-         loss_rows if row_scale is None else row_scale, stride_x, 0 if grad is None else n_cols, n_cols,
+        (logits, logits if grad is None else grad, labels, loss_rows, loss_rows if z_rows is None else z_rows,
+         lse_rows, loss_rows if row_scale is None else row_scale, stride_x, 0 if grad is None else n_cols, n_cols,
          ignore_index, label_smoothing, z_loss),
-        (grad is not None, row_scale is not None, label_smoothing != 0.0, block_v),
+        (grad is not None, row_scale is not None, label_smoothing != 0.0, z_rows is not None, block_v),
         num_warps=num_warps,
     )  # fmt: skip
 
 
-def _scale_rows_into(x: Tensor, factor: Tensor, out: Tensor, per_row: bool) -> Tensor:
-    """out[i, :] = x[i, :] * factor (0-d, or factor[i] when ``per_row``), computed in fp32, rounded to out's dtype;
-    ``x`` and ``out`` are (N, M) with unit column stride, ``factor`` contiguous fp32."""
+def _scale_rows_into(
+    x: Tensor, factor: Tensor, out: Tensor, per_row: bool, inv_n: Tensor | None = None, scale: float = 1.0
+) -> Tensor:
+    """out[i, :] = x[i, :] * f with f = factor[i] (``per_row``) or factor (0-d) [* inv_n] [* scale], computed in
+    fp32 and rounded to out's dtype; ``x`` and ``out`` are (N, M) with unit column stride, ``factor`` and ``inv_n``
+    contiguous fp32."""
     n_rows, n_cols = x.shape
     if n_rows * n_cols > 0:
         block_n = min(next_pow2(n_cols), 1024)
@@ -394,20 +427,21 @@ def _scale_rows_into(x: Tensor, factor: Tensor, out: Tensor, per_row: bool) -> T
         block_m = max(1, (4096 if x.is_cuda else 65536) // block_n)
         _SCALE_ROWS(
             (cdiv(n_rows, block_m), cdiv(n_cols, block_n)),
-            (x, out, factor, n_rows, n_cols, x.stride(0), out.stride(0)),
-            (per_row, block_m, block_n),
+            (x, out, factor, factor if inv_n is None else inv_n, n_rows, n_cols, x.stride(0), out.stride(0), scale),
+            (per_row, inv_n is not None, scale != 1.0, block_m, block_n),
             num_warps=4,
         )
     return out
 
 
-def _scale_rows_impl(x: Tensor, factor: Tensor) -> Tensor:
-    """x (N, ...) times a 0-d or (N,) fp32 factor, in x's dtype, as a new tensor of x's shape."""
+def _scale_rows_impl(x: Tensor, factor: Tensor, inv_n: Tensor | None = None, scale: float = 1.0) -> Tensor:
+    """x (N, ...) times a 0-d or (N,) factor [* inv_n (0-d)] [* scale], in fp32, rounded to x's dtype, as a new
+    tensor of x's shape."""
     x2 = x if x.dim() == 2 and x.stride(-1) == 1 else x.reshape(x.shape[0], -1).contiguous()
     if factor.dtype != torch.float32 or not factor.is_contiguous():
         factor = factor.to(torch.float32).contiguous()
-    out = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
-    return _scale_rows_into(x2, factor, out, factor.dim() == 1).view(x.shape)
+    out = torch.empty_like(x2) if x2.is_contiguous() else torch.empty(x2.shape, dtype=x.dtype, device=x.device)
+    return _scale_rows_into(x2, factor, out, factor.dim() == 1, inv_n, scale).view(x.shape)
 
 
 def _check_labels(labels: Tensor, n_classes: int, ignore_index: int, arg: str = "labels") -> None:
@@ -425,35 +459,64 @@ def _check_labels(labels: Tensor, n_classes: int, ignore_index: int, arg: str = 
         raise ValueError(f"{arg} must be in [0, {n_classes}) or equal ignore_index={ignore_index}; found {first}")
 
 
+def _count_kernel_ok(labels: Tensor, n_rows: int) -> bool:
+    return n_rows <= _COUNT_MAX_ROWS and labels.dtype in (torch.int64, torch.int32) and labels.is_contiguous()
+
+
 def _inv_count(labels: Tensor, n_rows: int, ignore_index: int) -> Tensor:
     """1 / (number of kept tokens), 0-d fp32 on the device, no host sync; an all-ignored batch divides by 1.
 
     Bit for bit ``1.0 / (labels != ignore_index).sum().clamp(min=1).to(torch.float32)``: for contiguous int64 /
     int32 labels up to 65536 tokens one single-program launch (:func:`_inv_count_kernel`) replaces those five torch
     ops (host overhead); above that, or for other label dtypes, it is those torch ops."""
-    if n_rows <= _COUNT_MAX_ROWS and labels.dtype in (torch.int64, torch.int32) and labels.is_contiguous():
-        inv_n = torch.empty((), dtype=torch.float32, device=labels.device)
-        _INV_COUNT((1,), (labels, inv_n, n_rows, ignore_index), (_COUNT_BLOCK,), num_warps=4)
+    if _count_kernel_ok(labels, n_rows):
+        inv_n = labels.new_empty((), dtype=torch.float32)
+        _INV_COUNT((1,), (labels, inv_n, inv_n, inv_n, n_rows, ignore_index), (0, _COUNT_BLOCK), num_warps=4)
         return inv_n
     return 1.0 / (labels != ignore_index).sum().clamp(min=1).to(torch.float32)
 
 
-def _reduce(rows: Tensor, inv_n: Tensor | None, reduction: str) -> Tensor:
+def _mean_(labels: Tensor, n_rows: int, ignore_index: int, total: Tensor, total_z: Tensor | None) -> Tensor:
+    """Divide the 0-d fp32 sums ``total`` (and ``total_z``) in place by the number of kept tokens; returns that
+    1/n (:func:`_inv_count`). Bit for bit ``total * _inv_count(...)``; with the count kernel it is the same launch,
+    instead of a count launch and a torch multiply per sum."""
+    if _count_kernel_ok(labels, n_rows):
+        inv_n = labels.new_empty((), dtype=torch.float32)
+        _INV_COUNT(
+            (1,),
+            (labels, inv_n, total, total if total_z is None else total_z, n_rows, ignore_index),
+            (1 if total_z is None else 2, _COUNT_BLOCK),
+            num_warps=4,
+        )
+        return inv_n
+    inv_n = _inv_count(labels, n_rows, ignore_index)
+    total.mul_(inv_n)
+    if total_z is not None:
+        total_z.mul_(inv_n)
+    return inv_n
+
+
+def _reduce(
+    rows: Tensor, z_rows: Tensor | None, labels: Tensor, ignore_index: int, reduction: str
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """(loss, z_term or None, 1/n_kept for the mean else None) from the per-row fp32 terms: the rows themselves
+    ("none"), their torch sums ("sum"), or those sums times 1/n ("mean", :func:`_mean_`)."""
     if reduction == "none":
-        return rows
+        return rows, z_rows, None
     total = rows.sum()
-    return total * inv_n if reduction == "mean" else total
+    total_z = None if z_rows is None else z_rows.sum()
+    if reduction == "sum":
+        return total, total_z, None
+    return total, total_z, _mean_(labels, labels.numel(), ignore_index, total, total_z)
 
 
-def _grad_factor(grad_output: Tensor, inv_n: Tensor | None, reduction: str) -> Tensor:
-    """The fp32 factor backward multiplies the per-token gradient by: grad_output (/ n for the mean), 0-d, or per
-    token (contiguous, labels' shape) for reduction "none"."""
+def _grad_output32(grad_output: Tensor, reduction: str) -> Tensor:
+    """grad_output as fp32: 0-d for "mean"/"sum", contiguous (labels' shape) for "none". The mean's 1/n is applied
+    by the kernels that use it (``HAS_INV_N``)."""
     go = grad_output if grad_output.dtype == torch.float32 else grad_output.to(torch.float32)
     if reduction == "none":
         return go if go.is_contiguous() else go.contiguous()
-    if go.dim() != 0:
-        go = go.reshape(())
-    return go * inv_n if reduction == "mean" else go
+    return go if go.dim() == 0 else go.reshape(())
 
 
 def _ce_forward(
@@ -465,53 +528,59 @@ def _ce_forward(
     reduction: str,
     want_z: bool,
 ) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
-    """logits (..., V), labels logits.shape[:-1] -> (loss, z_term or None, per-token logsumexp (labels' shape),
+    """logits (..., V), labels logits.shape[:-1] -> (loss, z_term or None, per-token logsumexp (N,) flat,
     1/n_kept for the mean else None). Loss and z_term: 0-d, or labels' shape for reduction "none"."""
     n_cols = logits.shape[-1]
-    x, stride_x = row_major(logits, n_cols)
+    x, stride_x = (logits, n_cols) if logits.is_contiguous() else row_major(logits, n_cols)
     y = labels if labels.is_contiguous() else labels.contiguous()
     _check_labels(y, n_cols, ignore_index)
     n_rows = y.numel()
-    dev = logits.device
-    loss_rows = torch.empty(y.shape, dtype=torch.float32, device=dev)
-    z_rows = torch.empty(y.shape, dtype=torch.float32, device=dev)
-    lse = torch.empty(y.shape, dtype=torch.float32, device=dev)
+    # per-row terms: flat unless returned as they are ("none"); the z-terms only when the caller reads them
+    rows_shape = y.shape if reduction == "none" else n_rows
+    loss_rows = y.new_empty(rows_shape, dtype=torch.float32)
+    z_rows = y.new_empty(rows_shape, dtype=torch.float32) if want_z else None
+    lse = y.new_empty(n_rows, dtype=torch.float32)
     _launch_ce(
         x, stride_x, n_rows, n_cols, y, loss_rows, z_rows, lse, None, None, ignore_index, label_smoothing, z_loss
     )
-    inv_n = _inv_count(y, n_rows, ignore_index) if reduction == "mean" else None
-    z_term = _reduce(z_rows, inv_n, reduction) if want_z else None
-    return _reduce(loss_rows, inv_n, reduction), z_term, lse, inv_n
+    loss, z_term, inv_n = _reduce(loss_rows, z_rows, y, ignore_index, reduction)
+    return loss, z_term, lse, inv_n
 
 
 def _ce_backward(
     logits: Tensor,
     labels: Tensor,
     lse: Tensor,
-    factor: Tensor,
-    per_row: bool,
+    grad_output: Tensor,
+    inv_n: Tensor | None,
     ignore_index: int,
     label_smoothing: float,
     z_loss: float,
 ) -> Tensor:
-    """d loss / d logits (logits' shape, logits' dtype, contiguous); ``factor`` is grad_output (/ n) as fp32, 0-d or
-    one per token (``per_row``)."""
+    """d loss / d logits (logits' shape, logits' dtype, contiguous); ``grad_output`` is fp32, 0-d or one per token
+    (:func:`_grad_output32`), ``inv_n`` the mean's 1/n (0-d) or None."""
     n_cols = logits.shape[-1]
-    x, stride_x = row_major(logits, n_cols)
+    if logits.is_contiguous():
+        x, stride_x = logits, n_cols
+        grad = torch.empty_like(logits)
+    else:
+        x, stride_x = row_major(logits, n_cols)
+        grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     y = labels if labels.is_contiguous() else labels.contiguous()
     if not lse.is_contiguous():
         lse = lse.contiguous()
     n_rows = y.numel()
-    grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     if n_rows > 0:
         block_n = min(next_pow2(n_cols), 4096 if logits.is_cuda else 32768)
         block_m = 1 if logits.is_cuda else 8  # the interpreter's cost is per program
+        per_row = grad_output.dim() > 0
         _CE_BWD(
             (cdiv(n_rows, block_m), cdiv(n_cols, block_n)),
-            (x, grad, y, lse, factor, n_rows, n_cols, stride_x, n_cols, ignore_index, label_smoothing, z_loss),
-            (per_row, block_m, block_n),
+            (x, grad, y, lse, grad_output, grad_output if inv_n is None else inv_n, n_rows, n_cols, stride_x, n_cols,
+             ignore_index, label_smoothing, z_loss),
+            (per_row, inv_n is not None and not per_row, block_m, block_n),
             num_warps=8 if block_n >= 4096 else 4,
-        )
+        )  # fmt: skip
     return grad
 
 
@@ -524,8 +593,7 @@ class _CrossEntropyFn(torch.autograd.Function):
         ignore_index, label_smoothing, z_loss, reduction, want_z = cfg
         loss, z_term, lse, inv_n = _ce_forward(logits, labels, ignore_index, label_smoothing, z_loss, reduction, want_z)
         ctx.set_materialize_grads(False)  # the z_term gets no zero-filled grad
-        ctx.reduction = reduction
-        ctx.ce_args = (ignore_index, label_smoothing, z_loss)
+        ctx.cfg = cfg
         ctx.save_for_backward(logits, labels, lse, inv_n)
         if z_term is None:
             return loss, None
@@ -537,22 +605,27 @@ class _CrossEntropyFn(torch.autograd.Function):
         if grad_loss is None:
             return None, None, None
         logits, labels, lse, inv_n = ctx.saved_tensors
-        factor = _grad_factor(grad_loss, inv_n, ctx.reduction)
-        grad = _ce_backward(logits, labels, lse, factor, ctx.reduction == "none", *ctx.ce_args)
+        ignore_index, label_smoothing, z_loss, reduction, _ = ctx.cfg
+        go = _grad_output32(grad_loss, reduction)
+        grad = _ce_backward(logits, labels, lse, go, inv_n, ignore_index, label_smoothing, z_loss)
         return grad, None, None
+
+
+_ce_apply = function_apply(_CrossEntropyFn)
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Custom ops (the route torch.compile traces)
 # --------------------------------------------------------------------------------------------------------------
 @torch.library.custom_op("flasht5::scale_rows", mutates_args=())
-def _scale_rows(x: Tensor, factor: Tensor) -> Tensor:
-    """x (N, M) times a 0-d or (N,) fp32 factor, in x's dtype (the backward of the precomputed gradients)."""
-    return _scale_rows_impl(x, factor)
+def _scale_rows(x: Tensor, factor: Tensor, inv_n: Tensor | None, scale: float) -> Tensor:
+    """x (N, M) times a 0-d or (N,) fp32 factor [* inv_n] [* scale], in x's dtype (the backward of the precomputed
+    gradients)."""
+    return _scale_rows_impl(x, factor, inv_n, scale)
 
 
 @_scale_rows.register_fake
-def _(x: Tensor, factor: Tensor) -> Tensor:
+def _(x: Tensor, factor: Tensor, inv_n: Tensor | None, scale: float) -> Tensor:
     return x.new_empty(x.shape)
 
 
@@ -584,19 +657,21 @@ def _cross_entropy_bwd(
     logits: Tensor,
     labels: Tensor,
     lse: Tensor,
-    factor: Tensor,
+    grad_output: Tensor,
+    inv_n: Tensor | None,
     ignore_index: int,
     label_smoothing: float,
     z_loss: float,
 ) -> Tensor:
-    """d loss / d logits (N, V) in the logits' dtype; ``factor`` is grad_output (/ n), 0-d or per row (N,)."""
-    if factor.dtype != torch.float32 or not factor.is_contiguous():
-        factor = factor.to(torch.float32).contiguous()
-    return _ce_backward(logits, labels, lse, factor, factor.dim() == 1, ignore_index, label_smoothing, z_loss)
+    """d loss / d logits (N, V) in the logits' dtype; ``grad_output`` is 0-d or per row (N,), ``inv_n`` the mean's
+    1/n or None."""
+    if grad_output.dtype != torch.float32 or not grad_output.is_contiguous():
+        grad_output = grad_output.to(torch.float32).contiguous()
+    return _ce_backward(logits, labels, lse, grad_output, inv_n, ignore_index, label_smoothing, z_loss)
 
 
 @_cross_entropy_bwd.register_fake
-def _(logits, labels, lse, factor, ignore_index, label_smoothing, z_loss):
+def _(logits, labels, lse, grad_output, inv_n, ignore_index, label_smoothing, z_loss):
     return logits.new_empty(logits.shape)
 
 
@@ -613,8 +688,9 @@ def _ce_op_backward(ctx, grad_loss: Tensor, _grad_z: Tensor, _grad_lse: Tensor, 
     logits, labels, lse, inv_n = ctx.saved_tensors
     if grad_loss is None:  # only z_term was used downstream, and it is detached by the public function
         return None, None, None, None, None, None
-    factor = _grad_factor(grad_loss, inv_n, ctx.reduction)
-    grad = torch.ops.flasht5.cross_entropy_bwd(logits, labels, lse, factor, *ctx.ce_args)
+    go = _grad_output32(grad_loss, ctx.reduction)
+    inv = inv_n if ctx.reduction == "mean" else None
+    grad = torch.ops.flasht5.cross_entropy_bwd(logits, labels, lse, go, inv, *ctx.ce_args)
     return grad, None, None, None, None, None
 
 
@@ -637,6 +713,21 @@ def _check_common(labels: Tensor, label_smoothing: float, z_loss: float, reducti
         raise ValueError(f"z_loss must be >= 0, got {z_loss}")
 
 
+def _check_ce(logits: Tensor, labels: Tensor, label_smoothing: float, z_loss: float, reduction: str) -> None:
+    check_float_tensor(logits, "logits")
+    _check_common(labels, label_smoothing, z_loss, reduction)
+    if logits.dim() < 1 or logits.shape[:-1] != labels.shape:
+        raise ValueError(
+            f"logits must have shape labels.shape + (V,); got logits {tuple(logits.shape)}, "
+            f"labels {tuple(labels.shape)}"
+        )
+    if logits.shape[-1] == 0:
+        raise ValueError("logits must have at least one class (V >= 1)")
+    if labels.device != logits.device:
+        raise ValueError(f"labels are on {labels.device} but logits are on {logits.device}")
+    check_kernel_device(logits, "logits")
+
+
 def cross_entropy(
     logits: Tensor,
     labels: Tensor,
@@ -655,18 +746,21 @@ def cross_entropy(
     check: always for CPU tensors, for CUDA tensors with ``FLASHT5_DEBUG=1``).
     """
     label_smoothing, z_loss, ignore_index = float(label_smoothing), float(z_loss), int(ignore_index)
-    check_float_tensor(logits, "logits")
-    _check_common(labels, label_smoothing, z_loss, reduction)
-    if logits.dim() < 1 or logits.shape[:-1] != labels.shape:
-        raise ValueError(
-            f"logits must have shape labels.shape + (V,); got logits {tuple(logits.shape)}, "
-            f"labels {tuple(labels.shape)}"
-        )
-    if logits.shape[-1] == 0:
-        raise ValueError("logits must have at least one class (V >= 1)")
-    if labels.device != logits.device:
-        raise ValueError(f"labels are on {labels.device} but logits are on {logits.device}")
-    check_kernel_device(logits, "logits")
+    if not (  # the usual call in one expression; anything else goes through the checks that name the problem
+        type(logits) is Tensor
+        and type(labels) is Tensor
+        and logits.is_cuda
+        and logits.dtype in FLOAT_DTYPES
+        and labels.dtype in _FAST_LABEL_DTYPES
+        and reduction in _REDUCTIONS
+        and 0.0 <= label_smoothing <= 1.0
+        and z_loss >= 0.0
+        and logits.dim() >= 1
+        and logits.shape[-1] > 0
+        and logits.shape[:-1] == labels.shape
+        and labels.device == logits.device
+    ):
+        _check_ce(logits, labels, label_smoothing, z_loss, reduction)
     if use_custom_op(logits):
         n_cols = logits.shape[-1]
         loss, z_term, _, _ = torch.ops.flasht5.cross_entropy_fwd(
@@ -681,9 +775,7 @@ def cross_entropy(
             loss, z_term = loss.view(labels.shape), z_term.view(labels.shape)
         return (loss, z_term.detach()) if return_z_loss else loss
     if torch.is_grad_enabled() and logits.requires_grad:
-        loss, z_term = _CrossEntropyFn.apply(
-            logits, labels, (ignore_index, label_smoothing, z_loss, reduction, return_z_loss)
-        )
+        loss, z_term = _ce_apply(logits, labels, (ignore_index, label_smoothing, z_loss, reduction, return_z_loss))
     else:  # no gradient: no autograd node at all
         loss, z_term, _, _ = _ce_forward(
             logits, labels, ignore_index, label_smoothing, z_loss, reduction, return_z_loss
@@ -793,11 +885,9 @@ def _chunks(
     n_tokens, n_classes = hidden.shape[0], weight.shape[0]
     need_grad = grad_hidden is not None or grad_weight32 is not None
     chunk = _default_chunk_tokens(n_tokens, n_classes, weight.shape[1])
-    # loss rows are needed by the kernel even when only gradients are wanted
-    dev = hidden.device
-    scratch_loss = loss_rows if loss_rows is not None else torch.empty(n_tokens, dtype=torch.float32, device=dev)
-    scratch_z = z_rows if z_rows is not None else torch.empty(n_tokens, dtype=torch.float32, device=dev)
-    scratch_lse = torch.empty(n_tokens, dtype=torch.float32, device=dev)
+    # loss rows are needed by the kernel even when only gradients are wanted; z rows only when asked for
+    scratch_loss = loss_rows if loss_rows is not None else labels.new_empty(n_tokens, dtype=torch.float32)
+    scratch_lse = labels.new_empty(n_tokens, dtype=torch.float32)
     for start in range(0, n_tokens, chunk):
         end = min(start + chunk, n_tokens)
         whole = start == 0 and end == n_tokens  # one chunk: no slicing (each slice is a torch call)
@@ -805,7 +895,7 @@ def _chunks(
         if scale != 1.0:
             hs = hs * scale  # in hidden's dtype, exactly like the unfused model
         logits = torch.mm(hs, weight.t())  # (C, V), the only logits alive
-        rows = (labels, scratch_loss, scratch_z, scratch_lse, row_scale)
+        rows = (labels, scratch_loss, z_rows, scratch_lse, row_scale)
         if not whole:
             rows = tuple(None if t is None else t[start:end] for t in rows)
         _launch_ce(
@@ -861,23 +951,25 @@ def _lce_forward(
     n_tokens, n_classes = h.shape[0], w.shape[0]
     _check_labels(y, n_classes, ignore_index)
     precompute = reduction != "none"
-    dev = h.device
-    grad_hidden = torch.empty(h.shape, dtype=h.dtype, device=dev) if precompute and need_grad_hidden else None
-    grad_weight32 = torch.zeros(w.shape, dtype=torch.float32, device=dev) if precompute and need_grad_weight else None
-    loss_rows = torch.empty(n_tokens, dtype=torch.float32, device=dev)
-    z_rows = torch.empty(n_tokens, dtype=torch.float32, device=dev)
+    grad_hidden = torch.empty_like(h) if precompute and need_grad_hidden else None  # h: unit column stride...
+    if grad_hidden is not None and not grad_hidden.is_contiguous():  # ...but maybe a row stride: row-major here
+        grad_hidden = torch.empty(h.shape, dtype=h.dtype, device=h.device)
+    grad_weight32 = torch.zeros_like(w, dtype=torch.float32) if precompute and need_grad_weight else None
+    if grad_weight32 is not None and not grad_weight32.is_contiguous():
+        grad_weight32 = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
+    loss_rows = y.new_empty(n_tokens, dtype=torch.float32)
+    z_rows = y.new_empty(n_tokens, dtype=torch.float32) if want_z else None
     _chunks(h, w, y, ignore_index, label_smoothing, z_loss, scale, loss_rows, z_rows, None, grad_hidden, grad_weight32)
-    inv_n = _inv_count(y, n_tokens, ignore_index) if reduction == "mean" else None
+    loss, z_term, inv_n = _reduce(loss_rows, z_rows, y, ignore_index, reduction)
     grad_weight = None
     if grad_weight32 is not None:
         if inv_n is not None:
-            grad_weight = torch.empty(w.shape, dtype=w.dtype, device=dev)
+            grad_weight = torch.empty_like(grad_weight32, dtype=w.dtype)
             _scale_rows_into(grad_weight32, inv_n, grad_weight, False)
         else:  # "sum": x * 1.0 rounded once, which is what the cast does
             grad_weight = grad_weight32.to(w.dtype)
         del grad_weight32
-    z_term = _reduce(z_rows, inv_n, reduction) if want_z else None
-    return _reduce(loss_rows, inv_n, reduction), z_term, grad_hidden, grad_weight, inv_n
+    return loss, z_term, grad_hidden, grad_weight, inv_n
 
 
 def _lce_backward_none(
@@ -906,15 +998,13 @@ def _lce_backward_none(
 
 def _lce_grads(scale_rows, saved, grad_loss: Tensor, reduction: str, scale: float, need_gh: bool, need_gw: bool):
     """(grad_hidden (N, d) or None, grad_weight or None) for reduction "mean"/"sum" from the gradients stored by the
-    forward; ``scale_rows`` is :func:`_scale_rows_impl` (eager) or the ``scale_rows`` custom op (traced)."""
+    forward: grad_hidden * ((go [* 1/n]) [* scale]), grad_weight * go (its 1/n was applied in the forward), each
+    factor formed inside the scaling kernel; ``scale_rows`` is :func:`_scale_rows_impl` (eager) or the
+    ``scale_rows`` custom op (traced)."""
     grad_hidden, grad_weight, inv_n = saved
-    factor = _grad_factor(grad_loss, inv_n, reduction)  # go / n (mean) or go (sum)
-    gh = scale_rows(grad_hidden, factor if scale == 1.0 else factor * scale) if need_gh else None
-    if need_gw:
-        go = grad_loss if grad_loss.dtype == torch.float32 else grad_loss.to(torch.float32)
-        gw = scale_rows(grad_weight, go if go.dim() == 0 else go.reshape(()))
-    else:
-        gw = None
+    go = _grad_output32(grad_loss, reduction)
+    gh = scale_rows(grad_hidden, go, inv_n if reduction == "mean" else None, scale) if need_gh else None
+    gw = scale_rows(grad_weight, go, None, 1.0) if need_gw else None
     return gh, gw
 
 
@@ -947,7 +1037,7 @@ class _LinearCrossEntropyFn(torch.autograd.Function):
             return None, None, None, None
         if ctx.reduction == "none":
             hidden, weight, labels = ctx.saved_tensors
-            grad_rows = _grad_factor(grad_loss, None, "none").reshape(-1)
+            grad_rows = _grad_output32(grad_loss, "none").reshape(-1)
             gh, gw = _lce_backward_none(
                 hidden, weight, labels, grad_rows, *ctx.ce_args, ctx.scale, ctx.need_gh, ctx.need_gw
             )
@@ -958,6 +1048,9 @@ class _LinearCrossEntropyFn(torch.autograd.Function):
         if gh is not None:
             gh = gh.view(ctx.hidden_shape)
         return gh, gw, None, None
+
+
+_lce_apply = function_apply(_LinearCrossEntropyFn)
 
 
 @torch.library.custom_op("flasht5::linear_cross_entropy_fwd", mutates_args=())
@@ -1066,26 +1159,15 @@ def _lce_op_backward(ctx, grad_loss: Tensor, _gz: Tensor, _ggh: Tensor, _ggw: Te
 torch.library.register_autograd("flasht5::linear_cross_entropy_fwd", _lce_op_backward, setup_context=_lce_setup_context)
 
 
-def linear_cross_entropy(
+def _check_lce(
     hidden: Tensor,
     weight: Tensor,
     labels: Tensor,
-    *,
-    ignore_index: int = -100,
-    label_smoothing: float = 0.0,
-    z_loss: float = 0.0,
-    reduction: str = "mean",
-    return_z_loss: bool = False,
-    scale: float | None = None,
-) -> Tensor | tuple[Tensor, Tensor]:
-    """Fused ``cross_entropy((hidden * scale) @ weight.T, labels, ...)``; see the module docstring.
-
-    ``hidden`` (..., d), ``weight`` (V, d), ``labels`` ``hidden.shape[:-1]``. Returns the fp32 loss (0-d, or
-    ``labels.shape`` for "none"), or ``(loss, z_term)`` with ``return_z_loss=True`` (z_term detached). Raises
-    ``ValueError`` for wrong shapes, dtypes, devices, reduction, and for labels outside [0, V) other than
-    ``ignore_index`` (a value check: always for CPU tensors, for CUDA tensors with ``FLASHT5_DEBUG=1``).
-    """
-    label_smoothing, z_loss, ignore_index = float(label_smoothing), float(z_loss), int(ignore_index)
+    label_smoothing: float,
+    z_loss: float,
+    reduction: str,
+    scale: float | None,
+) -> None:
     check_float_tensor(hidden, "hidden")
     check_float_tensor(weight, "weight")
     _check_common(labels, label_smoothing, z_loss, reduction)
@@ -1107,6 +1189,49 @@ def linear_cross_entropy(
     check_kernel_device(hidden, "hidden")
     if scale is not None and not isinstance(scale, (int, float)):
         raise ValueError(f"scale must be a Python float or None, got {type(scale)}")
+
+
+def linear_cross_entropy(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    *,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    reduction: str = "mean",
+    return_z_loss: bool = False,
+    scale: float | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Fused ``cross_entropy((hidden * scale) @ weight.T, labels, ...)``; see the module docstring.
+
+    ``hidden`` (..., d), ``weight`` (V, d), ``labels`` ``hidden.shape[:-1]``. Returns the fp32 loss (0-d, or
+    ``labels.shape`` for "none"), or ``(loss, z_term)`` with ``return_z_loss=True`` (z_term detached). Raises
+    ``ValueError`` for wrong shapes, dtypes, devices, reduction, and for labels outside [0, V) other than
+    ``ignore_index`` (a value check: always for CPU tensors, for CUDA tensors with ``FLASHT5_DEBUG=1``).
+    """
+    label_smoothing, z_loss, ignore_index = float(label_smoothing), float(z_loss), int(ignore_index)
+    if not (  # the usual call in one expression; anything else goes through the checks that name the problem
+        type(hidden) is Tensor
+        and type(weight) is Tensor
+        and type(labels) is Tensor
+        and hidden.is_cuda
+        and hidden.dtype in FLOAT_DTYPES
+        and weight.dtype == hidden.dtype
+        and labels.dtype in _FAST_LABEL_DTYPES
+        and reduction in _REDUCTIONS
+        and 0.0 <= label_smoothing <= 1.0
+        and z_loss >= 0.0
+        and weight.dim() == 2
+        and hidden.dim() >= 1
+        and weight.shape[0] > 0
+        and hidden.shape[-1] == weight.shape[1]
+        and hidden.shape[:-1] == labels.shape
+        and weight.device == hidden.device
+        and labels.device == hidden.device
+        and (scale is None or type(scale) is float)
+    ):
+        _check_lce(hidden, weight, labels, label_smoothing, z_loss, reduction, scale)
     scale = 1.0 if scale is None else float(scale)
     grad_on = torch.is_grad_enabled()
     need_gh, need_gw = grad_on and hidden.requires_grad, grad_on and weight.requires_grad
@@ -1128,7 +1253,7 @@ def linear_cross_entropy(
         return (loss, z_term.detach()) if return_z_loss else loss
     args = (ignore_index, label_smoothing, z_loss, reduction, scale)
     if need_gh or need_gw:
-        loss, z_term = _LinearCrossEntropyFn.apply(hidden, weight, labels, (*args, return_z_loss))
+        loss, z_term = _lce_apply(hidden, weight, labels, (*args, return_z_loss))
     else:  # no gradient: no autograd node at all
         loss, z_term, _, _, _ = _lce_forward(hidden, weight, labels, *args, False, False, return_z_loss)
     if reduction == "none":
