@@ -3,7 +3,9 @@
 One :class:`Layout` describes one token tensor, in one of four kinds:
 
 ``dense``   (B, L) rows, every token real, one document per row; ``offset`` shifts positions (cached decoding).
-``padded``  (B, L) rows with an HF ``attention_mask`` (True = real); one document per row.
+``padded``  (B, L) rows with an HF ``attention_mask`` (True = real); one document per row. Right-padded rows may
+            be given by their ``lengths`` (B,) instead (:meth:`Layout.right_padded`; a key/value cache's rows):
+            the mask is then derived, and nothing about the rows needs a host sync.
 ``packed``  (B, L) rows holding several documents each: ``segment_ids`` (document id per token, 0 = padding;
             documents are contiguous runs).
 ``varlen``  (1, T) padding-free tokens, documents delimited by int32 ``cu_seqlens`` (``num_docs + 1``) with
@@ -71,6 +73,7 @@ class Layout:
     cu_seqlens: Tensor | None = None
     max_seqlen: int | None = None
     offset: int = 0
+    lengths: Tensor | None = None
     _derived: dict[str, Any] = field(default_factory=dict, repr=False)
 
     # -- constructors (validation happens here, once) -----------------------------------------------------------
@@ -87,6 +90,13 @@ class Layout:
         if mask.device.type == "cpu" and not torch.compiler.is_compiling() and bool(mask.all()):
             return cls.dense(*mask.shape)
         return cls("padded", mask.shape[0], mask.shape[1], mask=mask)
+
+    @classmethod
+    def right_padded(cls, lengths: Tensor, length: int) -> Layout:
+        """Rows of ``length`` slots whose first ``lengths[b]`` tokens are real (int32 (B,), on the device)."""
+        if not isinstance(lengths, Tensor) or lengths.dim() != 1 or lengths.dtype != torch.int32:
+            raise ValueError(f"lengths must be a 1-D int32 tensor, got {_shape(lengths)}")
+        return cls("padded", lengths.shape[0], int(length), lengths=lengths)
 
     @classmethod
     def packed(cls, segment_ids: Tensor, *, name: str = "segment_ids") -> Layout:
@@ -173,13 +183,7 @@ class Layout:
     # -- facts ------------------------------------------------------------------------------------------------
     @property
     def device(self) -> torch.device | None:
-        t = (
-            self.mask
-            if self.mask is not None
-            else self.segment_ids
-            if self.segment_ids is not None
-            else self.cu_seqlens
-        )
+        t = next((t for t in (self.mask, self.segment_ids, self.cu_seqlens, self.lengths) if t is not None), None)
         return None if t is None else t.device
 
     @property
@@ -197,7 +201,7 @@ class Layout:
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Layout:
         mv = lambda t: None if t is None else t.to(device, non_blocking=non_blocking)
         return replace(self, mask=mv(self.mask), segment_ids=mv(self.segment_ids), cu_seqlens=mv(self.cu_seqlens),
-                       _derived={})  # fmt: skip
+                       lengths=mv(self.lengths), _derived={})  # fmt: skip
 
     # -- derived views (lazy, cached, on the device) ------------------------------------------------------------
     def _cached(self, key: str, build):
@@ -236,6 +240,10 @@ class Layout:
 
     def key_mask(self) -> Tensor | None:
         """(B, L) bool, True where a token is real; None when all are."""
+        if self.kind == "padded" and self.mask is None:
+            return self._cached(
+                "key_mask", lambda: torch.arange(self.length, device=self.lengths.device) < self.lengths[:, None]
+            )
         if self.kind == "padded":
             return self.mask
         if self.kind == "packed":
@@ -255,7 +263,7 @@ class Layout:
         real = self.key_mask()
         index = real.flatten().nonzero().squeeze(1)  # the one host sync of a padded / packed layout
         if self.kind == "padded":  # one document per row (also an empty one, so rows pair across attentions)
-            lengths = real.sum(1, dtype=torch.int32)
+            lengths = real.sum(1, dtype=torch.int32) if self.lengths is None else self.lengths
         else:  # every run of one segment id in a row is a document
             B, L = self.segment_ids.shape
             seg = self.segment_ids.long() + torch.arange(B, device=real.device)[:, None] * (L + 1)

@@ -82,11 +82,15 @@ def _warn_once(message: str) -> None:
 class Kernels(NamedTuple):
     """The functions the modules call; built by :func:`kernels_for`.
 
-    flat:      stacks run padding-free (flash) rather than on rows (the reference paths).
-    attend:    (q, k, v, bias, q_layout, k_layout, causal, dropout, training) -> (B, Lq, H, D); see :func:`attend`.
-    rms_norm:  (x, weight, eps, residual=None) -> y, or (y, x + residual) with a residual.
-    gated_act: (gate, up, name) -> act(gate) * up.
-    lm_loss:   (hidden, weight, scale, labels, z_loss) -> (loss, z-term or None), or None when the loss needs logits.
+    flat:          stacks run padding-free (flash) rather than on rows (the reference paths).
+    attend:        (q, k, v, bias, q_layout, k_layout, causal, dropout, training) -> (B, Lq, H, D):
+                   :func:`attend_reference` or :func:`attend_flash`.
+    rms_norm:      (x, weight, eps, residual=None) -> y, or (y, x + residual) with a residual.
+    gated_act:     (gate, up, name) -> act(gate) * up.
+    lm_loss:       (hidden, weight, scale, labels, z_loss) -> (loss, z-term or None): the LM head fused into the
+                   loss; None when the loss is taken from logits.
+    cross_entropy: (logits, labels, z_loss) -> (loss, z-term or None).
+    decode:        the single-query attention over a static key/value cache (flash decoding), or None.
     """
 
     backend: str
@@ -96,6 +100,7 @@ class Kernels(NamedTuple):
     gated_act: Callable[[Tensor, Tensor, str], Tensor]
     lm_loss: Callable[..., tuple[Tensor, Tensor | None]] | None
     cross_entropy: Callable[..., tuple[Tensor, Tensor | None]]
+    decode: Callable[..., Tensor] | None = None
 
 
 def kernels_for(backend: str) -> Kernels:
@@ -420,6 +425,9 @@ class KVCache(Protocol):
     """
 
     def past_length(self) -> int: ...
+
+    def key_layout(self) -> Layout | None:
+        """The self-attention keys' layout after this step's update (None: every cached key is real)."""
 
     def update_self(self, layer_idx: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]: ...
 
@@ -791,7 +799,9 @@ class T5(nn.Module):
             past = cache.past_length()
             q = Layout.dense(B, Lq, offset=past)
             view = View(q, q, None, self.kernels.flat)
-            keys = Layout.dense(B, past + Lq) if key_mask is None else Layout.padded(key_mask, name="decoder keys")
+            keys = cache.key_layout()
+            if keys is None:
+                keys = Layout.dense(B, past + Lq) if key_mask is None else Layout.padded(key_mask, name="decoder keys")
         ctx = StackContext(self.kernels, view.inner, keys, [], encoded, cache)
         return self.decoder(view.enter(embeds), ctx), view
 
