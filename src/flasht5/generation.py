@@ -164,6 +164,18 @@ def _fallback_reason(model: Any, generation_config: Any, model_kwargs: dict[str,
     return None
 
 
+def _encoder_layout(hidden: Tensor, mask: Tensor | None) -> tuple[Layout, bool]:
+    """The encoder output's layout, as per-row lengths when the mask is right padding (the usual T5 tokenizer
+    output: the decode kernel then reads the lengths), and whether it is right padding (one host read)."""
+    if mask is None:
+        return Layout.dense(*hidden.shape[:2]), True
+    mask = mask != 0
+    lengths = mask.sum(1, dtype=torch.int32)
+    if bool((mask == (torch.arange(mask.shape[1], device=mask.device) < lengths[:, None])).all()):
+        return Layout.right_padded(lengths, mask.shape[1]), True
+    return Layout.padded(mask), False
+
+
 @torch.no_grad()
 def fast_sample(
     model: Any,
@@ -186,8 +198,7 @@ def fast_sample(
         raise ValueError(f"stop_check_interval must be an integer >= 1, got {stop_check_interval!r}")
     core = model.model
     hidden = model_kwargs["encoder_outputs"][0]
-    mask = model_kwargs.get("attention_mask")
-    enc_layout = Layout.dense(*hidden.shape[:2]) if mask is None else Layout.padded(mask)
+    enc_layout, right = _encoder_layout(hidden, model_kwargs.get("attention_mask"))
     encoded = core.encoded_from(hidden, enc_layout)
     B, start = input_ids.shape
     max_length = generation_config.max_length
@@ -195,7 +206,10 @@ def fast_sample(
         len(core.decoder.layers), B, max_length, core.cfg.num_heads, core.cfg.d_kv,
         dtype=hidden.dtype, device=hidden.device,
     )  # fmt: skip
-    graph = hidden.is_cuda and core.kernels.decode is not None and core.cfg.position_encoding in ("t5", "alibi")
+    # The graph needs the decode kernel (a padding-free gather would sync) and positions that it does not read.
+    graph = (
+        right and hidden.is_cuda and core.kernels.decode is not None and core.cfg.position_encoding in ("t5", "alibi")
+    )
     step = DecodeStep(core, encoded, cache, graph=graph)
     for p in range(start - 1):  # a given decoder prompt: its tokens enter the cache one by one
         step(input_ids[:, p : p + 1], p)
