@@ -469,7 +469,7 @@ def _check(q, k_cache, v_cache, seqlens_k, rel_lut, alibi_slopes, scale, num_spl
         if t.device != dev:
             raise ValueError(f"{name} is on {t.device} but q is on {dev}")
         if t.stride(-1) != 1 and t.numel() > 0:
-            raise ValueError(f"{name} must have a unit head-dim stride (strides {t.stride()}): copying a cache per step")
+            raise ValueError(f"{name} must have a unit head-dim stride, got strides {t.stride()} (no copy per step)")
     if k_cache.shape != v_cache.shape:
         raise ValueError(f"k_cache and v_cache must have the same shape, got {_shape(k_cache)} and {_shape(v_cache)}")
     if D not in SUPPORTED_HEAD_DIMS:
