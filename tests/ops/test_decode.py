@@ -56,7 +56,7 @@ def _check_against_ref(q, k, v, seq, kw, dtype, name="out", **call):
 # ------------------------------------------------------------------------------------------------ CPU / any device
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("bias", [None, "t5", "alibi"])
 @pytest.mark.parametrize("num_splits", [1, 3, 40, None])
 def test_against_reference(dtype, bias, num_splits):
@@ -70,6 +70,13 @@ def test_against_reference(dtype, bias, num_splits):
 def test_head_dim_64(bias, num_splits):
     q, k, v, seq, kw = _inputs(2, 37, 3, 64, [37, 18], bias=bias, seed=2)
     _check_against_ref(q, k, v, seq, kw, torch.float32, num_splits=num_splits)
+
+
+@pytest.mark.parametrize("bias", [None, "alibi"])
+def test_many_nonempty_splits(bias):
+    """Seven splits of 16 keys with data (the combine kernel merges them over several of its loop iterations)."""
+    q, k, v, seq, kw = _inputs(2, 100, 1, 16, [100, 70], bias=bias, seed=14)
+    _check_against_ref(q, k, v, seq, kw, torch.float32, num_splits=7)
 
 
 def test_scale_and_long_lut():
@@ -284,7 +291,7 @@ def test_cpu_only_errors(monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("bias", [None, "t5", "alibi"])
 @pytest.mark.parametrize("num_splits", [None, 1, 7])
 @pytest.mark.parametrize("Dh", [64, 128])
@@ -296,7 +303,7 @@ def test_gpu_long_cache(dtype, bias, num_splits, Dh):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("Dh", [16, 32, 256])
 def test_gpu_other_head_dims(dtype, Dh):
     q, k, v, seq, kw = _inputs(3, 3000, 2, Dh, [3000, 1500, 7], dtype=dtype, bias="t5", lut_cfg=(32, 128), seed=12)

@@ -259,8 +259,8 @@ def _cfg(head_dim: int, on_gpu: bool) -> tuple[int, int, int]:
 @functools.cache
 def _combine_block(num_splits: int, head_dim: int, on_gpu: bool) -> int:
     """Splits merged per iteration of the combine kernel: all of them up to a (BLOCK_S, D) tile of 4096 floats
-    (4 under the interpreter, so that the tests cover the loop)."""
-    cap = max(1, 4096 // head_dim) if on_gpu else 4
+    (2 under the interpreter, so that the tests cover the loop)."""
+    cap = max(1, 4096 // head_dim) if on_gpu else 2
     return min(next_pow2(num_splits), cap)
 
 
