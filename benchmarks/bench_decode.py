@@ -179,7 +179,9 @@ def main_rows(batches, lengths) -> list[dict]:
             sdpa, sdpa_note = _safe(graph_us, [sdpa_call(c, L) for c in cases])
             for bias, lut in (("t5", lut_t5), ("none", None)):
                 row = dict(B=B, Lk=L, bias=bias)
-                row["splits"] = DEC.auto_num_splits(B * H, L, DEC._device_sms(cases[0][0]))
+                sms = DEC._device_sms(cases[0][0])
+                row["splits"] = DEC.auto_num_splits(B * H, L, sms)
+                row["splits-static"] = DEC.auto_num_splits(B * H, LMAX_STATIC, sms)
                 row["ours"], n1 = _safe(graph_us, [ours_call(c, lut) for c in cases])
                 if static is not None:
                     row["ours-static"], n2 = _safe(graph_us, [ours_call(c, lut) for c in static])
