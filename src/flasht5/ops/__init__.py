@@ -16,6 +16,8 @@ from typing import Any
 _LAZY = {
     "flash_attention": "attention",
     "flash_attention_ref": "attention",
+    "flash_decode": "decode",
+    "flash_decode_ref": "decode",
     "rms_norm": "norm",
     "rms_norm_ref": "norm",
     "cross_entropy": "loss",
