@@ -81,3 +81,20 @@ def test_what_the_fast_loop_does_not_take_runs_transformers_loop(tmp_path, count
     assert not counted
     with pytest.raises(ValueError, match="stop_check_interval"):
         ours.generate(**x, stop_check_interval=0)
+
+
+def test_flash_backend_decodes_with_the_decode_kernel(tmp_path, counted, monkeypatch):
+    """The flash backend's fast loop: cross- and self-attention of each step take flash_decode (over the static
+    cache and the encoder rows' lengths); greedy tokens equal transformers' (Triton's interpreter on the CPU)."""
+    import flasht5.ops.decode as D
+
+    calls = []
+    real = D.flash_decode
+    monkeypatch.setattr(D, "flash_decode", lambda *a, **k: calls.append(1) or real(*a, **k))
+    hf = tiny_hf("t5-v1.1", d_kv=16)  # the kernels' smallest head dim
+    folder = save_hf(hf, tmp_path / "hf")
+    ours = FlashT5ForConditionalGeneration.from_pretrained(folder, attn_implementation="flash")
+    b = padded_batch()
+    x = dict(input_ids=b["input_ids"], attention_mask=b["attention_mask"], do_sample=False, max_new_tokens=5)
+    assert torch.equal(ours.generate(**x), hf.generate(**x))
+    assert len(counted) == 1 and len(calls) == 5 * 2 * hf.config.num_decoder_layers  # self + cross, every layer

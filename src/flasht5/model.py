@@ -110,7 +110,7 @@ def kernels_for(backend: str) -> Kernels:
         return Kernels(backend, False, functools.partial(attend_reference, impl=backend), norm_reference,
                        gated_reference, None, cross_entropy_reference)  # fmt: skip
     # Imported here, once: the modules then call plain functions (no per-call import or backend test).
-    from flasht5.ops import activations, attention, loss, norm
+    from flasht5.ops import activations, attention, decode, loss, norm
 
     fused = set(activations.KINDS)
 
@@ -118,10 +118,10 @@ def kernels_for(backend: str) -> Kernels:
         return activations.gated_act(gate, up, name) if name in fused else gated_reference(gate, up, name)
 
     return Kernels(
-        "flash", True, functools.partial(attend_flash, attention.flash_attention),
+        "flash", True, functools.partial(attend_flash, attention.flash_attention, decode.flash_decode),
         functools.partial(norm_kernel, norm.rms_norm), gated,
         functools.partial(lm_loss_kernel, loss.linear_cross_entropy),
-        functools.partial(cross_entropy_kernel, loss.cross_entropy),
+        functools.partial(cross_entropy_kernel, loss.cross_entropy), decode.flash_decode,
     )  # fmt: skip
 
 
@@ -244,11 +244,15 @@ def attend_reference(
 
 
 def attend_flash(
-    flash_attention: Callable, q: Tensor, k: Tensor, v: Tensor, bias: dict[str, Any], ql: Layout, kl: Layout, *,
-    causal: bool, dropout: float, training: bool,
+    flash_attention: Callable, flash_decode: Callable, q: Tensor, k: Tensor, v: Tensor, bias: dict[str, Any],
+    ql: Layout, kl: Layout, *, causal: bool, dropout: float, training: bool,
 ) -> Tensor:  # fmt: skip
-    """The flash kernel on padding-free layouts: q (B, Lq, H, D) dense or (1, T, H, D) varlen; k, v likewise, or
-    padded rows (cached decoding: the kept keys are gathered). ``bias``: the kernel's position-bias arguments."""
+    """The flash kernels on padding-free layouts: q (B, Lq, H, D) dense or (1, T, H, D) varlen; k, v likewise, or
+    padded rows (cached decoding: the kept keys are gathered). One query row over keys given by per-row lengths (a
+    static cache, or the encoder rows during generation) takes the split-KV decode kernel, whose query sits at the
+    last valid key. ``bias``: the kernels' position-bias arguments."""
+    if q.shape[1] == 1 and kl.kind == "padded" and kl.lengths is not None and "bias" not in bias:
+        return flash_decode(q[:, 0], k, v, kl.lengths, **bias)[:, None]
     if training and dropout > 0:
         _warn_once(
             "attn_implementation='flash' applies no dropout to attention probabilities (hidden-state dropout is "
