@@ -140,3 +140,12 @@ def test_train_prints_no_shard_bars(tmp_path: Path, capfd, corpus: Path, tokeniz
     )  # fmt: skip
     assert code == 0, text
     assert "Writing model shards" not in text and "Loading weights" not in text and "warning" not in text.lower()
+
+
+def test_tokenizer_without_sentinels_is_refused_before_training(tmp_path: Path, capfd, corpus: Path) -> None:
+    """D18 (D26 in the report): a --num-sentinels 0 tokenizer failed only once train had built its data."""
+    code, text = _run(capfd, "tokenizer", "train", str(corpus), "--out", str(tmp_path / "tok"), "--vocab-size", "200",
+                      "--num-sentinels", "0")  # fmt: skip
+    assert code == 0 and "note: no <extra_id_N> sentinels" in text, text
+    code, text = _run(capfd, "train", DEMO, f"--data.corpus=[{corpus}]", f"--data.tokenizer={tmp_path / 'tok'}")
+    _clear_error(code, text, "has no <extra_id_N> sentinels (trained with --num-sentinels 0)")

@@ -128,3 +128,22 @@ def test_tokenizer_output_that_is_a_file(tmp_path: Path, corpus_file: Path) -> N
     (tmp_path / "out").write_text("x")
     with pytest.raises(ValueError, match="is a file, not a folder"):
         T.train_tokenizer([corpus_file], tmp_path / "out", vocab_size=100)
+
+
+def test_tokenizer_appears_complete_or_not_at_all(tmp_path: Path, corpus_file: Path, monkeypatch) -> None:
+    """D1 (the tokenizer two concurrent `flasht5 train` runs both train): written aside and moved into place, so a
+    reader never sees a half-written folder; a failed training leaves nothing behind."""
+    out = tmp_path / "tok"
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("killed mid-save")
+
+    with monkeypatch.context() as m:
+        m.setattr(T, "load_tokenizer", broken)  # fails after the files are written, before they are moved
+        with pytest.raises(RuntimeError, match="killed mid-save"):
+            T.train_tokenizer([corpus_file], out, vocab_size=120)
+    assert list(tmp_path.iterdir()) == []  # no tokenizer folder, no temporary folder
+    T.train_tokenizer([corpus_file], out, vocab_size=120)
+    T.train_tokenizer([corpus_file], out, vocab_size=120)  # again into the existing folder: files replaced
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    assert len(T.load_tokenizer(out)) == 220

@@ -20,6 +20,8 @@ import argparse
 import io
 import json
 import os
+import shutil
+import tempfile
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -209,30 +211,38 @@ def train_tokenizer(
     proto = model_pb2.ModelProto()
     proto.ParseFromString(model.getvalue())
     tok = _hf_tokenizer_from_proto(proto, num_sentinels=num_sentinels)
-    out.mkdir(parents=True, exist_ok=True)
-    tok.save_pretrained(str(out))
-    (out / "spiece.model").write_bytes(model.getvalue())
-    info = {
-        "model_type": model_type,
-        "vocab_size_requested": vocab_size,
-        "spm_vocab_size": len(proto.pieces),
-        "num_sentinels": num_sentinels,
-        "total_vocab_size": len(tok),
-        "mode_tokens": mode_tokens,
-        "sentences": counted["sentences"],
-        "max_sentences": max_sentences,
-        "seed": seed,
-        "documents": stats.documents,
-        "empty_documents": stats.empty_documents,
-        "empty_files": stats.empty_files,
-        "inputs": [str(p) for p in inputs],
-        "seconds": round(time.perf_counter() - t0, 3),
-    }
-    (out / "flasht5_tokenizer.json").write_text(json.dumps(info, indent=2) + "\n")
-    check = load_tokenizer(out)
-    ids = sentinel_ids(check)
-    if num_sentinels and (ids[0] != len(check) - 1 or np.any(np.diff(ids) != -1)):
-        raise RuntimeError(f"sentinel layout broken after save: {ids[:3]}... (tokenizer size {len(check)})")
+    # Written into a private folder next to `out`, checked, then moved into place: a reader (another run that
+    # found `out`) never sees a half-written tokenizer, and two runs training the same tokenizer at once do not mix
+    # their files (the later one replaces each file atomically with its own, identical, copy).
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        tok.save_pretrained(str(tmp))
+        (tmp / "spiece.model").write_bytes(model.getvalue())
+        info = {
+            "model_type": model_type,
+            "vocab_size_requested": vocab_size,
+            "spm_vocab_size": len(proto.pieces),
+            "num_sentinels": num_sentinels,
+            "total_vocab_size": len(tok),
+            "mode_tokens": mode_tokens,
+            "sentences": counted["sentences"],
+            "max_sentences": max_sentences,
+            "seed": seed,
+            "documents": stats.documents,
+            "empty_documents": stats.empty_documents,
+            "empty_files": stats.empty_files,
+            "inputs": [str(p) for p in inputs],
+            "seconds": round(time.perf_counter() - t0, 3),
+        }
+        (tmp / "flasht5_tokenizer.json").write_text(json.dumps(info, indent=2) + "\n")
+        check = load_tokenizer(tmp)
+        ids = sentinel_ids(check) if num_sentinels else np.zeros(0, dtype=np.int64)
+        if num_sentinels and (ids[0] != len(check) - 1 or np.any(np.diff(ids) != -1)):
+            raise RuntimeError(f"sentinel layout broken after save: {ids[:3]}... (tokenizer size {len(check)})")
+        _move_into_place(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -243,6 +253,18 @@ TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "spiece.model", "tokenizer.model", "sentencepiece.bpe.model",
     "vocab.json", "vocab.txt",
 )  # fmt: skip
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    """``tmp``'s files become ``out``: one atomic rename when ``out`` does not exist, else file by file."""
+    try:
+        tmp.rename(out)
+        return
+    except OSError:
+        if not out.is_dir():
+            raise
+    for f in sorted(tmp.iterdir()):
+        os.replace(f, out / f.name)
 
 
 def check_tokenizer_path(path: str | Path) -> Path:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import math
 import re
 import types
@@ -468,6 +469,13 @@ def check_paths(cfg: Config) -> None:
             raise ValueError(
                 f"data.tokenizer: {e} (a folder that does not exist yet is trained on the corpus)"
             ) from None
+        info = Path(d.tokenizer) / "flasht5_tokenizer.json"  # how `flasht5 tokenizer train` made it
+        needs_sentinels = d.denoisers is not None or d.objective in ("t5", "ul2", "fat5")
+        if info.is_file() and needs_sentinels and json.loads(info.read_text()).get("num_sentinels") == 0:
+            raise ValueError(
+                f"data.tokenizer={d.tokenizer!r} has no <extra_id_N> sentinels (trained with --num-sentinels 0); "
+                "span corruption needs them: train one with the default 100"
+            )
     for key, value in (("train.out_dir", cfg.train.out_dir), ("data.store", d.store)):
         if value is not None and Path(value).exists() and not Path(value).is_dir():
             raise ValueError(f"{key}={value!r} is a file, not a folder")
