@@ -270,3 +270,48 @@ def test_forked_workers_do_not_inherit_the_lock(tmp_path, tiny_tokenizer_dir) ->
     finally:
         pool.terminate()
         pool.join()
+
+
+def test_tokenizer_worker_dies_with_a_killed_parent() -> None:
+    """kill -9 of `flasht5 pretokenize --workers N` left pool workers waiting forever on their task queue (3 of 10
+    two-worker kills in the attack); a worker now asks the kernel for SIGKILL when its parent dies."""
+    import signal
+    import sys
+    import time
+
+    if sys.platform != "linux":
+        pytest.skip("PR_SET_PDEATHSIG is Linux's")
+    import os
+
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # stands for the pretokenize process
+        try:
+            worker = os.fork()
+            if worker == 0:
+                try:
+                    os.write(w, b"ready\n")
+                    S._die_with_parent(os.getppid())
+                    time.sleep(30)
+                finally:
+                    os._exit(0)
+            os.write(w, f"{worker}\n".encode())
+            time.sleep(30)
+        finally:
+            os._exit(0)
+    reader = os.fdopen(r)
+    lines = {reader.readline().strip(), reader.readline().strip()}
+    worker = int(next(x for x in lines if x != "ready"))
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+
+    def alive(p: int) -> bool:
+        try:
+            return Path(f"/proc/{p}/stat").read_text().split(") ")[1][0] != "Z"
+        except (OSError, IndexError):
+            return False
+
+    deadline = time.monotonic() + 5
+    while alive(worker) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not alive(worker)

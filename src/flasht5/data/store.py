@@ -281,18 +281,36 @@ def build_store(
 _worker_tok: Any = None
 
 
-def _worker_init(tokenizer_dir: str) -> None:
+def _worker_init(tokenizer_dir: str, parent_pid: int | None = None) -> None:
     # A forked worker inherits the parent's store lock: close this copy (the parent's stays held), so that a worker
     # that outlived a killed parent cannot keep the store locked.
     for f in _HELD_LOCKS:
         f.close()
     _HELD_LOCKS.clear()
+    _die_with_parent(parent_pid)
     # One process per core: the Rust tokenizer's own thread pool would oversubscribe them.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     from flasht5.data.tokenizer import load_tokenizer
 
     global _worker_tok
     _worker_tok = load_tokenizer(tokenizer_dir)
+
+
+def _die_with_parent(parent_pid: int | None) -> None:
+    """Linux: have the kernel kill this worker when the process that forked it dies (``kill -9`` included). A pool
+    worker otherwise waits forever on a task queue whose other end it holds itself."""
+    if sys.platform != "linux":
+        return
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if parent_pid is not None and os.getppid() != parent_pid:  # the parent died before the call
+        os._exit(1)
 
 
 def _encode(tok: Any, texts: list[str], eos_id: int | None, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
@@ -462,7 +480,7 @@ def _pretokenize_locked(
         # fork where there is one: a spawned worker re-imports torch and transformers (seconds each). Safe here
         # because this process has not run the Rust tokenizer (whose thread pool must not be forked).
         method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-        pool = mp.get_context(method).Pool(workers, initializer=_worker_init, initargs=(str(tok_path),))
+        pool = mp.get_context(method).Pool(workers, initializer=_worker_init, initargs=(str(tok_path), os.getpid()))
     bar = None
     if progress:
         from tqdm import tqdm
