@@ -104,3 +104,17 @@ def test_globs_expand_as_documented(tmp_path: Path) -> None:
     literal = tmp_path / "odd[1].txt"  # a file whose name holds glob characters is taken as written
     literal.write_text("y\n")
     assert expand_inputs(str(literal)) == [literal]
+
+
+def test_gzip_inputs_leave_no_file_open(tmp_path: Path) -> None:
+    """D20: every .gz input left its file object open (a ResourceWarning per input with warnings on)."""
+    import gc
+    import warnings
+
+    with gzip.open(tmp_path / "a.txt.gz", "wt") as f:
+        f.write("one\ntwo\n")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert list(iter_documents(tmp_path / "a.txt.gz")) == ["one", "two"]
+        gc.collect()
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning)]

@@ -115,8 +115,8 @@ def glob_magic(text: str) -> bool:
 def _open_binary(path: Path) -> io.BufferedIOBase:
     f = open(path, "rb")  # noqa: SIM115 - handed to the caller
     if f.read(2) == b"\x1f\x8b":
-        f.seek(0)
-        return gzip.GzipFile(fileobj=f, mode="rb")  # type: ignore[return-value]
+        f.close()  # a GzipFile over a file object would not close it (an unclosed-file ResourceWarning per input)
+        return gzip.open(path, "rb")  # type: ignore[return-value]
     f.seek(0)
     return f
 

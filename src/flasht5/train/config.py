@@ -378,12 +378,15 @@ def _check_model(m: ModelConfig) -> None:
             )
         return
     _one_of("model.preset", m.preset, sorted(PRESETS))
+    from transformers import PretrainedConfig
+
     fields = {f.name: f for f in dataclasses.fields(FlashT5Config)}
     unknown = sorted(set(m.overrides) - set(fields), key=str)
     if unknown:
+        base = {f.name for f in dataclasses.fields(PretrainedConfig)}  # transformers' generic ones: not listed
         raise ValueError(
             f"unknown key(s) {unknown} in model.overrides{_did_you_mean(unknown, fields)}: not FlashT5Config fields "
-            f"(known: {sorted(fields)})"
+            f"(known: {sorted(set(fields) - base)})"
         )
     for key, value in list(m.overrides.items()):
         kinds = set(re.findall(r"\w+", str(fields[key].type)))
