@@ -9,14 +9,25 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+
+
+def _quiet_transformers() -> None:
+    """No per-call noise from transformers in the commands: its "Loading weights" / "Writing model shards" bars
+    appear at every load and save (the commands show their own progress where there is any)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
 
 def _train(args: argparse.Namespace) -> int:
     from flasht5.train.config import load_config
+
+    cfg = load_config(args.config, args.overrides)  # every value and input path checked before anything is built
     from flasht5.train.loop import train
 
-    cfg = load_config(args.config, args.overrides)
+    _quiet_transformers()
     summary = train(cfg)
     print()
     print(f"held-out loss: step 0 {summary['initial_eval_loss']:.4f} -> step {summary['steps']} "
@@ -28,19 +39,27 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     import torch
 
     from flasht5 import convert
     from flasht5.modeling import FlashT5ForConditionalGeneration
 
     _require_folder(args.src, "src")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out {args.out!r} is a file, not a folder")
+    _quiet_transformers()
     direction = args.to or ("flasht5" if convert.is_hf_t5_folder(args.src) else "hf")
     dtype = getattr(torch, args.dtype) if args.dtype else None
     model = FlashT5ForConditionalGeneration.from_pretrained(args.src, dtype=dtype)
     if direction == "hf":
-        convert.to_hf(model, args.out)
+        convert.to_hf(model, out)  # removes stale weight files and indexes from out
     else:
-        model.save_pretrained(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        convert.remove_weight_files(out)  # save_pretrained would leave an old index or .bin next to the new file
+        model.save_pretrained(out)
     _copy_tokenizer(args.src, args.out)
     print(f"wrote {direction} checkpoint to {args.out}")
     return 0
@@ -50,17 +69,20 @@ def _require_folder(path: str, what: str) -> None:
     """Nothing here downloads: a path that is not a local checkpoint folder is an error, not a hub lookup."""
     from pathlib import Path
 
+    from flasht5.convert import local_checkpoint
+
     if not (Path(path) / "config.json").is_file():
         raise ValueError(f"{what} {path!r} is not a checkpoint folder (no config.json there)")
+    local_checkpoint(path)  # a T5-family config.json, weights present, shard names inside the folder
 
 
 def _copy_tokenizer(src: str, out: str) -> None:
-    import shutil
     from pathlib import Path
 
+    from flasht5.convert import safe_copy
+
     for name in ("tokenizer.json", "tokenizer_config.json", "spiece.model", "special_tokens_map.json"):
-        if (Path(src) / name).is_file():
-            shutil.copy(Path(src) / name, Path(out) / name)
+        safe_copy(Path(src) / name, Path(out) / name)  # no links out of src, nothing copied onto itself
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -69,14 +91,28 @@ def _generate(args: argparse.Namespace) -> int:
     from flasht5.data.tokenizer import load_tokenizer
     from flasht5.modeling import FlashT5ForConditionalGeneration
 
+    for name, value, ok, valid in (
+        ("--max-new-tokens", args.max_new_tokens, args.max_new_tokens >= 1, ">= 1"),
+        ("--num-beams", args.num_beams, args.num_beams >= 1, ">= 1 (1: greedy)"),
+        ("--temperature", args.temperature, args.temperature > 0, "> 0"),
+        ("--top-p", args.top_p, 0 < args.top_p <= 1, "in (0, 1]"),
+    ):
+        if not ok:
+            raise ValueError(f"{name} must be {valid}, got {value}")
     _require_folder(args.model, "model")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.startswith("cuda") else None
-    model = FlashT5ForConditionalGeneration.from_pretrained(args.model, dtype=dtype).to(device).eval()
-    tokenizer = load_tokenizer(args.tokenizer or args.model)
+    device = _device(args.device)
+    try:
+        tokenizer = load_tokenizer(args.tokenizer or args.model)
+    except ValueError as e:
+        if args.tokenizer:
+            raise ValueError(f"--tokenizer: {e}") from None
+        raise ValueError(f"{e}; pass --tokenizer DIR (e.g. the run's final/ folder or its tokenizer folder)") from None
     texts = args.text or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     if not texts:
         raise ValueError("give TEXT arguments or lines on stdin")
+    _quiet_transformers()
+    dtype = torch.bfloat16 if device.type == "cuda" else None
+    model = FlashT5ForConditionalGeneration.from_pretrained(args.model, dtype=dtype).to(device).eval()
     enc = tokenizer(texts, return_tensors="pt", padding=True).to(device)
     kw = dict(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, do_sample=args.sample)
     if args.sample:
@@ -86,6 +122,22 @@ def _generate(args: argparse.Namespace) -> int:
         result = tokenizer.decode(ids, skip_special_tokens=not args.keep_special)
         print(json.dumps({"input": text, "output": result}, ensure_ascii=False) if args.json else result)
     return 0
+
+
+def _device(name: str | None):
+    import torch
+
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device must be cpu, cuda or cuda:N, got {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name} but no CUDA device is available (use cpu)")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be cpu, cuda or cuda:N, got {name!r}")
+    return device
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -133,11 +185,26 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides) + unknown  # --section.key=value look like options to argparse
     elif unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if os.environ.get("FLASHT5_DEBUG") == "1":  # the full traceback, for a bug report
+        return int(args.func(args) or 0)
+    import warnings
+
+    def show(message, category, filename, lineno, file=None, line=None):  # one line, not the source location
+        print(f"flasht5 {args.command}: warning: {message}", file=sys.stderr)
+
+    warnings.showwarning = show
     try:
         return int(args.func(args) or 0)
     except ValueError as e:  # bad input: a clear message, not a traceback
         print(f"flasht5 {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # the file system: a missing or unreadable path, no space left, a read-only folder
+        where = f": {e.filename!r}" if getattr(e, "filename", None) and str(e.filename) not in str(e) else ""
+        print(f"flasht5 {args.command}: error: {e}{where} (set FLASHT5_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"flasht5 {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ names it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from collections.abc import Iterable
@@ -106,7 +107,83 @@ def read_config(folder: str | Path) -> dict[str, Any]:
     path = Path(folder) / "config.json"
     if not path.is_file():
         raise ValueError(f"{folder} has no config.json")
-    return json.loads(path.read_text())
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(cfg).__name__}")
+    return cfg
+
+
+LOADABLE_MODEL_TYPES = ("flasht5", *HF_MODEL_TYPES)
+
+
+def local_checkpoint(path: str | Path, hub_kwargs: dict[str, Any] | None = None) -> str:
+    """The local checkpoint folder ``path`` names, after checking it is one flasht5 can load.
+
+    Nothing is downloaded unless asked for: ``"hf:ORG/NAME"`` fetches that Hugging Face Hub repository (its config,
+    weights and tokenizer files, through the Hub cache; ``hub_kwargs`` such as ``revision``, ``cache_dir``,
+    ``token``, ``local_files_only`` go to ``huggingface_hub.snapshot_download``). Anything else must be a local
+    folder holding a ``config.json`` of a T5-family model; a path that does not exist is an error, not a Hub lookup
+    (transformers would spend tens of seconds retrying huggingface.co for a typo).
+    """
+    text = str(path)
+    if text.startswith("hf:"):
+        from huggingface_hub import snapshot_download
+
+        repo = text.removeprefix("hf:").strip("/")
+        allow = ["*.json", "*.safetensors", "*.model", "*.txt", "pytorch_model*.bin"]
+        text = snapshot_download(repo, allow_patterns=allow, **(hub_kwargs or {}))
+    p = Path(text).expanduser()
+    if not p.exists():
+        raise ValueError(
+            f"{text!r} is not a local folder (it does not exist); nothing is downloaded unless you ask for a Hugging "
+            f"Face Hub id: pass 'hf:ORG/NAME' (e.g. 'hf:google/flan-t5-small')"
+        )
+    if not p.is_dir():
+        raise ValueError(f"{text!r} is a file; give the checkpoint folder that holds config.json and the weights")
+    model_type = read_config(p).get("model_type")
+    if model_type not in LOADABLE_MODEL_TYPES:
+        raise ValueError(
+            f"{p} is not a T5 checkpoint: its config.json has model_type {model_type!r}; flasht5 loads "
+            f"{', '.join(LOADABLE_MODEL_TYPES)} folders"
+        )
+    weight_files(p)  # weights present, and an index's shard names confined to the folder (transformers reads it too)
+    return str(p)
+
+
+def safe_copy(src: str | Path, dst: str | Path) -> bool:
+    """Copy the file ``src`` to ``dst`` unless that would leak or clobber something; returns whether it copied.
+
+    A symbolic link is followed only when its target lies inside ``src``'s folder or, for a Hugging Face cache
+    snapshot (``models--ORG--NAME/snapshots/REV/``), inside that repository's ``blobs/``: a checkpoint folder
+    cannot make a copy carry another file of this machine (a key, a password file) into an export. Copying a file
+    onto itself (converting in place) is skipped.
+    """
+    import shutil
+
+    src, dst = Path(src), Path(dst)
+    if not src.is_file():
+        return False
+    if dst.exists() and src.resolve() == dst.resolve():
+        return False
+    if src.is_symlink():
+        folder = src.parent.resolve()
+        target = src.resolve()
+        allowed = [folder]
+        if folder.parent.name == "snapshots" and folder.parent.parent.name.startswith("models--"):
+            allowed.append(folder.parent.parent / "blobs")
+        if not any(target.is_relative_to(a) for a in allowed):
+            import warnings
+
+            warnings.warn(
+                f"not copying {src}: it is a symbolic link to {target}, outside the checkpoint folder",
+                stacklevel=2,
+            )
+            return False
+    shutil.copyfile(src, dst)
+    return True
 
 
 def is_hf_t5_folder(path: str | Path) -> bool:
@@ -115,35 +192,83 @@ def is_hf_t5_folder(path: str | Path) -> bool:
     return p.is_dir() and (p / "config.json").is_file() and read_config(p).get("model_type") in HF_MODEL_TYPES
 
 
+# Where the weights are, in transformers' order of preference (modeling_utils._get_resolved_checkpoint_files), so
+# that flasht5 and transformers read the same files from any folder, stale leftovers included.
+WEIGHT_NAMES = (
+    "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json",
+)  # fmt: skip
+_SHARD = re.compile(r"^(model|pytorch_model)-\d{5}-of-\d{5}\.(safetensors|bin)$")
+
+
+def _shard_names(index: Path) -> list[str]:
+    """The shard files an index lists, each confined to the index's folder (no absolute paths, no ``..``)."""
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        names = sorted(set(weight_map.values()))
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{index} is not a valid weight index (a JSON object with a weight_map): {e}") from None
+    for name in names:
+        parts = Path(name).parts if isinstance(name, str) else ()
+        if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in parts or "\\" in name:
+            raise ValueError(
+                f"{index} lists the shard {name!r}, which is not a file name inside {index.parent}: refused"
+            )
+    return names
+
+
 def weight_files(folder: str | Path) -> list[Path]:
-    """The checkpoint's weight files, in the formats transformers writes."""
+    """The checkpoint's weight files, in the formats transformers writes and in its order of preference."""
     folder = Path(folder)
-    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        index = folder / index_name
-        if index.is_file():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            missing = [s for s in shards if not (folder / s).is_file()]
-            if missing:
-                raise ValueError(f"{index} lists shards that are not in {folder}: {missing}")
-            return [folder / s for s in shards]
-    for name in ("model.safetensors", "pytorch_model.bin"):
-        if (folder / name).is_file():
-            return [folder / name]
+    for name in WEIGHT_NAMES:
+        path = folder / name
+        if not path.is_file():
+            continue
+        if not name.endswith(".index.json"):
+            return [path]
+        shards = _shard_names(path)
+        missing = [s for s in shards if not (folder / s).is_file()]
+        if missing:
+            raise ValueError(f"{path} lists shards that are not in {folder}: {missing}")
+        return [folder / s for s in shards]
     raise ValueError(
         f"no weights in {folder}: expected model.safetensors, model.safetensors.index.json (+ shards), "
         "pytorch_model.bin or pytorch_model.bin.index.json (+ shards)."
     )
 
 
+def remove_weight_files(folder: str | Path) -> list[Path]:
+    """Delete every weight file and index a checkpoint writer may have left in ``folder`` (as ``save_pretrained``
+    does for its own shards), so that a new export is the only model the folder holds. Returns what was removed."""
+    folder = Path(folder)
+    doomed: set[Path] = set()
+    for name in WEIGHT_NAMES:
+        path = folder / name
+        if name.endswith(".index.json") and path.is_file():
+            with contextlib.suppress(ValueError):  # a broken or hostile index: remove it, nothing it names
+                doomed.update(folder / s for s in _shard_names(path) if s.endswith((".safetensors", ".bin")))
+        doomed.add(path)
+    if folder.is_dir():
+        doomed.update(f for f in folder.iterdir() if _SHARD.match(f.name))
+    removed = []
+    for path in sorted(doomed):
+        if path.is_file() or path.is_symlink():
+            path.unlink()  # safe for a model still memory-mapping it: the data lives until it is unmapped
+            removed.append(path)
+    return removed
+
+
 def load_state_dict(folder: str | Path) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
     for f in weight_files(folder):
-        if f.suffix == ".safetensors":
-            from safetensors.torch import load_file
+        try:
+            if f.suffix == ".safetensors":
+                from safetensors.torch import load_file
 
-            part = load_file(str(f))
-        else:
-            part = torch.load(f, map_location="cpu", weights_only=True)
+                part = load_file(str(f))
+            else:
+                part = torch.load(f, map_location="cpu", weights_only=True)  # never unpickles code
+        except Exception as e:  # SafetensorError, UnpicklingError, EOFError, RuntimeError: name the file
+            raise ValueError(f"cannot read the weights in {f}: {type(e).__name__}: {e}") from None
         dup = state.keys() & part.keys()
         if dup:
             raise ValueError(f"weights {sorted(dup)[:5]} appear in more than one shard of {folder}")
@@ -345,6 +470,8 @@ def to_hf(model: Any, out_dir: str | Path, *, safe_serialization: bool = True) -
     head = type(model).__name__.removeprefix("FlashT5")
     hf_cfg = config_to_hf(cfg, f"{family}{head}")
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output {str(out)!r} is a file, not a folder")
     out.mkdir(parents=True, exist_ok=True)
     state = {}
     for k, v in model.state_dict().items():
@@ -352,11 +479,20 @@ def to_hf(model: Any, out_dir: str | Path, *, safe_serialization: bool = True) -
         if head in ("ForSequenceClassification", "ForTokenClassification") and not _head_owned(k):
             hf = HF_PREFIX + hf
         state[hf] = v.detach().contiguous().cpu()
-    (out / "config.json").write_text(json.dumps(hf_cfg, indent=2, sort_keys=True))
+    # Stale weights (an earlier sharded export, a .bin) would otherwise be what some reader picks. Each file is
+    # written under a temporary name and renamed, so converting a folder in place never rewrites a file that the
+    # loaded model may still memory-map.
+    remove_weight_files(out)
+    name = "model.safetensors" if safe_serialization else "pytorch_model.bin"
+    tmp = out / f".{name}.tmp"
     if safe_serialization:
         from safetensors.torch import save_file
 
-        save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+        save_file(state, str(tmp), metadata={"format": "pt"})
     else:
-        torch.save(state, out / "pytorch_model.bin")
+        torch.save(state, tmp)
+    tmp.replace(out / name)
+    tmp_cfg = out / ".config.json.tmp"
+    tmp_cfg.write_text(json.dumps(hf_cfg, indent=2, sort_keys=True))
+    tmp_cfg.replace(out / "config.json")
     return out

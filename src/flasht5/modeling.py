@@ -109,13 +109,27 @@ class FlashT5PreTrainedModel(PreTrainedModel):
     # -- loading: flasht5 folders, or stock Hugging Face T5 / mT5 / umT5 folders converted on the fly ------------
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args: Any, **kwargs: Any):
+        """Load a local flasht5 or transformers T5 / mT5 / umT5 folder; ``"hf:ORG/NAME"`` downloads from the Hub.
+
+        A path that is not a local folder is an error, not a Hub lookup (see :func:`flasht5.convert.local_checkpoint`;
+        ``revision``, ``cache_dir``, ``token``, ``force_download`` and ``local_files_only`` apply to ``hf:`` ids).
+        """
         from flasht5 import convert
 
-        path = str(pretrained_model_name_or_path)
+        hub = {k: kwargs.pop(k) for k in ("revision", "cache_dir", "token", "force_download") if k in kwargs}
+        if "local_files_only" in kwargs:
+            hub["local_files_only"] = kwargs.pop("local_files_only")
+        path = convert.local_checkpoint(pretrained_model_name_or_path, hub)
         if convert.is_hf_t5_folder(path):
             return convert.from_hf(path, cls, **kwargs)
         want_info = kwargs.pop("output_loading_info", False)
-        model, info = super().from_pretrained(path, *args, output_loading_info=True, **kwargs)
+        try:
+            model, info = super().from_pretrained(path, *args, output_loading_info=True, **kwargs)
+        except Exception as e:
+            if type(e).__name__ != "SafetensorError":
+                raise
+            files = ", ".join(str(f) for f in convert.weight_files(path))
+            raise ValueError(f"cannot read the weights in {files}: SafetensorError: {e}") from None
         convert.check_loading_info(cls, info)
         return (model, info) if want_info else model
 

@@ -86,3 +86,35 @@ def test_bad_input(tmp_path: Path, content: bytes, kwargs: dict, match: str) -> 
 def test_missing_input_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="does not exist"):
         expand_inputs([tmp_path / "nope.txt"])
+
+
+def test_globs_expand_as_documented(tmp_path: Path) -> None:
+    """D15: `data.corpus` and `flasht5 pretokenize` take globs (documented); they failed with "does not exist"."""
+    (tmp_path / "sub" / "deep").mkdir(parents=True)
+    for name in ("a_train.txt.gz", "b_train.txt.gz", "heldout.txt.gz", "sub/c_train.txt.gz", "sub/deep/d.txt"):
+        (tmp_path / name).write_bytes(b"x\n")
+    assert expand_inputs(str(tmp_path / "*_train*.gz")) == [tmp_path / "a_train.txt.gz", tmp_path / "b_train.txt.gz"]
+    assert expand_inputs([str(tmp_path / "**" / "*_train.txt.gz")]) == [
+        tmp_path / "a_train.txt.gz", tmp_path / "b_train.txt.gz", tmp_path / "sub" / "c_train.txt.gz",
+    ]  # fmt: skip
+    every = expand_inputs(str(tmp_path / "sub" / "**"))  # folders matched by ** do not repeat their files
+    assert every == [tmp_path / "sub" / "c_train.txt.gz", tmp_path / "sub" / "deep" / "d.txt"]
+    with pytest.raises(ValueError, match="matches no files"):
+        expand_inputs(str(tmp_path / "*.parquet"))
+    literal = tmp_path / "odd[1].txt"  # a file whose name holds glob characters is taken as written
+    literal.write_text("y\n")
+    assert expand_inputs(str(literal)) == [literal]
+
+
+def test_gzip_inputs_leave_no_file_open(tmp_path: Path) -> None:
+    """D20: every .gz input left its file object open (a ResourceWarning per input with warnings on)."""
+    import gc
+    import warnings
+
+    with gzip.open(tmp_path / "a.txt.gz", "wt") as f:
+        f.write("one\ntwo\n")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert list(iter_documents(tmp_path / "a.txt.gz")) == ["one", "two"]
+        gc.collect()
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning)]

@@ -92,3 +92,58 @@ def test_sentinel_errors(tiny_tokenizer_dir: Path) -> None:
     with pytest.raises(ValueError, match="extra_id_100"):
         T.sentinel_ids(tok, 101)
     assert T.sentinel_ids(tok, 3).tolist() == [len(tok) - 1, len(tok) - 2, len(tok) - 3]
+
+
+def test_folder_without_tokenizer_files_is_not_a_tokenizer(tmp_path: Path, tiny_tokenizer_dir: Path, capfd) -> None:
+    """D8: a weights-only checkpoint folder became an empty T5Tokenizer (every word <unk>); a flasht5 checkpoint
+    folder or an empty folder failed with "install sentencepiece or tiktoken" although sentencepiece is there."""
+    import json
+    import shutil
+
+    weights_only = tmp_path / "hf_t5"
+    weights_only.mkdir()
+    (weights_only / "config.json").write_text(json.dumps({"model_type": "t5", "vocab_size": 512}))
+    (weights_only / "model.safetensors").write_bytes(b"\0" * 16)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    ckpt = tmp_path / "step-0000010"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text(json.dumps({"model_type": "flasht5"}))
+    for folder in (weights_only, empty, ckpt):
+        with pytest.raises(ValueError, match=r"holds no tokenizer files \(looked for tokenizer.json, "):
+            T.load_tokenizer(folder)
+    # A flasht5 run's final/ folder (config.json of model_type flasht5 + tokenizer files) loads without the
+    # "You are using a model of type flasht5 to instantiate a model of type ``" warning.
+    final = tmp_path / "final"
+    shutil.copytree(tiny_tokenizer_dir, final)
+    (final / "config.json").write_text(json.dumps({"model_type": "flasht5", "d_model": 64}))
+    capfd.readouterr()
+    tok = T.load_tokenizer(final)
+    assert len(tok) == len(T.load_tokenizer(tiny_tokenizer_dir))
+    assert "instantiate a model of type" not in capfd.readouterr().err
+
+
+def test_tokenizer_output_that_is_a_file(tmp_path: Path, corpus_file: Path) -> None:
+    """D18: `tokenizer train --out FILE` trained first, then failed with a FileExistsError traceback."""
+    (tmp_path / "out").write_text("x")
+    with pytest.raises(ValueError, match="is a file, not a folder"):
+        T.train_tokenizer([corpus_file], tmp_path / "out", vocab_size=100)
+
+
+def test_tokenizer_appears_complete_or_not_at_all(tmp_path: Path, corpus_file: Path, monkeypatch) -> None:
+    """D1 (the tokenizer two concurrent `flasht5 train` runs both train): written aside and moved into place, so a
+    reader never sees a half-written folder; a failed training leaves nothing behind."""
+    out = tmp_path / "tok"
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("killed mid-save")
+
+    with monkeypatch.context() as m:
+        m.setattr(T, "load_tokenizer", broken)  # fails after the files are written, before they are moved
+        with pytest.raises(RuntimeError, match="killed mid-save"):
+            T.train_tokenizer([corpus_file], out, vocab_size=120)
+    assert list(tmp_path.iterdir()) == []  # no tokenizer folder, no temporary folder
+    T.train_tokenizer([corpus_file], out, vocab_size=120)
+    T.train_tokenizer([corpus_file], out, vocab_size=120)  # again into the existing folder: files replaced
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    assert len(T.load_tokenizer(out)) == 220

@@ -12,11 +12,20 @@ fsyncs the data files before it atomically replaces ``progress.json``; a resumed
 to the committed sizes and re-reads the current input from the committed document on, so an interrupted and
 resumed run writes the same bytes as an uninterrupted one. Documents keep their boundaries and their input order;
 empty documents (and ones that tokenize to nothing) are skipped and counted.
+
+One writer at a time: a writer holds an exclusive ``fcntl.flock`` on ``<store>/.lock`` (which names its pid), so a
+second ``pretokenize`` into the same folder (two ``flasht5 train`` runs sharing a store, say) refuses at once; the
+kernel drops the lock when the holder dies, even by ``kill -9``. A store is complete only when its files match
+``meta.json`` (document and token counts, file sizes, offsets), checked on every open. The record of the inputs
+holds each file's size, modification time and a hash of its first and last MiB, so an edited input is noticed
+even when its size did not change.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import hashlib
 import itertools
 import json
@@ -33,6 +42,50 @@ from flasht5.data.text import ReadStats, add_reader_arguments, expand_inputs, it
 
 FORMAT_VERSION = 1
 _DATA_FILES = ("tokens.bin", "lengths.bin", "offsets.npy", "meta.json", "progress.json")
+LOCK_NAME = ".lock"
+_END_BYTES = 1 << 20  # an input's first and last MiB are hashed into the store's record
+_HELD_LOCKS: list[Any] = []  # lock files this process holds; forked tokenizer workers close their copies
+_RESTART_HINT = (
+    "start over with `flasht5 pretokenize ... --no-resume` (pretokenize(resume=False)), delete the folder, or choose "
+    "another output folder (flasht5 train: data.store)"
+)
+
+
+@contextlib.contextmanager
+def store_lock(folder: str | Path) -> Iterator[Path]:
+    """Hold the exclusive writer's lock of a store folder (created if needed) for the ``with`` block.
+
+    A second writer gets a ``ValueError`` at once that names the folder and the holder's pid. ``flock`` locks belong
+    to the open file, so the kernel releases this one when the process exits in any way (``kill -9`` included);
+    nothing stale is ever left to clean up by hand.
+    """
+    out = Path(folder)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"store output {str(out)!r} is a file, not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / LOCK_NAME
+    f = open(path, "a+")  # noqa: SIM115 - held for the block, closed in finally
+    try:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            raise ValueError(
+                f"{out} is being written by another process (pid {holder}, lock file {path}): wait for it to "
+                "finish or stop it, or choose another output folder"
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        _HELD_LOCKS.append(f)
+        try:
+            yield out
+        finally:
+            _HELD_LOCKS.remove(f)
+    finally:
+        f.close()  # releases the lock
 
 
 class TokenStore:
@@ -52,19 +105,56 @@ class TokenStore:
                 else ""
             )
             raise ValueError(f"{self.path} is not a complete token store: no meta.json{hint}")
-        self.meta: dict[str, Any] = json.loads(meta_path.read_text())
-        if self.meta.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{self.path}: unsupported store format {self.meta.get('format_version')!r}")
-        self.dtype = np.dtype(self.meta["dtype"])
-        self.num_tokens = int(self.meta["num_tokens"])
+        try:
+            self.meta: dict[str, Any] = json.loads(meta_path.read_text())
+            if self.meta.get("format_version") != FORMAT_VERSION:
+                raise ValueError(f"{self.path}: unsupported store format {self.meta.get('format_version')!r}")
+            self.dtype = np.dtype(self.meta["dtype"])
+            self.num_tokens = int(self.meta["num_tokens"])
+            num_docs = int(self.meta["num_docs"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{self.path} is not a complete token store: meta.json is unreadable ({e})") from None
+        # The files must match the record: a store cut short or mixed by two writers is refused, not read.
+        bad = self._mismatch(num_docs)
+        if bad:
+            raise ValueError(f"{self.path} is not a complete token store: {bad}; {_RESTART_HINT}")
         self._offsets = np.load(self.path / "offsets.npy", mmap_mode="r")
         if self.num_tokens:
             self._tokens = np.memmap(self.path / "tokens.bin", dtype=self.dtype, mode="r", shape=(self.num_tokens,))
         else:
             self._tokens = np.zeros(0, dtype=self.dtype)
-        if len(self._offsets) != int(self.meta["num_docs"]) + 1 or int(self._offsets[-1]) != self.num_tokens:
-            raise ValueError(f"{self.path}: offsets.npy does not match meta.json (store corrupted?)")
+        if int(self._offsets[0]) != 0 or int(self._offsets[-1]) != self.num_tokens:
+            raise ValueError(
+                f"{self.path} is not a complete token store: offsets.npy runs from {int(self._offsets[0])} to "
+                f"{int(self._offsets[-1])}, meta.json records {self.num_tokens} tokens; {_RESTART_HINT}"
+            )
         self._lengths: np.ndarray | None = None
+
+    def _mismatch(self, num_docs: int) -> str:
+        """What in the folder contradicts meta.json (O(1): file sizes and the offsets header), or ``""``."""
+        stats = self.meta.get("stats") or {}
+        for key, value in (("documents", num_docs), ("tokens", self.num_tokens)):
+            if key in stats and int(stats[key]) != value:
+                return f"meta.json counts {value} {key} but its statistics say {stats[key]}"
+        tokens = self.path / "tokens.bin"
+        size = tokens.stat().st_size if tokens.is_file() else None
+        want = self.num_tokens * self.dtype.itemsize
+        if size is None and self.num_tokens:
+            return "tokens.bin is missing"
+        if size is not None and size != want:
+            return f"tokens.bin holds {size} bytes, meta.json records {self.num_tokens} tokens ({want} bytes)"
+        try:
+            offsets = np.load(self.path / "offsets.npy", mmap_mode="r")
+        except (OSError, ValueError) as e:
+            return f"offsets.npy is unreadable ({e})"
+        if offsets.ndim != 1 or len(offsets) != num_docs + 1:
+            return f"offsets.npy has shape {offsets.shape}, meta.json records {num_docs} documents"
+        return ""
+
+    def verify(self) -> None:
+        """The full check (O(documents)): offsets never decrease. ``pretokenize`` runs it before reusing a store."""
+        if self.num_tokens and np.any(np.diff(np.asarray(self._offsets)) < 0):
+            raise ValueError(f"{self.path} is not a complete token store: offsets.npy decreases; {_RESTART_HINT}")
 
     @classmethod
     def open(cls, path: str | Path) -> TokenStore:
@@ -119,11 +209,23 @@ def _finalize(out: Path, meta: dict[str, Any]) -> None:
     lengths = np.fromfile(out / "lengths.bin", dtype=np.int64)
     offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
-    np.save(out / "offsets.npy", offsets)
+    with open(out / "offsets.npy", "wb") as f:
+        np.save(f, offsets)
+        f.flush()
+        os.fsync(f.fileno())
     meta = {**meta, "num_docs": int(len(lengths)), "num_tokens": int(offsets[-1])}
-    _atomic_write_json(out / "meta.json", meta)
+    _atomic_write_json(out / "meta.json", meta)  # the commit point: before it the store is partial
     (out / "lengths.bin").unlink()
     (out / "progress.json").unlink(missing_ok=True)
+    _fsync_dir(out)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _atomic_write_json(path: Path, obj: dict[str, Any]) -> None:
@@ -146,27 +248,30 @@ def build_store(
     extra_meta: dict[str, Any] | None = None,
 ) -> TokenStore:
     """Write a store from token arrays directly (tests, benchmarks, already-tokenized data); empty docs skipped."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     dtype = _dtype_for(vocab_size)
-    with open(out / "tokens.bin", "wb") as ft, open(out / "lengths.bin", "wb") as fl:
-        for doc in docs:
-            arr = np.asarray(doc)
-            if arr.size == 0:
-                continue
-            if arr.min() < 0 or arr.max() >= vocab_size:
-                raise ValueError(f"docs hold ids outside [0, vocab_size={vocab_size})")
-            ft.write(arr.astype(dtype).tobytes())
-            fl.write(np.int64(arr.size).tobytes())
-    meta = {
-        "format_version": FORMAT_VERSION,
-        "dtype": dtype.name,
-        "vocab_size": int(vocab_size),
-        "eos_id": eos_id,
-        "pad_id": pad_id,
-        **(extra_meta or {}),
-    }
-    _finalize(out, meta)
+    with store_lock(out_dir) as out:
+        (out / "meta.json").unlink(missing_ok=True)
+        with open(out / "tokens.bin", "wb") as ft, open(out / "lengths.bin", "wb") as fl:
+            for doc in docs:
+                arr = np.asarray(doc)
+                if arr.size == 0:
+                    continue
+                if arr.min() < 0 or arr.max() >= vocab_size:
+                    raise ValueError(f"docs hold ids outside [0, vocab_size={vocab_size})")
+                ft.write(arr.astype(dtype).tobytes())
+                fl.write(np.int64(arr.size).tobytes())
+            for f in (ft, fl):
+                f.flush()
+                os.fsync(f.fileno())
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "dtype": dtype.name,
+            "vocab_size": int(vocab_size),
+            "eos_id": eos_id,
+            "pad_id": pad_id,
+            **(extra_meta or {}),
+        }
+        _finalize(out, meta)
     return TokenStore(out)
 
 
@@ -176,13 +281,36 @@ def build_store(
 _worker_tok: Any = None
 
 
-def _worker_init(tokenizer_dir: str) -> None:
+def _worker_init(tokenizer_dir: str, parent_pid: int | None = None) -> None:
+    # A forked worker inherits the parent's store lock: close this copy (the parent's stays held), so that a worker
+    # that outlived a killed parent cannot keep the store locked.
+    for f in _HELD_LOCKS:
+        f.close()
+    _HELD_LOCKS.clear()
+    _die_with_parent(parent_pid)
     # One process per core: the Rust tokenizer's own thread pool would oversubscribe them.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     from flasht5.data.tokenizer import load_tokenizer
 
     global _worker_tok
     _worker_tok = load_tokenizer(tokenizer_dir)
+
+
+def _die_with_parent(parent_pid: int | None) -> None:
+    """Linux: have the kernel kill this worker when the process that forked it dies (``kill -9`` included). A pool
+    worker otherwise waits forever on a task queue whose other end it holds itself."""
+    if sys.platform != "linux":
+        return
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if parent_pid is not None and os.getppid() != parent_pid:  # the parent died before the call
+        os._exit(1)
 
 
 def _encode(tok: Any, texts: list[str], eos_id: int | None, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
@@ -261,12 +389,37 @@ def pretokenize(
     and settings is continued from its last commit (every ``commit_every`` seconds and at the end of each input),
     and a complete one is returned as is; without it ``out_dir`` is started over.
     """
-    from flasht5.data.tokenizer import load_tokenizer
+    from flasht5.data.tokenizer import check_tokenizer_path
 
     if int(workers) != workers or workers < 1:
         raise ValueError(f"workers must be an integer >= 1, got {workers!r}")
     paths = expand_inputs(inputs)
-    tok_path = Path(tokenizer_dir)
+    check_tokenizer_path(tokenizer_dir)
+    with store_lock(out_dir) as out:
+        return _pretokenize_locked(
+            paths, Path(tokenizer_dir), out, workers=workers, text_key=text_key, resume=resume, append_eos=append_eos,
+            progress=progress, text_split=text_split, encoding_errors=encoding_errors, batch_docs=batch_docs,
+            commit_every=commit_every,
+        )  # fmt: skip
+
+
+def _pretokenize_locked(
+    paths: list[Path],
+    tok_path: Path,
+    out: Path,
+    *,
+    workers: int,
+    text_key: str,
+    resume: bool,
+    append_eos: bool,
+    progress: bool,
+    text_split: str,
+    encoding_errors: str,
+    batch_docs: int,
+    commit_every: float,
+) -> dict[str, Any]:
+    from flasht5.data.tokenizer import load_tokenizer
+
     tok = load_tokenizer(tok_path)
     vocab_size = len(tok)
     dtype = _dtype_for(vocab_size)
@@ -274,7 +427,7 @@ def pretokenize(
     if append_eos and eos_id is None:
         raise ValueError("append_eos=True but the tokenizer has no EOS token")
     settings = {
-        "inputs": [{"path": str(p.resolve()), "bytes": _size(p)} for p in paths],
+        "inputs": [_input_record(p) for p in paths],
         "tokenizer": str(tok_path.resolve()),
         "tokenizer_fingerprint": _fingerprint(tok_path),
         "text_key": text_key,
@@ -291,16 +444,19 @@ def pretokenize(
         "pad_id": tok.pad_token_id,
         "settings": settings,
     }
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-
     state = {"input_index": 0, "docs_in_input": 0, "num_docs": 0, "num_tokens": 0, "stats": {}}
     if resume and (out / "meta.json").exists():
-        meta = json.loads((out / "meta.json").read_text())
-        _check_same(meta.get("settings"), settings, out)
-        return {**meta["stats"], "already_complete": True}
+        store = TokenStore(out)  # refuses a store whose files do not match its record
+        _check_same(store.meta.get("settings"), settings, out)
+        store.verify()
+        for name in ("lengths.bin", "progress.json"):  # left by a kill between the commit and the clean-up
+            (out / name).unlink(missing_ok=True)
+        return {**store.meta["stats"], "already_complete": True}
     if resume and (out / "progress.json").exists():
-        state = json.loads((out / "progress.json").read_text())
+        try:
+            state = json.loads((out / "progress.json").read_text())
+        except ValueError as e:
+            raise ValueError(f"{out / 'progress.json'} is unreadable ({e}); {_RESTART_HINT}") from None
         _check_same(state.get("settings"), settings, out)
     else:
         for name in _DATA_FILES:
@@ -324,7 +480,7 @@ def pretokenize(
         # fork where there is one: a spawned worker re-imports torch and transformers (seconds each). Safe here
         # because this process has not run the Rust tokenizer (whose thread pool must not be forked).
         method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-        pool = mp.get_context(method).Pool(workers, initializer=_worker_init, initargs=(str(tok_path),))
+        pool = mp.get_context(method).Pool(workers, initializer=_worker_init, initargs=(str(tok_path), os.getpid()))
     bar = None
     if progress:
         from tqdm import tqdm
@@ -410,18 +566,51 @@ def pretokenize(
     return stats
 
 
-def _size(p: Path) -> int:
-    return p.stat().st_size if p.is_file() else sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+def _input_record(p: Path) -> dict[str, Any]:
+    """What identifies an input's content cheaply: size, modification time (ns) and a hash of its first and last
+    MiB (``datasets`` folders: of every file in them). An edit that keeps the size changes the time (and, near
+    either end, the hash even if the time is put back); a copy with a new time counts as a change too: a store is
+    rebuilt or refused, never silently stale."""
+    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
+    h = hashlib.sha256()
+    size = mtime = 0
+    for f in files:
+        st = f.stat()
+        size += st.st_size
+        mtime = max(mtime, st.st_mtime_ns)
+        h.update(f"{f.relative_to(p) if f != p else f.name}:{st.st_size}:".encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(_END_BYTES))
+            if st.st_size > 2 * _END_BYTES:
+                fh.seek(st.st_size - _END_BYTES)
+            h.update(fh.read(_END_BYTES))
+    return {"path": str(p.resolve()), "bytes": size, "mtime_ns": mtime, "ends_sha256": h.hexdigest()[:32]}
 
 
 def _check_same(old: dict[str, Any] | None, new: dict[str, Any], out: Path) -> None:
+    """Refuse to continue or reuse a store made from other inputs or settings, naming what changed."""
+    old = old or {}
     # encoding_errors may change between runs: documents already written decoded cleanly under either setting.
-    diff = sorted(k for k in new if k != "encoding_errors" and (old or {}).get(k) != new[k])
-    if diff:
-        raise ValueError(
-            f"{out} holds a store made from other inputs or settings (differs in {diff}); "
-            "pass resume=False (--no-resume) to start over, or choose another output folder"
+    diff = sorted(k for k in new if k not in ("encoding_errors", "inputs") and old.get(k) != new[k])
+    changes = [f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in diff]
+    old_inputs, new_inputs = old.get("inputs") or [], new["inputs"]
+    if [i.get("path") for i in old_inputs] != [i["path"] for i in new_inputs]:
+        changes.append(
+            f"inputs: {len(old_inputs)} files {[i.get('path') for i in old_inputs][:3]}... -> "
+            f"{len(new_inputs)} files {[i['path'] for i in new_inputs][:3]}..."
         )
+    else:
+        for o, n in zip(old_inputs, new_inputs):
+            what = [k for k in ("bytes", "mtime_ns", "ends_sha256") if o.get(k) != n[k]]
+            if what:
+                why = "size" if "bytes" in what else ("content" if "ends_sha256" in what else "modification time")
+                if "ends_sha256" not in o:
+                    why = "record from an older flasht5 (no modification time or content hash)"
+                changes.append(f"input {n['path']} changed since the store was made ({why})")
+    if changes:
+        shown = "; ".join(changes[:5]) + (f"; and {len(changes) - 5} more" if len(changes) > 5 else "")
+        raise ValueError(f"{out} holds a store made from other inputs or settings: {shown}. {_RESTART_HINT[0].upper()}"
+                         f"{_RESTART_HINT[1:]}")  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------------

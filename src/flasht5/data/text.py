@@ -13,6 +13,8 @@ import argparse
 import gzip
 import io
 import json
+import os
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,22 +58,48 @@ def input_kind(path: str | Path) -> str:
     return "text"
 
 
+def _glob(pattern: str) -> list[Path]:
+    """Files and folders a shell-style pattern matches (``*``, ``?``, ``[...]``, ``**`` for any depth), sorted."""
+    import glob
+
+    return sorted(Path(m) for m in glob.glob(os.path.expanduser(pattern), recursive=True))
+
+
+def _is_datasets_folder(p: Path) -> bool:
+    return (p / "state.json").exists() or (p / "dataset_info.json").exists() or (p / "dataset_dict.json").exists()
+
+
+def _folder_files(p: Path, allow_empty: bool = False) -> list[Path]:
+    files = sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))
+    if not files and not allow_empty:
+        raise ValueError(f"input folder {p} holds no files")
+    return files
+
+
 def expand_inputs(inputs: str | Path | Sequence[str | Path]) -> list[Path]:
-    """Resolve input paths (files, `datasets` folders, or plain folders whose files are read in sorted order)."""
+    """Resolve input paths: files, `datasets` folders, plain folders (their files, in sorted order) and glob patterns
+    (``data/*.jsonl.gz``, ``shards/**/*.parquet``: the matches in sorted order, each file once). A path that exists
+    as written is taken literally even if its name holds glob characters; ``~`` is expanded."""
     if isinstance(inputs, (str, Path)):
         inputs = [inputs]
     out: list[Path] = []
     for item in inputs:
-        p = Path(item)
-        if not p.exists():
+        p = Path(os.path.expanduser(str(item)))
+        if not p.exists() and glob_magic(str(item)):
+            matches = _glob(str(item))
+            if not matches:
+                raise ValueError(f"input pattern {str(item)!r} matches no files")
+            found: dict[Path, None] = {}  # ordered set: `**` matches a folder and the files in it
+            for m in matches:
+                for f in [m] if m.is_file() or _is_datasets_folder(m) else _folder_files(m, allow_empty=True):
+                    found.setdefault(f, None)
+            if not found:
+                raise ValueError(f"input pattern {str(item)!r} matches only empty folders")
+            out.extend(found)
+        elif not p.exists():
             raise ValueError(f"input {str(item)!r} does not exist")
-        if p.is_dir() and not (
-            (p / "state.json").exists() or (p / "dataset_info.json").exists() or (p / "dataset_dict.json").exists()
-        ):
-            files = sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))
-            if not files:
-                raise ValueError(f"input folder {p} holds no files")
-            out.extend(files)
+        elif p.is_dir() and not _is_datasets_folder(p):
+            out.extend(_folder_files(p))
         else:
             out.append(p)
     if not out:
@@ -79,11 +107,16 @@ def expand_inputs(inputs: str | Path | Sequence[str | Path]) -> list[Path]:
     return out
 
 
+def glob_magic(text: str) -> bool:
+    """Whether ``text`` holds glob characters (``*``, ``?`` or ``[``)."""
+    return re.search(r"[*?\[]", text) is not None
+
+
 def _open_binary(path: Path) -> io.BufferedIOBase:
     f = open(path, "rb")  # noqa: SIM115 - handed to the caller
     if f.read(2) == b"\x1f\x8b":
-        f.seek(0)
-        return gzip.GzipFile(fileobj=f, mode="rb")  # type: ignore[return-value]
+        f.close()  # a GzipFile over a file object would not close it (an unclosed-file ResourceWarning per input)
+        return gzip.open(path, "rb")  # type: ignore[return-value]
     f.seek(0)
     return f
 
@@ -95,7 +128,9 @@ def _decode(raw: bytes, path: Path, line_no: int, errors: str, stats: ReadStats)
         if errors == "strict":
             raise ValueError(
                 f"{path}: line {line_no}: invalid UTF-8 byte 0x{raw[e.start]:02x} at byte {e.start} of the line; "
-                "fix the file or pass encoding_errors='replace' (--encoding-errors replace) to substitute U+FFFD"
+                "fix the file, or substitute U+FFFD with encoding_errors='replace' (`flasht5 pretokenize` and "
+                "`flasht5 tokenizer train`: --encoding-errors replace; for `flasht5 train`, pretokenize the corpus "
+                "that way into the folder that data.store names first)"
             ) from None
         stats.replaced_documents += 1
         return raw.decode("utf-8", errors="replace")

@@ -20,6 +20,8 @@ import argparse
 import io
 import json
 import os
+import shutil
+import tempfile
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -162,6 +164,8 @@ def train_tokenizer(
     if max_sentences is not None and max_sentences < 1:
         raise ValueError(f"max_sentences must be None or >= 1, got {max_sentences!r}")
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"tokenizer output {str(out)!r} is a file, not a folder")
     stats = ReadStats()
     t0 = time.perf_counter()
     sentences: Iterable[str] = _sentences(
@@ -207,52 +211,117 @@ def train_tokenizer(
     proto = model_pb2.ModelProto()
     proto.ParseFromString(model.getvalue())
     tok = _hf_tokenizer_from_proto(proto, num_sentinels=num_sentinels)
-    out.mkdir(parents=True, exist_ok=True)
-    tok.save_pretrained(str(out))
-    (out / "spiece.model").write_bytes(model.getvalue())
-    info = {
-        "model_type": model_type,
-        "vocab_size_requested": vocab_size,
-        "spm_vocab_size": len(proto.pieces),
-        "num_sentinels": num_sentinels,
-        "total_vocab_size": len(tok),
-        "mode_tokens": mode_tokens,
-        "sentences": counted["sentences"],
-        "max_sentences": max_sentences,
-        "seed": seed,
-        "documents": stats.documents,
-        "empty_documents": stats.empty_documents,
-        "empty_files": stats.empty_files,
-        "inputs": [str(p) for p in inputs],
-        "seconds": round(time.perf_counter() - t0, 3),
-    }
-    (out / "flasht5_tokenizer.json").write_text(json.dumps(info, indent=2) + "\n")
-    check = load_tokenizer(out)
-    ids = sentinel_ids(check)
-    if num_sentinels and (ids[0] != len(check) - 1 or np.any(np.diff(ids) != -1)):
-        raise RuntimeError(f"sentinel layout broken after save: {ids[:3]}... (tokenizer size {len(check)})")
+    # Written into a private folder next to `out`, checked, then moved into place: a reader (another run that
+    # found `out`) never sees a half-written tokenizer, and two runs training the same tokenizer at once do not mix
+    # their files (the later one replaces each file atomically with its own, identical, copy).
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        tok.save_pretrained(str(tmp))
+        (tmp / "spiece.model").write_bytes(model.getvalue())
+        info = {
+            "model_type": model_type,
+            "vocab_size_requested": vocab_size,
+            "spm_vocab_size": len(proto.pieces),
+            "num_sentinels": num_sentinels,
+            "total_vocab_size": len(tok),
+            "mode_tokens": mode_tokens,
+            "sentences": counted["sentences"],
+            "max_sentences": max_sentences,
+            "seed": seed,
+            "documents": stats.documents,
+            "empty_documents": stats.empty_documents,
+            "empty_files": stats.empty_files,
+            "inputs": [str(p) for p in inputs],
+            "seconds": round(time.perf_counter() - t0, 3),
+        }
+        (tmp / "flasht5_tokenizer.json").write_text(json.dumps(info, indent=2) + "\n")
+        check = load_tokenizer(tmp)
+        ids = sentinel_ids(check) if num_sentinels else np.zeros(0, dtype=np.int64)
+        if num_sentinels and (ids[0] != len(check) - 1 or np.any(np.diff(ids) != -1)):
+            raise RuntimeError(f"sentinel layout broken after save: {ids[:3]}... (tokenizer size {len(check)})")
+        _move_into_place(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
-def load_tokenizer(path: str | Path) -> Any:
-    """Load a tokenizer folder (ours or any Hugging Face T5 / mT5 / UL2 folder) offline through AutoTokenizer.
+# What makes a folder a tokenizer: the files transformers' tokenizer classes are built from. A checkpoint folder
+# without them (``config.json`` + weights only: a weights-only repo, a ``checkpoints/step-N`` folder) is not one:
+# AutoTokenizer would build an empty tokenizer (every word <unk>) or fail with an unrelated message.
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "spiece.model", "tokenizer.model", "sentencepiece.bpe.model",
+    "vocab.json", "vocab.txt",
+)  # fmt: skip
 
-    A bare SentencePiece ``.model`` file is accepted too; it gets T5's 100 sentinels.
-    """
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    """``tmp``'s files become ``out``: one atomic rename when ``out`` does not exist, else file by file."""
+    try:
+        tmp.rename(out)
+        return
+    except OSError:
+        if not out.is_dir():
+            raise
+    for f in sorted(tmp.iterdir()):
+        os.replace(f, out / f.name)
+
+
+def check_tokenizer_path(path: str | Path) -> Path:
+    """``path`` as a ``Path`` if it can be a tokenizer (a folder holding one of :data:`TOKENIZER_FILES`, or a
+    SentencePiece ``.model`` file); otherwise a ``ValueError`` naming what was looked for."""
     p = Path(path)
     if not p.exists():
         raise ValueError(f"tokenizer path {str(path)!r} does not exist")
     if p.is_file():
         if p.suffix != ".model":
             raise ValueError(f"tokenizer path {p} must be a folder or a SentencePiece .model file")
+        return p
+    if not any((p / name).is_file() for name in TOKENIZER_FILES):
+        raise ValueError(
+            f"{p} holds no tokenizer files (looked for {', '.join(TOKENIZER_FILES)}): it is not a tokenizer folder"
+        )
+    return p
+
+
+def load_tokenizer(path: str | Path) -> Any:
+    """Load a tokenizer folder (ours or any Hugging Face T5 / mT5 / UL2 folder) offline through AutoTokenizer.
+
+    A bare SentencePiece ``.model`` file is accepted too; it gets T5's 100 sentinels. A folder holding none of
+    :data:`TOKENIZER_FILES` is an error naming them.
+    """
+    p = check_tokenizer_path(path)
+    if p.is_file():
         from sentencepiece import sentencepiece_model_pb2 as model_pb2
 
         proto = model_pb2.ModelProto()
-        proto.ParseFromString(p.read_bytes())
+        try:
+            proto.ParseFromString(p.read_bytes())
+        except Exception as e:  # protobuf's DecodeError
+            raise ValueError(f"{p} is not a SentencePiece model ({e})") from None
         return _hf_tokenizer_from_proto(proto, num_sentinels=100)
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, PretrainedConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
-    return AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+    kwargs: dict[str, Any] = {}
+    model_type = _model_type(p)
+    if model_type is not None and model_type not in CONFIG_MAPPING_NAMES:
+        # A flasht5 folder: AutoTokenizer would read config.json to pick a class, warn that model type `flasht5`
+        # is unknown, and fall back to the tokenizer files anyway. Say so directly.
+        kwargs["config"] = PretrainedConfig()
+    try:
+        return AutoTokenizer.from_pretrained(str(p), local_files_only=True, **kwargs)
+    except (ValueError, OSError, TypeError) as e:
+        files = sorted(f.name for f in p.iterdir() if f.name in TOKENIZER_FILES)
+        raise ValueError(f"could not load a tokenizer from {p} (it holds {files}): {e}") from None
+
+
+def _model_type(folder: Path) -> str | None:
+    try:
+        value = json.loads((folder / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None
 
 
 def sentinel_ids(tokenizer: Any, n: int | None = None) -> np.ndarray:
@@ -313,6 +382,8 @@ def _cli_train(args: argparse.Namespace) -> int:
     )
     if info["empty_documents"] or info["empty_files"]:
         print(f"note: skipped {info['empty_documents']} empty documents; {info['empty_files']} inputs had no text")
+    if not info["num_sentinels"]:
+        print("note: no <extra_id_N> sentinels: the span corruption of flasht5 train (t5, ul2, fat5) needs them")
     return 0
 
 

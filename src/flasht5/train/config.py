@@ -11,8 +11,13 @@ A run is described by four sections (see ``configs/pretrain/demo.yaml`` for ever
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import json
+import math
+import re
 import types
 import typing
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,14 +29,14 @@ import yaml
 class ModelConfig:
     preset: str = "demo"  # a FlashT5Config preset (flasht5.config.PRESETS)
     overrides: dict[str, Any] = field(default_factory=dict)  # FlashT5Config fields that differ from the preset
-    init_from: str | None = None  # a flasht5 or Hugging Face T5 folder to start from instead of random weights
+    init_from: str | None = None  # a local flasht5 / Hugging Face T5 folder to start from, or "hf:ORG/NAME" (Hub)
     attn_implementation: str | None = None  # eager | sdpa | flash; None = flash on CUDA, sdpa on CPU (the backend)
 
 
 @dataclass
 class DataConfig:
-    corpus: list[str] = field(default_factory=list)  # training text files (txt / txt.gz / jsonl / parquet) or globs
-    heldout: list[str] = field(default_factory=list)  # held-out files for evaluation (same formats)
+    corpus: list[str] = field(default_factory=list)  # training files (txt / txt.gz / jsonl / parquet), folders, globs
+    heldout: list[str] = field(default_factory=list)  # held-out files for evaluation (same forms)
     text_key: str = "text"  # field holding the text in JSONL / Parquet
     tokenizer: str = "runs/tokenizer"  # tokenizer folder; trained on `corpus` if it does not exist
     vocab_size: int = 4096  # SentencePiece pieces of a tokenizer trained here (the 100 sentinels come on top)
@@ -73,7 +78,7 @@ class RunConfig:
     log_every: int = 10  # metrics.jsonl rows and progress-bar refresh
     eval_every: int = 100  # held-out loss every N steps (and at step 0 and the end)
     save_every: int = 200  # checkpoint every N steps (and at the end); 0 = only at the end
-    keep_checkpoints: int = 2  # how many step checkpoints to keep
+    keep_checkpoints: int = 2  # how many step checkpoints to keep (>= 1)
     resume: bool = True  # continue from the newest checkpoint in out_dir if there is one
     compile: bool = False  # torch.compile the model
     cuda_graphs: bool | None = None  # replay the whole step from one CUDA graph; None = on for CUDA + varlen batches
@@ -92,6 +97,26 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _number(value: Any) -> int | float | None:
+    """``value`` as a number: ints and floats as they are, and strings such as ``"1e-3"`` or ``"5e-4"`` (PyYAML
+    reads exponents without a dot as strings; a quoted number is a string too); None for anything else."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return value
+    if isinstance(value, str):
+        text = value.strip().replace("_", "")
+        try:
+            return int(text)
+        except ValueError:
+            pass
+        try:
+            return float(text)
+        except ValueError:
+            return None
+    return None
 
 
 def _coerce(value: Any, annotation: Any, where: str) -> Any:
@@ -127,15 +152,19 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
             return value
         raise ValueError(f"{where} must be true or false, got {value!r}")
     if annotation is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
+        number = _number(value)
+        if isinstance(number, int):
+            return number
+        if isinstance(number, float) and number.is_integer():
+            return int(number)
         raise ValueError(f"{where} must be an integer, got {value!r}")
     if annotation is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise ValueError(f"{where} must be a number, got {value!r}")
+        number = _number(value)
+        if number is None:
+            raise ValueError(f"{where} must be a number, got {value!r}")
+        if not math.isfinite(number):
+            raise ValueError(f"{where} must be a finite number, got {value!r}")
+        return float(number)
     if annotation is str:
         if isinstance(value, (str, Path)):
             return str(value)
@@ -148,9 +177,11 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
         raise ValueError(f"{where} must be a mapping, got {values!r}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
+    unknown = sorted(set(values) - names, key=str)
     if unknown:
-        raise ValueError(f"unknown key(s) {unknown} in {where}; known: {sorted(names)}")
+        hints_ = _did_you_mean(unknown, names)
+        place = f"section {where!r}" if where else "the top level (sections)"
+        raise ValueError(f"unknown key(s) {unknown} in {place}{hints_}; known: {sorted(names)}")
     kwargs = {}
     for name, value in values.items():
         sub = hints[name]
@@ -159,6 +190,13 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
         else:
             kwargs[name] = _coerce(value, sub, f"{where}.{name}" if where else name)
     return cls(**kwargs)
+
+
+def _did_you_mean(unknown: list[Any], known: Iterable[str]) -> str:
+    known = list(known)
+    pairs = [(u, difflib.get_close_matches(str(u), known, n=1)) for u in unknown]
+    pairs = [f"{u!r} -> {m[0]!r}" for u, m in pairs if m]
+    return f" (did you mean {', '.join(pairs)}?)" if pairs else ""
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
@@ -171,6 +209,28 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+class _Loader(yaml.SafeLoader):
+    """``yaml.safe_load`` that also reads ``1e-3`` and ``5e-4`` as numbers (YAML 1.2 does; PyYAML's YAML 1.1 rules
+    want a dot, ``1.0e-3``, and return the string ``'1e-3'`` otherwise)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _yaml(text: str, what: str) -> Any:
+    try:
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass: no Python objects
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ValueError(f"{what} is not valid YAML{where}: {problem}") from None
+
+
 def parse_overrides(items: list[str]) -> dict[str, Any]:
     """``["--train.steps=10", "data.mode=padded"]`` -> nested dict; values are parsed as YAML scalars."""
     tree: dict[str, Any] = {}
@@ -178,7 +238,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         key, sep, raw = item.removeprefix("--").partition("=")
         if not sep or not key:
             raise ValueError(f"override {item!r} must look like --section.key=value")
-        _set_dotted(tree, key, yaml.safe_load(raw) if raw != "" else "")
+        _set_dotted(tree, key, _yaml(raw, f"override {item!r}") if raw != "" else "")
     return tree
 
 
@@ -190,32 +250,245 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """A ``Config`` from a YAML file (or the defaults) plus overrides; unknown keys and bad types raise."""
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, *, check_paths_too: bool = True
+) -> Config:
+    """A ``Config`` from a YAML file (or the defaults) plus overrides; unknown keys, bad types and out-of-range
+    values raise a ``ValueError`` naming the key (:func:`check`), and so do input paths that cannot work
+    (:func:`check_paths`, skipped with ``check_paths_too=False``). All of it before anything expensive runs."""
     raw: dict[str, Any] = {}
     if path is not None:
-        text = Path(path).read_text()
-        raw = yaml.safe_load(text) or {}
+        p = Path(path)
+        if not p.exists():
+            raise ValueError(f"config file {str(path)!r} does not exist")
+        if p.is_dir():
+            raise ValueError(f"config file {str(path)!r} is a folder; give a YAML file")
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"config file {str(path)!r} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+        raw = _yaml(text, f"config file {str(path)!r}") or {}
         if not isinstance(raw, dict):
             raise ValueError(f"{path} must hold a mapping of sections (model, data, optim, train)")
     raw = _merge(raw, parse_overrides(overrides or []))
     cfg = _build(Config, raw, "")
     check(cfg)
+    if check_paths_too:
+        check_paths(cfg)
     return cfg
 
 
+def _range(
+    where: str,
+    value: Any,
+    lo: float | None = None,
+    hi: float | None = None,
+    *,
+    lo_open: bool = False,
+    hi_open: bool = False,
+    none_ok: bool = False,
+    note: str = "",
+) -> None:
+    """Raise ``ValueError`` unless ``lo <= value <= hi`` (``<`` where open), naming the key and the valid range."""
+    if value is None and none_ok:
+        return
+    below = lo is not None and (value <= lo if lo_open else value < lo)
+    above = hi is not None and (value >= hi if hi_open else value > hi)
+    if below or above:
+        if lo is not None and hi is not None:
+            valid = f"in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+        elif lo is not None:
+            valid = f"{'>' if lo_open else '>='} {lo}"
+        else:
+            valid = f"{'<' if hi_open else '<='} {hi}"
+        extra = " or null" if none_ok else ""
+        raise ValueError(f"{where} must be {valid}{extra}, got {value!r}{note}")
+
+
+def _one_of(where: str, value: Any, choices: Iterable[Any]) -> None:
+    choices = list(choices)
+    if value not in choices:
+        raise ValueError(f"{where} must be one of {choices}, got {value!r}{_did_you_mean([value], map(str, choices))}")
+
+
 def check(cfg: Config) -> None:
-    """Cross-field checks, each naming the key."""
-    if cfg.data.mode not in ("varlen", "padded"):
-        raise ValueError(f"data.mode must be 'varlen' or 'padded', got {cfg.data.mode!r}")
-    if cfg.train.precision not in ("auto", "bf16", "fp32"):
-        raise ValueError(f"train.precision must be auto, bf16 or fp32, got {cfg.train.precision!r}")
-    if cfg.optim.schedule not in ("cosine", "constant"):
-        raise ValueError(f"optim.schedule must be 'cosine' or 'constant', got {cfg.optim.schedule!r}")
+    """Every value's range and the cross-field rules, each error naming the key and what would be valid.
+
+    Cheap: runs before the tokenizer, the store or the model is built (no file is read here; see
+    :func:`check_paths`)."""
+    m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.train
+    _check_model(m)
+
+    _one_of("data.mode", d.mode, ("varlen", "padded"))
+    if not d.text_key:
+        raise ValueError("data.text_key must be a non-empty string")
+    if not d.tokenizer:
+        raise ValueError("data.tokenizer must be a folder path (trained on data.corpus if it does not exist)")
+    _range("data.vocab_size", d.vocab_size, 11, note=" (SentencePiece pieces incl. <pad> </s> <unk> and 6 mode tokens)")
+    _range("data.tokenizer_sample", d.tokenizer_sample, 1, none_ok=True)
+    _range("data.max_input_len", d.max_input_len, 2, note=" (one token and EOS)")
+    _range("data.max_target_len", d.max_target_len, 2, note=" (one token and EOS)")
+    _range("data.max_tokens", d.max_tokens, d.max_input_len, note=" (data.max_input_len: one example per batch)")
+    _range("data.max_target_tokens", d.max_target_tokens, d.max_target_len, none_ok=True,
+           note=" (data.max_target_len: one example per batch)")  # fmt: skip
+    _range("data.row_len", d.row_len, d.max_input_len, none_ok=True, note=" (data.max_input_len)")
+    _range("data.row_target_len", d.row_target_len, d.max_target_len, none_ok=True, note=" (data.max_target_len)")
+    if d.mode != "padded" and (d.row_len is not None or d.row_target_len is not None):
+        raise ValueError("data.row_len / data.row_target_len apply to data.mode=padded only; set them to null")
+    _range("data.num_workers", d.num_workers, 0, none_ok=True)
+    _range("data.max_docs", d.max_docs, 1, none_ok=True)
+    _range("data.eval_batches", d.eval_batches, 1, note=" (leave data.heldout empty for no evaluation)")
+    _check_mixture(d)
+
+    _range("optim.lr", o.lr, 0)
+    _range("optim.weight_decay", o.weight_decay, 0)
+    for i, b in enumerate(o.betas):
+        _range(f"optim.betas[{i}]", b, 0, 1, hi_open=True)
+    _range("optim.eps", o.eps, 0, lo_open=True)
+    _range("optim.warmup_steps", o.warmup_steps, 0)
+    _one_of("optim.schedule", o.schedule, ("cosine", "constant"))
+    _range("optim.final_lr_ratio", o.final_lr_ratio, 0, 1)
+    _range("optim.grad_clip", o.grad_clip, 0, note=" (0 disables clipping)")
+
+    if not t.out_dir:
+        raise ValueError("train.out_dir must be a folder path")
     for name in ("steps", "log_every", "eval_every"):
-        if getattr(cfg.train, name) < 1:
-            raise ValueError(f"train.{name} must be >= 1")
-    if cfg.data.max_tokens < cfg.data.max_input_len:
-        raise ValueError("data.max_tokens must be at least data.max_input_len (one example per batch)")
-    if not 0 <= cfg.optim.final_lr_ratio <= 1:
-        raise ValueError("optim.final_lr_ratio must be in [0, 1]")
+        _range(f"train.{name}", getattr(t, name), 1)
+    _range("train.save_every", t.save_every, 0, note=" (0: only at the end)")
+    _range("train.keep_checkpoints", t.keep_checkpoints, 1)
+    _range("train.seed", t.seed, 0, 2**32 - 1)
+    _range("train.threads", t.threads, 0, note=" (0: torch's default)")
+    _range("train.samples", t.samples, 0)
+    _one_of("train.precision", t.precision, ("auto", "bf16", "fp32"))
+    _check_device(t.device)
+
+
+def _check_model(m: ModelConfig) -> None:
+    from flasht5.config import PRESETS, FlashT5Config
+
+    if m.attn_implementation is not None:
+        _one_of("model.attn_implementation", m.attn_implementation, ("eager", "sdpa", "flash"))
+    if m.init_from is not None:
+        if not m.init_from:
+            raise ValueError("model.init_from must be a checkpoint folder, 'hf:ORG/NAME' or null")
+        if m.overrides:
+            raise ValueError(
+                f"model.overrides {sorted(m.overrides)} would be ignored: with model.init_from the architecture "
+                "comes from the checkpoint's config.json; remove the overrides (or model.init_from)"
+            )
+        return
+    _one_of("model.preset", m.preset, sorted(PRESETS))
+    from transformers import PretrainedConfig
+
+    fields = {f.name: f for f in dataclasses.fields(FlashT5Config)}
+    unknown = sorted(set(m.overrides) - set(fields), key=str)
+    if unknown:
+        base = {f.name for f in dataclasses.fields(PretrainedConfig)}  # transformers' generic ones: not listed
+        raise ValueError(
+            f"unknown key(s) {unknown} in model.overrides{_did_you_mean(unknown, fields)}: not FlashT5Config fields "
+            f"(known: {sorted(set(fields) - base)})"
+        )
+    for key, value in list(m.overrides.items()):
+        kinds = set(re.findall(r"\w+", str(fields[key].type)))
+        number = _number(value) if isinstance(value, str) and kinds & {"int", "float"} else None
+        if number is not None:  # "1e-1" (a string to PyYAML's YAML 1.1 rules)
+            m.overrides[key] = number if "float" in kinds or isinstance(number, int) else value
+    try:
+        # vocab_size comes from the tokenizer later; the preset's stands in for it here. Builds no weights.
+        FlashT5Config.from_preset(m.preset, **m.overrides)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"model.overrides: {e}") from None
+
+
+def _check_mixture(d: DataConfig) -> None:
+    from flasht5.data.ul2 import PRESETS, max_chunk_length, resolve_mixture
+
+    if d.denoisers is None:
+        _one_of("data.objective", d.objective, sorted(PRESETS))
+    where = "data.denoisers" if d.denoisers is not None else "data.objective"
+    try:
+        mixture = resolve_mixture(d.denoisers if d.denoisers is not None else d.objective)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{where}: {e}") from None
+    for denoiser, _ in mixture:
+        prefix = 1 if denoiser.prefix else 0  # a mode token: one id with our tokenizers (more with stock T5's)
+        try:
+            longest = max_chunk_length(
+                denoiser, max_input_len=d.max_input_len, max_target_len=d.max_target_len, num_prefix_tokens=prefix
+            )
+        except ValueError as e:
+            longest, why = 0, str(e)
+        else:
+            why = ""
+        if longest < 2:  # a 1-token chunk hides nothing: its target would be EOS alone
+            raise ValueError(
+                f"data.max_input_len={d.max_input_len} / data.max_target_len={d.max_target_len} leave no room for a "
+                f"target with the {where} denoiser {denoiser}: every example would be a 1-token chunk whose target "
+                f"is EOS alone{f' ({why})' if why else ''}; raise data.max_target_len (and data.max_input_len)"
+            )
+
+
+def _check_device(name: str) -> None:
+    if name == "auto":
+        return
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"train.device must be auto, cpu, cuda or cuda:N, got {name!r}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"train.device must be auto, cpu, cuda or cuda:N, got {name!r}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"train.device={name!r} but no CUDA device is available (use auto or cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"train.device={name!r} but this machine has {torch.cuda.device_count()} CUDA device(s) "
+                f"(cuda:0 .. cuda:{torch.cuda.device_count() - 1})"
+            )
+
+
+def check_paths(cfg: Config) -> None:
+    """The inputs a run reads exist and are what they must be, before anything is built or written: corpus and
+    held-out files (globs expanded), an existing tokenizer folder holds tokenizer files, ``model.init_from`` is a
+    local checkpoint folder (nothing is downloaded unless it is ``hf:ORG/NAME``), ``train.out_dir`` is not a file."""
+    from flasht5.data.text import expand_inputs
+    from flasht5.data.tokenizer import check_tokenizer_path
+
+    d = cfg.data
+    if not d.corpus:
+        raise ValueError("data.corpus is empty: give the training text files (or folders, or globs)")
+    for key in ("corpus", "heldout"):
+        if getattr(d, key):
+            try:
+                expand_inputs(getattr(d, key))
+            except ValueError as e:
+                raise ValueError(f"data.{key}: {e}") from None
+    if Path(d.tokenizer).exists():
+        try:
+            check_tokenizer_path(d.tokenizer)
+        except ValueError as e:
+            raise ValueError(
+                f"data.tokenizer: {e} (a folder that does not exist yet is trained on the corpus)"
+            ) from None
+        info = Path(d.tokenizer) / "flasht5_tokenizer.json"  # how `flasht5 tokenizer train` made it
+        needs_sentinels = d.denoisers is not None or d.objective in ("t5", "ul2", "fat5")
+        if info.is_file() and needs_sentinels and json.loads(info.read_text()).get("num_sentinels") == 0:
+            raise ValueError(
+                f"data.tokenizer={d.tokenizer!r} has no <extra_id_N> sentinels (trained with --num-sentinels 0); "
+                "span corruption needs them: train one with the default 100"
+            )
+    for key, value in (("train.out_dir", cfg.train.out_dir), ("data.store", d.store)):
+        if value is not None and Path(value).exists() and not Path(value).is_dir():
+            raise ValueError(f"{key}={value!r} is a file, not a folder")
+    init = cfg.model.init_from
+    if init is not None and not init.startswith("hf:"):
+        p = Path(init).expanduser()
+        if not p.is_dir():
+            raise ValueError(
+                f"model.init_from={init!r} is not a local folder; nothing is downloaded unless you ask for a "
+                f"Hugging Face Hub id with 'hf:ORG/NAME' (e.g. hf:google/flan-t5-small)"
+            )
+        if not (p / "config.json").is_file():
+            raise ValueError(f"model.init_from={init!r} is not a checkpoint folder (no config.json there)")

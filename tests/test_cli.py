@@ -1,0 +1,151 @@
+"""The ``flasht5`` command (issue 14): a user's mistake is one line naming the key or file and what would be
+valid (exit code 2), never a traceback; a run prints no spurious warnings or progress bars."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import pytest
+from hf_utils import save_hf, tiny_hf
+
+from flasht5.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = str(ROOT / "configs" / "pretrain" / "demo.yaml")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    with gzip.open(ROOT / "data" / "corpus" / "kjv_train.txt.gz", "rt", encoding="utf-8") as f:
+        docs = [next(f) for _ in range(60)]
+    path = tmp_path_factory.mktemp("corpus") / "kjv.txt"
+    path.write_text("".join(docs))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory, corpus: Path) -> Path:
+    from flasht5.data.tokenizer import train_tokenizer
+
+    return train_tokenizer([corpus], tmp_path_factory.mktemp("tok") / "tok", vocab_size=300, character_coverage=1.0)
+
+
+@pytest.fixture(scope="module")
+def flasht5_folder(tmp_path_factory, tokenizer: Path) -> Path:
+    """A flasht5 checkpoint folder with the run's tokenizer, as `flasht5 train` leaves in final/."""
+    from flasht5 import FlashT5Config, FlashT5ForConditionalGeneration
+
+    cfg = FlashT5Config.from_preset("demo", vocab_size=512, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=2)
+    out = tmp_path_factory.mktemp("final") / "final"
+    FlashT5ForConditionalGeneration(cfg).save_pretrained(out)
+    from flasht5.data.tokenizer import load_tokenizer
+
+    load_tokenizer(tokenizer).save_pretrained(out)
+    return out
+
+
+def _run(capfd, *argv: str) -> tuple[int, str]:
+    capfd.readouterr()
+    code = main(list(argv))
+    out, err = capfd.readouterr()
+    return code, out + err
+
+
+def _clear_error(code: int, text: str, *expect: str) -> None:
+    assert code == 2, text
+    assert "Traceback" not in text, text
+    for e in expect:
+        assert e in text, text
+
+
+def test_train_mistakes_are_one_line(tmp_path: Path, capfd) -> None:
+    """D18: malformed YAML, a missing config file or a folder, a bad device: tracebacks before."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: {steps: 3\n")
+    cases = [
+        ([str(bad)], ["flasht5 train: error: config file", "is not valid YAML (line 2, column 1)"]),
+        (["nope.yaml"], ["config file 'nope.yaml' does not exist"]),
+        ([str(tmp_path)], ["is a folder; give a YAML file"]),
+        ([DEMO, "--model.overrides={d_model: 64"], ["override '--model.overrides={d_model: 64' is not valid YAML"]),
+        ([DEMO, "--train.device=gpu"], ["train.device must be auto, cpu, cuda or cuda:N, got 'gpu'"]),
+        ([DEMO, "--train.threads=-2"], ["train.threads must be >= 0"]),
+        ([DEMO, "--model.init_from=runs/a/fnal"], ["model.init_from='runs/a/fnal' is not a local folder"]),
+    ]
+    for argv, expect in cases:
+        code, text = _run(capfd, "train", *argv)
+        _clear_error(code, text, *expect)
+
+
+def test_generate_mistakes_are_one_line(tmp_path: Path, capfd, flasht5_folder: Path, tokenizer: Path) -> None:
+    """D18 (--num-beams 0 was a ZeroDivisionError, --device gpu a torch RuntimeError), D8 (a folder without
+    tokenizer files generated from an empty tokenizer, or named sentencepiece as the cause)."""
+    weights_only = save_hf(tiny_hf("t5-v1.1"), tmp_path / "hf_t5")
+    cases = [
+        ([str(flasht5_folder), "hi", "--num-beams", "0"], ["--num-beams must be >= 1 (1: greedy), got 0"]),
+        ([str(flasht5_folder), "hi", "--max-new-tokens", "0"], ["--max-new-tokens must be >= 1"]),
+        ([str(flasht5_folder), "hi", "--top-p", "0"], ["--top-p must be in (0, 1]"]),
+        ([str(flasht5_folder), "hi", "--device", "gpu"], ["--device must be cpu, cuda or cuda:N, got 'gpu'"]),
+        ([str(weights_only), "translate English to German: hi"], ["holds no tokenizer files", "pass --tokenizer"]),
+        ([str(flasht5_folder), "hi", "--tokenizer", str(tmp_path)], ["--tokenizer:", "holds no tokenizer files"]),
+        ([str(tmp_path / "missing"), "hi"], ["is not a checkpoint folder"]),
+    ]
+    for argv, expect in cases:
+        code, text = _run(capfd, "generate", *argv)
+        _clear_error(code, text, *expect)
+        assert "sentencepiece or tiktoken" not in text
+
+
+def test_generate_and_convert_print_no_noise(tmp_path: Path, capfd, flasht5_folder: Path) -> None:
+    """D20: every generate printed "You are using a model of type flasht5 to instantiate a model of type ``" and
+    transformers' "Loading weights" bar; every save a "Writing model shards" bar."""
+    code, text = _run(capfd, "generate", str(flasht5_folder), "hello world", "--max-new-tokens", "3", "--json")
+    assert code == 0, text
+    assert [json.loads(line)["input"] for line in text.splitlines()] == ["hello world"]  # the output and nothing else
+    code, text = _run(capfd, "convert", str(flasht5_folder), str(tmp_path / "hf"))
+    assert code == 0 and text.strip() == f"wrote hf checkpoint to {tmp_path / 'hf'}", text
+
+
+def test_data_commands_refuse_a_file_as_output(tmp_path: Path, capfd, corpus: Path, tokenizer: Path) -> None:
+    """D18: `--out` an existing file was a FileExistsError traceback (tokenizer train: after the training)."""
+    (tmp_path / "f").write_text("")
+    code, text = _run(capfd, "pretokenize", str(corpus), "--tokenizer", str(tokenizer), "--out", str(tmp_path / "f"))
+    _clear_error(code, text, "is a file, not a folder")
+    code, text = _run(capfd, "tokenizer", "train", str(corpus), "--out", str(tmp_path / "f"), "--vocab-size", "100")
+    _clear_error(code, text, "is a file, not a folder")
+    code, text = _run(capfd, "pretokenize", str(corpus), "--tokenizer", str(corpus), "--out", str(tmp_path / "s"))
+    _clear_error(code, text, "must be a folder or a SentencePiece .model file")
+
+
+def test_train_refuses_a_store_another_run_is_writing(tmp_path: Path, capfd, corpus: Path, tokenizer: Path) -> None:
+    """D1: two runs pretokenizing into one store truncated it (a 498 of 1130 document store reported as 1130)."""
+    from flasht5.data.store import store_lock
+
+    store = tmp_path / "store"
+    args = [DEMO, f"--data.corpus=[{corpus}]", "--data.heldout=[]", f"--data.tokenizer={tokenizer}",
+            f"--data.store={store}", f"--train.out_dir={tmp_path / 'run'}", "--train.progress=false"]  # fmt: skip
+    with store_lock(store):
+        code, text = _run(capfd, "train", *args)
+    _clear_error(code, text, f"{store} is being written by another process (pid ")
+
+
+def test_train_prints_no_shard_bars(tmp_path: Path, capfd, corpus: Path, tokenizer: Path) -> None:
+    """D20: "Writing model shards" appeared at every checkpoint even with train.progress=false."""
+    code, text = _run(
+        capfd, "train", DEMO, f"--data.corpus=[{corpus}]", "--data.heldout=[]", f"--data.tokenizer={tokenizer}",
+        f"--train.out_dir={tmp_path / 'run'}", "--train.progress=false", "--train.steps=2", "--train.save_every=1",
+        "--train.samples=0", "--data.max_tokens=256", "--data.max_input_len=64", "--data.max_target_len=16",
+        "--model.overrides={d_model: 32, d_kv: 8, d_ff: 64, num_layers: 1, num_heads: 2}",
+    )  # fmt: skip
+    assert code == 0, text
+    assert "Writing model shards" not in text and "Loading weights" not in text and "warning" not in text.lower()
+
+
+def test_tokenizer_without_sentinels_is_refused_before_training(tmp_path: Path, capfd, corpus: Path) -> None:
+    """D18 (D26 in the report): a --num-sentinels 0 tokenizer failed only once train had built its data."""
+    code, text = _run(capfd, "tokenizer", "train", str(corpus), "--out", str(tmp_path / "tok"), "--vocab-size", "200",
+                      "--num-sentinels", "0")  # fmt: skip
+    assert code == 0 and "note: no <extra_id_N> sentinels" in text, text
+    code, text = _run(capfd, "train", DEMO, f"--data.corpus=[{corpus}]", f"--data.tokenizer={tmp_path / 'tok'}")
+    _clear_error(code, text, "has no <extra_id_N> sentinels (trained with --num-sentinels 0)")
