@@ -15,7 +15,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -165,10 +164,11 @@ _HOLD = textwrap.dedent(
     import os, sys, time
     from flasht5.train.checkpoint import RunLock
     lock = RunLock(sys.argv[1]).__enter__()
-    if sys.argv[2] == "fork" and os.fork() == 0:  # a child inherits the locked file, as DataLoader workers do
-        time.sleep(1.5)
+    child = os.fork() if sys.argv[2] == "fork" else -1  # a forked child, as a DataLoader worker is
+    if child == 0:
+        time.sleep(60)
         os._exit(0)
-    print("locked", flush=True)
+    print(child, flush=True)
     time.sleep(60)
     """
 )
@@ -179,15 +179,20 @@ def test_a_killed_runs_lock_does_not_block(tmp_path, mode):
     out = tmp_path / "run"
     env = dict(os.environ, PYTHONPATH=str(Path(ckpt.__file__).parents[2]))
     holder = subprocess.Popen([sys.executable, "-c", _HOLD, str(out), mode], stdout=subprocess.PIPE, env=env)
-    assert holder.stdout.readline().strip() == b"locked"
-    with pytest.raises(ckpt.RunDirError, match=rf"pid {holder.pid}\b"):
-        ckpt.RunLock(out).__enter__()
-    holder.send_signal(signal.SIGKILL)
-    holder.wait()
-    t0 = time.monotonic()
-    with ckpt.RunLock(out):  # plain: free at once; fork: once the orphaned child exits
-        assert (out / ".lock").read_text().split()[0] == str(os.getpid())
-    assert time.monotonic() - t0 < 10
+    child = int(holder.stdout.readline())
+    try:
+        with pytest.raises(ckpt.RunDirError, match=rf"pid {holder.pid}\b"):
+            ckpt.RunLock(out).__enter__()
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+        with ckpt.RunLock(out):  # at once, although the killed run's forked child still runs
+            assert (out / ".lock").read_text().split()[0] == str(os.getpid())
+            if child > 0:
+                os.kill(child, 0)  # (still alive)
+    finally:
+        holder.kill()
+        if child > 0:
+            os.kill(child, signal.SIGKILL)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -206,6 +211,19 @@ def test_interrupted_saves_and_stray_folders_do_not_block_a_run(shared, finished
     names = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert names == ["step-0000011", "step-0000012", "step-12x", "step-best"]  # stale ones removed, strays kept
     assert not (out / "final.tmp").exists()
+
+
+def test_a_save_killed_while_replacing_a_folder_gets_the_complete_one_back(tmp_path):
+    ckdir = tmp_path / "checkpoints"
+    for name in ("final.old", "checkpoints/step-0000005.old", "checkpoints/step-0000005", "checkpoints/step-6.tmp"):
+        (tmp_path / name).mkdir(parents=True)
+        (tmp_path / name / "model.safetensors").write_text(name)
+    ckpt.remove_interrupted_saves(tmp_path)
+    # killed between "final -> final.old" and "final.tmp -> final": the old, complete final/ is put back
+    assert (tmp_path / "final" / "model.safetensors").read_text() == "final.old"
+    # killed after the new step-5 took its name: the old copy goes
+    assert sorted(p.name for p in ckdir.iterdir()) == ["step-0000005"]
+    assert (ckdir / "step-0000005" / "model.safetensors").read_text() == "checkpoints/step-0000005"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -376,6 +394,13 @@ def test_a_used_out_dir_is_refused_without_resume(shared, finished, tmp_path):
         _run(shared, out, 6, "--optim.lr=0.005")
     assert all(p.read_bytes() == b for p, b in before.items())
     assert len(ckpt.list_checkpoints(out)) == 3
+
+
+def test_resume_into_a_folder_with_a_final_model_but_no_checkpoint_is_refused(shared, finished, tmp_path):
+    out = _copy(finished, tmp_path / "run")
+    shutil.rmtree(out / "checkpoints")
+    with pytest.raises(ckpt.RunDirError, match=r"holds a finished model .* but no checkpoint to resume from"):
+        _run(shared, out, 10, "--train.resume=true")
 
 
 def test_a_fresh_run_replaces_the_metrics_of_a_run_that_left_no_checkpoint(shared, finished, tmp_path):

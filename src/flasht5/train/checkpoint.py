@@ -30,13 +30,13 @@ What holds, and why:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import re
 import shutil
 import socket
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -46,6 +46,7 @@ import torch
 FORMAT = 2  # trainer.pt layout; 1 = before the RNG state and the log window were saved
 _STEP = re.compile(r"step-(\d+)")
 _STALE = re.compile(r"(step-\d+|final)\.(tmp|del)")
+_REPLACED = re.compile(r"(step-\d+|final)\.old")
 
 
 class RunDirError(ValueError):
@@ -69,29 +70,31 @@ def _holder(path: Path) -> tuple[int | None, str]:
         return None, ""
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+_HELD: set[int] = set()  # lock fds held by this process
+
+
+def _close_held_in_child() -> None:
+    # A forked child (a DataLoader worker) shares the locked open file: were it to keep it, a killed run's lock
+    # would outlive the run by as long as its workers take to notice. Closing the child's copy (not LOCK_UN, which
+    # would release the parent's lock) leaves the lock to the parent alone.
+    for fd in list(_HELD):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_held_in_child)
 
 
 class RunLock:
-    """Exclusive use of a run folder for one process: ``with RunLock(out_dir): ...``.
+    """Exclusive use of a run folder by one process: ``with RunLock(out_dir): ...``; a second run on the folder
+    raises :class:`RunDirError` at once, naming the folder and the holder's pid. The kernel releases the lock when
+    the holder exits however it exits; forked children do not hold it (see ``_close_held_in_child``)."""
 
-    A second run on the folder raises :class:`RunDirError` at once, naming the folder and the holder's pid. One
-    exception: when the pid written in the lock is dead, the lock can still be held for a few seconds by DataLoader
-    workers the killed run forked (they inherited the open file and exit when they notice their parent is gone);
-    then it waits for them, up to ``orphan_wait_s``.
-    """
-
-    def __init__(self, out_dir: str | Path, orphan_wait_s: float = 20.0):
+    def __init__(self, out_dir: str | Path):
         self.out = Path(out_dir)
         self.path = self.out / ".lock"
-        self.orphan_wait_s = orphan_wait_s
         self._fd: int | None = None
 
     def __enter__(self) -> RunLock:
@@ -104,34 +107,26 @@ class RunLock:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
             raise RunDirError(f"cannot write to train.out_dir {self.out}: {e.strerror or e}") from e
-        deadline = time.monotonic() + self.orphan_wait_s
-        said = False
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                pid, host = _holder(self.path)
-                local = host in ("", socket.gethostname())
-                if pid is not None and local and not _alive(pid) and time.monotonic() < deadline:
-                    if not said:
-                        log(f"{self.out} is locked by pid {pid}, which has exited: waiting for its workers to exit")
-                        said = True
-                    time.sleep(0.25)
-                    continue
-                os.close(fd)
-                who = f"pid {pid}" + (f" on {host}" if host and not local else "") if pid is not None else "pid unknown"
-                raise RunDirError(
-                    f"train.out_dir {self.out} is in use by another flasht5 run ({who}, lock file {self.path}): "
-                    "wait for it to finish, or choose another train.out_dir"
-                ) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            pid, host = _holder(self.path)
+            where = f" on {host}" if host and host != socket.gethostname() else ""
+            who = "pid unknown" if pid is None else f"pid {pid}{where}"
+            raise RunDirError(
+                f"train.out_dir {self.out} is in use by another flasht5 run ({who}, lock file {self.path}): "
+                "wait for it to finish, or choose another train.out_dir"
+            ) from None
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
         self._fd = fd
+        _HELD.add(fd)
         return self
 
     def __exit__(self, *exc: Any) -> None:
         if self._fd is not None:
+            _HELD.discard(self._fd)
             os.close(self._fd)  # releases the flock; the file stays (see the module docstring)
             self._fd = None
 
@@ -158,26 +153,47 @@ def _remove(path: Path) -> None:
 
 
 def remove_interrupted_saves(out: Path) -> list[str]:
-    """Delete what interrupted saves and prunes left (``step-N.tmp``, ``step-N.del``, ``final.tmp``); their names.
+    """Clean up after interrupted saves and prunes: ``step-N.tmp`` / ``final.tmp`` (a save in progress) and
+    ``step-N.del`` (a prune in progress) are deleted; ``X.old`` (the complete folder a save was replacing) is put
+    back when the kill came before its replacement took its name, else deleted. Returns what it touched.
 
     Only call this while holding the folder's :class:`RunLock`: a running save's ``.tmp`` is not stale."""
     out = Path(out)
-    stale = [p for d in (out / "checkpoints", out) if d.is_dir() for p in d.iterdir() if _STALE.fullmatch(p.name)]
-    for p in stale:
-        _remove(p)
-    if stale:
-        log(f"removed what an interrupted save left: {', '.join(str(p) for p in stale)}")
-    return [p.name for p in stale]
+    found = [p for d in (out / "checkpoints", out) if d.is_dir() for p in sorted(d.iterdir())]
+    touched = []
+    for p in found:
+        if _STALE.fullmatch(p.name):
+            _remove(p)
+            touched.append(f"removed {p}")
+        elif _REPLACED.fullmatch(p.name):
+            target = p.with_name(p.name.removesuffix(".old"))
+            if target.exists():
+                _remove(p)
+                touched.append(f"removed {p}")
+            else:
+                p.rename(target)
+                touched.append(f"restored {target}")
+    if touched:
+        log(f"cleaned up after an interrupted save: {'; '.join(touched)}")
+    return touched
 
 
-def refuse_used_out_dir(out: Path) -> None:
-    """Without ``train.resume`` a folder that holds an earlier run's checkpoints or final model is refused: writing
-    into it would mix two runs (the old run's higher steps would win every prune and every later resume)."""
+def refuse_used_out_dir(out: Path, resume: bool) -> None:
+    """Refuse a folder that holds an earlier run which this one would not continue: without ``train.resume`` one
+    with checkpoints or a final model (writing into it would mix two runs: the old run's higher steps would win
+    every prune and every later resume); with ``resume``, a final model but no checkpoint to resume from."""
     out = Path(out)
     ckpts = list_checkpoints(out)
     final = out / "final"
+    if resume and (ckpts or not final.exists()):
+        return
     if not ckpts and not final.exists():
         return
+    if resume:
+        raise RunDirError(
+            f"train.out_dir {out} holds a finished model ({final}) but no checkpoint to resume from: choose another "
+            f"train.out_dir, or delete {final} to train a new model there"
+        )
     what = [f"checkpoints {'... ' if len(ckpts) > 3 else ''}{', '.join(p.name for p in ckpts[-3:])}"] if ckpts else []
     what += ["final/"] if final.exists() else []
     raise RunDirError(
@@ -248,12 +264,24 @@ def _free(folder: Path) -> int:
         return -1
 
 
-def no_space_error(path: Path, need: int | None = None, free: int | None = None) -> RunDirError:
+def no_space_error(path: Path, need: int | None = None, free: int | None = None, *, whole: bool = True) -> RunDirError:
+    """ "No space left" naming ``path``; ``whole``: ``path`` is a folder written atomically (nothing of it was kept)."""
     sizes = f" ({need / 2**20:.1f} MiB needed, {free / 2**20:.1f} MiB free)" if need is not None and free else ""
+    kept = "; nothing half-written was kept" if whole else ""
     return RunDirError(
-        f"no space left on device to write {path}{sizes}; nothing half-written was kept: free some space, then "
-        "resume with --train.resume=true (the last complete checkpoint is intact)"
+        f"no space left on device to write {path}{sizes}{kept}: free some space, then run again with "
+        "--train.resume=true to continue from the last complete checkpoint"
     )
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    """``path`` holds ``text`` or what it held before, never a truncated mix."""
+    tmp = Path(path).with_name(Path(path).name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
 
 
 def write_dir_atomically(path: Path, write: Callable[[Path], None], need: int = 0) -> Path:
@@ -277,9 +305,9 @@ def write_dir_atomically(path: Path, write: Callable[[Path], None], need: int = 
             raise no_space_error(path) from e
         raise
     if path.exists() or path.is_symlink():
-        old = path.with_name(path.name + ".del")
+        old = path.with_name(path.name + ".old")  # complete: put back at the next start if the kill comes now
         _remove(old)
-        path.rename(old)  # then gone in one step, never half-deleted under its real name
+        path.rename(old)
         tmp.rename(path)
         _remove(old)
     else:

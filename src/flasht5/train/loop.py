@@ -223,7 +223,10 @@ def resume_from_checkpoint(cfg: Config, out: Path, model, optimizer) -> ckpt.Che
     saved = found.trainer.get("config")
     if saved is None and (out / "config.json").is_file():  # a checkpoint written before configs were saved in it
         saved = (out / "config.json").read_text()
-    diff = ckpt.config_diff(json.loads(saved), _config_record(cfg)) if saved else []
+    try:
+        diff = ckpt.config_diff(json.loads(saved), _config_record(cfg)) if saved else []
+    except ValueError:
+        diff = []
     if diff:
         log(f"warning: resuming {found.path} with a config that differs from its own: {'; '.join(diff)}")
     if found.step > cfg.train.steps:
@@ -283,7 +286,7 @@ def train(cfg: Config) -> dict[str, Any]:
             return _train(cfg, out)
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise ckpt.no_space_error(Path(e.filename) if e.filename else out) from e
+                raise ckpt.no_space_error(Path(e.filename) if e.filename else out, whole=False) from e
             raise
 
 
@@ -292,8 +295,7 @@ def _train(cfg: Config, out: Path) -> dict[str, Any]:
 
     t = cfg.train
     ckpt.remove_interrupted_saves(out)
-    if not t.resume:
-        ckpt.refuse_used_out_dir(out)  # before any expensive set-up
+    ckpt.refuse_used_out_dir(out, t.resume)  # before any expensive set-up
     torch.manual_seed(t.seed)
     if t.threads:
         torch.set_num_threads(t.threads)
@@ -348,7 +350,7 @@ def _train(cfg: Config, out: Path) -> dict[str, Any]:
 
     # Set-up succeeded: only now is the run's record rewritten and the curve cut back to the checkpoint.
     config_json = json.dumps(_config_record(cfg), indent=2)
-    (out / "config.json").write_text(config_json)
+    ckpt.write_text_atomically(out / "config.json", config_json)
     metrics_path = out / "metrics.jsonl"
     prior = ckpt.cut_metrics(metrics_path, start_step if resumed else None)
     metrics = metrics_path.open("a")
@@ -446,5 +448,5 @@ def _train(cfg: Config, out: Path) -> dict[str, Any]:
         "loss_plot": str(out / "loss.png"),
         "samples": samples,
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    ckpt.write_text_atomically(out / "summary.json", json.dumps(summary, indent=2))
     return summary
