@@ -483,7 +483,7 @@ def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: tree}
 
 
-IGNORED_IN_DIFF = ("train.resume",)
+IGNORED_IN_DIFF = ("train.resume", "train.out_dir")  # resuming a run that was moved is no change
 
 
 def config_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
