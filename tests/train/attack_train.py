@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -52,7 +53,10 @@ def start(out: Path, *extra: str, store: bool = True) -> subprocess.Popen:
         log.write(f"\n=== {time.strftime('%X')} {' '.join(extra)}\n")
         log.flush()
         cmd = command(out, *extra, store=store)
-        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=ENV, cwd=ROOT)
+        # A shell without job control starts background jobs with SIGINT ignored, and children inherit that:
+        # restore the default so that Ctrl-C (SIGINT) reaches the run as KeyboardInterrupt.
+        dfl = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=ENV, cwd=ROOT, preexec_fn=dfl)
 
 
 def run(out: Path, *extra: str, resume: bool = True) -> tuple[int, str]:
@@ -114,6 +118,16 @@ def _tmp_exists(out: Path) -> bool:
         return False
 
 
+def crashes(log: str) -> int:
+    """Attempts whose traceback ends in anything but KeyboardInterrupt (Ctrl-C prints one, chained or not)."""
+    n = 0
+    for attempt in log.split("\n=== "):
+        if "Traceback" in attempt:
+            last = [ln for ln in attempt.splitlines() if re.match(r"^[A-Za-z_.]+(Error|Exception|Interrupt)\b", ln)]
+            n += not (last and last[-1].startswith("KeyboardInterrupt"))
+    return n
+
+
 def kill_series(out: Path, n_kills: int, how: str, extra: tuple[str, ...], ref: Path) -> dict:
     """Restart (always with resume) until the run finishes, interrupting each attempt until n_kills: ``train``: kill
     -9 at a random moment of training; ``save``: let 0-5 saves pass, kill -9 0-20 ms into the next one; ``sigint``."""
@@ -153,7 +167,7 @@ def kill_series(out: Path, n_kills: int, how: str, extra: tuple[str, ...], ref: 
             if len(unexpected) > 2:
                 break
     log = Path(f"{out}.log").read_text()
-    tracebacks = log.count("Traceback") - (log.count("KeyboardInterrupt") if how == "sigint" else 0)
+    tracebacks = crashes(log)
     return {"case": out.name, "how": how, "kills": kills, "attempts": attempts, "unexpected_exits": unexpected,
             "tmp_left_by_kills": left, "cleanups_logged": log.count("cleaned up after an interrupted save"),
             "other_tracebacks": tracebacks, **compare(out, ref)}  # fmt: skip
@@ -163,7 +177,7 @@ def kills(how: str, n: int, workers: bool = False) -> list[dict]:
     """Series of runs until n interruptions in all (a run that finishes ends its series)."""
     extra, ref = (("--data.num_workers=2",), WORK / "ref-workers") if workers else ((), WORK / "ref")
     done, i, cases = 0, 0, []
-    while done < n:
+    while done < n and i < 3 * n:  # (bounded: a signal that never lands ends the attack)
         out = fresh(WORK / f"kill-{how}{'-w' if workers else ''}-{i}")
         cases.append(emit(kill_series(out, n - done, how, extra, ref)))
         done += cases[-1]["kills"]
@@ -171,23 +185,36 @@ def kills(how: str, n: int, workers: bool = False) -> list[dict]:
     return cases
 
 
-def race(delays=(0, 0.05, 0.2, 1, 3, 6)) -> list[dict]:
-    """Two runs on one fresh out_dir (each would pretokenize into <out_dir>/store), the second `delay` s later."""
+def race(delays: tuple = ("training", "saving", 0, 0.05, 0.2, 1, 3)) -> list[dict]:
+    """Two runs on one fresh out_dir (each would pretokenize into <out_dir>/store), the second started `delay` s
+    later, or once the first is training, or while it saves a checkpoint."""
     from flasht5.data.store import TokenStore
 
     cases = []
     for d in delays:
         out = fresh(WORK / f"race-{d}")
-        a = start(out, store=False)
-        time.sleep(d)
-        b = start(out, store=False)
+        # started mid-run: 300 steps, so that the first is still running when the second is through its imports
+        extra = ("--train.steps=300",) if isinstance(d, str) else ()
+        a = start(out, *extra, store=False)
+        if isinstance(d, str):
+            while a.poll() is None and "held-out loss at step 0" not in Path(f"{out}.log").read_text():
+                time.sleep(0.01)
+            while d == "saving" and a.poll() is None and not _tmp_exists(out):
+                pass
+        else:
+            time.sleep(d)
+        b = start(out, *extra, store=False)
         rb, ra = b.wait(), a.wait()
-        refused = [ln for ln in Path(f"{out}.log").read_text().splitlines() if "in use by another flasht5 run" in ln]
+        log = Path(f"{out}.log").read_text()
+        refused = [ln for ln in log.splitlines() if "in use by another flasht5 run" in ln]
         winner = a if ra == 0 else b
-        case = {"case": f"race {d}s", "rc": [ra, rb], "refusal": refused[0][:200] if refused else None,
+        # a mid-run race has no uninterrupted 300-step reference: its own curve is checked for duplicates only
+        cmp = compare(out, WORK / "ref") if not extra else {"duplicate_rows": compare(out, out)["duplicate_rows"]}
+        case = {"case": f"race {d}{'' if isinstance(d, str) else ' s'}", "rc": [ra, rb],
+                "b_ran_after_a_finished": "nothing to train" in log, "refusal": refused[0][:200] if refused else None,
                 "names_winner_pid": bool(refused) and f"pid {winner.pid}" in refused[0],
                 "store_docs": len(TokenStore(out / "store")), "ref_store_docs": len(TokenStore(WORK / "store")),
-                **compare(out, WORK / "ref")}  # fmt: skip
+                **cmp}  # fmt: skip
         cases.append(emit(case))
     return cases
 

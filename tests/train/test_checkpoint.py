@@ -445,3 +445,37 @@ def test_config_diff_and_cut_metrics_units(tmp_path):
     assert ckpt.cut_metrics(m, 2) == [{"step": 0, "eval_loss": 5}, {"step": 2, "loss": 4}]
     assert m.read_text() == '{"step": 0, "eval_loss": 5}\n{"step": 2, "loss": 4}\n'
     assert ckpt.cut_metrics(m, None) == [] and m.read_text() == ""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GPU: resume with the CUDA-graph step (run on the H200 through the device tool)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+def test_resume_on_cuda_keeps_the_optimizer_state_on_the_device_and_the_curve(shared, tmp_path, monkeypatch):
+    import flasht5.train.loop as loop
+
+    cuda = ("--train.device=cuda",)
+    _run(shared, tmp_path / "a", 10, *cuda)
+    _run(shared, tmp_path / "b", 10, *cuda)
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:
+        _stop_after(m, 7)
+        with pytest.raises(Stop):
+            _run(shared, out, 10, *cuda)
+    devices = []
+    real = ckpt.load_optimizer_state
+
+    def recording(optimizer, state, lr):
+        real(optimizer, state, lr)
+        devices.extend((k, v.device.type, v.dtype) for s in optimizer.state.values() for k, v in s.items())
+
+    monkeypatch.setattr(loop.ckpt, "load_optimizer_state", recording)
+    _run(shared, out, 10, "--train.resume=true", *cuda)
+    # torch's load_state_dict would leave `step` on the CPU: inside the CUDA graph it would never advance
+    assert devices and all(d == "cuda" and t == torch.float32 for _, d, t in devices), devices
+    assert any(r.get("graphed") for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()))
+    if _rows(tmp_path / "a") != _rows(tmp_path / "b"):
+        pytest.skip("two uninterrupted CUDA runs differ (non-deterministic kernels): exactness cannot be checked")
+    assert _rows(out) == _rows(tmp_path / "a")

@@ -199,8 +199,10 @@ def plot_losses(metrics_path: Path, png: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(png, dpi=120)
+    tmp = png.with_name(png.name + ".tmp")
+    fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
+    tmp.replace(png)  # an interrupted plot leaves the previous one
 
 
 # ----------------------------------------------------------------------------------------------------------------
