@@ -11,9 +11,10 @@ pinned memory; the loop itself reads the device only to log.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
-import shutil
+import os
 import time
 from collections import deque
 from dataclasses import asdict
@@ -26,6 +27,7 @@ import torch
 from flasht5.config import FlashT5Config
 from flasht5.data.packing import ResumableLoader
 from flasht5.modeling import FlashT5ForConditionalGeneration
+from flasht5.train import checkpoint as ckpt
 from flasht5.train.config import Config
 from flasht5.train.optim import AdamWScale, lr_at
 from flasht5.train.step import TrainStep
@@ -178,23 +180,6 @@ def span_filling_samples(model, tokenizer, store, n: int, device: torch.device, 
     return out
 
 
-def _checkpoints(out: Path) -> list[Path]:
-    return sorted((out / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
-
-
-def save_checkpoint(out: Path, step: int, model, optimizer, data_state: dict | None, keep: int) -> Path:
-    path = out / "checkpoints" / f"step-{step:07d}"
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "data": data_state}, tmp / "trainer.pt")
-    shutil.rmtree(path, ignore_errors=True)
-    tmp.rename(path)  # atomic: an interrupted save never looks like a checkpoint
-    for old in _checkpoints(out)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
-    return path
-
-
 def plot_losses(metrics_path: Path, png: Path) -> None:
     import matplotlib
 
@@ -214,8 +199,10 @@ def plot_losses(metrics_path: Path, png: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(png, dpi=120)
+    tmp = png.with_name(png.name + ".tmp")
+    fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
+    tmp.replace(png)  # an interrupted plot leaves the previous one
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -223,14 +210,94 @@ def plot_losses(metrics_path: Path, png: Path) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def _config_record(cfg: Config) -> dict[str, Any]:
+    """The config as ``config.json`` stores it (tuples as lists, paths as strings)."""
+    return json.loads(json.dumps(asdict(cfg), default=str))
+
+
+def resume_from_checkpoint(cfg: Config, out: Path, model, optimizer) -> ckpt.Checkpoint | None:
+    """Load the newest intact checkpoint of ``out`` into ``model`` and ``optimizer`` (None: there is none). Config
+    differences against the checkpoint's are reported; a checkpoint past ``train.steps`` or one that does not fit
+    the model is refused."""
+    found = ckpt.load_latest(out)
+    if found is None:
+        return None
+    saved = found.trainer.get("config")
+    if saved is None and (out / "config.json").is_file():  # a checkpoint written before configs were saved in it
+        saved = (out / "config.json").read_text()
+    try:
+        diff = ckpt.config_diff(json.loads(saved), _config_record(cfg)) if saved else []
+    except ValueError:
+        diff = []
+    if diff:
+        log(f"warning: resuming {found.path} with a config that differs from its own: {'; '.join(diff)}")
+    if found.step > cfg.train.steps:
+        raise ckpt.RunDirError(
+            f"the newest checkpoint {found.path} is at step {found.step}, past train.steps={cfg.train.steps}: "
+            "raise train.steps to train on, or choose another train.out_dir"
+        )
+    try:
+        model.load_state_dict(found.weights)
+    except RuntimeError as e:
+        raise ckpt.RunDirError(
+            f"checkpoint {found.path} does not fit the configured model ({str(e).strip().splitlines()[-1].strip()})"
+            + (f"; the config differs from the checkpoint's: {'; '.join(diff)}" if diff else "")
+        ) from e
+    ckpt.load_optimizer_state(optimizer, found.trainer["optimizer"], cfg.optim.lr)
+    log(f"resumed from {found.path} at step {found.step}")
+    return found
+
+
+def restore_run_state(state: dict[str, Any], device: torch.device, losses: deque, z_terms: deque) -> None:
+    """What the uninterrupted run would have in memory at the checkpoint's step: the RNG (dropout draws from it) and
+    the losses of the current log window."""
+    if state.get("rng") is not None:
+        ckpt.set_rng_state(state["rng"], device)
+    else:
+        log("warning: this checkpoint has no RNG state (saved by an older flasht5): with dropout, the resumed steps "
+            "differ from an uninterrupted run")  # fmt: skip
+    window = state.get("log_window") or {}
+    for dq, key in ((losses, "loss"), (z_terms, "z_loss")):
+        if window.get(key) is not None:
+            dq.extend(window[key].to(device).unbind())
+
+
+def trainer_state(
+    step: int, optimizer, loader: ResumableLoader, device: torch.device, losses: deque, z_terms: deque, config: str
+) -> dict[str, Any]:
+    """``trainer.pt``: everything besides the weights that the next steps depend on; tensors, numbers, strings,
+    lists and dicts only, so that it loads with ``torch.load(weights_only=True)``."""
+    stack = lambda dq: torch.stack(list(dq)).cpu() if dq else None
+    return {
+        "format": ckpt.FORMAT,
+        "step": step,
+        "optimizer": optimizer.state_dict(),
+        "data": loader.state_dict(),
+        "rng": ckpt.rng_state(device),
+        "log_window": {"loss": stack(losses), "z_loss": stack(z_terms)},
+        "config": config,
+    }
+
+
 def train(cfg: Config) -> dict[str, Any]:
-    """Train as configured; returns a summary (losses, paths, samples)."""
+    """Train as configured; returns a summary (losses, paths, samples). Holds ``train.out_dir``'s lock throughout:
+    a second run on the same folder is refused at once."""
+    out = Path(cfg.train.out_dir)
+    with ckpt.RunLock(out):
+        try:
+            return _train(cfg, out)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise ckpt.no_space_error(Path(e.filename) if e.filename else out, whole=False) from e
+            raise
+
+
+def _train(cfg: Config, out: Path) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     t = cfg.train
-    out = Path(t.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2, default=str))
+    ckpt.remove_interrupted_saves(out)
+    ckpt.refuse_used_out_dir(out, t.resume)  # before any expensive set-up
     torch.manual_seed(t.seed)
     if t.threads:
         torch.set_num_threads(t.threads)
@@ -257,19 +324,8 @@ def train(cfg: Config) -> dict[str, Any]:
         weight_decay=cfg.optim.weight_decay,
     )  # fmt: skip
     dataset = make_dataset(store, tokenizer, cfg, seed=t.seed, static=graphs)
-
-    start_step, data_state = 0, None
-    ckpts = _checkpoints(out) if t.resume else []
-    if ckpts:
-        from flasht5.convert import load_state_dict
-
-        state = torch.load(ckpts[-1] / "trainer.pt", map_location="cpu", weights_only=False)
-        # The package's loader: a large model's save_pretrained writes sharded safetensors with an index.
-        model.load_state_dict(load_state_dict(ckpts[-1]))
-        optimizer.load_state_dict(state["optimizer"])
-        data_state = state.get("data")
-        start_step = state["step"]
-        log(f"resumed from {ckpts[-1]} at step {start_step}")
+    resumed = resume_from_checkpoint(cfg, out, model, optimizer) if t.resume else None
+    start_step = resumed.step if resumed else 0
 
     # The held-out batches are fixed: moved to the device and counted once, not at every evaluation.
     eval_batches: list[tuple[Any, int]] = []
@@ -284,25 +340,42 @@ def train(cfg: Config) -> dict[str, Any]:
         grad_clip=cfg.optim.grad_clip, cuda_graph=graphs,
     )  # fmt: skip
     # The loader's state (every worker's position) is what a checkpoint stores, so a resumed run sees the exact
-    # stream an uninterrupted one would have seen. Workers build batches ahead, into pinned memory on CUDA.
+    # stream an uninterrupted one would have seen. Workers build batches ahead, into pinned memory on CUDA. The
+    # DataLoader gets its own generator: by default it draws its workers' seed from the global one, which a
+    # resumed run would then draw once more than the uninterrupted run (and its dropout masks would shift).
     workers = cfg.data.num_workers if cfg.data.num_workers is not None else (2 if device.type == "cuda" else 0)
-    extra = dict(prefetch_factor=4, persistent_workers=True) if workers else {}
+    extra = dict(prefetch_factor=4, persistent_workers=True, generator=torch.Generator().manual_seed(t.seed))
+    extra = extra if workers else {}
     loader = ResumableLoader(dataset, num_workers=workers, pin_memory=device.type == "cuda", **extra)
-    if data_state is not None:
-        loader.load_state_dict(data_state)
+    if resumed is not None and resumed.trainer.get("data") is not None:
+        loader.load_state_dict(resumed.trainer["data"])
+
+    # Set-up succeeded: only now is the run's record rewritten and the curve cut back to the checkpoint.
+    config_json = json.dumps(_config_record(cfg), indent=2)
+    ckpt.write_text_atomically(out / "config.json", config_json)
     metrics_path = out / "metrics.jsonl"
+    prior = ckpt.cut_metrics(metrics_path, start_step if resumed else None)
     metrics = metrics_path.open("a")
-    first_eval = evaluate(core, eval_batches, autocast) if eval_batches else math.nan
-    if eval_batches:
-        metrics.write(json.dumps({"step": start_step, "eval_loss": first_eval}) + "\n")
-        log(f"held-out loss at step {start_step}: {first_eval:.4f}")
+    prior_evals = [r["eval_loss"] for r in prior if "eval_loss" in r]
+    if resumed is None:
+        first_eval = evaluate(core, eval_batches, autocast) if eval_batches else math.nan
+        if eval_batches:
+            metrics.write(json.dumps({"step": 0, "eval_loss": first_eval}) + "\n")
+            log(f"held-out loss at step 0: {first_eval:.4f}")
+    else:  # the step-0 evaluation is in the kept rows; evaluating again would add a row the curve does not have
+        first_eval = next((r["eval_loss"] for r in prior if "eval_loss" in r and r["step"] == 0), math.nan)
+    last_eval = prior_evals[-1] if resumed and prior_evals else first_eval
 
     model.train()
     bar = tqdm(total=t.steps, initial=start_step, desc="train", disable=not t.progress, dynamic_ncols=True)
-    step, window_tokens, window_t0, last_eval = start_step, 0, time.perf_counter(), first_eval
+    step, window_tokens, window_t0 = start_step, 0, time.perf_counter()
     # The last log window only, on the device (a deque keeps long runs from holding every step's scalar).
     losses: deque[torch.Tensor] = deque(maxlen=t.log_every)
     z_terms: deque[torch.Tensor] = deque(maxlen=t.log_every)
+    if resumed is not None:
+        restore_run_state(resumed.trainer, device, losses, z_terms)  # the RNG last: nothing may draw after it
+        if start_step == t.steps:
+            log(f"the run already reached train.steps={t.steps}: nothing to train; writing {out / 'final'} again")
     data_iter = iter(loader)
     while step < t.steps:
         try:
@@ -348,7 +421,10 @@ def train(cfg: Config) -> dict[str, Any]:
             bar.write(f"step {step}: held-out loss {last_eval:.4f}")
             window_t0 = time.perf_counter()  # evaluation time is not training throughput
         if (t.save_every and step % t.save_every == 0) or step == t.steps:
-            save_checkpoint(out, step, model, optimizer, loader.state_dict(), t.keep_checkpoints)
+            metrics.flush()
+            os.fsync(metrics.fileno())  # the rows up to a checkpoint outlive a power loss with it
+            state = trainer_state(step, optimizer, loader, device, losses, z_terms, config_json)
+            ckpt.save_checkpoint(out, step, model, state, t.keep_checkpoints)
             window_t0 = time.perf_counter()
     bar.close()
     metrics.close()
@@ -356,8 +432,12 @@ def train(cfg: Config) -> dict[str, Any]:
         log(f"{step_fn.eager_batches} batches did not fit the CUDA graph's shapes and ran eagerly")
 
     final = out / "final"
-    model.save_pretrained(final)
-    tokenizer.save_pretrained(final)
+
+    def write_final(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    ckpt.write_dir_atomically(final, write_final, need=ckpt.nbytes(model.state_dict()))
     plot_losses(metrics_path, out / "loss.png")
     samples = span_filling_samples(model, tokenizer, heldout or store, t.samples, device, t.seed) if t.samples else []
     summary = {
@@ -370,5 +450,5 @@ def train(cfg: Config) -> dict[str, Any]:
         "loss_plot": str(out / "loss.png"),
         "samples": samples,
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    ckpt.write_text_atomically(out / "summary.json", json.dumps(summary, indent=2))
     return summary
