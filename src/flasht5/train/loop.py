@@ -279,11 +279,25 @@ def trainer_state(
     }
 
 
+@contextlib.contextmanager
+def _no_transformers_progress_bars():
+    """The run has its own progress bar: no "Writing model shards" bar at every checkpoint (restored after)."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
 def train(cfg: Config) -> dict[str, Any]:
     """Train as configured; returns a summary (losses, paths, samples). Holds ``train.out_dir``'s lock throughout:
     a second run on the same folder is refused at once."""
     out = Path(cfg.train.out_dir)
-    with ckpt.RunLock(out):
+    with ckpt.RunLock(out), _no_transformers_progress_bars():
         try:
             return _train(cfg, out)
         except OSError as e:
