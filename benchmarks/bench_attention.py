@@ -521,20 +521,6 @@ def bwd_variant_rows(head_dims=(64, 128), lengths=VARIANT_LENGTHS) -> tuple[list
 # ------------------------------------------------------------------------------------------------ host overhead
 
 
-def _wall_us(fn, n: int = 500) -> float:
-    for _ in range(20):
-        fn()
-    torch.cuda.synchronize()
-    best = float("inf")
-    for _ in range(3):
-        t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
-        torch.cuda.synchronize()
-        best = min(best, (time.perf_counter() - t0) / n * 1e6)
-    return best
-
-
 def host_rows() -> list[dict]:
     """Wall time per call with tiny inputs (the GPU is idle: host overhead), best of 3 x 500 calls."""
     import torch.nn.functional as F
@@ -568,7 +554,7 @@ def host_rows() -> list[dict]:
             A._FORCE.clear()
             if variant:
                 A._FORCE["bwd"] = variant
-            t = _wall_us(fn)
+            t = utils.host_us(fn)
             us[(method, mode, variant)] = t
             ref = us[("sdpa", mode, None)]
             rows.append(dict(method=method, mode=mode, bwd=variant or "", us_per_call=t, x_sdpa=t / ref))

@@ -100,21 +100,6 @@ def graph_us(calls: list, target_ms: float = 15.0, replays: int = 7) -> float:
     return times[len(times) // 2] * 1e3 / (rounds * len(calls))
 
 
-def eager_us(fn, n: int = 300) -> float:
-    """Wall microseconds per eager call (host overhead for tiny inputs), best of 3 repeats."""
-    for _ in range(20):
-        fn()
-    torch.cuda.synchronize()
-    best = float("inf")
-    for _ in range(3):
-        t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
-        torch.cuda.synchronize()
-        best = min(best, (time.perf_counter() - t0) * 1e6 / n)
-    return best
-
-
 def n_copies(bytes_per_copy: int) -> int:
     l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 << 20)
     return max(1, min(64, math.ceil(2 * l2 / max(bytes_per_copy, 1))))
@@ -243,7 +228,7 @@ def host_rows() -> list[dict]:
         ("sdpa (no bias)", sdpa_call(case, 128)),
     ):
         with torch.no_grad():
-            rows.append(dict(call=name, us_per_call=eager_us(fn)))
+            rows.append(dict(call=name, us_per_call=utils.host_us(fn, n=300)))
         print(rows[-1], flush=True)
     return rows
 

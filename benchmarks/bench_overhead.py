@@ -22,11 +22,9 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import gc
 import io
 import pstats
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -36,7 +34,7 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from utils import markdown_table, versions, write_results  # noqa: E402
+from utils import host_us, markdown_table, versions, write_results  # noqa: E402
 
 TARGET = 1.5
 
@@ -177,22 +175,7 @@ def _fwd_bwd(fn: Callable, leaves: list[torch.Tensor]) -> Callable:
 
 
 def per_call_us(step: Callable, n: int, warmup: int, repeats: int) -> float:
-    for _ in range(warmup):
-        step()
-    best = float("inf")
-    gc.collect()
-    gc.disable()
-    try:
-        for _ in range(repeats):
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            for _ in range(n):
-                step()
-            torch.cuda.synchronize()
-            best = min(best, (time.perf_counter() - t0) / n * 1e6)
-    finally:
-        gc.enable()
-    return best
+    return host_us(step, n=n, warmup=warmup, repeats=repeats)
 
 
 def _fmt(v: float | None, spec: str) -> str:

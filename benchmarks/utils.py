@@ -36,6 +36,30 @@ def bench(fn: Callable[[], object], *, warmup: int = 10, rep: int = 50) -> float
     return times[len(times) // 2]
 
 
+def host_us(fn: Callable[[], object], *, n: int = 500, warmup: int = 20, repeats: int = 3) -> float:
+    """Wall microseconds per call of ``fn`` (CUDA synchronised before and after each repeat of ``n`` calls, the
+    fastest repeat, the garbage collector paused): on tiny inputs that is the call's host overhead."""
+    import gc
+    import time
+
+    for _ in range(warmup):
+        fn()
+    best = float("inf")
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(repeats):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn()
+            torch.cuda.synchronize()
+            best = min(best, (time.perf_counter() - t0) / n * 1e6)
+    finally:
+        gc.enable()
+    return best
+
+
 def peak_memory(fn: Callable[[], object]) -> int:
     """Peak CUDA bytes allocated while running ``fn()`` once, above what was allocated before (0 on CPU)."""
     if not torch.cuda.is_available():

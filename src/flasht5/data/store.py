@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from flasht5.data.text import ReadStats, add_reader_arguments, expand_inputs, iter_file_documents
+from flasht5.fs import fsync
 
 FORMAT_VERSION = 1
 _DATA_FILES = ("tokens.bin", "lengths.bin", "offsets.npy", "meta.json", "progress.json")
@@ -217,15 +218,7 @@ def _finalize(out: Path, meta: dict[str, Any]) -> None:
     _atomic_write_json(out / "meta.json", meta)  # the commit point: before it the store is partial
     (out / "lengths.bin").unlink()
     (out / "progress.json").unlink(missing_ok=True)
-    _fsync_dir(out)
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync(out)
 
 
 def _atomic_write_json(path: Path, obj: dict[str, Any]) -> None:

@@ -43,6 +43,8 @@ from typing import Any, NamedTuple
 
 import torch
 
+from flasht5.fs import fsync
+
 FORMAT = 2  # trainer.pt layout; 1 = before the RNG state and the log window were saved
 _STEP = re.compile(r"step-(\d+)")
 _STALE = re.compile(r"(step-\d+|final)\.(tmp|del)")
@@ -208,19 +210,11 @@ def refuse_used_out_dir(out: Path, resume: bool) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _fsync_tree(root: Path) -> None:
     for dirpath, _, files in os.walk(root):
         for f in files:
-            _fsync(Path(dirpath) / f)
-        _fsync(Path(dirpath))
+            fsync(Path(dirpath) / f)
+        fsync(Path(dirpath))
 
 
 def _tensors(obj: Any) -> Iterator[torch.Tensor]:
@@ -312,7 +306,7 @@ def write_dir_atomically(path: Path, write: Callable[[Path], None], need: int = 
         _remove(old)
     else:
         tmp.rename(path)
-    _fsync(parent)
+    fsync(parent)
     return path
 
 
