@@ -241,15 +241,15 @@ def fast_sample(
 class GenerationHooks:
     """Overrides for ``transformers.GenerationMixin`` that our seq2seq LM mixes in."""
 
-    def generate(self, inputs: Tensor | None = None, generation_config: Any = None, **kwargs: Any):
+    def generate(self, *args: Any, **kwargs: Any):
         """transformers' ``generate``; greedy search and sampling take :func:`fast_sample` (module docstring)."""
         hf_only = ("custom_generate", "streamer", "assistant_model", "synced_gpus", "prefix_allowed_tokens_fn")
-        used = [k for k in hf_only if kwargs.get(k) is not None]
+        used = [k for k in hf_only if kwargs.get(k) is not None] + (["positional arguments"] if len(args) > 2 else [])
         if not used:
             kwargs["custom_generate"] = fast_sample
         elif "custom_generate" not in used:
             _say_once(f"{', '.join(used)} runs transformers' loop")
-        return super().generate(inputs, generation_config, **kwargs)
+        return super().generate(*args, **kwargs)
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size, max_len):
         if model_kwargs.get("past_key_values") is not None or generation_config.use_cache is False:
