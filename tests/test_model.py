@@ -358,3 +358,16 @@ def test_flash_umt5_per_layer_tables():
     for i in range(2):
         ga, gb = eager.encoder.pos_bias.tables[i].weight.grad, flash.encoder.pos_bias.tables[i].weight.grad
         torch.testing.assert_close(gb, ga, rtol=1e-3, atol=1e-5 * ga.abs().max().item())
+
+
+def test_flash_hidden_states_match_eager():
+    """output_hidden_states on the flash backend (stacks run padding-free): the same per-layer states as eager."""
+    eager, flash = pair()
+    ids, labels = torch.randint(2, V, (2, 7)), torch.randint(2, V, (2, 4))
+    a = eager(ids, labels=labels, output_hidden_states=True)
+    b = flash(ids, labels=labels, output_hidden_states=True)
+    for x, y in zip(
+        a.encoded.hidden_states + a.decoder_hidden_states, b.encoded.hidden_states + b.decoder_hidden_states
+    ):
+        torch.testing.assert_close(y, x, rtol=1e-4, atol=1e-5 * x.abs().max().item())
+    assert len(b.encoded.hidden_states) == 3 and len(b.decoder_hidden_states) == 3

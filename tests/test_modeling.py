@@ -355,3 +355,29 @@ def test_convert_cli_both_directions(tmp_path):
     with torch.no_grad():
         _close_to_scale(back(**batch).logits, hf(**batch).logits)
     assert main(["convert", str(tmp_path / "missing"), str(tmp_path / "x")]) == 2  # a clear error, exit code 2
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+@pytest.mark.parametrize("family", ["t5-v1.1", "umt5", "ul2"])
+def test_output_hidden_states_match_hf(family, impl, tmp_path):
+    """Hugging Face's tuples: the embeddings, every layer's output, the final (normed) output; encoder and decoder,
+    on the LM, the base model and the encoder model, and through the config's default."""
+    hf = tiny_hf(family)
+    ours = _ours(hf, tmp_path, impl)
+    b = padded_batch()
+    with torch.no_grad():
+        o, h = ours(**b, output_hidden_states=True), hf(**b, output_hidden_states=True)
+    for name in ("encoder_hidden_states", "decoder_hidden_states"):
+        got, want = getattr(o, name), getattr(h, name)
+        assert len(got) == len(want) == getattr(hf.config, "num_layers" if "enc" in name else "num_decoder_layers") + 1
+        for a, w in zip(got, want):
+            _close_to_scale(a, w)
+    enc = FlashT5EncoderModel.from_pretrained(save_hf(hf, tmp_path / "hf2"), attn_implementation=impl)
+    enc.config.output_hidden_states = True
+    with torch.no_grad():
+        e = enc(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+    assert len(e.hidden_states) == len(h.encoder_hidden_states)
+    _close_to_scale(e.hidden_states[1], h.encoder_hidden_states[1])
+    assert ours(**b).encoder_hidden_states is None  # off by default
+    with pytest.raises(ValueError, match="output_attentions"):
+        ours(**b, output_attentions=True)

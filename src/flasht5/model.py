@@ -450,6 +450,7 @@ class StackContext:
     bias: list[Any]  # per layer, from PositionBias
     encoded: Encoded | None = None  # cross-attention input
     cache: KVCache | None = None
+    hidden_states: list[Tensor] | None = None  # filled with every layer's input and the output when a list
 
     @property
     def enc(self) -> Layout:
@@ -618,12 +619,17 @@ class Stack(nn.Module):
         h = F.dropout(embeds, self.p, self.training) if self.p else embeds
         pending = None
         for layer in self.layers:
+            if ctx.hidden_states is not None:  # Hugging Face's hidden_states: each layer's input (the sum pending)
+                ctx.hidden_states.append(h if pending is None else _clamp_fp16(h + pending))
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 h, pending = checkpoint(layer, h, pending, ctx, use_reentrant=False)
             else:
                 h, pending = layer(h, pending, ctx)
         out = self.final_norm(h, ctx.kernels) if pending is None else self.final_norm(pending, ctx.kernels, h)[0]
-        return F.dropout(out, self.p, self.training) if self.p else out
+        out = F.dropout(out, self.p, self.training) if self.p else out
+        if ctx.hidden_states is not None:
+            ctx.hidden_states.append(out)
+        return out
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -670,6 +676,7 @@ class Encoded:
 
     hidden_inner: Tensor
     view: View
+    hidden_states: tuple[Tensor, ...] | None = None  # embeddings and every layer's output, outer layout
 
     @functools.cached_property
     def hidden(self) -> Tensor:
@@ -688,6 +695,7 @@ class T5Output:
     hidden_inner: Tensor
     view: View
     encoded: Encoded
+    decoder_hidden_states: tuple[Tensor, ...] | None = None  # embeddings and every layer's output, outer layout
 
     @functools.cached_property
     def hidden(self) -> Tensor:
@@ -760,16 +768,19 @@ class T5(nn.Module):
         return self.embed(ids, name) if embeds is None else embeds
 
     def encode(
-        self, input_ids: Tensor | None = None, layout: Layout | None = None, *, inputs_embeds: Tensor | None = None
-    ) -> Encoded:
+        self, input_ids: Tensor | None = None, layout: Layout | None = None, *, inputs_embeds: Tensor | None = None,
+        output_hidden_states: bool = False,
+    ) -> Encoded:  # fmt: skip
         """Run the encoder on token ids (B, L) (or embeddings (B, L, d_model)) laid out as ``layout`` (dense if
-        None)."""
+        None); ``output_hidden_states`` also keeps every layer's input and the output (Hugging Face's tuple)."""
         embeds = self._embeds(input_ids, inputs_embeds, "input_ids")
         layout = Layout.dense(*embeds.shape[:2]) if layout is None else layout
         layout.check_tokens(embeds.shape, "input_ids")
         view = View.of(layout, self.kernels, embeds.device)
-        ctx = StackContext(self.kernels, view.inner, view.inner, [])
-        return Encoded(self.encoder(view.enter(embeds), ctx), view)
+        ctx = StackContext(self.kernels, view.inner, view.inner, [], hidden_states=[] if output_hidden_states else None)
+        hidden = self.encoder(view.enter(embeds), ctx)
+        states = None if ctx.hidden_states is None else tuple(view.exit(t) for t in ctx.hidden_states)
+        return Encoded(hidden, view, states)
 
     def decode(
         self,
@@ -780,11 +791,13 @@ class T5(nn.Module):
         inputs_embeds: Tensor | None = None,
         cache: KVCache | None = None,
         key_mask: Tensor | None = None,
+        hidden_states: list[Tensor] | None = None,
     ) -> tuple[Tensor, View]:
         """Decoder hidden states (before the LM head) in the inner layout, and the view that maps them back.
 
         With a ``cache`` the new rows follow the cached ones (dense rows; ``key_mask`` optionally masks the cached
-        and new keys, (B, past + Lq)); cross-attention then reads the encoder output in its row layout.
+        and new keys, (B, past + Lq)); cross-attention then reads the encoder output in its row layout. A
+        ``hidden_states`` list receives every layer's input and the output (inner layout).
         """
         if self.decoder is None:
             raise ValueError("this model has no decoder (encoder-only).")
@@ -806,7 +819,7 @@ class T5(nn.Module):
             keys = cache.key_layout()
             if keys is None:
                 keys = Layout.dense(B, past + Lq) if key_mask is None else Layout.padded(key_mask, name="decoder keys")
-        ctx = StackContext(self.kernels, view.inner, keys, [], encoded, cache)
+        ctx = StackContext(self.kernels, view.inner, keys, [], encoded, cache, hidden_states)
         return self.decoder(view.enter(embeds), ctx), view
 
     def encoded_from(self, hidden: Tensor, layout: Layout | None = None) -> Encoded:
@@ -841,6 +854,7 @@ class T5(nn.Module):
         cache: KVCache | None = None,
         key_mask: Tensor | None = None,
         return_logits: bool | None = None,
+        output_hidden_states: bool = False,
     ) -> T5Output:
         """Encode (unless ``encoded`` is given), decode, and compute the LM loss when ``labels`` are given.
 
@@ -849,17 +863,22 @@ class T5(nn.Module):
         mean cross-entropy over the kept tokens plus ``cfg.z_loss * mean(logsumexp**2)``. ``return_logits`` (default:
         not in training) also returns the (B, Ld, vocab) logits; without it the flash backend fuses the LM head
         into the loss and never materialises them. ``cache`` / ``key_mask``: cached decoding (:meth:`decode`).
+        ``output_hidden_states``: both stacks' per-layer states (Hugging Face's tuples) in the output.
         """
         if encoded is None:
-            encoded = self.encode(input_ids, enc, inputs_embeds=inputs_embeds)
+            encoded = self.encode(
+                input_ids, enc, inputs_embeds=inputs_embeds, output_hidden_states=output_hidden_states
+            )
         if decoder_input_ids is None and decoder_inputs_embeds is None:
             if labels is None:
                 raise ValueError("pass decoder_input_ids, decoder_inputs_embeds or labels.")
             dec = Layout.dense(*labels.shape) if dec is None else dec
             decoder_input_ids = shift_right(labels, dec, self.cfg.decoder_start_token_id, self.cfg.pad_token_id)
+        states: list[Tensor] | None = [] if output_hidden_states else None
         hidden, view = self.decode(
-            decoder_input_ids, encoded, dec, inputs_embeds=decoder_inputs_embeds, cache=cache, key_mask=key_mask
-        )
+            decoder_input_ids, encoded, dec, inputs_embeds=decoder_inputs_embeds, cache=cache, key_mask=key_mask,
+            hidden_states=states,
+        )  # fmt: skip
         return_logits = (not self.training) if return_logits is None else return_logits
         loss = z = logits = None
         # The loss is taken in the inner layout: over the decoder's real tokens (padding never counts on the flash
@@ -873,7 +892,8 @@ class T5(nn.Module):
             if labels is not None:
                 loss, z = self.kernels.cross_entropy(inner_logits, inner_labels, float(self.cfg.z_loss))
             logits = view.exit(inner_logits) if return_logits else None
-        return T5Output(loss, z, logits, hidden, view, encoded)
+        states = None if states is None else tuple(view.exit(t) for t in states)
+        return T5Output(loss, z, logits, hidden, view, encoded, states)
 
 
 def _check_pairing(enc: Layout, dec: Layout) -> None:

@@ -155,20 +155,27 @@ class FlashT5PreTrainedModel(PreTrainedModel):
         self.model.shared = value
 
     @staticmethod
-    def _unsupported(output_attentions: bool | None, output_hidden_states: bool | None) -> None:
-        if output_attentions or output_hidden_states:
+    def _unsupported(output_attentions: bool | None) -> None:
+        if output_attentions:
             raise ValueError(
-                "output_attentions / output_hidden_states are not supported by flasht5 (the flash path never "
+                "output_attentions is not supported by flasht5 (the flash path never "
                 "materialises attention weights); use transformers' T5 for inspection."
             )
 
-    def _encode(self, input_ids, attention_mask, inputs_embeds, packing: dict[str, Any]) -> Encoded:
+    def _hidden_states(self, output_hidden_states: bool | None) -> bool:
+        return bool(self.config.output_hidden_states if output_hidden_states is None else output_hidden_states)
+
+    def _encode(
+        self, input_ids, attention_mask, inputs_embeds, packing: dict[str, Any], output_hidden_states: bool = False
+    ) -> Encoded:
         input_ids = _flat_tokens(input_ids, packing.get("cu_seqlens"))
         ref = input_ids if input_ids is not None else inputs_embeds
         if ref is None:
             raise ValueError("pass input_ids or inputs_embeds.")
         layout = _layout(ref, attention_mask, packing, "", "input_ids")
-        return self.model.encode(input_ids, layout, inputs_embeds=inputs_embeds)
+        return self.model.encode(
+            input_ids, layout, inputs_embeds=inputs_embeds, output_hidden_states=output_hidden_states
+        )
 
     def _shift_right(self, ids: torch.Tensor) -> torch.Tensor:
         """Decoder inputs from one-document rows (labels, or input_ids for the classification / QA heads)."""
@@ -177,16 +184,18 @@ class FlashT5PreTrainedModel(PreTrainedModel):
     def _backbone(
         self, *, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, encoder_outputs,
         past_key_values, inputs_embeds, decoder_inputs_embeds, labels, use_cache, kwargs: dict[str, Any],
-        return_logits: bool | None = True,
+        return_logits: bool | None = True, output_hidden_states: bool = False,
     ):  # fmt: skip
         """Translate Hugging Face's arguments and run :meth:`flasht5.model.T5.forward`; returns (its output, the
         decoder hidden states in the token tensor's layout, the cache or None)."""
         packing = _packing(kwargs)
         if encoder_outputs is None:
-            encoded = self._encode(input_ids, attention_mask, inputs_embeds, packing)
+            encoded = self._encode(input_ids, attention_mask, inputs_embeds, packing, output_hidden_states)
         else:
-            hidden = encoder_outputs[0] if not isinstance(encoder_outputs, BaseModelOutput) else encoder_outputs[0]
+            hidden = encoder_outputs[0]
             encoded = self.model.encoded_from(hidden, _layout(hidden, attention_mask, packing, "", "encoder_outputs"))
+            if isinstance(encoder_outputs, BaseModelOutput):
+                encoded.hidden_states = encoder_outputs.hidden_states
         d_cu = packing.get("decoder_cu_seqlens")
         decoder_input_ids, labels = _flat_tokens(decoder_input_ids, d_cu), _flat_tokens(labels, d_cu)
         if past_key_values is None and use_cache:
@@ -210,6 +219,7 @@ class FlashT5PreTrainedModel(PreTrainedModel):
         out = self.model(
             decoder_input_ids=decoder_input_ids, labels=labels, dec=dec, decoder_inputs_embeds=decoder_inputs_embeds,
             encoded=encoded, cache=cache, key_mask=key_mask, return_logits=return_logits,
+            output_hidden_states=output_hidden_states,
         )  # fmt: skip
         return out, past_key_values
 
@@ -238,16 +248,19 @@ class FlashT5Model(FlashT5PreTrainedModel):
         return_dict: bool | None = None,
         **kwargs: Any,
     ) -> Seq2SeqModelOutput | tuple:
-        self._unsupported(output_attentions, output_hidden_states)
+        self._unsupported(output_attentions)
+        output_hidden_states = self._hidden_states(output_hidden_states)
         out, cache = self._backbone(
             input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids,
             decoder_attention_mask=decoder_attention_mask, encoder_outputs=encoder_outputs,
             past_key_values=past_key_values, inputs_embeds=inputs_embeds, decoder_inputs_embeds=decoder_inputs_embeds,
             labels=None, use_cache=use_cache, kwargs=kwargs, return_logits=False,
+            output_hidden_states=output_hidden_states,
         )  # fmt: skip
         res = Seq2SeqModelOutput(
-            last_hidden_state=out.hidden, past_key_values=cache, encoder_last_hidden_state=out.encoded.hidden
-        )
+            last_hidden_state=out.hidden, past_key_values=cache, encoder_last_hidden_state=out.encoded.hidden,
+            decoder_hidden_states=out.decoder_hidden_states, encoder_hidden_states=out.encoded.hidden_states,
+        )  # fmt: skip
         return res if return_dict is not False else res.to_tuple()
 
 
@@ -290,17 +303,20 @@ class FlashT5ForConditionalGeneration(GenerationHooks, FlashT5PreTrainedModel, G
         return_dict: bool | None = None,
         **kwargs: Any,
     ) -> Seq2SeqLMOutput | tuple:
-        self._unsupported(output_attentions, output_hidden_states)
+        self._unsupported(output_attentions)
+        output_hidden_states = self._hidden_states(output_hidden_states)
         out, cache = self._backbone(
             input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids,
             decoder_attention_mask=decoder_attention_mask, encoder_outputs=encoder_outputs,
             past_key_values=past_key_values, inputs_embeds=inputs_embeds, decoder_inputs_embeds=decoder_inputs_embeds,
             labels=labels, use_cache=use_cache, kwargs=kwargs,
             return_logits=not self.training or self.model.kernels.lm_loss is None,
+            output_hidden_states=output_hidden_states,
         )  # fmt: skip
         res = FlashT5Seq2SeqLMOutput(
             loss=out.loss, logits=out.logits, past_key_values=cache, encoder_last_hidden_state=out.encoded.hidden,
-            z_loss=out.z_loss,
+            z_loss=out.z_loss, decoder_hidden_states=out.decoder_hidden_states,
+            encoder_hidden_states=out.encoded.hidden_states,
         )  # fmt: skip
         return res if return_dict is not False else res.to_tuple()
 
@@ -313,8 +329,11 @@ class _EncoderView(nn.Module):
         self._parent = [parent]  # a list, so the parent is not registered as a submodule
 
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, **kwargs: Any) -> BaseModelOutput:
-        encoded = self._parent[0]._encode(input_ids, attention_mask, inputs_embeds, _packing(kwargs))
-        return BaseModelOutput(last_hidden_state=encoded.hidden)
+        parent = self._parent[0]
+        parent._unsupported(kwargs.pop("output_attentions", None))
+        states = parent._hidden_states(kwargs.pop("output_hidden_states", None))
+        encoded = parent._encode(input_ids, attention_mask, inputs_embeds, _packing(kwargs), states)
+        return BaseModelOutput(last_hidden_state=encoded.hidden, hidden_states=encoded.hidden_states)
 
 
 class FlashT5EncoderModel(FlashT5PreTrainedModel):
@@ -337,9 +356,10 @@ class FlashT5EncoderModel(FlashT5PreTrainedModel):
         return_dict: bool | None = None,
         **kwargs: Any,
     ) -> BaseModelOutput | tuple:
-        self._unsupported(output_attentions, output_hidden_states)
-        encoded = self._encode(input_ids, attention_mask, inputs_embeds, _packing(kwargs))
-        out = BaseModelOutput(last_hidden_state=encoded.hidden)
+        self._unsupported(output_attentions)
+        output_hidden_states = self._hidden_states(output_hidden_states)
+        encoded = self._encode(input_ids, attention_mask, inputs_embeds, _packing(kwargs), output_hidden_states)
+        out = BaseModelOutput(last_hidden_state=encoded.hidden, hidden_states=encoded.hidden_states)
         return out if return_dict is not False else out.to_tuple()
 
 
@@ -438,7 +458,8 @@ class FlashT5ForSequenceClassification(FlashT5PreTrainedModel):
         return_dict: bool | None = None,
         **kwargs: Any,
     ) -> Seq2SeqSequenceClassifierOutput | tuple:
-        self._unsupported(output_attentions, output_hidden_states)
+        self._unsupported(output_attentions)
+        output_hidden_states = self._hidden_states(output_hidden_states)
         if input_ids is None:
             raise ValueError("FlashT5ForSequenceClassification needs input_ids (it locates the EOS tokens).")
         eos = input_ids.eq(self.config.eos_token_id)
@@ -454,14 +475,17 @@ class FlashT5ForSequenceClassification(FlashT5PreTrainedModel):
             input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids,
             decoder_attention_mask=decoder_attention_mask, encoder_outputs=encoder_outputs, past_key_values=None,
             inputs_embeds=inputs_embeds, decoder_inputs_embeds=decoder_inputs_embeds, labels=None, use_cache=False,
-            kwargs=kwargs, return_logits=False,
+            kwargs=kwargs, return_logits=False, output_hidden_states=output_hidden_states,
         )  # fmt: skip
         hidden = out.hidden
         batch, width = hidden.shape[0], hidden.shape[-1]
         sentence = hidden[eos, :].view(batch, -1, width)[:, -1, :]
         logits = self.classification_head(sentence)
         loss = classification_loss(self.config, logits, labels) if labels is not None else None
-        res = Seq2SeqSequenceClassifierOutput(loss=loss, logits=logits, encoder_last_hidden_state=out.encoded.hidden)
+        res = Seq2SeqSequenceClassifierOutput(
+            loss=loss, logits=logits, encoder_last_hidden_state=out.encoded.hidden,
+            decoder_hidden_states=out.decoder_hidden_states, encoder_hidden_states=out.encoded.hidden_states,
+        )  # fmt: skip
         return res if return_dict is not False else res.to_tuple()
 
 
@@ -487,12 +511,14 @@ class FlashT5ForTokenClassification(FlashT5PreTrainedModel):
         return_dict: bool | None = None,
         **kwargs: Any,
     ) -> TokenClassifierOutput | tuple:
-        self._unsupported(output_attentions, output_hidden_states)
-        logits = self.head(self._encode(input_ids, attention_mask, inputs_embeds, _packing(kwargs)).hidden)
+        self._unsupported(output_attentions)
+        output_hidden_states = self._hidden_states(output_hidden_states)
+        encoded = self._encode(input_ids, attention_mask, inputs_embeds, _packing(kwargs), output_hidden_states)
+        logits = self.head(encoded.hidden)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits.view(-1, self.config.num_labels), labels.view(-1).to(logits.device))
-        out = TokenClassifierOutput(loss=loss, logits=logits)
+        out = TokenClassifierOutput(loss=loss, logits=logits, hidden_states=encoded.hidden_states)
         return out if return_dict is not False else out.to_tuple()
 
 
@@ -522,7 +548,8 @@ class FlashT5ForQuestionAnswering(FlashT5PreTrainedModel):
         return_dict: bool | None = None,
         **kwargs: Any,
     ) -> Seq2SeqQuestionAnsweringModelOutput | tuple:
-        self._unsupported(output_attentions, output_hidden_states)
+        self._unsupported(output_attentions)
+        output_hidden_states = self._hidden_states(output_hidden_states)
         if decoder_input_ids is None and decoder_inputs_embeds is None:
             if input_ids is None:
                 raise ValueError("pass input_ids, decoder_input_ids or decoder_inputs_embeds.")
@@ -531,7 +558,7 @@ class FlashT5ForQuestionAnswering(FlashT5PreTrainedModel):
             input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids,
             decoder_attention_mask=decoder_attention_mask, encoder_outputs=encoder_outputs, past_key_values=None,
             inputs_embeds=inputs_embeds, decoder_inputs_embeds=decoder_inputs_embeds, labels=None, use_cache=False,
-            kwargs=kwargs, return_logits=False,
+            kwargs=kwargs, return_logits=False, output_hidden_states=output_hidden_states,
         )  # fmt: skip
         start_logits, end_logits = self.head(out.hidden)
         loss = None
@@ -545,6 +572,7 @@ class FlashT5ForQuestionAnswering(FlashT5PreTrainedModel):
             ) / 2
         res = Seq2SeqQuestionAnsweringModelOutput(
             loss=loss, start_logits=start_logits, end_logits=end_logits,
-            encoder_last_hidden_state=out.encoded.hidden,
+            encoder_last_hidden_state=out.encoded.hidden, decoder_hidden_states=out.decoder_hidden_states,
+            encoder_hidden_states=out.encoded.hidden_states,
         )  # fmt: skip
         return res if return_dict is not False else res.to_tuple()
