@@ -381,3 +381,25 @@ def test_output_hidden_states_match_hf(family, impl, tmp_path):
     assert ours(**b).encoder_hidden_states is None  # off by default
     with pytest.raises(ValueError, match="output_attentions"):
         ours(**b, output_attentions=True)
+
+
+def test_seq2seq_trainer_evaluates_with_generate(tmp_path):
+    """The standard fine-tune + generation-metrics recipe: Seq2SeqTrainer(predict_with_generate=True) evaluates
+    (transformers hands generate the labels too) and its predictions are the model's own greedy tokens."""
+    from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments
+
+    hf = tiny_hf("t5-v1.1")
+    ours = _ours(hf, tmp_path)
+    g = torch.Generator().manual_seed(0)
+    rows = [{"input_ids": torch.randint(2, 97, (7,), generator=g), "attention_mask": torch.ones(7, dtype=torch.long),
+             "labels": torch.randint(2, 97, (5,), generator=g)} for _ in range(6)]  # fmt: skip
+    args = Seq2SeqTrainingArguments(
+        output_dir=str(tmp_path / "run"), per_device_eval_batch_size=3, predict_with_generate=True, report_to=[],
+        use_cpu=True, generation_max_length=6, disable_tqdm=True,
+    )  # fmt: skip
+    trainer = Seq2SeqTrainer(model=ours, args=args, eval_dataset=rows)
+    metrics = trainer.evaluate()
+    assert metrics["eval_loss"] > 0
+    pred = trainer.predict(rows[:3]).predictions
+    want = ours.generate(torch.stack([r["input_ids"] for r in rows[:3]]), max_length=6)
+    assert torch.equal(torch.as_tensor(pred)[:, : want.shape[1]], want)

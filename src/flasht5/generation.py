@@ -242,7 +242,9 @@ class GenerationHooks:
     """Overrides for ``transformers.GenerationMixin`` that our seq2seq LM mixes in."""
 
     def generate(self, *args: Any, **kwargs: Any):
-        """transformers' ``generate``; greedy search and sampling take :func:`fast_sample` (module docstring)."""
+        """transformers' ``generate``; greedy search and sampling take :func:`fast_sample` (module docstring).
+        ``labels`` (Seq2SeqTrainer's ``predict_with_generate`` passes them) play no part in generation: dropped."""
+        kwargs.pop("labels", None)
         hf_only = ("custom_generate", "streamer", "assistant_model", "synced_gpus", "prefix_allowed_tokens_fn")
         used = [k for k in hf_only if kwargs.get(k) is not None] + (["positional arguments"] if len(args) > 2 else [])
         if not used:
