@@ -403,3 +403,20 @@ def test_seq2seq_trainer_evaluates_with_generate(tmp_path):
     pred = trainer.predict(rows[:3]).predictions
     want = ours.generate(torch.stack([r["input_ids"] for r in rows[:3]]), max_length=6)
     assert torch.equal(torch.as_tensor(pred)[:, : want.shape[1]], want)
+
+
+def test_use_cache_defaults_to_the_config_outside_training(tmp_path):
+    """As transformers' T5: an eval forward returns the cache (4 output fields), a training forward none."""
+    hf = tiny_hf("t5-v1.1")
+    ours = _ours(hf, tmp_path)
+    b = padded_batch()
+    with torch.no_grad():
+        o, h = ours(**b), hf(**b)
+    assert o.past_key_values is not None and len(o.to_tuple()) == len(h.to_tuple()) == 4
+    assert o.past_key_values.get_seq_length() == h.past_key_values.get_seq_length()
+    _close_to_scale(o.logits, h.logits)
+    assert ours(**b, use_cache=False).past_key_values is None
+    ours.config.use_cache = False
+    assert ours(**b).past_key_values is None
+    ours.config.use_cache = True
+    assert ours.train()(**b).past_key_values is None

@@ -198,6 +198,10 @@ class FlashT5PreTrainedModel(PreTrainedModel):
                 encoded.hidden_states = encoder_outputs.hidden_states
         d_cu = packing.get("decoder_cu_seqlens")
         decoder_input_ids, labels = _flat_tokens(decoder_input_ids, d_cu), _flat_tokens(labels, d_cu)
+        if use_cache is None:  # transformers' default (the config's), outside training and packed decoder batches
+            use_cache = (
+                bool(self.config.use_cache) and not self.training and not any(k.startswith("decoder_") for k in packing)
+            )
         if past_key_values is None and use_cache:
             past_key_values = new_hf_cache()
         cache = HFCacheAdapter(past_key_values) if past_key_values is not None else None
@@ -210,6 +214,15 @@ class FlashT5PreTrainedModel(PreTrainedModel):
         elif decoder_attention_mask is not None:
             # During cached decoding the mask may cover the cache and the new rows, or the new rows only.
             past, (B, Lq) = cache.past_length(), ref.shape[:2]
+            if (
+                decoder_attention_mask.dim() != 2
+                or decoder_attention_mask.shape[0] != B
+                or decoder_attention_mask.shape[1] not in (Lq, past + Lq)
+            ):
+                raise ValueError(
+                    f"decoder_attention_mask has shape {tuple(decoder_attention_mask.shape)}; with decoder_input_ids "
+                    f"of shape {(B, Lq)} and {past} cached tokens it must be {(B, Lq)} or {(B, past + Lq)}"
+                )
             if decoder_attention_mask.shape[-1] == past + Lq:
                 key_mask = decoder_attention_mask
             else:
