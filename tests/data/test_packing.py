@@ -140,7 +140,7 @@ def test_static_varlen_batches_have_one_shape_and_the_same_examples(store) -> No
         shapes.add((b.input_ids.shape, b.labels.shape, b.enc.cu_seqlens.shape, b.dec.cu_seqlens.shape))
         assert (b.enc.max_seqlen, b.dec.max_seqlen) == (ds.max_input_len, ds.max_target_len)
         n = fix["stats"]["examples"]
-        assert n <= st.max_examples
+        assert n + max(-(-(ds.max_tokens - int(b.enc.cu_seqlens[n])) // ds.max_input_len), 0) <= 40
         ex = _varlen_examples(fix)
         assert all(np.array_equal(a[0], c[0]) and np.array_equal(a[1], c[1]) for a, c in zip(ex, _varlen_examples(dyn)))
         cu, dcu = b.enc.cu_seqlens, b.dec.cu_seqlens
@@ -149,6 +149,26 @@ def test_static_varlen_batches_have_one_shape_and_the_same_examples(store) -> No
     assert shapes == {((1, ds.max_tokens), (1, ds.max_target_tokens), (41,), (41,))}
     with pytest.raises(ValueError, match="max_docs"):
         _ds(store, max_docs=4)
+
+
+def test_static_varlen_room_follows_the_tail_a_bin_leaves(store) -> None:
+    """max_docs counts a bin's examples plus the padding documents of *its* unused tail: a full bin needs few
+    padding documents, so it holds more examples than the room an empty bin's tail would leave (max_docs minus the
+    8 padding documents of an empty 1024-token budget of 128-token documents), and fills its budget better."""
+    ds = _ds(store, epochs=1, max_docs=14)
+    tail_empty = max(-(-ds.max_tokens // ds.max_input_len), -(-ds.max_target_tokens // ds.max_target_len))
+    counts, fills = [], []
+    for item in ds:
+        b, n = item["batch"], item["stats"]["examples"]
+        used_e, used_d = int(b.enc.cu_seqlens[n]), int(b.dec.cu_seqlens[n])
+        tail = max(
+            -(-(ds.max_tokens - used_e) // ds.max_input_len), -(-(ds.max_target_tokens - used_d) // ds.max_target_len)
+        )
+        assert n + tail <= ds.max_docs and b.enc.cu_seqlens.shape == (ds.max_docs + 1,)
+        counts.append(n)
+        fills.append(item["stats"]["input_fill"])
+    assert max(counts) > ds.max_docs - tail_empty
+    assert np.mean(fills) > 0.8
 
 
 def test_padded_contract(store) -> None:

@@ -20,8 +20,9 @@ Pipeline, per shard (a shard is one (rank, DataLoader worker) pair; shards read 
 Static shapes (``max_docs``, varlen mode): every batch then has exactly ``max_tokens`` / ``max_target_tokens`` tokens
 and ``max_docs`` documents, so a training step can be captured once in a CUDA graph and replayed. The unused tail of
 each budget becomes padding documents (pad ids, labels -100) no longer than ``max_input_len`` / ``max_target_len``,
-and trailing empty documents fill ``cu_seqlens`` up to ``max_docs + 1`` entries; bins take at most as many examples
-as leave room for those.
+and trailing empty documents fill ``cu_seqlens`` up to ``max_docs + 1`` entries; a bin takes an example only while
+its examples and the padding documents its remaining tail would need fit in ``max_docs`` (so a bin of many short
+examples, whose tail is small, is not capped by the room a nearly empty bin would need for its padding).
 
 Packed examples never see each other: in varlen form each is its own ``cu_seqlens`` segment (encoder segment i pairs
 with decoder segment i); in padded form every token carries its example's segment id (decoder segment ids equal the
@@ -176,7 +177,7 @@ class UL2Dataset(IterableDataset):
             self.max_target_tokens = rows * self.row_target_len
             self.bins_enc = np.full(rows, self.row_len, dtype=np.int64)
             self.bins_dec = np.full(rows, self.row_target_len, dtype=np.int64)
-        self.max_docs, self.max_examples = None, None
+        self.max_docs: int | None = None
         if max_docs is not None:
             if mode != "varlen":
                 raise ValueError("max_docs (static batch shapes) needs mode='varlen'")
@@ -187,7 +188,7 @@ class UL2Dataset(IterableDataset):
                     f"max_docs={max_docs} leaves no room for examples: the padding of a batch can need {tail} "
                     f"documents of at most max_input_len / max_target_len tokens"
                 )
-            self.max_docs, self.max_examples = int(max_docs), int(max_docs) - tail
+            self.max_docs = int(max_docs)
         self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
         self.shuffle, self.epochs, self.lookahead = shuffle, epochs, float(lookahead)
         self.denoiser_names = [
@@ -298,30 +299,40 @@ class UL2Dataset(IterableDataset):
         dec = np.fromiter((len(x[1]) for x in pool), dtype=np.int64, count=n)
         rem_e, rem_d = self.bins_enc.copy(), self.bins_dec.copy()
         bins: list[list[Example]] = [[] for _ in rem_e]
-        room = np.full(len(bins), self.max_examples if self.max_examples is not None else n, dtype=np.int64)
+        count = np.zeros(len(bins), dtype=np.int64)
+        le, ld = self.max_input_len, self.max_target_len
+
+        def fits_docs(j: int, e: np.ndarray | int, d: np.ndarray | int) -> np.ndarray | bool:
+            # max_docs: the bin's examples, this one and the padding documents of the tail it would leave
+            if self.max_docs is None:
+                return True
+            tail = np.maximum(-(-(rem_e[j] - e) // le), -(-(rem_d[j] - d) // ld))
+            return count[j] + 1 + tail <= self.max_docs
+
         avail = np.ones(n, dtype=bool)
         old = [i for i in range(n) if pool[i][5] >= _MAX_WAIT]
         for i in sorted(old, key=lambda i: (-max(enc[i] / ce, dec[i] / cd), i)):
-            fits = (rem_e >= enc[i]) & (rem_d >= dec[i]) & (room > 0)
+            fits = (rem_e >= enc[i]) & (rem_d >= dec[i])
+            fits &= np.array([fits_docs(j, enc[i], dec[i]) for j in range(len(bins))], dtype=bool)
             if fits.any():
                 j = int(np.argmin(np.where(fits, rem_e - enc[i], np.iinfo(np.int64).max)))
                 rem_e[j] -= enc[i]
                 rem_d[j] -= dec[i]
-                room[j] -= 1
+                count[j] += 1
                 bins[j].append(pool[i])
                 avail[i] = False
         es, ds = enc / ce, dec / cd
         size = es + ds
         for j in range(len(bins)):
-            while room[j] > 0:
-                fits = avail & (enc <= rem_e[j]) & (dec <= rem_d[j])
+            while True:
+                fits = avail & (enc <= rem_e[j]) & (dec <= rem_d[j]) & fits_docs(j, enc, dec)
                 if not fits.any():
                     break
                 score = size - np.abs((rem_e[j] / ce - es) - (rem_d[j] / cd - ds))
                 i = int(np.argmax(np.where(fits, score, -np.inf)))
                 rem_e[j] -= enc[i]
                 rem_d[j] -= dec[i]
-                room[j] -= 1
+                count[j] += 1
                 bins[j].append(pool[i])
                 avail[i] = False
         left: list[Example] = [(*pool[i][:5], pool[i][5] + 1) for i in np.flatnonzero(avail)]  # type: ignore[misc]
@@ -484,6 +495,8 @@ class UL2Dataset(IterableDataset):
                 _tail_docs(self.max_target_tokens - n_dec, self.max_target_len),
             )
             empty = self.max_docs - n - max(len(pe), len(pd))
+            if empty < 0:  # _pack keeps every bin within max_docs; a failure here is a packing bug
+                raise RuntimeError(f"{n} examples and {max(len(pe), len(pd))} padding documents exceed max_docs")
             enc_lens = np.concatenate([enc_lens, pe, np.zeros(max(len(pd) - len(pe), 0) + empty, np.int64)])
             dec_lens = np.concatenate([dec_lens, pd, np.zeros(max(len(pe) - len(pd), 0) + empty, np.int64)])
             parts_e.append(np.full(self.max_tokens - n_enc, self.pad_id, dtype=np.int64))
