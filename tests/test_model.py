@@ -310,6 +310,56 @@ def test_flash_matches_eager_on_padded_batches_with_grads():
         torch.testing.assert_close(p.grad, g, rtol=1e-3, atol=1e-5 * g.abs().max().item(), msg=name)
 
 
+def test_flash_static_view_of_padded_rows_equals_the_unpadded_one(monkeypatch):
+    """Under CUDA-graph capture or torch.compile padded rows keep every slot (no host sync; real tokens first, each
+    row's padding a trailing document): outputs, loss and gradients equal the unpadded path's; padding stays zero.
+    Rows right-padded, left-padded, with a hole and empty; a dense decoder pairs with the padded encoder too."""
+    import flasht5.layout as layout_mod
+
+    _, flash = pair()
+    g = torch.Generator().manual_seed(5)
+    ids, labels = torch.randint(2, V, (4, 9), generator=g), torch.randint(2, V, (4, 5), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, 6:], mask[1, :3], mask[2, 2:4], mask[3, :] = 0, 0, 0, 0
+    dmask = torch.ones_like(labels)
+    dmask[0, 3:] = 0
+    labels = labels.masked_fill(dmask == 0, 0)  # padding labels that are NOT -100: padding must still not count
+
+    def run(static: bool, dec_kind: str):
+        monkeypatch.setattr(layout_mod, "static_shapes_needed", lambda: static)
+        flash.zero_grad(set_to_none=True)
+        dec = Layout.padded(dmask) if dec_kind == "padded" else Layout.dense(4, 5)
+        with torch.set_grad_enabled(dec_kind == "padded"):  # gradients once (the interpreter is slow)
+            out = flash(ids, labels=labels, enc=Layout.padded(mask), dec=dec, return_logits=True)
+        if out.loss.requires_grad:
+            out.loss.backward()
+        assert out.encoded.view.inner.pad_docs == (4 if static else 0)
+        assert out.view.inner.pad_docs == (4 if static and dec_kind == "padded" else 0)
+        grads = {n: p.grad.clone() for n, p in flash.named_parameters() if p.grad is not None}
+        return out.encoded.hidden, out.logits, out.loss, grads
+
+    for dec_kind in ("padded", "dense"):
+        hid_a, logits_a, loss_a, grads_a = run(False, dec_kind)
+        hid_b, logits_b, loss_b, grads_b = run(True, dec_kind)
+        torch.testing.assert_close(hid_b, hid_a, rtol=1e-5, atol=1e-6)
+        assert torch.all(hid_b[mask == 0] == 0)
+        keep = dmask.bool() if dec_kind == "padded" else torch.ones_like(dmask, dtype=torch.bool)
+        torch.testing.assert_close(logits_b[keep], logits_a[keep], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(loss_b, loss_a, rtol=1e-6, atol=1e-7)
+        assert grads_a.keys() == grads_b.keys()
+        for name, ga in grads_a.items():
+            torch.testing.assert_close(grads_b[name], ga, rtol=1e-4, atol=1e-6 * ga.abs().max().item(), msg=name)
+
+
+def test_flash_static_view_refuses_packed_rows(monkeypatch):
+    import flasht5.layout as layout_mod
+
+    monkeypatch.setattr(layout_mod, "static_shapes_needed", lambda: True)
+    seg = torch.tensor([[1, 1, 2, 0]])
+    with pytest.raises(ValueError, match="varlen cu_seqlens"):
+        Layout.packed(seg).flat()
+
+
 def test_flash_packed_varlen_equals_separate_documents():
     eager, flash = pair()
     enc, dec = _docs()

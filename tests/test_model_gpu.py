@@ -161,3 +161,49 @@ def test_graph_captured_step_gives_the_eager_losses():
     assert losses[True][-1] < losses[True][0]  # it trains
     # bf16 and the bias-gradient atomics: not bitwise, but the same trajectory
     torch.testing.assert_close(losses[True], losses[False], rtol=2e-3, atol=2e-3)
+
+
+def test_padded_encoder_is_graph_capturable_and_compilable():
+    """Padded rows under CUDA-graph capture (and torch.compile) take the sync-free static view: the captured
+    encoder, replayed on new ids and masks, and the compiled one give the eager (unpadded) outputs; padding is 0."""
+    from flasht5 import FlashT5EncoderModel
+
+    torch.manual_seed(0)
+    fields = {k: v for k, v in FIELDS.items() if k != "num_decoder_layers"}
+    model = FlashT5EncoderModel(FlashT5Config(**fields)).cuda().eval()
+    B, L = 4, 200
+    ids = torch.zeros(B, L, dtype=torch.long, device="cuda")
+    mask = torch.zeros(B, L, dtype=torch.long, device="cuda")
+
+    def batch(seed: int):
+        g = torch.Generator(device="cuda").manual_seed(seed)
+        lengths = torch.randint(1, L + 1, (B,), device="cuda", generator=g)
+        m = (torch.arange(L, device="cuda")[None] < lengths[:, None]).long()
+        m[0] = torch.roll(m[0], 7)  # a row that is not right-padded
+        return torch.randint(2, 1024, (B, L), device="cuda", generator=g), m
+
+    with torch.no_grad():
+        first_ids, first_mask = batch(0)
+        ids.copy_(first_ids)
+        mask.copy_(first_mask)
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(2):
+                model(input_ids=ids, attention_mask=mask)
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        compiled = torch.compile(model)
+        for seed in (1, 2):
+            new_ids, new_mask = batch(seed)
+            ids.copy_(new_ids)
+            mask.copy_(new_mask)
+            graph.replay()
+            ref = model(input_ids=new_ids, attention_mask=new_mask).last_hidden_state
+            tol = dict(rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+            torch.testing.assert_close(out, ref, **tol)
+            assert torch.all(out[new_mask == 0] == 0)
+            comp = compiled(input_ids=new_ids, attention_mask=new_mask).last_hidden_state
+            torch.testing.assert_close(comp, ref, **tol)

@@ -16,7 +16,10 @@ Positions are implied: they restart at 0 in every document (plus ``offset``), fo
 without a host synchronisation, and cached on the object (build one layout per batch and reuse it):
 :meth:`Layout.positions` (RoPE, FIRE, shift-right, the reference bias), :meth:`Layout.flat` (the padding-free view the
 flash kernels eat; padded and packed rows need one sync there to find their real tokens) and :meth:`Layout.rows`
-(the row view the reference paths eat; varlen needs one sync there for the exact longest document).
+(the row view the reference paths eat; varlen needs one sync there for the exact longest document). While a CUDA
+graph is being captured, or under ``torch.compile``, padded rows take a sync-free flat view instead: every slot
+stays (real tokens first, then each row's padding as a trailing document), so the shapes are static and the rows
+can be captured, at the price of computing the padding too.
 
 Validation happens once, in the constructors: shapes, dtypes and devices always; the *values* of ``cu_seqlens`` and
 ``segment_ids`` only when they are on the CPU (free; collators build them there) or under ``FLASHT5_DEBUG=1``.
@@ -59,6 +62,14 @@ class Flat(NamedTuple):
     index: Tensor | None
     cu_seqlens: Tensor
     max_seqlen: int
+    pad_docs: int = 0  # the last pad_docs documents hold padding (the static view of padded rows)
+
+
+def static_shapes_needed() -> bool:
+    """Whether shapes must not depend on values: under ``torch.compile`` or while a CUDA graph is captured."""
+    if torch.compiler.is_compiling():
+        return True
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 @dataclass(eq=False)
@@ -74,6 +85,7 @@ class Layout:
     max_seqlen: int | None = None
     offset: int = 0
     lengths: Tensor | None = None
+    pad_docs: int = 0  # varlen: the last pad_docs documents hold padding (a static flat view of padded rows)
     _derived: dict[str, Any] = field(default_factory=dict, repr=False)
 
     # -- constructors (validation happens here, once) -----------------------------------------------------------
@@ -252,15 +264,28 @@ class Layout:
 
     def flat(self, device: torch.device | None = None) -> Flat:
         """The padding-free view (see :class:`Flat`). Padded and packed rows: one host sync to find the real tokens."""
-        return self._cached("flat", lambda: self._flat(device))
+        static = self.kind in ("padded", "packed") and static_shapes_needed()  # a view of its own, cached apart
+        return self._cached("flat_static" if static else "flat", lambda: self._flat(device, static))
 
-    def _flat(self, device: torch.device | None) -> Flat:
+    def _flat(self, device: torch.device | None, static: bool) -> Flat:
         if self.kind == "varlen":
-            return Flat(None, self.cu_seqlens, int(self.max_seqlen))
+            return Flat(None, self.cu_seqlens, int(self.max_seqlen), self.pad_docs)
         if self.kind == "dense":
             cu = torch.arange(self.batch + 1, device=device, dtype=torch.int32) * self.length
             return Flat(None, cu, self.length)
         real = self.key_mask()
+        if static:
+            if self.kind == "packed":
+                raise ValueError(
+                    "packed rows (segment_ids) need a host sync to find their documents, which CUDA-graph capture "
+                    "and torch.compile cannot take: pass the documents as varlen cu_seqlens instead."
+                )
+            # No sync: a stable sort puts the real tokens first (row by row), the padding after them; row b's
+            # padding is document B + b, so the real documents keep their indices and still pair across attentions.
+            index = torch.argsort((~real).flatten().to(torch.uint8), stable=True)
+            lengths = real.sum(1, dtype=torch.int32) if self.lengths is None else self.lengths
+            docs = torch.cat([lengths, self.length - lengths])
+            return Flat(index, F.pad(docs.cumsum(0, dtype=torch.int32), (1, 0)), self.length, self.batch)
         index = real.flatten().nonzero().squeeze(1)  # the one host sync of a padded / packed layout
         if self.kind == "padded":  # one document per row (also an empty one, so rows pair across attentions)
             lengths = real.sum(1, dtype=torch.int32) if self.lengths is None else self.lengths
@@ -276,7 +301,8 @@ class Layout:
         if self.kind in ("dense", "varlen"):
             return self, None
         flat = self.flat(device)
-        inner = Layout("varlen", 1, int(flat.index.numel()), cu_seqlens=flat.cu_seqlens, max_seqlen=flat.max_seqlen)
+        inner = Layout("varlen", 1, int(flat.index.numel()), cu_seqlens=flat.cu_seqlens, max_seqlen=flat.max_seqlen,
+                       pad_docs=flat.pad_docs)  # fmt: skip
         return inner, flat.index
 
     def rows(self) -> tuple[Layout, Tensor | None]:

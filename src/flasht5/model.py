@@ -267,7 +267,11 @@ def attend_flash(
         )
     B, Lq, H, D = q.shape
     fq, fk = ql.flat(q.device), kl.flat(q.device)
-    if fq.cu_seqlens.shape != fk.cu_seqlens.shape:
+    cu_q, cu_k = fq.cu_seqlens, fk.cu_seqlens
+    nq, nk = cu_q.numel() - 1, cu_k.numel() - 1
+    if nq != nk and nq - fq.pad_docs == nk - fk.pad_docs:  # the same real documents, padding ones on one side
+        cu_q, cu_k = _empty_docs(cu_q, max(nk - nq, 0)), _empty_docs(cu_k, max(nq - nk, 0))
+    elif nq != nk:
         raise ValueError(
             "cross-attention needs the same documents on both sides: packed batches must be packed on both sides "
             f"(encoder {fk.cu_seqlens.numel() - 1} documents, decoder {fq.cu_seqlens.numel() - 1})."
@@ -276,10 +280,15 @@ def attend_flash(
     if fk.index is not None:
         k, v = k.index_select(0, fk.index), v.index_select(0, fk.index)
     out = flash_attention(
-        q.reshape(-1, H, D), k, v, scale=1.0, causal=causal, cu_seqlens_q=fq.cu_seqlens, cu_seqlens_k=fk.cu_seqlens,
+        q.reshape(-1, H, D), k, v, scale=1.0, causal=causal, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
         max_seqlen_q=fq.max_seqlen, max_seqlen_k=fk.max_seqlen, **bias,
     )  # fmt: skip
     return out.view(B, Lq, H, D)
+
+
+def _empty_docs(cu: Tensor, n: int) -> Tensor:
+    """``cu_seqlens`` with ``n`` empty documents appended (they pair with the other side's padding documents)."""
+    return cu if n == 0 else torch.cat([cu, cu[-1:].expand(n)])
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -657,17 +666,25 @@ class View:
         """(outer batch, outer length, ...) -> the inner layout's shape; ``fill`` where rows are padding."""
         if self.index is None:
             return x
-        if self.flat:
-            return gather_tokens(x, self.index)
-        return scatter_tokens(x, self.index, self.inner.batch, self.inner.length, fill)
+        if not self.flat:
+            return scatter_tokens(x, self.index, self.inner.batch, self.inner.length, fill)
+        if self.inner.pad_docs:  # the static view keeps the padding: it holds ``fill`` (labels: -100, never counted)
+            real = self.outer.key_mask()
+            x = x.masked_fill(~real.view(*real.shape, *[1] * (x.dim() - 2)), fill)
+        return gather_tokens(x, self.index)
 
     def exit(self, x: Tensor) -> Tensor:
-        """The inverse of :meth:`enter` (zeros where the outer layout has tokens the inner one dropped)."""
+        """The inverse of :meth:`enter` (zeros where the outer layout has tokens the inner one dropped, or keeps
+        as padding documents in its static view)."""
         if self.index is None:
             return x
-        if self.flat:
-            return scatter_tokens(x, self.index, self.outer.batch, self.outer.length)
-        return gather_tokens(x, self.index)
+        if not self.flat:
+            return gather_tokens(x, self.index)
+        out = scatter_tokens(x, self.index, self.outer.batch, self.outer.length)
+        if self.inner.pad_docs:
+            real = self.outer.key_mask()
+            out = out.masked_fill(~real.view(*real.shape, *[1] * (x.dim() - 2)), 0)
+        return out
 
 
 @dataclass
