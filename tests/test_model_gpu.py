@@ -164,8 +164,9 @@ def test_graph_captured_step_gives_the_eager_losses():
 
 
 def test_padded_encoder_is_graph_capturable_and_compilable():
-    """Padded rows under CUDA-graph capture (and torch.compile) take the sync-free static view: the captured
-    encoder, replayed on new ids and masks, and the compiled one give the eager (unpadded) outputs; padding is 0."""
+    """Padded rows under CUDA-graph capture, torch.compile and in inference take the sync-free static view: the
+    captured encoder replayed on new ids and masks, the compiled one and the eager one without autograd (never
+    syncing) give the unpadded view's outputs (autograd on); padding is 0."""
     from flasht5 import FlashT5EncoderModel
 
     torch.manual_seed(0)
@@ -201,9 +202,17 @@ def test_padded_encoder_is_graph_capturable_and_compilable():
             ids.copy_(new_ids)
             mask.copy_(new_mask)
             graph.replay()
-            ref = model(input_ids=new_ids, attention_mask=new_mask).last_hidden_state
+            with torch.enable_grad():  # autograd on: the unpadded view (one sync), the reference
+                ref = model(input_ids=new_ids, attention_mask=new_mask).last_hidden_state.detach()
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")  # inference: the static view, no host sync
+            try:
+                eager = model(input_ids=new_ids, attention_mask=new_mask).last_hidden_state
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
             tol = dict(rtol=1e-4, atol=1e-4 * ref.abs().max().item())
             torch.testing.assert_close(out, ref, **tol)
+            torch.testing.assert_close(eager, ref, **tol)
             assert torch.all(out[new_mask == 0] == 0)
             comp = compiled(input_ids=new_ids, attention_mask=new_mask).last_hidden_state
             torch.testing.assert_close(comp, ref, **tol)

@@ -17,9 +17,11 @@ without a host synchronisation, and cached on the object (build one layout per b
 :meth:`Layout.positions` (RoPE, FIRE, shift-right, the reference bias), :meth:`Layout.flat` (the padding-free view the
 flash kernels eat; padded and packed rows need one sync there to find their real tokens) and :meth:`Layout.rows`
 (the row view the reference paths eat; varlen needs one sync there for the exact longest document). While a CUDA
-graph is being captured, or under ``torch.compile``, padded rows take a sync-free flat view instead: every slot
-stays (real tokens first, then each row's padding as a trailing document), so the shapes are static and the rows
-can be captured, at the price of computing the padding too.
+graph is being captured, under ``torch.compile``, and in CUDA inference (autograd off), padded rows take a sync-free
+flat view instead: every slot stays (real tokens first, then each row's padding as a trailing document), so the
+shapes are static, the rows can be captured and the host never waits, at the price of computing the padding too
+(a padded T5-base encoder call on the H200 was host-bound at 59 % GPU busy with the sync; a dense one of the same
+shape, which computes every slot, ran at 94 % and took 22 % less time: benchmarks/results/, 2026-12-02).
 
 Validation happens once, in the constructors: shapes, dtypes and devices always; the *values* of ``cu_seqlens`` and
 ``segment_ids`` only when they are on the CPU (free; collators build them there) or under ``FLASHT5_DEBUG=1``.
@@ -70,6 +72,11 @@ def static_shapes_needed() -> bool:
     if torch.compiler.is_compiling():
         return True
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def _static_view(device: torch.device | None) -> bool:
+    """Padded rows keep their padding (module docstring): static shapes needed, or CUDA inference."""
+    return static_shapes_needed() or (device is not None and device.type == "cuda" and not torch.is_grad_enabled())
 
 
 @dataclass(eq=False)
@@ -263,8 +270,11 @@ class Layout:
         return None
 
     def flat(self, device: torch.device | None = None) -> Flat:
-        """The padding-free view (see :class:`Flat`). Padded and packed rows: one host sync to find the real tokens."""
-        static = self.kind in ("padded", "packed") and static_shapes_needed()  # a view of its own, cached apart
+        """The padding-free view (see :class:`Flat`). Padded and packed rows: one host sync to find the real tokens,
+        except in the static view of padded rows (module docstring); packed rows cannot have one."""
+        static = (self.kind == "padded" and _static_view(self.device)) or (
+            self.kind == "packed" and static_shapes_needed()
+        )  # a view of its own, cached apart
         return self._cached("flat_static" if static else "flat", lambda: self._flat(device, static))
 
     def _flat(self, device: torch.device | None, static: bool) -> Flat:
