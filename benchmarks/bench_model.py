@@ -10,6 +10,8 @@ Rows:
   nai-t5                     NovelAI's T5 (SDPA with a materialised bias), bf16 weights (no fp32 master copy),
                              F.cross_entropy on its logits (it has no loss)
   flasht5 eager / graph      flasht5's TrainStep without / with CUDA-graph capture, bf16 autocast, fp32 weights
+  flasht5 bf16 weights       the graph-captured step on bf16 weights and optimizer state, no autocast (nai-t5's
+                             setting: no per-step weight casts, half the gradient traffic)
 
 Shapes (encoder length = decoder length unless stated): 512 x B16, 512 x B32, 2048 x B8, a ragged fine-tuning
 batch (32 examples, inputs 64-512 tokens, targets 8-114; transformers and nai-t5 get it padded to the longest,
@@ -60,6 +62,10 @@ IMPLS = {
     "nai-t5": ("nai-t5", "bf16 weights (no fp32 master), fused AdamW"),
     "flasht5-eager": ("flasht5 eager", "bf16 autocast, fp32 weights, fused AdamW"),
     "flasht5-graph": ("flasht5 CUDA graph", "bf16 autocast, fp32 weights, fused AdamW, graph-captured step"),
+    "flasht5-bf16": (
+        "flasht5 CUDA graph, bf16 weights",
+        "bf16 weights (no fp32 master, as nai-t5), fused AdamW, graph",
+    ),
 }
 PADDED_IMPLS = ("hf-eager", "hf-sdpa", "nai-t5")  # get the ragged batch padded to the longest example
 GRAD_CLIP = 1.0
@@ -170,9 +176,12 @@ def flasht5_reference_state(cfg, seed: int = 0) -> tuple[dict, dict]:
     return ours, hf
 
 
-def flasht5_step(cfg, state: dict, data: Data, *, graph: bool) -> tuple[Callable[[], object], list]:
+def flasht5_step(
+    cfg, state: dict, data: Data, *, graph: bool, bf16_weights: bool = False
+) -> tuple[Callable[[], object], list]:
     """flasht5's training step on ``data`` (dense batch if unpadded, else packed varlen). Returns the step function
-    (returns the loss tensor, no host sync) and the objects to keep alive / free."""
+    (returns the loss tensor, no host sync) and the objects to keep alive / free. ``bf16_weights``: bf16 parameters
+    and optimizer state, no autocast (nai-t5's setting: no weight casts, half the gradient traffic)."""
     from flasht5.layout import Batch
     from flasht5.model import T5
     from flasht5.train.step import TrainStep
@@ -180,8 +189,11 @@ def flasht5_step(cfg, state: dict, data: Data, *, graph: bool) -> tuple[Callable
     model = T5(cfg).cuda()
     model.load_state_dict(state)
     model.train()
+    if bf16_weights:
+        model.to(torch.bfloat16)
     opt = torch.optim.AdamW(model.parameters(), lr=LR, fused=True, capturable=True)
-    step = TrainStep(model, opt, grad_clip=GRAD_CLIP, amp_dtype=torch.bfloat16, cuda_graph=graph)
+    amp = None if bf16_weights else torch.bfloat16
+    step = TrainStep(model, opt, grad_clip=GRAD_CLIP, amp_dtype=amp, cuda_graph=graph)
     if data.padded:
         p = {k: _to(v, "cuda") for k, v in data.packed.items()}
         batch = Batch.varlen(
@@ -487,7 +499,9 @@ def main() -> None:
             return lambda: hf_step(hf_kwargs, hf_state, data, impl=impl.split("-")[1], device=device)
         if impl == "nai-t5":
             return lambda: nai_step(hf_kwargs, hf_state, data, device=device)
-        return lambda: flasht5_step(cfg, ours_state, data, graph=impl == "flasht5-graph")
+        return lambda: flasht5_step(
+            cfg, ours_state, data, graph=impl != "flasht5-eager", bf16_weights=impl == "flasht5-bf16"
+        )
 
     rows, raw = [], []
     for shape in shapes:

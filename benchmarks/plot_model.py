@@ -19,6 +19,7 @@ STYLE = {  # implementation -> (colour, line style)
     "nai-t5": ("#2a9d8f", "-."),
     "flasht5-eager": ("#f4a261", "-"),
     "flasht5-graph": ("#d62828", "-"),
+    "flasht5-bf16": ("#7b2cbf", "-"),
 }
 
 
