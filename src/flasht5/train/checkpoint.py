@@ -503,7 +503,7 @@ def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: tree}
 
 
-IGNORED_IN_DIFF = ("train.resume", "train.out_dir")  # resuming a run that was moved is no change
+IGNORED_IN_DIFF = ("train.resume", "train.out_dir", "dist.strategy")  # a moved run, or one on other ranks
 
 
 def config_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -639,8 +639,12 @@ def load_sharded(path: Path, core: torch.nn.Module, optimizer: torch.optim.Optim
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
+    import warnings
+
     state = _dcp_state(core, optimizer)
-    dcp.load(state, checkpoint_id=str(Path(path) / "dcp"))
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.filterwarnings("ignore", message=".*single process.*")
+        dcp.load(state, checkpoint_id=str(Path(path) / "dcp"))
     set_state_dict(core, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     _optimizer_dtypes(optimizer)
     for g in optimizer.param_groups:

@@ -294,16 +294,20 @@ def restore_run_state(
 
 
 def trainer_state(
-    step: int, optimizer, loader: ResumableLoader, device: torch.device, losses: deque, z_terms: deque, config: str
-) -> dict[str, Any]:
+    step: int, optimizer, loader: ResumableLoader | list[ResumableLoader], device: torch.device, losses: deque,
+    z_terms: deque, config: str,
+) -> dict[str, Any]:  # fmt: skip
     """``trainer.pt``: everything besides the weights that the next steps depend on; tensors, numbers, strings,
-    lists and dicts only, so that it loads with ``torch.load(weights_only=True)``."""
+    lists and dicts only, so that it loads with ``torch.load(weights_only=True)``. ``loader``: one per data stream
+    (gradient accumulation reads one stream per micro-batch)."""
     stack = lambda dq: torch.stack(list(dq)).cpu() if dq else None
+    loaders = loader if isinstance(loader, list) else [loader]
     return {
         "format": ckpt.FORMAT,
         "step": step,
         "optimizer": optimizer.state_dict(),
-        "data": loader.state_dict(),
+        "data": loaders[0].state_dict(),
+        **({"data_streams": {str(i): ld.state_dict() for i, ld in enumerate(loaders)}} if len(loaders) > 1 else {}),
         "rng": ckpt.rng_state(device),
         "log_window": {"loss": stack(losses), "z_loss": stack(z_terms)},
         "config": config,
@@ -578,7 +582,7 @@ def _train(cfg: Config, out: Path, world: tdist.World, device: torch.device) -> 
                 state = sharded_trainer_state(step, streams, world, device, losses, z_terms, config_json)
                 ckpt.save_sharded(out, step, core, optimizer, state, t.keep_checkpoints, world)
             else:
-                state = trainer_state(step, optimizer, loaders[0], device, losses, z_terms, config_json)
+                state = trainer_state(step, optimizer, loaders, device, losses, z_terms, config_json)
                 ckpt.save_checkpoint(out, step, model, state, t.keep_checkpoints)
             window_t0 = time.perf_counter()
     bar.close()

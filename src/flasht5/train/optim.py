@@ -158,7 +158,7 @@ class AdamWScale(torch.optim.Optimizer):
     @staticmethod
     def _rms(params: list[torch.Tensor], p32: list[torch.Tensor]) -> list[torch.Tensor]:
         """RMS of every (whole) parameter from local values; sharded ones sum their squares over their group."""
-        rms = torch._foreach_norm(p32)
+        rms = list(torch._foreach_norm(p32))
         groups = [_sharded_group(p) for p in params]
         sharded = [i for i, g in enumerate(groups) if g is not None]
         if sharded:
