@@ -636,10 +636,10 @@ def save_sharded(
 def load_sharded(path: Path, core: torch.nn.Module, optimizer: torch.optim.Optimizer, lr: float) -> None:
     """Fill ``core`` and ``optimizer`` from ``path/dcp`` (any number of ranks, any strategy, or one process without
     a process group: DCP reads the pieces each rank's shards need). The learning rate is set to ``lr``."""
+    import warnings
+
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_state_dict
-
-    import warnings
 
     state = _dcp_state(core, optimizer)
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
