@@ -605,8 +605,7 @@ def _train(cfg: Config, out: Path, world: tdist.World, device: torch.device) -> 
         final_model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
 
-    summary: dict[str, Any] = {}
-    if world.main:
+    def finish() -> dict[str, Any]:
         ckpt.write_dir_atomically(final, write_final, need=ckpt.nbytes(final_model.state_dict()))
         plot_losses(metrics_path, out / "loss.png")
         sample_device = next(final_model.parameters()).device
@@ -626,5 +625,6 @@ def _train(cfg: Config, out: Path, world: tdist.World, device: torch.device) -> 
             "samples": samples,
         }
         ckpt.write_text_atomically(out / "summary.json", json.dumps(summary, indent=2))
-    tdist.barrier(world)
-    return summary
+        return summary
+
+    return tdist.on_main(finish, world)  # every rank returns rank 0's summary (or raises its error)
