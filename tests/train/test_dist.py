@@ -139,15 +139,15 @@ def _step_on_ranks(world) -> dict:
 
     halves, _ = _halves()
     out = {}
-    for strategy in ("ddp", "fsdp"):
+    for name, strategy, shard in (("ddp", "ddp", 0), ("fsdp", "fsdp", 0), ("hsdp", "fsdp", 1)):
         w = tdist.World(world.rank, world.world_size, world.rank, strategy)
         core = _core()
-        module = tdist.wrap(core, w)
+        module = tdist.wrap(core, w, shard_size=shard)  # hsdp: 2 replicas of 1-rank shards (a 2-D mesh)
         outs = _steps(module, core.parameters(), halves[world.rank], world=w)
         losses = torch.stack([o.loss for o in outs])
         dist.all_reduce(losses)  # every rank returns its share of the global mean
         sd = get_model_state_dict(core, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        out[strategy] = (losses.tolist(), [float(o.grad_norm) for o in outs], sd)
+        out[name] = (losses.tolist(), [float(o.grad_norm) for o in outs], sd)
     return out
 
 
@@ -216,10 +216,10 @@ def runs(tmp_path_factory) -> Path:
     return shared
 
 
-def test_ddp_and_fsdp_step_on_two_ranks_equals_one_process_with_the_whole_batch(runs):
+def test_ddp_fsdp_and_hsdp_step_on_two_ranks_equals_one_process_with_the_whole_batch(runs):
     ref_losses, ref_weights = _reference()
     step = torch.load(runs / "results" / "step.pt", weights_only=True)
-    for strategy in ("ddp", "fsdp"):
+    for strategy in ("ddp", "fsdp", "hsdp"):
         losses, norms, weights = step[strategy]
         torch.testing.assert_close(losses, ref_losses, **TOL, msg=strategy)
         assert all(n > 0 for n in norms)

@@ -102,6 +102,7 @@ class DistConfig:
     reduce_dtype: str = "fp32"  # fsdp: gradient reduce-scatter dtype, "fp32" or "bf16"
     cpu_offload: bool = False  # fsdp: sharded parameters, gradients and optimizer state in host memory
     reshard_after_forward: bool = True  # fsdp: free each block's gathered weights after its forward (ZeRO-3)
+    shard_size: int = 0  # fsdp: shard over groups of this many ranks, replicate across them (HSDP); 0 = all ranks
     timeout_s: float = 1800.0  # collective timeout (a rank that dies makes the others fail after this long)
 
 
@@ -390,6 +391,7 @@ def _check_dist(cfg: Config) -> None:
     _range("dist.bucket_mb", x.bucket_mb, 0, lo_open=True)
     _one_of("dist.reduce_dtype", x.reduce_dtype, ("fp32", "bf16"))
     _range("dist.timeout_s", x.timeout_s, 0, lo_open=True)
+    _range("dist.shard_size", x.shard_size, 0, note=" (0: shard over all ranks)")
     if x.cpu_offload and x.strategy != "fsdp":
         raise ValueError("dist.cpu_offload applies to dist.strategy=fsdp only")
     if x.strategy == "fsdp" and t.cuda_graphs:

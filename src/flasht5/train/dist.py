@@ -147,9 +147,14 @@ def wrap(
     bucket_mb: float = 25.0,
     cpu_offload: bool = False,
     reshard_after_forward: bool = True,
+    shard_size: int = 0,
 ) -> torch.nn.Module:
     """The module the training step calls: ``DistributedDataParallel(core)``, the FSDP2-sharded ``core`` itself, or
-    ``core`` unchanged for ``none``. Build the optimizer on ``core.parameters()`` afterwards."""
+    ``core`` unchanged for ``none``. Build the optimizer on ``core.parameters()`` afterwards.
+
+    ``shard_size`` (fsdp): 0 shards over all ranks; k < world_size shards over groups of k consecutive ranks and
+    replicates across the groups (HSDP: a 2-D device mesh, e.g. k = GPUs per node, so the sharded traffic stays on
+    NVLink and only the gradient all-reduce crosses nodes)."""
     if world.strategy == "none":
         return core
     if world.strategy == "ddp":
@@ -170,6 +175,15 @@ def wrap(
 
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     kw: dict[str, Any] = {"mp_policy": mp}
+    if shard_size and shard_size != world.world_size:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        if world.world_size % shard_size:
+            raise ValueError(f"dist.shard_size={shard_size} does not divide the world size {world.world_size}")
+        device_type = next(core.parameters()).device.type
+        kw["mesh"] = init_device_mesh(
+            device_type, (world.world_size // shard_size, shard_size), mesh_dim_names=("replicate", "shard")
+        )
     if cpu_offload:
         kw["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
     for block in blocks(core):

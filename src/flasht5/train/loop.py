@@ -430,7 +430,7 @@ def _train(cfg: Config, out: Path, world: tdist.World, device: torch.device) -> 
         core, world, param_dtype=param_dtype,
         reduce_dtype=torch.bfloat16 if cfg.dist.reduce_dtype == "bf16" else torch.float32,
         bucket_mb=cfg.dist.bucket_mb, cpu_offload=cfg.dist.cpu_offload,
-        reshard_after_forward=cfg.dist.reshard_after_forward,
+        reshard_after_forward=cfg.dist.reshard_after_forward, shard_size=cfg.dist.shard_size,
     )  # fmt: skip
     log(
         f"model: {n_params / 1e6:.1f}M parameters, backend {core.backend}, device {device}, "

@@ -41,11 +41,16 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 
 def _sharded_group(p: torch.Tensor):
-    """(process group, device type of the collective) over which ``p`` is sharded, or None when it is whole."""
+    """(process groups, device type of the collective) of the mesh dimensions over which ``p`` is sharded (one for
+    FSDP2, the shard dimension of HSDP's 2-D mesh), or None when it is whole."""
     mesh = getattr(p, "device_mesh", None)
-    if mesh is None or not any(pl.is_shard() for pl in p.placements):
+    if mesh is None:
         return None
-    return mesh.get_group(), mesh.device_type
+    dims = tuple(i for i, pl in enumerate(p.placements) if pl.is_shard())
+    if not dims:
+        return None
+    groups = tuple(mesh.get_group(i) for i in dims) if mesh.ndim > 1 else (mesh.get_group(),)
+    return groups, mesh.device_type
 
 
 class AdamWScale(torch.optim.Optimizer):
@@ -167,12 +172,13 @@ class AdamWScale(torch.optim.Optimizer):
             by_group: dict = {}
             for i in sharded:
                 by_group.setdefault(groups[i], []).append(i)
-            for (pg, device_type), idx in by_group.items():
+            for (pgs, device_type), idx in by_group.items():
                 sq = torch.stack([rms[i] for i in idx]).square()
                 dev = sq.device
                 if device_type != dev.type:  # e.g. optimizer state offloaded to the CPU, NCCL on the GPU
                     sq = sq.to(device_type)
-                dist.all_reduce(sq, group=pg)
+                for pg in pgs:
+                    dist.all_reduce(sq, group=pg)
                 sq = sq.to(dev).sqrt()
                 for j, i in enumerate(idx):
                     rms[i] = sq[j]
