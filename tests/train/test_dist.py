@@ -148,6 +148,16 @@ def _step_on_ranks(world) -> dict:
         dist.all_reduce(losses)  # every rank returns its share of the global mean
         sd = get_model_state_dict(core, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         out[name] = (losses.tolist(), [float(o.grad_norm) for o in outs], sd)
+    # dist.meta_init: a model built on the meta device, sharded, then each rank's shards allocated and initialised
+    from flasht5.config import FlashT5Config
+    from flasht5.model import T5
+
+    cfg = FlashT5Config.from_preset("demo", vocab_size=256, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=2)
+    with torch.device("meta"):
+        core = T5(cfg)
+    tdist.wrap(core, tdist.World(world.rank, world.world_size, world.rank, "fsdp"))
+    tdist.materialize(core, torch.device("cpu"), seed=0, rank=world.rank)
+    out["meta"] = get_model_state_dict(core, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return out
 
 
@@ -177,7 +187,9 @@ def _rank_main(rank: int, world_size: int, port: int, shared: str, results: str)
         train(_cfg(shared_p, shared_p / "ddp2", "--dist.strategy=ddp"))
         train(_cfg(shared_p, shared_p / "fsdp2", "--dist.strategy=fsdp"))
         # the reverse resume: a 1-process checkpoint (save_pretrained form) continued on 2 FSDP2 ranks
-        train(_cfg(shared_p, shared_p / "one-to-fsdp2", "--dist.strategy=fsdp", "--train.resume=true"))
+        # (with dist.meta_init: the shards are allocated on the meta model's wrap, the whole weights cut into them)
+        meta = ("--dist.strategy=fsdp", "--dist.meta_init=true", "--train.resume=true")
+        train(_cfg(shared_p, shared_p / "one-to-fsdp2", *meta))
     except BaseException:
         (res / f"error-{rank}.txt").write_text(traceback.format_exc())
         raise
@@ -225,6 +237,20 @@ def test_ddp_fsdp_and_hsdp_step_on_two_ranks_equals_one_process_with_the_whole_b
         assert all(n > 0 for n in norms)
         for k, v in weights.items():
             torch.testing.assert_close(v, ref_weights[k], **TOL, msg=f"{strategy} {k}")
+
+
+def test_meta_device_initialisation_draws_t5_init_into_the_shards(runs):
+    """Same shapes, per-tensor spread within 25% of the ordinary init's, norms exactly 1: T5's scheme, shard-wise."""
+    got = torch.load(runs / "results" / "step.pt", weights_only=True)["meta"]
+    ref = _core().state_dict()
+    assert got.keys() == ref.keys()
+    for k, v in ref.items():
+        assert got[k].shape == v.shape and torch.isfinite(got[k]).all(), k
+        if k.endswith("norm.weight"):
+            assert (got[k] == 1).all(), k
+        else:
+            assert abs(got[k].std() / v.std() - 1) < 0.25, (k, got[k].std(), v.std())
+            assert not torch.equal(got[k][: len(got[k]) // 2], got[k][len(got[k]) // 2 :]), k  # shards differ
 
 
 @pytest.mark.parametrize("name", ["ddp2", "fsdp2"])

@@ -684,6 +684,14 @@ def _optimizer_dtypes(optimizer: torch.optim.Optimizer) -> None:
                 st["step"] = st["step"].to(device=local.device, dtype=torch.float32)
 
 
+def load_full_model_state(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Whole (``save_pretrained``) weights into a model whose core may be sharded (FSDP2): each rank keeps its
+    shards of them."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True))
+
+
 def full_model_state(core: torch.nn.Module, world: Any) -> dict[str, torch.Tensor] | None:
     """The whole model's state on rank 0's CPU (gathered from the shards under FSDP2; collective), None elsewhere."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict

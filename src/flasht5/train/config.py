@@ -103,6 +103,7 @@ class DistConfig:
     cpu_offload: bool = False  # fsdp: sharded parameters, gradients and optimizer state in host memory
     reshard_after_forward: bool = True  # fsdp: free each block's gathered weights after its forward (ZeRO-3)
     shard_size: int = 0  # fsdp: shard over groups of this many ranks, replicate across them (HSDP); 0 = all ranks
+    meta_init: bool = False  # fsdp: build on the meta device, allocate and initialise only each rank's shards
     timeout_s: float = 1800.0  # collective timeout (a rank that dies makes the others fail after this long)
 
 
@@ -394,6 +395,13 @@ def _check_dist(cfg: Config) -> None:
     _range("dist.shard_size", x.shard_size, 0, note=" (0: shard over all ranks)")
     if x.cpu_offload and x.strategy != "fsdp":
         raise ValueError("dist.cpu_offload applies to dist.strategy=fsdp only")
+    if x.meta_init and x.strategy != "fsdp":
+        raise ValueError("dist.meta_init applies to dist.strategy=fsdp only")
+    if x.meta_init and cfg.model.init_from is not None:
+        raise ValueError(
+            "dist.meta_init builds the model from model.preset; with model.init_from every rank loads the whole "
+            "checkpoint anyway: set dist.meta_init=false"
+        )
     if x.strategy == "fsdp" and t.cuda_graphs:
         raise ValueError(
             "train.cuda_graphs=true with dist.strategy=fsdp: FSDP2 steps cannot be replayed from a CUDA graph "

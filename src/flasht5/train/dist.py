@@ -194,6 +194,46 @@ def wrap(
     return core
 
 
+class _ShardInit:
+    """``torch.nn.init``'s ``normal_`` / ``constant_`` / ``zeros_`` on each rank's local shard, drawing from the
+    rank's own generator. DTensor's random ops would make one consistent whole only on CUDA meshes (its offset RNG
+    tracker); on CPU meshes every rank would draw the same numbers and the shards would repeat each other."""
+
+    def __init__(self, seed: int, rank: int, device: torch.device):
+        self.gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + rank)
+
+    @staticmethod
+    def _local(t: torch.Tensor) -> torch.Tensor:
+        return t.to_local() if hasattr(t, "to_local") else t
+
+    def normal_(self, t: torch.Tensor, mean: float = 0.0, std: float = 1.0) -> torch.Tensor:
+        with torch.no_grad():
+            self._local(t).normal_(mean, std, generator=self.gen)
+        return t
+
+    def constant_(self, t: torch.Tensor, val: float) -> torch.Tensor:
+        with torch.no_grad():
+            self._local(t).fill_(val)
+        return t
+
+    def zeros_(self, t: torch.Tensor) -> torch.Tensor:
+        return self.constant_(t, 0.0)
+
+
+def materialize(core: torch.nn.Module, device: torch.device, seed: int = 0, rank: int = 0) -> None:
+    """Allocate a model built on the meta device and sharded by :func:`wrap` (each rank its own shards only) and
+    initialise it with the modules' own ``reset_parameters`` (T5's scheme), every rank drawing its shards from its
+    own generator (independent draws of the same distributions). Non-persistent buffers are recomputed (ALiBi's
+    slopes)."""
+    from flasht5.model import PositionBias, alibi_slopes
+
+    core.to_empty(device=device)
+    for mod in core.modules():
+        if isinstance(mod, PositionBias) and hasattr(mod, "slopes"):
+            mod.slopes = alibi_slopes(core.cfg.num_heads).to(device)
+    core.init_weights(_ShardInit(seed, rank, device))
+
+
 class _null:
     def __enter__(self):
         return self

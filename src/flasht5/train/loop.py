@@ -113,8 +113,16 @@ def make_dataset(
     )
 
 
-def build_model(cfg: Config, vocab_size: int, device: torch.device) -> FlashT5ForConditionalGeneration:
+def build_model(
+    cfg: Config, vocab_size: int, device: torch.device, *, meta: bool = False
+) -> FlashT5ForConditionalGeneration:
+    """The model of ``cfg.model`` on ``device``; ``meta``: on the meta device (no memory, no values: FSDP2 shards it,
+    then :func:`flasht5.train.dist.materialize` allocates and initialises each rank's shards)."""
     m = cfg.model
+    if meta:
+        with torch.device("meta"):
+            model = build_model(cfg, vocab_size, torch.device("meta"))
+        return model
     kwargs = {} if m.attn_implementation is None else {"attn_implementation": m.attn_implementation}
     if m.init_from:
         model = FlashT5ForConditionalGeneration.from_pretrained(m.init_from, **kwargs)
@@ -403,7 +411,8 @@ def _train(cfg: Config, out: Path, world: tdist.World, device: torch.device) -> 
     built: list[Any] = []
     tdist.on_main(lambda: built.append(prepare_data(cfg)), world)
     tokenizer, store, heldout = built[0] if built else prepare_data(cfg)
-    model = build_model(cfg, len(tokenizer), device)
+    meta = cfg.dist.meta_init and world.strategy == "fsdp"
+    model = build_model(cfg, len(tokenizer), device, meta=meta)
     if cfg.optim.precision != "fp32":  # pure bf16 weights (the optimizer keeps what optim.precision says)
         model.to(torch.bfloat16)
     core = model.model  # the training step drives the core model; the wrapper saves and generates
@@ -419,12 +428,10 @@ def _train(cfg: Config, out: Path, world: tdist.World, device: torch.device) -> 
     found_path = tdist.on_main(lambda: getattr(ckpt.load_latest(out), "path", None) if t.resume else None, world)
     resumed = ckpt.read_checkpoint(found_path) if found_path is not None else None
     diff = check_resume(cfg, out, resumed) if resumed is not None else []
-    if resumed is not None and resumed.weights is not None:  # a single-process checkpoint: whole weights
+    if resumed is not None and resumed.weights is not None and not meta:  # single-process checkpoint: whole weights
         load_weights(resumed, model, diff)
     start_step = resumed.step if resumed else 0
 
-    if world.world_size > 1:
-        torch.manual_seed(t.seed + 7919 * world.rank)  # weights are built: dropout draws differ between ranks
     param_dtype = torch.bfloat16 if bf16 and cfg.optim.precision == "fp32" else None
     train_module = tdist.wrap(
         core, world, param_dtype=param_dtype,
@@ -432,6 +439,12 @@ def _train(cfg: Config, out: Path, world: tdist.World, device: torch.device) -> 
         bucket_mb=cfg.dist.bucket_mb, cpu_offload=cfg.dist.cpu_offload,
         reshard_after_forward=cfg.dist.reshard_after_forward, shard_size=cfg.dist.shard_size,
     )  # fmt: skip
+    if meta:  # every rank allocates and initialises its own shards only
+        tdist.materialize(core, device, seed=t.seed, rank=world.rank)
+        if resumed is not None and resumed.weights is not None:
+            ckpt.load_full_model_state(model, resumed.weights)
+    if world.world_size > 1:
+        torch.manual_seed(t.seed + 7919 * world.rank)  # weights are built: dropout draws differ between ranks
     log(
         f"model: {n_params / 1e6:.1f}M parameters, backend {core.backend}, device {device}, "
         f"{'bf16 autocast' if bf16 else 'fp32'}{', CUDA-graph step' if graphs else ''}, optimizer "
