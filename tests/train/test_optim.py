@@ -96,3 +96,19 @@ def test_fp32_parameters_are_untouched_by_the_bf16_options():
 def test_unknown_precision_is_refused():
     with pytest.raises(ValueError, match="precision"):
         AdamWScale([torch.nn.Parameter(torch.zeros(2))], precision="fp8")
+
+
+def test_resumed_bf16_state_keeps_its_dtypes_and_values():
+    """checkpoint.load_optimizer_state (the single-process resume) leaves bf16 moments and Kahan buffers bf16."""
+    from flasht5.train import checkpoint as ckpt
+
+    p = torch.nn.Parameter(torch.randn(4, 4).to(torch.bfloat16))
+    opt = AdamWScale([p], lr=1e-3, precision="bf16_kahan")
+    p.grad = torch.randn(4, 4).to(torch.bfloat16)
+    opt.step()
+    saved = opt.state_dict()
+    fresh = AdamWScale([p], lr=1e-3, precision="bf16_kahan")
+    ckpt.load_optimizer_state(fresh, saved, 1e-3)
+    for k, v in opt.state[p].items():
+        assert fresh.state[p][k].dtype == (torch.float32 if k == "step" else torch.bfloat16), k
+        torch.testing.assert_close(fresh.state[p][k], v, rtol=0, atol=0)

@@ -462,8 +462,9 @@ def load_latest(out: Path) -> Checkpoint | None:
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any], lr: float) -> None:
     """``optimizer.load_state_dict`` without torch's casts: it leaves ``step`` on the device it was loaded to (the
-    CPU) and casts the moments to the parameter's dtype; AdamWScale keeps both as fp32 on the parameter's device
-    (a CPU ``step`` would freeze inside a CUDA graph). The learning rate is set by the loop every step: the saved
+    CPU) and casts the moments to the parameter's dtype; AdamWScale keeps ``step`` as fp32 and the moments (and
+    Kahan / master buffers) in the dtype it saved them in, on the parameter's device (a CPU ``step`` would freeze
+    inside a CUDA graph). The learning rate is set by the loop every step: the saved
     one (maybe a device tensor) is replaced by ``lr``."""
     optimizer.load_state_dict(state)
     saved = {int(k): v for k, v in state["state"].items()}
@@ -474,8 +475,8 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]
             continue
         st = optimizer.state[p]
         for k, v in saved[i].items():
-            if isinstance(v, torch.Tensor) and v.is_floating_point():
-                st[k] = v.to(device=p.device, dtype=torch.float32)
+            if isinstance(v, torch.Tensor) and v.is_floating_point():  # as saved (bf16 state stays bf16)
+                st[k] = v.to(device=p.device, dtype=torch.float32 if k == "step" else v.dtype)
     for g in optimizer.param_groups:
         g["lr"] = lr
 

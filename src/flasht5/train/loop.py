@@ -447,8 +447,8 @@ def _train(cfg: Config, out: Path, world: tdist.World, device: torch.device) -> 
         torch.manual_seed(t.seed + 7919 * world.rank)  # weights are built: dropout draws differ between ranks
     log(
         f"model: {n_params / 1e6:.1f}M parameters, backend {core.backend}, device {device}, "
-        f"{'bf16 autocast' if bf16 else 'fp32'}{', CUDA-graph step' if graphs else ''}, optimizer "
-        f"{cfg.optim.precision}"
+        f"{'bf16 autocast' if bf16 else 'fp32'}{', CUDA-graph step' if graphs else ''}, "
+        f"{'fp32' if cfg.optim.precision == 'fp32' else 'bf16'} weights, optimizer {cfg.optim.precision}"
         + (f", {world.strategy} on {world.world_size} ranks" if world.active else "")
         + (f", {accum} micro-batches per step" if accum > 1 else "")
     )
