@@ -14,6 +14,8 @@ the end run the same comparisons under NCCL with world size 1.
 
 from __future__ import annotations
 
+import functools
+import gzip
 import json
 import os
 import shutil
@@ -38,11 +40,21 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
+def _corpus(shared: Path) -> Path:
+    """The first 3000 lines of the shipped KJV text: a store that pretokenizes in a moment."""
+    path = shared / "corpus.txt"
+    if not path.exists():
+        with gzip.open("data/corpus/kjv_train.txt.gz", "rt") as f:
+            path.write_text("".join(line for _, line in zip(range(3000), f)))
+    return path
+
+
 def _cfg(shared: Path, out: Path, *extra: str):
     return load_config(
         DEMO,
         [
-            f"--train.out_dir={out}", f"--data.tokenizer={shared / 'tok'}", f"--data.store={shared / 'store'}",
+            f"--data.corpus=[{_corpus(shared)}]", f"--train.out_dir={out}", f"--data.tokenizer={shared / 'tok'}",
+            f"--data.store={shared / 'store'}",
             f"--train.steps={STEPS}", "--data.vocab_size=300", "--data.tokenizer_sample=1500", "--data.heldout=[]",
             "--data.max_tokens=128", "--data.max_input_len=32", "--data.max_target_len=12",
             f"--model.overrides={TINY}", "--optim.warmup_steps=2", "--train.log_every=1",
@@ -112,12 +124,22 @@ def _steps(module, params, batches_per_step, world=None, n=3):
     return [step(batches_per_step) for _ in range(n)]
 
 
+@functools.cache
 def _reference():
     """1 process x B: (losses, weights after 3 steps)."""
     _, whole = _halves()
     core = _core()
     outs = _steps(core, core.parameters(), whole)
     return [float(o.loss) for o in outs], {k: v.detach().clone() for k, v in core.state_dict().items()}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny matrices: a second thread only waits (and on a loaded 2-core machine it makes the tests crawl)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def test_accumulation_equals_the_whole_batch():
