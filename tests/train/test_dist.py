@@ -304,6 +304,22 @@ def test_resume_on_another_number_of_ranks_continues_the_curve(runs, name):
     torch.testing.assert_close(_losses(runs / name), _losses(runs / "one"), **TOL)
 
 
+def test_a_truncated_or_missing_shard_makes_the_checkpoint_unreadable(runs, tmp_path):
+    """load_latest then falls back to the previous checkpoint (tests/train/test_checkpoint.py covers the fallback)."""
+    from flasht5.train import checkpoint as ckpt
+
+    run = shutil.copytree(runs / "fsdp2", tmp_path / "run", ignore=shutil.ignore_patterns(".lock"))
+    shard = run / "checkpoints" / f"step-{STEPS:07d}" / "dcp" / "__1_0.distcp"
+    assert ckpt.read_checkpoint(shard.parent.parent).weights is None  # intact: readable, tensors loaded later
+    shard.write_bytes(shard.read_bytes()[:-10])
+    with pytest.raises(ValueError, match="__1_0.distcp is truncated"):
+        ckpt.read_checkpoint(shard.parent.parent)
+    shard.unlink()
+    with pytest.raises(ValueError, match="__1_0.distcp is missing"):
+        ckpt.read_checkpoint(shard.parent.parent)
+    assert ckpt.load_latest(run).step == SAVE
+
+
 def test_data_state_of_another_stream_count_is_refused(runs, tmp_path):
     from flasht5.train.loop import train
 

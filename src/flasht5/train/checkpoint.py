@@ -395,9 +395,19 @@ def read_checkpoint(path: Path) -> Checkpoint:
         from torch.distributed.checkpoint import FileSystemReader
 
         try:
-            FileSystemReader(str(path / "dcp")).read_metadata()
+            meta = FileSystemReader(str(path / "dcp")).read_metadata()
         except Exception as e:
             raise ValueError(f"{path / 'dcp' / '.metadata'}: {_first_line(e)}") from e
+        ends: dict[str, int] = {}  # every shard file must reach the end of the last piece the index puts in it
+        for info in (getattr(meta, "storage_data", None) or {}).values():
+            rel = getattr(info, "relative_path", None)
+            if rel is not None:
+                ends[rel] = max(ends.get(rel, 0), int(info.offset) + int(info.length))
+        for rel, end in sorted(ends.items()):
+            f = path / "dcp" / rel
+            size = f.stat().st_size if f.is_file() else -1
+            if size < end:
+                raise ValueError(f"{f} is {'missing' if size < 0 else f'truncated ({size} of {end} bytes)'}")
         return Checkpoint(path, step, None, trainer)
     try:
         weights = load_state_dict(path)
