@@ -612,6 +612,8 @@ def _train(cfg: Config, out: Path, world: tdist.World, device: torch.device) -> 
         full = ckpt.full_model_state(core, world)
         if world.main:
             final_model = build_model(cfg, len(tokenizer), torch.device("cpu"))
+            if cfg.optim.precision != "fp32":
+                final_model.to(torch.bfloat16)
             final_model.model.load_state_dict(full)
 
     def write_final(tmp: Path) -> None:
@@ -621,12 +623,10 @@ def _train(cfg: Config, out: Path, world: tdist.World, device: torch.device) -> 
     def finish() -> dict[str, Any]:
         ckpt.write_dir_atomically(final, write_final, need=ckpt.nbytes(final_model.state_dict()))
         plot_losses(metrics_path, out / "loss.png")
-        sample_device = next(final_model.parameters()).device
-        samples = (
-            span_filling_samples(final_model, tokenizer, heldout or store, t.samples, sample_device, t.seed)
-            if t.samples
-            else []
-        )
+        samples: list[dict[str, str]] = []
+        if t.samples:  # under FSDP2 on the gathered copy, moved to rank 0's device (train.samples=0 for XL / XXL)
+            gen_model = final_model.to(device)
+            samples = span_filling_samples(gen_model, tokenizer, heldout or store, t.samples, device, t.seed)
         summary = {
             "steps": step,
             "initial_eval_loss": first_eval,
