@@ -75,9 +75,12 @@ def test_what_the_fast_loop_does_not_take_runs_transformers_loop(tmp_path, count
     hf, ours = _pair("t5-v1.1", tmp_path)
     b = padded_batch()
     x = dict(input_ids=b["input_ids"], attention_mask=b["attention_mask"], max_new_tokens=6)
-    assert torch.equal(ours.generate(**x, num_beams=2), hf.generate(**x, num_beams=2))
     out = ours.generate(**x, return_dict_in_generate=True, output_scores=True)
     assert isinstance(out, transformers.generation.utils.GenerateEncoderDecoderOutput) and len(out.scores) == 6
+    kw = dict(num_beams=2, return_dict_in_generate=True, output_scores=True)
+    out, want = ours.generate(**x, **kw), hf.generate(**x, **kw)
+    assert isinstance(out, transformers.generation.utils.GenerateBeamEncoderDecoderOutput)
+    assert torch.equal(out.sequences, want.sequences)
     assert not counted
     with pytest.raises(ValueError, match="stop_check_interval"):
         ours.generate(**x, stop_check_interval=0)
@@ -98,3 +101,57 @@ def test_flash_backend_decodes_with_the_decode_kernel(tmp_path, counted, monkeyp
     x = dict(input_ids=b["input_ids"], attention_mask=b["attention_mask"], do_sample=False, max_new_tokens=5)
     assert torch.equal(ours.generate(**x), hf.generate(**x))
     assert len(counted) == 1 and len(calls) == 5 * 2 * hf.config.num_decoder_layers  # self + cross, every layer
+    kw = dict(num_beams=3, num_return_sequences=2, max_new_tokens=4)  # the cache reordered under the kernel
+    assert torch.equal(ours.generate(**x, **kw), hf.generate(**x, **kw))
+    assert len(counted) == 2
+
+
+BEAM_CASES = [
+    dict(num_beams=2, max_new_tokens=7),
+    dict(num_beams=4, max_new_tokens=9, min_new_tokens=3, num_return_sequences=3, length_penalty=0.5),
+    dict(num_beams=3, max_new_tokens=12, early_stopping=True, length_penalty=-1.0),
+    dict(num_beams=8, max_new_tokens=6, early_stopping="never", num_return_sequences=8),
+]
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_beam_search_fast_loop_is_token_exact(family, tmp_path, counted):
+    hf, ours = _pair(family, tmp_path)
+    b = padded_batch()
+    x = dict(input_ids=b["input_ids"], attention_mask=b["attention_mask"], do_sample=False)
+    deeper = hf.config.num_decoder_layers > hf.config.num_layers
+    for kw in BEAM_CASES:
+        got = ours.generate(**x, **kw, stop_check_interval=3)
+        assert torch.equal(got, hf.generate(**x, **kw, use_cache=not deeper)), kw
+    assert len(counted) == len(BEAM_CASES)
+
+
+def test_beam_search_stops_early_with_eos_exactly(tmp_path, counted):
+    """Beams that end early (several EOS ids, a pad id): the device-side stop freezes the result at the step where
+    transformers stops, whatever the stop check interval."""
+    hf, ours = _pair("t5-v1.1", tmp_path)
+    b = padded_batch()
+    x = dict(input_ids=b["input_ids"], attention_mask=b["attention_mask"], do_sample=False, max_new_tokens=30)
+    free = hf.generate(**x, num_beams=4)
+    eos = sorted(set(free[:, 2].tolist()) | set(free[:, 4].tolist()))[:3]
+    lengths = []
+    for kw in (dict(num_beams=4), dict(num_beams=4, early_stopping=True, num_return_sequences=2),
+               dict(num_beams=2, early_stopping="never", length_penalty=2.0)):  # fmt: skip
+        want = hf.generate(**x, **kw, eos_token_id=eos, pad_token_id=1)
+        lengths.append(want.shape[1])
+        for interval in (1, 5, 64):
+            got = ours.generate(**x, **kw, eos_token_id=eos, pad_token_id=1, stop_check_interval=interval)
+            assert torch.equal(got, want), (kw, interval)
+    assert min(lengths) < 20 and len(counted) == 9, lengths  # stopped early, before the interval of 64
+
+
+def test_beam_sampling_is_seeded_and_matches_transformers(tmp_path, counted):
+    hf, ours = _pair("t5-v1.1", tmp_path)
+    b = padded_batch()
+    x = dict(input_ids=b["input_ids"], attention_mask=b["attention_mask"], do_sample=True, num_beams=3,
+             max_new_tokens=8, top_k=30, num_return_sequences=2)  # fmt: skip
+    torch.manual_seed(0)
+    got = ours.generate(**x)
+    torch.manual_seed(0)
+    assert torch.equal(got, hf.generate(**x))
+    assert len(counted) == 1
