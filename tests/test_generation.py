@@ -155,3 +155,34 @@ def test_beam_sampling_is_seeded_and_matches_transformers(tmp_path, counted):
     torch.manual_seed(0)
     assert torch.equal(got, hf.generate(**x))
     assert len(counted) == 1
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "flash"])
+def test_requests_of_different_lengths_in_one_batch_equal_each_alone(backend, tmp_path, counted):
+    """Inputs of lengths 11, 3, 7 and 1 in one right-padded batch: every row's output is the one it gets alone
+    (then padded). On the flash backend the encoder runs padding-free (one varlen sequence of 22 tokens) and the
+    decoder's cross-attention reads each row's own encoder length."""
+    hf = tiny_hf("t5-v1.1", d_kv=16)
+    ours = FlashT5ForConditionalGeneration.from_pretrained(save_hf(hf, tmp_path / "hf"), attn_implementation=backend)
+    seen = []
+    attend = ours.model.kernels.attend
+    ours.model.kernels = ours.model.kernels._replace(
+        attend=lambda q, k, v, bias, ql, kl, **kw: seen.append((ql.kind, ql.length, kl.kind)) or attend(
+            q, k, v, bias, ql, kl, **kw)
+    )  # fmt: skip
+    lengths = [11, 3, 7, 1]
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(2, 97, (len(lengths), max(lengths)), generator=g)
+    mask = (torch.arange(max(lengths))[None] < torch.tensor(lengths)[:, None]).long()
+    ids = ids * mask
+    cases = [dict(max_new_tokens=6)] + ([dict(max_new_tokens=6, num_beams=3)] if backend == "sdpa" else [])
+    for kw in cases:
+        seen.clear()
+        got = ours.generate(input_ids=ids, attention_mask=mask, do_sample=False, **kw)
+        if backend == "flash":
+            assert ("varlen", sum(lengths), "varlen") in seen  # the encoder: padding-free
+        for i, n in enumerate(lengths):
+            alone = ours.generate(input_ids=ids[i : i + 1, :n], do_sample=False, **kw)[0]
+            assert torch.equal(got[i, : alone.numel()], alone), (kw, i)
+            assert (got[i, alone.numel() :] == hf.config.pad_token_id).all()
+    assert len(counted) == len(cases) * (1 + len(lengths))
