@@ -186,3 +186,34 @@ def test_requests_of_different_lengths_in_one_batch_equal_each_alone(backend, tm
             assert torch.equal(got[i, : alone.numel()], alone), (kw, i)
             assert (got[i, alone.numel() :] == hf.config.pad_token_id).all()
     assert len(counted) == len(cases) * (1 + len(lengths))
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "flash"])
+def test_decode_session_is_reused_across_requests(backend, tmp_path, monkeypatch):
+    """The graph path keeps its static cache, encoder buffers (lengths rounded up to 64) and graph between requests of
+    one bucket (here on the CPU without the graph): requests of other inputs, masks and lengths in that bucket reuse
+    it and still match transformers; another batch size, a dtype change or another backend builds a new one."""
+    monkeypatch.setattr(G, "_SESSION_WITHOUT_GRAPH", True)
+    hf = tiny_hf("t5-v1.1", d_kv=16)
+    ours = FlashT5ForConditionalGeneration.from_pretrained(save_hf(hf, tmp_path / "hf"), attn_implementation=backend)
+    b = padded_batch()
+    x = dict(input_ids=b["input_ids"], attention_mask=b["attention_mask"], do_sample=False, max_new_tokens=5)
+    assert torch.equal(ours.generate(**x), hf.generate(**x))
+    first = G._SESSIONS[ours]
+    cross = first.step.cache.cross[0][0]
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(2, 97, (3, 9), generator=g)
+    mask = (torch.arange(9) < torch.tensor([[9], [2], [5]])).long()
+    cases = [dict(input_ids=ids), dict(input_ids=ids, attention_mask=mask), dict(input_ids=ids, max_new_tokens=9)]
+    for kw in cases if backend == "sdpa" else cases[1:2]:  # the interpreter is slow
+        kw = {**dict(do_sample=False, max_new_tokens=5), **kw}
+        assert torch.equal(ours.generate(**kw), hf.generate(**kw)), kw
+        assert G._SESSIONS[ours] is first and first.step.cache.cross[0][0] is cross  # the same buffers
+    if backend == "sdpa":
+        kw = dict(input_ids=ids, do_sample=False, max_new_tokens=5, num_beams=2)
+        assert torch.equal(ours.generate(**kw), hf.generate(**kw))
+        assert G._SESSIONS[ours] is not first  # 6 rows: another bucket
+        ours.to(torch.float64)
+        kw = dict(input_ids=ids, do_sample=False, max_new_tokens=4)
+        assert torch.equal(ours.generate(**kw), hf.double().generate(**kw))
+        assert G._SESSIONS[ours].key[3] == torch.float64

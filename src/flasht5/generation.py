@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import weakref
 from typing import Any
 
 import torch
@@ -75,7 +76,8 @@ class StaticCache:
 
     :meth:`advance_to` sets the position of the next token (a host integer, and device tensors that the step reads:
     the write position and every row's number of valid keys), so a decode step has the same shapes from the first
-    token to the last and a CUDA graph of it stays valid. Cross-attention keys/values are set once.
+    token to the last and a CUDA graph of it stays valid. Cross-attention keys/values are set once per request
+    (:meth:`begin` starts another request in the same buffers).
     """
 
     def __init__(
@@ -85,6 +87,7 @@ class StaticCache:
         self.keys = torch.zeros(num_layers, batch, capacity, heads, head_dim, dtype=dtype, device=device)
         self.values = torch.zeros_like(self.keys)
         self.cross: list[tuple[Tensor, Tensor] | None] = [None] * num_layers
+        self.cross_ready = [False] * num_layers
         self.capacity, self.step = capacity, 0
         self.pos = torch.zeros(1, dtype=torch.long, device=device)
         self.lengths = torch.zeros(batch, dtype=torch.int32, device=device)
@@ -108,11 +111,22 @@ class StaticCache:
         self.values[layer_idx].index_copy_(1, self.pos, v)
         return self.keys[layer_idx], self.values[layer_idx]
 
+    def begin(self) -> None:
+        """A new request in a reused cache: its cross-attention keys/values are computed again (into the same
+        buffers, see :meth:`set_cross`) by the first step."""
+        self.cross_ready = [False] * len(self.cross)
+
     def get_cross(self, layer_idx: int) -> tuple[Tensor, Tensor] | None:
-        return self.cross[layer_idx]
+        return self.cross[layer_idx] if self.cross_ready[layer_idx] else None
 
     def set_cross(self, layer_idx: int, k: Tensor, v: Tensor) -> None:
-        self.cross[layer_idx] = (k, v)
+        old = self.cross[layer_idx]
+        if old is not None and old[0].shape == k.shape and old[0].dtype == k.dtype:
+            old[0].copy_(k)  # in place: a captured graph reads these buffers
+            old[1].copy_(v)
+        else:
+            self.cross[layer_idx] = (k, v)
+        self.cross_ready[layer_idx] = True
 
     def reorder(self, rows: Tensor, length: int) -> None:
         """Beam search: row i's first ``length`` self-attention keys/values become those of row ``rows[i]`` (a device
@@ -127,7 +141,8 @@ class StaticCache:
 class DecodeStep:
     """next-token logits (B, vocab) fp32 of the decoder for the tokens at ``position``, over a :class:`StaticCache`;
     replayed from a CUDA graph (captured at its third call, once the cross-attention keys are cached and the kernels
-    compiled) where the backend allows it."""
+    compiled) where the backend allows it. A step whose cross-attention keys are not computed yet (a request's
+    first) runs eagerly: it fills the cross-attention buffers that the graph reads."""
 
     def __init__(self, core: Any, encoded: Any, cache: StaticCache, *, graph: bool):
         self.core, self.encoded, self.cache = core, encoded, cache
@@ -141,6 +156,8 @@ class DecodeStep:
     def __call__(self, tokens: Tensor, position: int) -> Tensor:
         self.cache.advance_to(position)
         self.calls += 1
+        if not all(self.cache.cross_ready):
+            return self._run(tokens)
         if self._graph is not None:
             self._tokens.copy_(tokens)
             self._graph.replay()
@@ -153,6 +170,59 @@ class DecodeStep:
             self._logits = self._run(self._tokens)
         self._graph.replay()
         return self._logits.clone()
+
+
+class _Session:
+    """A graph-replayed decode step kept on the model between ``generate`` calls of one shape bucket: its static
+    cache, the encoder-output and encoder-length buffers it reads, and the captured graph (capturing costs two eager
+    steps and the capture itself, a large part of a short request at batch 1)."""
+
+    def __init__(self, key: tuple, core: Any, batch: int, capacity: int, enc_len: int, hidden: Tensor, graph: bool):
+        self.key = key
+        self.hidden = hidden.new_zeros(batch, enc_len, hidden.shape[-1])
+        self.lengths = torch.zeros(batch, dtype=torch.int32, device=hidden.device)
+        self.flat, self.enc_len = core.kernels.flat, enc_len
+        cache = StaticCache(
+            len(core.decoder.layers), batch, capacity, core.cfg.num_heads, core.cfg.d_kv, dtype=hidden.dtype,
+            device=hidden.device,
+        )  # fmt: skip
+        self.step = DecodeStep(core, self.encoded(), cache, graph=graph)
+
+    def encoded(self) -> Encoded:
+        """The encoder buffers as the decoder reads them; a new layout per request (a layout caches what it derives
+        from the lengths, e.g. the reference paths' key mask; the decode kernel reads the lengths tensor itself)."""
+        layout = Layout.right_padded(self.lengths, self.enc_len)
+        return Encoded(self.hidden, View(layout, layout, None, self.flat))
+
+
+def _bucket(n: int, size: int) -> int:
+    return -(-n // size) * size
+
+
+_SESSIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its _Session (not on the model:
+# a deepcopy or pickle of the model must not meet a CUDA graph)
+_SESSION_WITHOUT_GRAPH = False  # tests: take the session path on the CPU (no graph)
+
+
+def _graph_step(model: Any, hidden: Tensor, lengths: Tensor, max_length: int, graph: bool) -> DecodeStep:
+    """The model's cached :class:`_Session` for this request's bucket (batch, cache capacity rounded up to 64,
+    encoder length rounded up to 64, dtype, device, backend, parameter storage), rebuilt when any of them changed
+    (a ``.to(dtype)`` or a new backend never replays a stale graph); the request's encoder output is copied in."""
+    core = model.model
+    B, L = hidden.shape[:2]
+    capacity, enc_len = _bucket(max_length, 64), _bucket(L, 64)
+    params = tuple(p.data_ptr() for p in core.parameters())
+    key = (B, capacity, enc_len, hidden.dtype, hidden.device, core.kernels, params, graph)
+    session = _SESSIONS.get(model)
+    if session is None or session.key != key:
+        _SESSIONS.pop(model, None)  # free the old graph and cache before allocating the new ones
+        session = _SESSIONS[model] = _Session(key, core, B, capacity, enc_len, hidden, graph)
+    session.hidden[:, :L].copy_(hidden)
+    session.hidden[:, L:].zero_()
+    session.lengths.copy_(lengths)
+    session.step.encoded = session.encoded()
+    session.step.cache.begin()
+    return session.step
 
 
 @functools.cache
@@ -199,19 +269,22 @@ def _prepare(model: Any, input_ids: Tensor, generation_config: Any, model_kwargs
     core = model.model
     hidden = model_kwargs["encoder_outputs"][0]
     enc_layout, right = _encoder_layout(hidden, model_kwargs.get("attention_mask"))
-    # Cross-attention with a cache reads the encoder rows as they are (T5.decode): no gather into a padding-free
-    # view and back (core.encoded_from would do that, with a host read of the mask).
-    encoded = Encoded(hidden, View(enc_layout, enc_layout, None, core.kernels.flat))
     B, start = input_ids.shape
-    cache = StaticCache(
-        len(core.decoder.layers), B, generation_config.max_length, core.cfg.num_heads, core.cfg.d_kv,
-        dtype=hidden.dtype, device=hidden.device,
-    )  # fmt: skip
     # The graph needs the decode kernel (a padding-free gather would sync) and positions that it does not read.
     graph = (
         right and hidden.is_cuda and core.kernels.decode is not None and core.cfg.position_encoding in ("t5", "alibi")
     )
-    step = DecodeStep(core, encoded, cache, graph=graph)
+    if graph or (_SESSION_WITHOUT_GRAPH and right):
+        step = _graph_step(model, hidden, enc_layout.lengths, generation_config.max_length, graph)
+    else:
+        # Cross-attention with a cache reads the encoder rows as they are (T5.decode): no gather into a
+        # padding-free view and back (core.encoded_from would do that, with a host read of the mask).
+        encoded = Encoded(hidden, View(enc_layout, enc_layout, None, core.kernels.flat))
+        cache = StaticCache(
+            len(core.decoder.layers), B, generation_config.max_length, core.cfg.num_heads, core.cfg.d_kv,
+            dtype=hidden.dtype, device=hidden.device,
+        )  # fmt: skip
+        step = DecodeStep(core, encoded, cache, graph=False)
     for p in range(start - 1):  # a given decoder prompt: its tokens enter the cache one by one
         step(input_ids[:, p : p + 1], p)
     return step
