@@ -2,18 +2,20 @@
 
 The decoder talks to a cache through :class:`flasht5.model.KVCache` ((B, L, H, D) tensors).
 
-Greedy search and sampling (``num_beams == 1``) take flasht5's own decoding loop, :func:`fast_sample`, which
-``generate`` hands its prepared inputs to (transformers' ``custom_generate`` hook: its argument handling, encoder
-pass, input expansion for ``num_return_sequences``, logits processors and stopping criteria are transformers' own,
-so the tokens are too). The loop decodes into a :class:`StaticCache` preallocated for the whole request (each step
-writes one position in place; cross-attention keys/values computed once), replays the decoder step from a CUDA
-graph on the flash backend, and reads the device only every ``stop_check_interval`` tokens (default 16, a
-``generate`` argument) to see whether every sequence has finished; the output is then cut where transformers' loop
-would have stopped. Everything else (beam search, streamers, scores or hidden states returned, assisted decoding)
-runs transformers' own loop over an ``EncoderDecoderCache`` ((B, H, L, D), reordered for beam search) that
-:class:`HFCacheAdapter` presents to the model, saying once why. That cache is created without a layer count so a
-decoder deeper than its encoder (ByT5) works — transformers' own T5 sizes the cache from the encoder depth and
-fails there.
+Greedy search, sampling, beam search and beam sampling take flasht5's own decoding loop, :func:`fast_generate`,
+which ``generate`` hands its prepared inputs to (transformers' ``custom_generate`` hook: its argument handling,
+encoder pass, input expansion for beams and ``num_return_sequences``, logits processors and stopping criteria are
+transformers' own, and beam search calls transformers' beam helpers step for step, so the tokens are too). The loop
+decodes into a :class:`StaticCache` preallocated for the whole request (each step writes one position in place;
+cross-attention keys/values computed once; beam search reorders it on the device), replays the decoder step from a
+CUDA graph on the flash backend (kept per model between requests of one shape bucket, :class:`_Session`), and reads
+the device only every ``stop_check_interval`` tokens (default 16, a ``generate`` argument) to see whether the
+request has finished; the output is then cut (or, for beams, frozen on the device) where transformers' loop would
+have stopped. Everything else (streamers, scores or hidden states returned, assisted decoding) runs transformers'
+own loop over an ``EncoderDecoderCache`` ((B, H, L, D), reordered for beam search) that :class:`HFCacheAdapter`
+presents to the model, saying once why. That cache is created without a layer count so a decoder deeper than its
+encoder (ByT5) works — transformers' own T5 sizes the cache from the encoder depth and fails there. docs/generation.md
+describes the whole path.
 """
 
 from __future__ import annotations
@@ -183,8 +185,8 @@ class _Session:
         self.lengths = torch.zeros(batch, dtype=torch.int32, device=hidden.device)
         self.flat, self.enc_len = core.kernels.flat, enc_len
         cache = StaticCache(
-            len(core.decoder.layers), batch, capacity, core.cfg.num_heads, core.cfg.d_kv, dtype=hidden.dtype,
-            device=hidden.device,
+            len(core.decoder.layers), batch, capacity, core.cfg.num_heads, core.cfg.d_kv,
+            dtype=_kv_dtype(core, hidden), device=hidden.device,
         )  # fmt: skip
         self.step = DecodeStep(core, self.encoded(), cache, graph=graph)
 
@@ -193,6 +195,14 @@ class _Session:
         from the lengths, e.g. the reference paths' key mask; the decode kernel reads the lengths tensor itself)."""
         layout = Layout.right_padded(self.lengths, self.enc_len)
         return Encoded(self.hidden, View(layout, layout, None, self.flat))
+
+
+def _kv_dtype(core: Any, hidden: Tensor) -> torch.dtype:
+    """The dtype of the decoder's keys/values: its projections' output (the autocast dtype under autocast)."""
+    if torch.is_autocast_enabled(hidden.device.type):
+        return torch.get_autocast_dtype(hidden.device.type)
+    w = core.decoder.layers[0].attn.k.weight.dtype
+    return w if w.is_floating_point else hidden.dtype
 
 
 def _bucket(n: int, size: int) -> int:
@@ -212,7 +222,7 @@ def _graph_step(model: Any, hidden: Tensor, lengths: Tensor, max_length: int, gr
     B, L = hidden.shape[:2]
     capacity, enc_len = _bucket(max_length, 64), _bucket(L, 64)
     params = tuple(p.data_ptr() for p in core.parameters())
-    key = (B, capacity, enc_len, hidden.dtype, hidden.device, core.kernels, params, graph)
+    key = (B, capacity, enc_len, hidden.dtype, _kv_dtype(core, hidden), hidden.device, core.kernels, params, graph)
     session = _SESSIONS.get(model)
     if session is None or session.key != key:
         _SESSIONS.pop(model, None)  # free the old graph and cache before allocating the new ones
@@ -282,7 +292,7 @@ def _prepare(model: Any, input_ids: Tensor, generation_config: Any, model_kwargs
         encoded = Encoded(hidden, View(enc_layout, enc_layout, None, core.kernels.flat))
         cache = StaticCache(
             len(core.decoder.layers), B, generation_config.max_length, core.cfg.num_heads, core.cfg.d_kv,
-            dtype=hidden.dtype, device=hidden.device,
+            dtype=_kv_dtype(core, hidden), device=hidden.device,
         )  # fmt: skip
         step = DecodeStep(core, encoded, cache, graph=False)
     for p in range(start - 1):  # a given decoder prompt: its tokens enter the cache one by one
