@@ -214,6 +214,15 @@ _SESSIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> i
 _SESSION_WITHOUT_GRAPH = False  # tests: take the session path on the CPU (no graph)
 
 
+def release_decode_cache(model: Any | None = None) -> None:
+    """Free the static cache, encoder buffers and CUDA graph that ``generate`` keeps for ``model`` between requests
+    (every model's when None). The next request builds them again."""
+    if model is None:
+        _SESSIONS.clear()
+    else:
+        _SESSIONS.pop(model, None)
+
+
 def _graph_step(model: Any, hidden: Tensor, lengths: Tensor, max_length: int, graph: bool) -> DecodeStep:
     """The model's cached :class:`_Session` for this request's bucket (batch, cache capacity rounded up to 64,
     encoder length rounded up to 64, dtype, device, backend, parameter storage), rebuilt when any of them changed
