@@ -217,5 +217,9 @@ def test_decode_session_is_reused_across_requests(backend, tmp_path, monkeypatch
         kw = dict(input_ids=ids, do_sample=False, max_new_tokens=4)
         assert torch.equal(ours.generate(**kw), hf.double().generate(**kw))
         assert G._SESSIONS[ours].key[3] == torch.float64
+        G.release_decode_cache(ours)
+        with torch.inference_mode():  # buffers made for an inference-mode request are not reused outside it
+            assert torch.equal(ours.generate(**kw), hf.double().generate(**kw))
+        assert torch.equal(ours.generate(**kw), hf.double().generate(**kw))
     G.release_decode_cache(ours)
     assert ours not in G._SESSIONS

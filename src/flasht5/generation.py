@@ -231,7 +231,9 @@ def _graph_step(model: Any, hidden: Tensor, lengths: Tensor, max_length: int, gr
     B, L = hidden.shape[:2]
     capacity, enc_len = _bucket(max_length, 64), _bucket(L, 64)
     params = tuple(p.data_ptr() for p in core.parameters())
-    key = (B, capacity, enc_len, hidden.dtype, _kv_dtype(core, hidden), hidden.device, core.kernels, params, graph)
+    # Buffers made under inference_mode cannot be written outside it (and the other way round): part of the key.
+    key = (B, capacity, enc_len, hidden.dtype, _kv_dtype(core, hidden), hidden.device, core.kernels, params, graph,
+           torch.is_inference_mode_enabled())  # fmt: skip
     session = _SESSIONS.get(model)
     if session is None or session.key != key:
         _SESSIONS.pop(model, None)  # free the old graph and cache before allocating the new ones
