@@ -223,3 +223,17 @@ def test_decode_session_is_reused_across_requests(backend, tmp_path, monkeypatch
         assert torch.equal(ours.generate(**kw), hf.double().generate(**kw))
     G.release_decode_cache(ours)
     assert ours not in G._SESSIONS
+
+
+def test_decoder_prompt_enters_the_static_cache(tmp_path, counted):
+    """decoder_input_ids of several tokens: they enter the cache one by one, for greedy, beams and sampling."""
+    hf, ours = _pair("t5-v1.1", tmp_path)
+    b = padded_batch()
+    x = dict(input_ids=b["input_ids"], attention_mask=b["attention_mask"], max_new_tokens=6,
+             decoder_input_ids=torch.tensor([[0, 5, 7]] * 3))  # fmt: skip
+    for kw in (dict(), dict(num_beams=2, num_return_sequences=2), dict(do_sample=True, top_k=5)):
+        torch.manual_seed(0)
+        got = ours.generate(**x, **kw)
+        torch.manual_seed(0)
+        assert torch.equal(got, hf.generate(**x, **kw)), kw
+    assert len(counted) == 3
