@@ -81,6 +81,9 @@ def test_what_the_fast_loop_does_not_take_runs_transformers_loop(tmp_path, count
     out, want = ours.generate(**x, **kw), hf.generate(**x, **kw)
     assert isinstance(out, transformers.generation.utils.GenerateBeamEncoderDecoderOutput)
     assert torch.equal(out.sequences, want.sequences)
+    d = dict(decoder_input_ids=torch.tensor([[0, 5, 7]] * 3), decoder_attention_mask=torch.tensor([[1, 1, 1]] * 3))
+    d["decoder_attention_mask"][1, 1] = 0
+    assert torch.equal(ours.generate(**x, **d), hf.generate(**x, **d))
     assert not counted
     with pytest.raises(ValueError, match="stop_check_interval"):
         ours.generate(**x, stop_check_interval=0)

@@ -265,6 +265,8 @@ def _fallback_reason(model: Any, generation_config: Any, model_kwargs: dict[str,
         return "low_memory runs transformers' loop"
     if model_kwargs.get("encoder_outputs") is None:
         return "no encoder output prepared"
+    if model_kwargs.get("decoder_attention_mask") is not None:
+        return "decoder_attention_mask (a masked decoder prompt) runs transformers' loop"
     if model.model.decoder is None:
         return "the model has no decoder"
     return None
