@@ -5,7 +5,9 @@ exported with flasht5's converter; transformers and nai-t5 load that state dict)
 
 Generation (issue 11's setting): 512 input tokens (dense rows, no mask: as a user at their best would pass them),
 128 new tokens, greedy, ``min_new_tokens=128`` (every row decodes all 128), batch 1 and 32; optionally beam search
-(``--beams``: 4 beams, batch 8) and a long input (``--long``: 16384 tokens, batch 1, flasht5 and transformers sdpa).
+(``--beams``: 4 beams, batch 8), a ragged batch (``--ragged``: 32 inputs of 64-512 tokens, right-padded with an
+attention mask; flasht5's encoder runs them padding-free) and a long input (``--long``: 16384 tokens, batch 1,
+flasht5 and transformers sdpa).
 
   transformers eager / sdpa  ``T5ForConditionalGeneration.generate`` (its dynamic cache); the faster is the
                              baseline of the speedup column
@@ -29,7 +31,7 @@ Writes ``<out>/generate.md`` (the table, command, versions), ``generate.json`` (
 
 GPU (from the repo root; nai-t5 wheels carried in .wheels/, see ../shared/wheels/README.md), < 4 minutes:
   python3 -m pip install -q --no-index --no-deps --target .wheels/site .wheels/*.whl
-  PYTHONPATH=src:.wheels/site python3 benchmarks/bench_generate.py --beams --out $OUT/bench_generate
+  PYTHONPATH=src:.wheels/site python3 benchmarks/bench_generate.py --beams --ragged --out $OUT/bench_generate
 CPU smoke test (tiny config, 8 new tokens, flasht5 on sdpa, no nai-t5 compile):
   PYTHONPATH=src python benchmarks/bench_generate.py --dry-run --out /tmp/bench_generate
 """
@@ -138,12 +140,14 @@ def nai_encoder(hf_kwargs: dict, hf_state: dict, n_tokens: int, device: str, dty
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def hf_like_generate(model, ids: torch.Tensor, new: int, beams: int) -> Callable[[], torch.Tensor]:
+def hf_like_generate(
+    model, ids: torch.Tensor, new: int, beams: int, mask: torch.Tensor | None = None
+) -> Callable[[], torch.Tensor]:
     """transformers' generate API (transformers' T5 and flasht5 alike): the new tokens (B * beams?, new)."""
     kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, num_beams=beams)
 
     def run() -> torch.Tensor:
-        return model.generate(input_ids=ids, **kw)[:, 1:]
+        return model.generate(input_ids=ids, attention_mask=mask, **kw)[:, 1:]
 
     return run
 
@@ -255,6 +259,7 @@ def main() -> None:
     parser.add_argument("--batches", default="1,32", help="comma list of greedy batch sizes")
     parser.add_argument("--impls", default=",".join(GEN_IMPLS), help=f"comma list of {GEN_IMPLS}")
     parser.add_argument("--beams", action="store_true", help="also beam search, 4 beams, batch 8 (no nai-t5)")
+    parser.add_argument("--ragged", action="store_true", help="also 32 inputs of L/8..L tokens in one batch (no nai)")
     parser.add_argument("--long", action="store_true", help="also 16384 input tokens, batch 1 (flasht5, hf-sdpa)")
     parser.add_argument("--no-encoder", action="store_true", help="skip the encoder-only rows")
     parser.add_argument("--no-flex", action="store_true", help="skip nai-t5's compiled Flex encoder")
@@ -290,11 +295,14 @@ def main() -> None:
     n_params = sum(v.numel() for v in ours_state.values())
     say(f"{'tiny' if args.dry_run else args.preset}: {n_params / 1e6:.1f}M parameters, {dtype}, {device}")
 
-    cases = [(f"batch {b}", b, 1, L) for b in (int(x) for x in args.batches.split(","))]
+    cases = [(f"batch {b}", b, 1, L, False) for b in (int(x) for x in args.batches.split(","))]
+    if args.ragged:
+        cases.append((f"ragged 32 x {L // 8}-{L}", 32, 1, L, True))
     if args.beams:
-        cases.append(("beams 4 x batch 8", 8, 4, L))
+        cases.append(("beams 4 x batch 8", 8, 4, L, False))
     if args.long:
-        cases.append((f"{16384 if not args.dry_run else 256} in, batch 1", 1, 1, 16384 if not args.dry_run else 256))
+        n_long = 16384 if not args.dry_run else 256
+        cases.append((f"{n_long} in, batch 1", 1, 1, n_long, False))
     g = torch.Generator().manual_seed(0)
     max_len = max(c[3] for c in cases)
     gen_rows, raw = [], []
@@ -311,11 +319,17 @@ def main() -> None:
                 models[impl] = flasht5_lm(cfg, ours_state, device, dtype, backend)
         return models[impl]
 
-    for case, batch, beams, length in cases:
-        ids = torch.randint(2, cfg.vocab_size, (batch, length), generator=g).to(device)
+    for case, batch, beams, length, ragged in cases:
+        ids = torch.randint(2, cfg.vocab_size, (batch, length), generator=g)
+        mask = None
+        if ragged:  # input lengths spread evenly over [L/8, L], shuffled; right padding with an attention mask
+            lens = torch.linspace(length // 8, length, batch).long()[torch.randperm(batch, generator=g)]
+            mask = (torch.arange(length)[None] < lens[:, None]).long()
+            ids, mask = (ids * mask).to(device), mask.to(device)
+        ids = ids.to(device)
         results: dict[str, dict] = {}
         for impl in impls:
-            if impl == "nai-t5" and beams > 1:
+            if impl == "nai-t5" and (beams > 1 or ragged):
                 continue  # nai-t5 is greedy only
             if length > 4096 and impl not in ("flasht5", "hf-sdpa"):
                 continue
@@ -324,7 +338,7 @@ def main() -> None:
                 continue
             try:
                 m = model_for(impl)
-                fn = nai_generate(m, ids, new) if impl == "nai-t5" else hf_like_generate(m, ids, new, beams)
+                fn = nai_generate(m, ids, new) if impl == "nai-t5" else hf_like_generate(m, ids, new, beams, mask)
                 with torch.inference_mode():
                     results[impl] = measure_generate(fn, reps=max(1, args.reps if beams == 1 else 1), profile=cuda)
             except torch.OutOfMemoryError:
