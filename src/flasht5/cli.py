@@ -8,7 +8,6 @@ that ``flasht5 --help`` stays fast.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -86,42 +85,13 @@ def _copy_tokenizer(src: str, out: str) -> None:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    import torch
+    from flasht5.generate_batch import check_options, run
 
-    from flasht5.data.tokenizer import load_tokenizer
-    from flasht5.modeling import FlashT5ForConditionalGeneration
-
-    for name, value, ok, valid in (
-        ("--max-new-tokens", args.max_new_tokens, args.max_new_tokens >= 1, ">= 1"),
-        ("--num-beams", args.num_beams, args.num_beams >= 1, ">= 1 (1: greedy)"),
-        ("--temperature", args.temperature, args.temperature > 0, "> 0"),
-        ("--top-p", args.top_p, 0 < args.top_p <= 1, "in (0, 1]"),
-    ):
-        if not ok:
-            raise ValueError(f"{name} must be {valid}, got {value}")
+    check_options(args)  # every flag before the folder and the device
     _require_folder(args.model, "model")
     device = _device(args.device)
-    try:
-        tokenizer = load_tokenizer(args.tokenizer or args.model)
-    except ValueError as e:
-        if args.tokenizer:
-            raise ValueError(f"--tokenizer: {e}") from None
-        raise ValueError(f"{e}; pass --tokenizer DIR (e.g. the run's final/ folder or its tokenizer folder)") from None
-    texts = args.text or [line.rstrip("\n") for line in sys.stdin if line.strip()]
-    if not texts:
-        raise ValueError("give TEXT arguments or lines on stdin")
     _quiet_transformers()
-    dtype = torch.bfloat16 if device.type == "cuda" else None
-    model = FlashT5ForConditionalGeneration.from_pretrained(args.model, dtype=dtype).to(device).eval()
-    enc = tokenizer(texts, return_tensors="pt", padding=True).to(device)
-    kw = dict(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, do_sample=args.sample)
-    if args.sample:
-        kw.update(temperature=args.temperature, top_p=args.top_p)
-    out = model.generate(**enc, **kw)
-    for text, ids in zip(texts, out):
-        result = tokenizer.decode(ids, skip_special_tokens=not args.keep_special)
-        print(json.dumps({"input": text, "output": result}, ensure_ascii=False) if args.json else result)
-    return 0
+    return run(args, device)
 
 
 def _device(name: str | None):
@@ -156,18 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="cast weights (wo stays fp32)")
     p.set_defaults(func=_convert)
 
-    p = sub.add_parser("generate", help="generate text with a checkpoint")
-    p.add_argument("model", help="checkpoint folder (flasht5 or transformers T5)")
-    p.add_argument("text", nargs="*", help="input texts (default: one per line on stdin)")
-    p.add_argument("--tokenizer", help="tokenizer folder (default: the model folder)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--num-beams", type=int, default=1)
-    p.add_argument("--sample", action="store_true", help="sample instead of greedy/beam search")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--keep-special", action="store_true", help="keep sentinels and special tokens in the output")
-    p.add_argument("--json", action="store_true", help="one JSON object per line")
-    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if present)")
+    from flasht5.generate_batch import add_arguments as generate_arguments
+
+    p = sub.add_parser("generate", help="generate text with a checkpoint (arguments, stdin, or a file: --input)")
+    generate_arguments(p)
     p.set_defaults(func=_generate)
 
     from flasht5.data.store import configure_cli as store_cli
