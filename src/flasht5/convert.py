@@ -58,6 +58,7 @@ HF_REDUNDANT = re.compile(
 )
 # Heads of transformers wrap the base model under `transformer.` (sequence / token classification).
 HF_PREFIX = "transformer."
+GENERATION_CONFIG = "generation_config.json"
 
 
 def _compile(pattern: str) -> re.Pattern:
@@ -407,7 +408,9 @@ def from_hf(
     **config_overrides: Any,
 ):
     """Load a stock transformers T5-family folder as the flasht5 class ``cls`` (e.g.
-    ``FlashT5ForConditionalGeneration``). Half-precision ``dtype`` keeps ``wo`` in fp32, as transformers does."""
+    ``FlashT5ForConditionalGeneration``). ``dtype=torch.float16`` keeps ``wo`` in fp32 and bfloat16 does not, as
+    transformers does for T5 (``_keep_in_fp32_modules = ["wo"]`` applies to fp16 only) and as it does for a folder
+    flasht5 saved. The folder's ``generation_config.json`` becomes the model's generation config."""
     hf_cfg = read_config(src)
     raw = load_state_dict(src)
     state: dict[str, torch.Tensor] = {}
@@ -435,7 +438,7 @@ def from_hf(
         dtype = getattr(torch, dtype)
     target = device or (device_map if isinstance(device_map, (str, torch.device)) else None) or "cpu"
     for k, v in list(state.items()):
-        keep_fp32 = k.endswith("wo.weight") and dtype in (torch.float16, torch.bfloat16)
+        keep_fp32 = k.endswith("wo.weight") and dtype == torch.float16
         if isinstance(dtype, torch.dtype) and v.is_floating_point() and not keep_fp32:
             v = v.to(dtype)
         elif keep_fp32:
@@ -443,6 +446,10 @@ def from_hf(
         state[k] = v.to(target)
     model.load_state_dict(state, strict=False, assign=True)
     _init_fresh(model, target)
+    if (Path(src) / GENERATION_CONFIG).is_file() and getattr(model, "generation_config", None) is not None:
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(src)
     model.eval()
     return model
 
@@ -495,4 +502,9 @@ def to_hf(model: Any, out_dir: str | Path, *, safe_serialization: bool = True) -
     tmp_cfg = out / ".config.json.tmp"
     tmp_cfg.write_text(json.dumps(hf_cfg, indent=2, sort_keys=True))
     tmp_cfg.replace(out / "config.json")
+    generation = getattr(model, "generation_config", None) if model.can_generate() else None
+    if generation is not None:  # what save_pretrained writes for a model that generates (decoding defaults)
+        tmp_gen = out / f".{GENERATION_CONFIG}.tmp"
+        tmp_gen.write_text(generation.to_json_string(use_diff=True))
+        tmp_gen.replace(out / GENERATION_CONFIG)
     return out

@@ -600,6 +600,9 @@ class Block(nn.Module):
         return self._sub(self.ffn_norm, lambda x: self.mlp(x, k), h, pending, k)
 
 
+_CHECKPOINT = functools.partial(checkpoint, use_reentrant=False)
+
+
 class Stack(nn.Module):
     """The encoder or the decoder: its position bias, blocks, final norm and dropout."""
 
@@ -622,7 +625,9 @@ class Stack(nn.Module):
             if ctx.hidden_states is not None:  # Hugging Face's hidden_states: each layer's input (the sum pending)
                 ctx.hidden_states.append(h if pending is None else _clamp_fp16(h + pending))
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                h, pending = checkpoint(layer, h, pending, ctx, use_reentrant=False)
+                # transformers' gradient_checkpointing_enable sets _gradient_checkpointing_func (its kwargs bound)
+                run = getattr(self, "_gradient_checkpointing_func", None) or _CHECKPOINT
+                h, pending = run(layer, h, pending, ctx)
             else:
                 h, pending = layer(h, pending, ctx)
         out = self.final_norm(h, ctx.kernels) if pending is None else self.final_norm(pending, ctx.kernels, h)[0]

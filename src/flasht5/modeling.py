@@ -116,6 +116,13 @@ class FlashT5PreTrainedModel(PreTrainedModel):
         """
         from flasht5 import convert
 
+        if pretrained_model_name_or_path is None:  # transformers' way to build from config= and state_dict=
+            if kwargs.get("config") is None or kwargs.get("state_dict") is None:
+                raise ValueError("from_pretrained(None, ...) needs both config= and state_dict=")
+            want_info = kwargs.pop("output_loading_info", False)
+            model, info = super().from_pretrained(None, *args, output_loading_info=True, **kwargs)
+            convert.check_loading_info(cls, info)
+            return (model, info) if want_info else model
         hub = {k: kwargs.pop(k) for k in ("revision", "cache_dir", "token", "force_download") if k in kwargs}
         if "local_files_only" in kwargs:
             hub["local_files_only"] = kwargs.pop("local_files_only")
@@ -150,6 +157,14 @@ class FlashT5PreTrainedModel(PreTrainedModel):
     # -- shared plumbing ----------------------------------------------------------------------------------------
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.shared
+
+    def get_decoder(self) -> nn.Module:
+        """The decoder stack (``model.decoder``), as transformers' T5 returns its ``decoder``; encoder-only classes
+        have none and return themselves, as transformers' default does."""
+        return self.model.decoder if getattr(self.model, "decoder", None) is not None else self
+
+    def set_decoder(self, decoder: nn.Module) -> None:
+        self.model.decoder = decoder
 
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.model.shared = value
@@ -353,6 +368,8 @@ class FlashT5EncoderModel(FlashT5PreTrainedModel):
     """The encoder alone (transformers' ``T5EncoderModel``)."""
 
     has_decoder = False
+    # a full model's folder loads into the encoder alone (transformers' T5EncoderModel ignores "decoder" too)
+    _keys_to_ignore_on_load_unexpected = [r"^model\.decoder\.", r"^model\.lm_head\."]
 
     def __init__(self, config: FlashT5Config):
         super().__init__(config)
@@ -506,6 +523,8 @@ class FlashT5ForTokenClassification(FlashT5PreTrainedModel):
     """Per-token labels from the encoder (transformers' ``T5ForTokenClassification``)."""
 
     has_decoder = False
+    # a full model's folder loads into the encoder alone (transformers' T5EncoderModel ignores "decoder" too)
+    _keys_to_ignore_on_load_unexpected = [r"^model\.decoder\.", r"^model\.lm_head\."]
 
     def __init__(self, config: FlashT5Config):
         super().__init__(config)
