@@ -5,7 +5,9 @@
 loads by its path alone, as the ecosystem's convention is (DESIGN.md §2: the one import-time side effect). The
 registration is lazy: it runs when transformers' Auto modules are imported (at once if they already are), so
 ``import flasht5`` itself, every ``flasht5`` command and every data worker process pay for no transformers model
-code they do not use. :func:`register` does it eagerly (idempotent). The public classes are imported on first use.
+code they do not use. :func:`register` does it eagerly (idempotent). The same hook gives PEFT, when it is imported,
+T5's default target modules for the ``flasht5`` model type (LoRA: ``q`` and ``v``). The public classes are imported
+on first use.
 """
 
 from __future__ import annotations
@@ -76,7 +78,23 @@ def register() -> None:
     _register_models(importlib.import_module(_MODEL_AUTO))
 
 
-_HOOKS = {_CONFIG_AUTO: _register_config, _MODEL_AUTO: _register_models}
+# transformers' T5 module names that PEFT's per-model-type defaults use, and flasht5's (the rest are the same: q, k,
+# v, o, wi, wi_0, wi_1, wo).
+_PEFT_NAMES = {"layer_norm": ["attn_norm", "cross_norm", "ffn_norm"], "final_layer_norm": ["final_norm"]}
+
+
+def _register_peft(constants: Any) -> None:
+    """PEFT picks default target modules by ``config.model_type`` (LoRA: T5's q and v): give ``flasht5`` the
+    defaults of ``t5`` in every such table, translated to flasht5's module names."""
+    for name, table in vars(constants).items():
+        if not (name.startswith("TRANSFORMERS_MODELS_TO_") and isinstance(table, dict)) or "flasht5" in table:
+            continue
+        t5 = table.get("t5")
+        if isinstance(t5, (list, tuple)) and all(isinstance(m, str) for m in t5):
+            table["flasht5"] = [n for m in t5 for n in _PEFT_NAMES.get(m, [m])]
+
+
+_HOOKS = {_CONFIG_AUTO: _register_config, _MODEL_AUTO: _register_models, "peft.utils.constants": _register_peft}
 
 
 class _AutoImportHook(importlib.abc.MetaPathFinder):

@@ -22,6 +22,7 @@ every stack padding-free (padded rows lose their padding once per stack), so the
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import warnings
@@ -32,6 +33,7 @@ from typing import Any, NamedTuple, Protocol
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch.utils.checkpoint import checkpoint
 
 from flasht5.layout import Layout, _readable, gather_tokens, scatter_tokens, shift_right
@@ -603,6 +605,20 @@ class Block(nn.Module):
 _CHECKPOINT = functools.partial(checkpoint, use_reentrant=False)
 
 
+def _checkpointed(run: Callable, layer: nn.Module, h: Tensor, pending: Tensor | None, ctx: StackContext):
+    """One layer under a checkpoint function (``run``: torch's ``checkpoint`` with its kwargs bound, e.g. by
+    transformers' ``gradient_checkpointing_enable``). The tensors the layer reads from ``ctx`` (the position bias,
+    the encoder output) go in as explicit inputs: reentrant checkpointing only gives gradients to its arguments."""
+    leaves, spec = tree_flatten(ctx.bias)
+    enc = ctx.encoded.hidden_inner if ctx.encoded is not None else None
+
+    def fn(h: Tensor, pending: Tensor | None, enc: Tensor | None, *leaves: Any):
+        encoded = None if enc is None else dataclasses.replace(ctx.encoded, hidden_inner=enc)
+        return layer(h, pending, dataclasses.replace(ctx, bias=tree_unflatten(list(leaves), spec), encoded=encoded))
+
+    return run(fn, h, pending, enc, *leaves)
+
+
 class Stack(nn.Module):
     """The encoder or the decoder: its position bias, blocks, final norm and dropout."""
 
@@ -627,7 +643,7 @@ class Stack(nn.Module):
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 # transformers' gradient_checkpointing_enable sets _gradient_checkpointing_func (its kwargs bound)
                 run = getattr(self, "_gradient_checkpointing_func", None) or _CHECKPOINT
-                h, pending = run(layer, h, pending, ctx)
+                h, pending = _checkpointed(run, layer, h, pending, ctx)
             else:
                 h, pending = layer(h, pending, ctx)
         out = self.final_norm(h, ctx.kernels) if pending is None else self.final_norm(pending, ctx.kernels, h)[0]
