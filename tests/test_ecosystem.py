@@ -246,3 +246,64 @@ def test_peft_lora_defaults_to_q_and_v_trains_saves_reloads(tmp_path: Path, save
         torch.testing.assert_close(again(**batch).logits, want)
         plain = FlashT5ForConditionalGeneration.from_pretrained(saved, attn_implementation="eager").eval()
         assert not torch.allclose(plain(**batch).logits, want)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# output_attentions: transformers' tuples on the eager backend, a clear error elsewhere
+# ------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["t5-v1.0", "umt5", "ul2"])
+def test_output_attentions_eager_equal_transformers(family: str, tmp_path: Path) -> None:
+    folder = save_hf(tiny_hf(family), tmp_path / "hf")
+    hf = type(tiny_hf(family)).from_pretrained(folder, attn_implementation="eager").eval()
+    ours = FlashT5ForConditionalGeneration.from_pretrained(folder, attn_implementation="eager")
+    batch = padded_batch()
+    with torch.no_grad():
+        o, h = ours(**batch, output_attentions=True), hf(**batch, output_attentions=True)
+        enc_o = ours.get_encoder()(batch["input_ids"], batch["attention_mask"], output_attentions=True)
+    for name in ("encoder_attentions", "decoder_attentions", "cross_attentions"):
+        got, want = getattr(o, name), getattr(h, name)
+        assert isinstance(got, tuple) and len(got) == len(want), name
+        for g, w in zip(got, want):
+            assert g.shape == w.shape, name
+            torch.testing.assert_close(g, w, msg=name)
+    for g, w in zip(enc_o.attentions, h.encoder_attentions):
+        torch.testing.assert_close(g, w)
+    B, Le, Ld, H = 3, 11, 6, hf.config.num_heads
+    assert o.encoder_attentions[0].shape == (B, H, Le, Le)
+    assert o.decoder_attentions[0].shape == (B, H, Ld, Ld) and o.cross_attentions[0].shape == (B, H, Ld, Le)
+    # cached decoding: one more token attends over the cache, as transformers' does
+    with torch.no_grad():
+        first = ours(**batch, use_cache=True)
+        nxt = torch.full((B, 1), 5)
+        step_o = ours(encoder_outputs=(first.encoder_last_hidden_state,), attention_mask=batch["attention_mask"],
+                      decoder_input_ids=nxt, past_key_values=first.past_key_values, output_attentions=True)  # fmt: skip
+        hf_first = hf(**batch, use_cache=True)
+        step_h = hf(encoder_outputs=(hf_first.encoder_last_hidden_state,), attention_mask=batch["attention_mask"],
+                    decoder_input_ids=nxt, past_key_values=hf_first.past_key_values, output_attentions=True)  # fmt: skip
+    for g, w in zip(
+        step_o.decoder_attentions + step_o.cross_attentions, step_h.decoder_attentions + step_h.cross_attentions
+    ):
+        assert g.shape == w.shape
+        torch.testing.assert_close(g, w)
+
+
+def test_output_attentions_default_off_and_config_default(saved: Path) -> None:
+    m = FlashT5ForConditionalGeneration.from_pretrained(saved, attn_implementation="eager")
+    batch = padded_batch()
+    with torch.no_grad():
+        assert m(**batch).encoder_attentions is None
+        m.config.output_attentions = True
+        assert len(m(**batch).cross_attentions) == m.config.num_decoder_layers
+    assert all(a.record is None for a in m.modules() if hasattr(a, "record"))  # nothing kept after the call
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "flash"])
+def test_output_attentions_is_a_clear_error_off_eager(saved: Path, backend: str) -> None:
+    m = FlashT5ForConditionalGeneration.from_pretrained(saved, attn_implementation=backend)
+    with pytest.raises(ValueError, match="output_attentions needs attn_implementation='eager'"):
+        m(**padded_batch(), output_attentions=True)
+    enc = flasht5.FlashT5EncoderModel.from_pretrained(saved, attn_implementation=backend)
+    with pytest.raises(ValueError, match="output_attentions needs attn_implementation='eager'"):
+        enc(input_ids=torch.arange(2, 8)[None], output_attentions=True)

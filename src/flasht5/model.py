@@ -216,10 +216,12 @@ def _allowed(ql: Layout, kl: Layout, causal: bool, device: torch.device) -> Tens
 
 def attend_reference(
     q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, ql: Layout, kl: Layout, *, causal: bool, dropout: float,
-    training: bool, impl: str,
+    training: bool, impl: str, record: list[Tensor] | None = None,
 ) -> Tensor:  # fmt: skip
     """Attention of q (B, Lq, H, D) over k, v (B, Lk, H, D) on row layouts; ``bias`` is the materialised
-    (B or 1, H, Lq, Lk) fp32 position bias. ``impl``: "eager" (fp32 softmax, Hugging Face's ops) or "sdpa"."""
+    (B or 1, H, Lq, Lk) fp32 position bias. ``impl``: "eager" (fp32 softmax, Hugging Face's ops) or "sdpa".
+    ``record`` (eager only): a list that receives the attention weights (B, H, Lq, Lk), after dropout as Hugging
+    Face returns them for ``output_attentions``."""
     allowed = _allowed(ql, kl, causal, q.device)
     qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, L, D)
     if impl == "eager":
@@ -229,8 +231,10 @@ def attend_reference(
             scores = scores + bias
         if allowed is not None:
             scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
-        probs = torch.softmax(scores, dim=-1).to(vh.dtype)
-        out = torch.matmul(F.dropout(probs, p=dropout, training=training), vh)
+        probs = F.dropout(torch.softmax(scores, dim=-1).to(vh.dtype), p=dropout, training=training)
+        if record is not None:
+            record.append(probs)
+        out = torch.matmul(probs, vh)
     else:
         if bias is None and causal and ql.kind == kl.kind == "dense" and q.shape[1] == k.shape[1]:
             mask, is_causal = None, True  # SDPA's own causal path (top-left == bottom-right when Lq == Lk)
@@ -532,6 +536,7 @@ class Attention(nn.Module):
             self.rope = (int(cfg.d_kv * cfg.rope_fraction), float(cfg.rope_theta))
         f = cfg.initializer_factor
         self.stds = (f * (cfg.d_model * cfg.d_kv) ** -0.5, f * cfg.d_model**-0.5, f * inner**-0.5)
+        self.record: list[Tensor] | None = None  # a list: the eager backend appends the attention weights to it
 
     def reset_parameters(self, init: Any = nn.init) -> None:
         std_q, std_kv, std_o = self.stds
@@ -563,7 +568,10 @@ class Attention(nn.Module):
             if cache is not None:
                 k, v = cache.update_self(self.layer_idx, k, v)
             kl, bias = ctx.k, ctx.bias[self.layer_idx]
-        out = ctx.kernels.attend(q, k, v, bias, ctx.q, kl, causal=self.causal, dropout=self.p, training=self.training)
+        extra = {} if self.record is None else {"record": self.record}  # output_attentions (eager backend)
+        out = ctx.kernels.attend(
+            q, k, v, bias, ctx.q, kl, causal=self.causal, dropout=self.p, training=self.training, **extra
+        )
         return self.o(out.reshape(B, Lq, H * D))
 
 

@@ -79,6 +79,49 @@ def _layout(ref: torch.Tensor, mask: torch.Tensor | None, packing: dict[str, Any
     )  # fmt: skip
 
 
+class _Recorder:
+    """While active, every attention module of the core appends its weights (eager backend) to a list; the tuples
+    come out per stack in Hugging Face's order (one (B, H, Lq, Lk) tensor per layer)."""
+
+    def __init__(self, core: T5, on: bool):
+        self.on = on
+        self.stacks = {"encoder": [b.attn for b in core.encoder.layers]}
+        if core.decoder is not None:
+            self.stacks["decoder"] = [b.attn for b in core.decoder.layers]
+            self.stacks["cross"] = [b.cross_attn for b in core.decoder.layers]
+
+    def __enter__(self) -> _Recorder:
+        if self.on:
+            for mods in self.stacks.values():
+                for m in mods:
+                    m.record = []
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.taken = {k: [m.record for m in mods] for k, mods in self.stacks.items()} if self.on else {}
+        for mods in self.stacks.values():
+            for m in mods:
+                m.record = None
+
+    def get(self, stack: str, given: Any = None) -> tuple[torch.Tensor, ...] | None:
+        """The stack's per-layer weights; for the encoder of a call given ``encoder_outputs``, theirs."""
+        if not self.on:
+            return None
+        recs = self.taken.get(stack) or []
+        if recs and all(recs):
+            return tuple(r[0] for r in recs)
+        return getattr(given, "attentions", None) if stack == "encoder" else None
+
+
+def _seq2seq_attentions(rec: _Recorder, encoder_outputs: Any) -> dict[str, Any]:
+    """The three attention tuples of transformers' seq2seq outputs (None unless output_attentions)."""
+    return dict(
+        encoder_attentions=rec.get("encoder", encoder_outputs),
+        decoder_attentions=rec.get("decoder"),
+        cross_attentions=rec.get("cross"),
+    )
+
+
 class FlashT5PreTrainedModel(PreTrainedModel):
     """The Hugging Face face of :class:`flasht5.model.T5`: argument translation, output classes, loading."""
 
@@ -169,13 +212,17 @@ class FlashT5PreTrainedModel(PreTrainedModel):
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.model.shared = value
 
-    @staticmethod
-    def _unsupported(output_attentions: bool | None) -> None:
-        if output_attentions:
+    def _attentions(self, output_attentions: bool | None) -> _Recorder:
+        """Hugging Face's ``output_attentions`` (the config's by default): the eager backend records every layer's
+        attention weights; sdpa and flash never materialise them, so asking there is an error."""
+        on = bool(self.config.output_attentions if output_attentions is None else output_attentions)
+        if on and self.model.backend != "eager":
             raise ValueError(
-                "output_attentions is not supported by flasht5 (the flash path never "
-                "materialises attention weights); use transformers' T5 for inspection."
+                f"output_attentions needs attn_implementation='eager' (this model runs {self.model.backend!r}, which "
+                "never materialises attention weights): load with attn_implementation='eager' or call "
+                "model.set_attn_implementation('eager')."
             )
+        return _Recorder(self.model, on)
 
     def _hidden_states(self, output_hidden_states: bool | None) -> bool:
         return bool(self.config.output_hidden_states if output_hidden_states is None else output_hidden_states)
@@ -276,18 +323,19 @@ class FlashT5Model(FlashT5PreTrainedModel):
         return_dict: bool | None = None,
         **kwargs: Any,
     ) -> Seq2SeqModelOutput | tuple:
-        self._unsupported(output_attentions)
         output_hidden_states = self._hidden_states(output_hidden_states)
-        out, cache = self._backbone(
-            input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids,
-            decoder_attention_mask=decoder_attention_mask, encoder_outputs=encoder_outputs,
-            past_key_values=past_key_values, inputs_embeds=inputs_embeds, decoder_inputs_embeds=decoder_inputs_embeds,
-            labels=None, use_cache=use_cache, kwargs=kwargs, return_logits=False,
-            output_hidden_states=output_hidden_states,
-        )  # fmt: skip
+        with self._attentions(output_attentions) as rec:
+            out, cache = self._backbone(
+                input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids,
+                decoder_attention_mask=decoder_attention_mask, encoder_outputs=encoder_outputs,
+                past_key_values=past_key_values, inputs_embeds=inputs_embeds,
+                decoder_inputs_embeds=decoder_inputs_embeds, labels=None, use_cache=use_cache, kwargs=kwargs,
+                return_logits=False, output_hidden_states=output_hidden_states,
+            )  # fmt: skip
         res = Seq2SeqModelOutput(
             last_hidden_state=out.hidden, past_key_values=cache, encoder_last_hidden_state=out.encoded.hidden,
             decoder_hidden_states=out.decoder_hidden_states, encoder_hidden_states=out.encoded.hidden_states,
+            **_seq2seq_attentions(rec, encoder_outputs),
         )  # fmt: skip
         return res if return_dict is not False else res.to_tuple()
 
@@ -331,20 +379,20 @@ class FlashT5ForConditionalGeneration(GenerationHooks, FlashT5PreTrainedModel, G
         return_dict: bool | None = None,
         **kwargs: Any,
     ) -> Seq2SeqLMOutput | tuple:
-        self._unsupported(output_attentions)
         output_hidden_states = self._hidden_states(output_hidden_states)
-        out, cache = self._backbone(
-            input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids,
-            decoder_attention_mask=decoder_attention_mask, encoder_outputs=encoder_outputs,
-            past_key_values=past_key_values, inputs_embeds=inputs_embeds, decoder_inputs_embeds=decoder_inputs_embeds,
-            labels=labels, use_cache=use_cache, kwargs=kwargs,
-            return_logits=not self.training or self.model.kernels.lm_loss is None,
-            output_hidden_states=output_hidden_states,
-        )  # fmt: skip
+        with self._attentions(output_attentions) as rec:
+            out, cache = self._backbone(
+                input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids,
+                decoder_attention_mask=decoder_attention_mask, encoder_outputs=encoder_outputs,
+                past_key_values=past_key_values, inputs_embeds=inputs_embeds,
+                decoder_inputs_embeds=decoder_inputs_embeds, labels=labels, use_cache=use_cache, kwargs=kwargs,
+                return_logits=not self.training or self.model.kernels.lm_loss is None,
+                output_hidden_states=output_hidden_states,
+            )  # fmt: skip
         res = FlashT5Seq2SeqLMOutput(
             loss=out.loss, logits=out.logits, past_key_values=cache, encoder_last_hidden_state=out.encoded.hidden,
             z_loss=out.z_loss, decoder_hidden_states=out.decoder_hidden_states,
-            encoder_hidden_states=out.encoded.hidden_states,
+            encoder_hidden_states=out.encoded.hidden_states, **_seq2seq_attentions(rec, encoder_outputs),
         )  # fmt: skip
         return res if return_dict is not False else res.to_tuple()
 
@@ -358,10 +406,12 @@ class _EncoderView(nn.Module):
 
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, **kwargs: Any) -> BaseModelOutput:
         parent = self._parent[0]
-        parent._unsupported(kwargs.pop("output_attentions", None))
         states = parent._hidden_states(kwargs.pop("output_hidden_states", None))
-        encoded = parent._encode(input_ids, attention_mask, inputs_embeds, _packing(kwargs), states)
-        return BaseModelOutput(last_hidden_state=encoded.hidden, hidden_states=encoded.hidden_states)
+        with parent._attentions(kwargs.pop("output_attentions", None)) as rec:
+            encoded = parent._encode(input_ids, attention_mask, inputs_embeds, _packing(kwargs), states)
+        return BaseModelOutput(
+            last_hidden_state=encoded.hidden, hidden_states=encoded.hidden_states, attentions=rec.get("encoder")
+        )
 
 
 class FlashT5EncoderModel(FlashT5PreTrainedModel):
@@ -386,10 +436,12 @@ class FlashT5EncoderModel(FlashT5PreTrainedModel):
         return_dict: bool | None = None,
         **kwargs: Any,
     ) -> BaseModelOutput | tuple:
-        self._unsupported(output_attentions)
         output_hidden_states = self._hidden_states(output_hidden_states)
-        encoded = self._encode(input_ids, attention_mask, inputs_embeds, _packing(kwargs), output_hidden_states)
-        out = BaseModelOutput(last_hidden_state=encoded.hidden, hidden_states=encoded.hidden_states)
+        with self._attentions(output_attentions) as rec:
+            encoded = self._encode(input_ids, attention_mask, inputs_embeds, _packing(kwargs), output_hidden_states)
+        out = BaseModelOutput(
+            last_hidden_state=encoded.hidden, hidden_states=encoded.hidden_states, attentions=rec.get("encoder")
+        )
         return out if return_dict is not False else out.to_tuple()
 
 
@@ -488,8 +540,8 @@ class FlashT5ForSequenceClassification(FlashT5PreTrainedModel):
         return_dict: bool | None = None,
         **kwargs: Any,
     ) -> Seq2SeqSequenceClassifierOutput | tuple:
-        self._unsupported(output_attentions)
         output_hidden_states = self._hidden_states(output_hidden_states)
+        rec = self._attentions(output_attentions)
         if input_ids is None:
             raise ValueError("FlashT5ForSequenceClassification needs input_ids (it locates the EOS tokens).")
         eos = input_ids.eq(self.config.eos_token_id)
@@ -501,12 +553,13 @@ class FlashT5ForSequenceClassification(FlashT5PreTrainedModel):
             )
         if decoder_input_ids is None and decoder_inputs_embeds is None:
             decoder_input_ids = self._shift_right(input_ids)
-        out, _ = self._backbone(
-            input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids,
-            decoder_attention_mask=decoder_attention_mask, encoder_outputs=encoder_outputs, past_key_values=None,
-            inputs_embeds=inputs_embeds, decoder_inputs_embeds=decoder_inputs_embeds, labels=None, use_cache=False,
-            kwargs=kwargs, return_logits=False, output_hidden_states=output_hidden_states,
-        )  # fmt: skip
+        with rec:
+            out, _ = self._backbone(
+                input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids,
+                decoder_attention_mask=decoder_attention_mask, encoder_outputs=encoder_outputs, past_key_values=None,
+                inputs_embeds=inputs_embeds, decoder_inputs_embeds=decoder_inputs_embeds, labels=None,
+                use_cache=False, kwargs=kwargs, return_logits=False, output_hidden_states=output_hidden_states,
+            )  # fmt: skip
         hidden = out.hidden
         batch, width = hidden.shape[0], hidden.shape[-1]
         sentence = hidden[eos, :].view(batch, -1, width)[:, -1, :]
@@ -515,6 +568,7 @@ class FlashT5ForSequenceClassification(FlashT5PreTrainedModel):
         res = Seq2SeqSequenceClassifierOutput(
             loss=loss, logits=logits, encoder_last_hidden_state=out.encoded.hidden,
             decoder_hidden_states=out.decoder_hidden_states, encoder_hidden_states=out.encoded.hidden_states,
+            **_seq2seq_attentions(rec, encoder_outputs),
         )  # fmt: skip
         return res if return_dict is not False else res.to_tuple()
 
@@ -543,14 +597,16 @@ class FlashT5ForTokenClassification(FlashT5PreTrainedModel):
         return_dict: bool | None = None,
         **kwargs: Any,
     ) -> TokenClassifierOutput | tuple:
-        self._unsupported(output_attentions)
         output_hidden_states = self._hidden_states(output_hidden_states)
-        encoded = self._encode(input_ids, attention_mask, inputs_embeds, _packing(kwargs), output_hidden_states)
+        with self._attentions(output_attentions) as rec:
+            encoded = self._encode(input_ids, attention_mask, inputs_embeds, _packing(kwargs), output_hidden_states)
         logits = self.head(encoded.hidden)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits.view(-1, self.config.num_labels), labels.view(-1).to(logits.device))
-        out = TokenClassifierOutput(loss=loss, logits=logits, hidden_states=encoded.hidden_states)
+        out = TokenClassifierOutput(
+            loss=loss, logits=logits, hidden_states=encoded.hidden_states, attentions=rec.get("encoder")
+        )
         return out if return_dict is not False else out.to_tuple()
 
 
@@ -580,18 +636,19 @@ class FlashT5ForQuestionAnswering(FlashT5PreTrainedModel):
         return_dict: bool | None = None,
         **kwargs: Any,
     ) -> Seq2SeqQuestionAnsweringModelOutput | tuple:
-        self._unsupported(output_attentions)
         output_hidden_states = self._hidden_states(output_hidden_states)
+        rec = self._attentions(output_attentions)
         if decoder_input_ids is None and decoder_inputs_embeds is None:
             if input_ids is None:
                 raise ValueError("pass input_ids, decoder_input_ids or decoder_inputs_embeds.")
             decoder_input_ids = self._shift_right(input_ids)
-        out, _ = self._backbone(
-            input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids,
-            decoder_attention_mask=decoder_attention_mask, encoder_outputs=encoder_outputs, past_key_values=None,
-            inputs_embeds=inputs_embeds, decoder_inputs_embeds=decoder_inputs_embeds, labels=None, use_cache=False,
-            kwargs=kwargs, return_logits=False, output_hidden_states=output_hidden_states,
-        )  # fmt: skip
+        with rec:
+            out, _ = self._backbone(
+                input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids,
+                decoder_attention_mask=decoder_attention_mask, encoder_outputs=encoder_outputs, past_key_values=None,
+                inputs_embeds=inputs_embeds, decoder_inputs_embeds=decoder_inputs_embeds, labels=None,
+                use_cache=False, kwargs=kwargs, return_logits=False, output_hidden_states=output_hidden_states,
+            )  # fmt: skip
         start_logits, end_logits = self.head(out.hidden)
         loss = None
         if start_positions is not None and end_positions is not None:
@@ -605,6 +662,6 @@ class FlashT5ForQuestionAnswering(FlashT5PreTrainedModel):
         res = Seq2SeqQuestionAnsweringModelOutput(
             loss=loss, start_logits=start_logits, end_logits=end_logits,
             encoder_last_hidden_state=out.encoded.hidden, decoder_hidden_states=out.decoder_hidden_states,
-            encoder_hidden_states=out.encoded.hidden_states,
+            encoder_hidden_states=out.encoded.hidden_states, **_seq2seq_attentions(rec, encoder_outputs),
         )  # fmt: skip
         return res if return_dict is not False else res.to_tuple()
