@@ -279,9 +279,9 @@ def test_output_attentions_eager_equal_transformers(family: str, tmp_path: Path)
         nxt = torch.full((B, 1), 5)
         step_o = ours(encoder_outputs=(first.encoder_last_hidden_state,), attention_mask=batch["attention_mask"],
                       decoder_input_ids=nxt, past_key_values=first.past_key_values, output_attentions=True)  # fmt: skip
-        hf_first = hf(**batch, use_cache=True)
-        step_h = hf(encoder_outputs=(hf_first.encoder_last_hidden_state,), attention_mask=batch["attention_mask"],
-                    decoder_input_ids=nxt, past_key_values=hf_first.past_key_values, output_attentions=True)  # fmt: skip
+        hf1 = hf(**batch, use_cache=True)
+        step_h = hf(encoder_outputs=(hf1.encoder_last_hidden_state,), attention_mask=batch["attention_mask"],
+                    decoder_input_ids=nxt, past_key_values=hf1.past_key_values, output_attentions=True)  # fmt: skip
     for g, w in zip(
         step_o.decoder_attentions + step_o.cross_attentions, step_h.decoder_attentions + step_h.cross_attentions
     ):
