@@ -127,7 +127,9 @@ class FlashT5PreTrainedModel(PreTrainedModel):
 
     config_class = FlashT5Config
     config: FlashT5Config
-    base_model_prefix = "model"
+    # transformers' T5 value. No flasht5 class has a module of that name, so ``base_model`` is the model itself (a
+    # PreTrainedModel, as for transformers' T5ForConditionalGeneration), never the bare core in ``self.model``.
+    base_model_prefix = "transformer"
     supports_gradient_checkpointing = True
     _no_split_modules = ["Block"]
     _keep_in_fp32_modules = ["wo"]
@@ -139,7 +141,10 @@ class FlashT5PreTrainedModel(PreTrainedModel):
         self, attn_implementation: str | None, is_init_check: bool = False, allow_all_kernels: bool = False
     ) -> str:
         backend = attn_implementation or default_backend()
-        kernels_for(backend)  # raises for an unknown name
+        try:
+            kernels_for(backend)
+        except ValueError as e:  # transformers' wording first (tools match it), then ours
+            raise ValueError(f'Specified `attn_implementation="{backend}"` is not supported. {e}') from None
         return backend
 
     def set_attn_implementation(self, attn_implementation: str | dict, allow_all_kernels: bool = False) -> None:
