@@ -379,13 +379,19 @@ def check_keys(
             raise ValueError(f"weight {k!r} has shape {tuple(found[k].shape)}, the model expects {tuple(shapes[k])}")
 
 
-def check_loading_info(cls: type, info: dict[str, Any]) -> None:
-    """The same rule for transformers' own ``from_pretrained`` on flasht5 folders (it only warns)."""
+class CheckpointMismatchError(ValueError, RuntimeError):
+    """A checkpoint that does not fit the model: a ``ValueError`` (flasht5's rule for bad input) that is also the
+    ``RuntimeError`` transformers raises for mis-shaped weights, so code written for either catches it."""
+
+
+def check_loading_info(cls: type, info: dict[str, Any], *, ignore_mismatched_sizes: bool = False) -> None:
+    """The same rule for transformers' own ``from_pretrained`` on flasht5 folders (it only warns). With
+    ``ignore_mismatched_sizes`` mis-shaped weights are allowed: transformers initialises them afresh (a new head)."""
     missing = sorted(k for k in info.get("missing_keys", ()) if not _head_owned(k))
     unexpected = sorted(k for k in info.get("unexpected_keys", ()) if not _ignorable_extra(cls, k))
-    mismatched = list(info.get("mismatched_keys", ()))
+    mismatched = [] if ignore_mismatched_sizes else list(info.get("mismatched_keys", ()))
     if missing or unexpected or mismatched:
-        raise ValueError(
+        raise CheckpointMismatchError(
             f"checkpoint does not fit {cls.__name__}: missing {missing[:8]}, unexpected {unexpected[:8]}, "
             f"mis-shaped {mismatched[:8]}"
         )

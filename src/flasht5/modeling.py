@@ -164,12 +164,13 @@ class FlashT5PreTrainedModel(PreTrainedModel):
         """
         from flasht5 import convert
 
+        ignore = bool(kwargs.get("ignore_mismatched_sizes", False))
         if pretrained_model_name_or_path is None:  # transformers' way to build from config= and state_dict=
             if kwargs.get("config") is None or kwargs.get("state_dict") is None:
                 raise ValueError("from_pretrained(None, ...) needs both config= and state_dict=")
             want_info = kwargs.pop("output_loading_info", False)
             model, info = super().from_pretrained(None, *args, output_loading_info=True, **kwargs)
-            convert.check_loading_info(cls, info)
+            convert.check_loading_info(cls, info, ignore_mismatched_sizes=ignore)
             return (model, info) if want_info else model
         hub = {k: kwargs.pop(k) for k in ("revision", "cache_dir", "token", "force_download") if k in kwargs}
         if "local_files_only" in kwargs:
@@ -185,7 +186,7 @@ class FlashT5PreTrainedModel(PreTrainedModel):
                 raise
             files = ", ".join(str(f) for f in convert.weight_files(path))
             raise ValueError(f"cannot read the weights in {files}: SafetensorError: {e}") from None
-        convert.check_loading_info(cls, info)
+        convert.check_loading_info(cls, info, ignore_mismatched_sizes=ignore)
         return (model, info) if want_info else model
 
     # -- initialisation: the modules' own (Mesh TensorFlow's scheme), through transformers' initialisers --------
