@@ -13,26 +13,14 @@ place; docs/huggingface.md summarises it).
 from __future__ import annotations
 
 import fnmatch
-import os
 import sys
-import types
 from pathlib import Path
 
 import pytest
-import transformers
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from fetch_upstream import upstream_dir  # noqa: E402
-
-UPSTREAM = Path(os.environ.get("FLASHT5_HF_TESTS") or upstream_dir(transformers.__version__))
-PACKAGE = "hf_upstream"  # the upstream tests/ folder, imported as this package
-
-# Upstream modules that the source distribution does not ship -> the stand-in's attributes (empty mixins).
-MISSING = {
-    "exporters.test_export": ("ExportTesterMixin",),  # torch.export tests: not run
-    "generation.test_utils": ("GenerationTesterMixin",),  # generate tests: tests/test_generation.py covers generate
-}
+import hf_suite_upstream  # noqa: E402, F401  (installs the hf_upstream package before any test module imports it)
 
 # test name pattern (fnmatch, against the method name without parameters) -> why flasht5 does not share it.
 SKIPS: dict[str, str] = {
@@ -59,35 +47,6 @@ SKIPS: dict[str, str] = {
         "T5ForSequenceClassification raises NotImplementedError for inputs_embeds as well)"
     ),
 }
-
-
-def _install() -> str | None:
-    """Make ``hf_upstream`` importable; returns why not, or None."""
-    if not (UPSTREAM / "test_modeling_common.py").is_file():
-        return f"transformers' tests/ folder not found at {UPSTREAM} (run `make test`, or set FLASHT5_HF_TESTS)"
-    if PACKAGE in sys.modules:
-        return None
-    pkg = types.ModuleType(PACKAGE)
-    pkg.__path__ = [str(UPSTREAM)]
-    sys.modules[PACKAGE] = pkg
-    for name, attrs in MISSING.items():
-        parts = name.split(".")
-        if (UPSTREAM.joinpath(*parts[:-1]) / f"{parts[-1]}.py").is_file():
-            continue  # a full checkout has the real one
-        for i in range(1, len(parts) + 1):
-            full = ".".join([PACKAGE, *parts[:i]])
-            if full not in sys.modules:
-                mod = types.ModuleType(full)
-                if i < len(parts):
-                    mod.__path__ = []
-                sys.modules[full] = mod
-        leaf = sys.modules[".".join([PACKAGE, *parts])]
-        for attr in attrs:
-            setattr(leaf, attr, type(attr, (), {}))
-    return None
-
-
-WHY_NOT = _install()
 
 
 @pytest.fixture(autouse=True)

@@ -1,23 +1,18 @@
-"""transformers' ``ModelTesterMixin`` (from the installed release's own tests, assertions untouched) on flasht5's
-seq2seq classes and on its encoder-only classes; the model tester below is flasht5's: it builds the tiny random
-configs and inputs that transformers' T5 tester builds (same sizes and special ids), as FlashT5Config."""
+"""The pieces of tests/hf_suite's test files: flasht5's model tester and the suite's test classes, built from
+transformers' own ``ModelTesterMixin`` (assertions untouched). The test files only bind a part of them, so that
+pytest-xdist's ``--dist loadfile`` (``make test``) spreads the suite over the cores."""
 
 from __future__ import annotations
 
 import unittest
 
-import pytest
-from conftest import WHY_NOT
+from hf_suite_upstream import WHY_NOT
 
-if WHY_NOT:
-    pytest.skip(WHY_NOT, allow_module_level=True)
+if not WHY_NOT:
+    from hf_upstream.generation.test_utils import GenerationTesterMixin
+    from hf_upstream.test_modeling_common import ModelTesterMixin, ids_tensor
 
-import torch  # noqa: E402
-from hf_upstream.generation.test_utils import GenerationTesterMixin  # noqa: E402
-from hf_upstream.test_modeling_common import ModelTesterMixin, ids_tensor  # noqa: E402
-from transformers.testing_utils import torch_device  # noqa: E402
-
-from flasht5 import (  # noqa: E402
+from flasht5 import (
     FlashT5Config,
     FlashT5EncoderModel,
     FlashT5ForConditionalGeneration,
@@ -26,6 +21,11 @@ from flasht5 import (  # noqa: E402
     FlashT5ForTokenClassification,
     FlashT5Model,
 )
+
+SEQ2SEQ_CLASSES = (
+    FlashT5Model, FlashT5ForConditionalGeneration, FlashT5ForSequenceClassification, FlashT5ForQuestionAnswering,
+)  # fmt: skip
+ENCODER_CLASSES = (FlashT5EncoderModel, FlashT5ForTokenClassification)
 
 
 class FlashT5ModelTester:
@@ -80,26 +80,39 @@ class FlashT5ModelTester:
         }  # fmt: skip
 
 
-class FlashT5ModelTest(ModelTesterMixin, GenerationTesterMixin, unittest.TestCase):
-    all_model_classes = (
-        FlashT5Model, FlashT5ForConditionalGeneration, FlashT5ForSequenceClassification, FlashT5ForQuestionAnswering,
-    )  # fmt: skip
-    is_encoder_decoder = True
+def seq2seq_suite(part: int, parts: int) -> type:
+    """transformers' common tests on the seq2seq classes; only the ``part``-th of every ``parts`` tests (by name)."""
 
-    def setUp(self):
-        self.model_tester = FlashT5ModelTester(self)
+    class FlashT5ModelTest(ModelTesterMixin, GenerationTesterMixin, unittest.TestCase):
+        all_model_classes = SEQ2SEQ_CLASSES
+        is_encoder_decoder = True
 
+        def setUp(self):
+            self.model_tester = FlashT5ModelTester(self)
 
-class FlashT5EncoderOnlyModelTest(ModelTesterMixin, unittest.TestCase):
-    all_model_classes = (FlashT5EncoderModel, FlashT5ForTokenClassification)
-    is_encoder_decoder = False
-
-    def setUp(self):
-        # no training tests: the encoder model returns no loss (the common test_training expects one)
-        self.model_tester = FlashT5ModelTester(self, encoder_only=True, is_training=False)
+    return _keep_part(FlashT5ModelTest, part, parts)
 
 
-def test_the_suite_runs_on_flasht5_classes():
-    """Guard: the mixin's tests are collected on both classes (not an empty suite)."""
-    names = [n for n in dir(FlashT5ModelTest) if n.startswith("test_")]
-    assert len(names) > 50 and torch_device == "cpu" or torch.cuda.is_available()
+def encoder_suite() -> type:
+    """transformers' common tests on the encoder-only classes."""
+
+    class FlashT5EncoderOnlyModelTest(ModelTesterMixin, unittest.TestCase):
+        all_model_classes = ENCODER_CLASSES
+        is_encoder_decoder = False
+
+        def setUp(self):
+            # no training tests: the encoder model returns no loss (the common test_training expects one)
+            self.model_tester = FlashT5ModelTester(self, encoder_only=True, is_training=False)
+
+    return FlashT5EncoderOnlyModelTest
+
+
+def test_names(cls: type) -> list[str]:
+    return sorted(n for n in dir(cls) if n.startswith("test_") and callable(getattr(cls, n)))
+
+
+def _keep_part(cls: type, part: int, parts: int) -> type:
+    for i, name in enumerate(test_names(cls)):
+        if i % parts != part:
+            setattr(cls, name, None)  # unittest collects callables only
+    return cls
