@@ -145,11 +145,11 @@ def test_get_decoder_is_the_decoder_stack() -> None:
     assert not hasattr(enc.model, "decoder") or enc.model.decoder is None
 
 
-@pytest.mark.parametrize("reentrant", [True, False])
-def test_gradient_checkpointing_kwargs_use_reentrant(reentrant: bool) -> None:
+@pytest.mark.parametrize("reentrant,backend", [(True, "eager"), (False, "eager"), (True, "flash")])
+def test_gradient_checkpointing_kwargs_use_reentrant(reentrant: bool, backend: str) -> None:
     from torch.utils import checkpoint as ckpt
 
-    m = _model(attn_implementation="eager").train()
+    m = _model(attn_implementation=backend, d_kv=16).train()  # flash takes head dims >= 16
     m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
     batch = padded_batch()
     with mock.patch.object(ckpt.CheckpointFunction, "apply", wraps=ckpt.CheckpointFunction.apply) as apply:
@@ -160,7 +160,7 @@ def test_gradient_checkpointing_kwargs_use_reentrant(reentrant: bool) -> None:
     grads = [p.grad for p in m.parameters() if p.requires_grad]
     assert all(g is not None for g in grads)
 
-    ref = _model(attn_implementation="eager").train()
+    ref = _model(attn_implementation=backend, d_kv=16).train()
     ref(**batch).loss.backward()
     for (name, p), q in zip(m.named_parameters(), ref.parameters()):
         torch.testing.assert_close(p.grad, q.grad, msg=name)
