@@ -216,6 +216,22 @@ def test_convert_to_hf_carries_generation_config_and_tokenizer(tmp_path: Path, s
 # ------------------------------------------------------------------------------------------------------------
 
 
+def test_peft_defaults_registered_in_either_import_order() -> None:
+    pytest.importorskip("peft")
+    code = """import sys
+first, second = sys.argv[1:]
+__import__(first); __import__(second)
+from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as lora
+from peft.utils.constants import TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING as ia3_ff
+print(lora["flasht5"], ia3_ff["flasht5"])
+"""
+    for order in (["flasht5", "peft"], ["peft", "flasht5"]):
+        env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+        res = subprocess.run([sys.executable, "-c", code, *order], capture_output=True, text=True, env=env, timeout=300)
+        assert res.returncode == 0, res.stderr
+        assert res.stdout.split() == ["['q',", "'v']", "['wo']"], (order, res.stdout)
+
+
 def test_peft_lora_defaults_to_q_and_v_trains_saves_reloads(tmp_path: Path, saved: Path) -> None:
     peft = pytest.importorskip("peft")
     base = FlashT5ForConditionalGeneration.from_pretrained(saved, attn_implementation="eager")
