@@ -37,7 +37,7 @@ def test_convert_removes_stale_weights_so_both_libraries_read_the_new_model(tmp_
     new = _ours(tmp_path, seed=2, name="new")
     convert.to_hf(new, out)
     left = sorted(p.name for p in out.iterdir())
-    assert left == ["config.json", "model.safetensors"], left
+    assert left == ["config.json", "generation_config.json", "model.safetensors"], left
     want = _logits(new)
     torch.testing.assert_close(_logits(FlashT5ForConditionalGeneration.from_pretrained(out)), want)
     torch.testing.assert_close(_logits(transformers.T5ForConditionalGeneration.from_pretrained(out)), want)

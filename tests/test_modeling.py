@@ -135,10 +135,11 @@ def test_flasht5_folder_round_trip_and_auto(tmp_path):
         torch.testing.assert_close(again(**batch).logits, ours(**batch).logits)
 
 
-def test_wo_kept_in_fp32_for_half_loads(tmp_path):
-    ours = _ours(tiny_hf("t5-v1.1"), tmp_path, dtype=torch.bfloat16)
+def test_wo_kept_in_fp32_for_fp16_loads(tmp_path):
+    """transformers' T5 rule (``_keep_in_fp32_modules`` acts on fp16 only; bf16 in tests/test_ecosystem.py)."""
+    ours = _ours(tiny_hf("t5-v1.1"), tmp_path, dtype=torch.float16)
     assert ours.model.encoder.layers[0].mlp.wo.weight.dtype == torch.float32
-    assert ours.model.encoder.layers[0].mlp.wi_0.weight.dtype == torch.bfloat16
+    assert ours.model.encoder.layers[0].mlp.wi_0.weight.dtype == torch.float16
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -379,8 +380,9 @@ def test_output_hidden_states_match_hf(family, impl, tmp_path):
     assert len(e.hidden_states) == len(h.encoder_hidden_states)
     _close_to_scale(e.hidden_states[1], h.encoder_hidden_states[1])
     assert ours(**b).encoder_hidden_states is None  # off by default
-    with pytest.raises(ValueError, match="output_attentions"):
-        ours(**b, output_attentions=True)
+    if impl != "eager":  # eager returns them (tests/test_ecosystem.py)
+        with pytest.raises(ValueError, match="output_attentions"):
+            ours(**b, output_attentions=True)
 
 
 def test_seq2seq_trainer_evaluates_with_generate(tmp_path):

@@ -58,6 +58,7 @@ HF_REDUNDANT = re.compile(
 )
 # Heads of transformers wrap the base model under `transformer.` (sequence / token classification).
 HF_PREFIX = "transformer."
+GENERATION_CONFIG = "generation_config.json"
 
 
 def _compile(pattern: str) -> re.Pattern:
@@ -378,13 +379,19 @@ def check_keys(
             raise ValueError(f"weight {k!r} has shape {tuple(found[k].shape)}, the model expects {tuple(shapes[k])}")
 
 
-def check_loading_info(cls: type, info: dict[str, Any]) -> None:
-    """The same rule for transformers' own ``from_pretrained`` on flasht5 folders (it only warns)."""
+class CheckpointMismatchError(ValueError, RuntimeError):
+    """A checkpoint that does not fit the model: a ``ValueError`` (flasht5's rule for bad input) that is also the
+    ``RuntimeError`` transformers raises for mis-shaped weights, so code written for either catches it."""
+
+
+def check_loading_info(cls: type, info: dict[str, Any], *, ignore_mismatched_sizes: bool = False) -> None:
+    """The same rule for transformers' own ``from_pretrained`` on flasht5 folders (it only warns). With
+    ``ignore_mismatched_sizes`` mis-shaped weights are allowed: transformers initialises them afresh (a new head)."""
     missing = sorted(k for k in info.get("missing_keys", ()) if not _head_owned(k))
     unexpected = sorted(k for k in info.get("unexpected_keys", ()) if not _ignorable_extra(cls, k))
-    mismatched = list(info.get("mismatched_keys", ()))
+    mismatched = [] if ignore_mismatched_sizes else list(info.get("mismatched_keys", ()))
     if missing or unexpected or mismatched:
-        raise ValueError(
+        raise CheckpointMismatchError(
             f"checkpoint does not fit {cls.__name__}: missing {missing[:8]}, unexpected {unexpected[:8]}, "
             f"mis-shaped {mismatched[:8]}"
         )
@@ -407,7 +414,9 @@ def from_hf(
     **config_overrides: Any,
 ):
     """Load a stock transformers T5-family folder as the flasht5 class ``cls`` (e.g.
-    ``FlashT5ForConditionalGeneration``). Half-precision ``dtype`` keeps ``wo`` in fp32, as transformers does."""
+    ``FlashT5ForConditionalGeneration``). ``dtype=torch.float16`` keeps ``wo`` in fp32 and bfloat16 does not, as
+    transformers does for T5 (``_keep_in_fp32_modules = ["wo"]`` applies to fp16 only) and as it does for a folder
+    flasht5 saved. The folder's ``generation_config.json`` becomes the model's generation config."""
     hf_cfg = read_config(src)
     raw = load_state_dict(src)
     state: dict[str, torch.Tensor] = {}
@@ -435,7 +444,7 @@ def from_hf(
         dtype = getattr(torch, dtype)
     target = device or (device_map if isinstance(device_map, (str, torch.device)) else None) or "cpu"
     for k, v in list(state.items()):
-        keep_fp32 = k.endswith("wo.weight") and dtype in (torch.float16, torch.bfloat16)
+        keep_fp32 = k.endswith("wo.weight") and dtype == torch.float16
         if isinstance(dtype, torch.dtype) and v.is_floating_point() and not keep_fp32:
             v = v.to(dtype)
         elif keep_fp32:
@@ -443,6 +452,10 @@ def from_hf(
         state[k] = v.to(target)
     model.load_state_dict(state, strict=False, assign=True)
     _init_fresh(model, target)
+    if (Path(src) / GENERATION_CONFIG).is_file() and getattr(model, "generation_config", None) is not None:
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(src)
     model.eval()
     return model
 
@@ -495,4 +508,9 @@ def to_hf(model: Any, out_dir: str | Path, *, safe_serialization: bool = True) -
     tmp_cfg = out / ".config.json.tmp"
     tmp_cfg.write_text(json.dumps(hf_cfg, indent=2, sort_keys=True))
     tmp_cfg.replace(out / "config.json")
+    generation = getattr(model, "generation_config", None) if model.can_generate() else None
+    if generation is not None:  # what save_pretrained writes for a model that generates (decoding defaults)
+        tmp_gen = out / f".{GENERATION_CONFIG}.tmp"
+        tmp_gen.write_text(generation.to_json_string(use_diff=True))
+        tmp_gen.replace(out / GENERATION_CONFIG)
     return out

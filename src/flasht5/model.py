@@ -22,6 +22,7 @@ every stack padding-free (padded rows lose their padding once per stack), so the
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import warnings
@@ -32,6 +33,7 @@ from typing import Any, NamedTuple, Protocol
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch.utils.checkpoint import checkpoint
 
 from flasht5.layout import Layout, _readable, gather_tokens, scatter_tokens, shift_right
@@ -214,10 +216,12 @@ def _allowed(ql: Layout, kl: Layout, causal: bool, device: torch.device) -> Tens
 
 def attend_reference(
     q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, ql: Layout, kl: Layout, *, causal: bool, dropout: float,
-    training: bool, impl: str,
+    training: bool, impl: str, record: list[Tensor] | None = None,
 ) -> Tensor:  # fmt: skip
     """Attention of q (B, Lq, H, D) over k, v (B, Lk, H, D) on row layouts; ``bias`` is the materialised
-    (B or 1, H, Lq, Lk) fp32 position bias. ``impl``: "eager" (fp32 softmax, Hugging Face's ops) or "sdpa"."""
+    (B or 1, H, Lq, Lk) fp32 position bias. ``impl``: "eager" (fp32 softmax, Hugging Face's ops) or "sdpa".
+    ``record`` (eager only): a list that receives the attention weights (B, H, Lq, Lk), after dropout as Hugging
+    Face returns them for ``output_attentions``."""
     allowed = _allowed(ql, kl, causal, q.device)
     qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, L, D)
     if impl == "eager":
@@ -227,8 +231,10 @@ def attend_reference(
             scores = scores + bias
         if allowed is not None:
             scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
-        probs = torch.softmax(scores, dim=-1).to(vh.dtype)
-        out = torch.matmul(F.dropout(probs, p=dropout, training=training), vh)
+        probs = F.dropout(torch.softmax(scores, dim=-1).to(vh.dtype), p=dropout, training=training)
+        if record is not None:
+            record.append(probs)
+        out = torch.matmul(probs, vh)
     else:
         if bias is None and causal and ql.kind == kl.kind == "dense" and q.shape[1] == k.shape[1]:
             mask, is_causal = None, True  # SDPA's own causal path (top-left == bottom-right when Lq == Lk)
@@ -539,6 +545,7 @@ class Attention(nn.Module):
             self.rope = (int(cfg.d_kv * cfg.rope_fraction), float(cfg.rope_theta))
         f = cfg.initializer_factor
         self.stds = (f * (cfg.d_model * cfg.d_kv) ** -0.5, f * cfg.d_model**-0.5, f * inner**-0.5)
+        self.record: list[Tensor] | None = None  # a list: the eager backend appends the attention weights to it
 
     def reset_parameters(self, init: Any = nn.init) -> None:
         std_q, std_kv, std_o = self.stds
@@ -570,7 +577,10 @@ class Attention(nn.Module):
             if cache is not None:
                 k, v = cache.update_self(self.layer_idx, k, v)
             kl, bias = ctx.k, ctx.bias[self.layer_idx]
-        out = ctx.kernels.attend(q, k, v, bias, ctx.q, kl, causal=self.causal, dropout=self.p, training=self.training)
+        extra = {} if self.record is None else {"record": self.record}  # output_attentions (eager backend)
+        out = ctx.kernels.attend(
+            q, k, v, bias, ctx.q, kl, causal=self.causal, dropout=self.p, training=self.training, **extra
+        )
         return self.o(out.reshape(B, Lq, H * D))
 
 
@@ -609,6 +619,23 @@ class Block(nn.Module):
         return self._sub(self.ffn_norm, lambda x: self.mlp(x, k), h, pending, k)
 
 
+_CHECKPOINT = functools.partial(checkpoint, use_reentrant=False)
+
+
+def _checkpointed(run: Callable, layer: nn.Module, h: Tensor, pending: Tensor | None, ctx: StackContext):
+    """One layer under a checkpoint function (``run``: torch's ``checkpoint`` with its kwargs bound, e.g. by
+    transformers' ``gradient_checkpointing_enable``). The tensors the layer reads from ``ctx`` (the position bias,
+    the encoder output) go in as explicit inputs: reentrant checkpointing only gives gradients to its arguments."""
+    leaves, spec = tree_flatten(ctx.bias)
+    enc = ctx.encoded.hidden_inner if ctx.encoded is not None else None
+
+    def fn(h: Tensor, pending: Tensor | None, enc: Tensor | None, *leaves: Any):
+        encoded = None if enc is None else dataclasses.replace(ctx.encoded, hidden_inner=enc)
+        return layer(h, pending, dataclasses.replace(ctx, bias=tree_unflatten(list(leaves), spec), encoded=encoded))
+
+    return run(fn, h, pending, enc, *leaves)
+
+
 class Stack(nn.Module):
     """The encoder or the decoder: its position bias, blocks, final norm and dropout."""
 
@@ -631,7 +658,9 @@ class Stack(nn.Module):
             if ctx.hidden_states is not None:  # Hugging Face's hidden_states: each layer's input (the sum pending)
                 ctx.hidden_states.append(h if pending is None else _clamp_fp16(h + pending))
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                h, pending = checkpoint(layer, h, pending, ctx, use_reentrant=False)
+                # transformers' gradient_checkpointing_enable sets _gradient_checkpointing_func (its kwargs bound)
+                run = getattr(self, "_gradient_checkpointing_func", None) or _CHECKPOINT
+                h, pending = _checkpointed(run, layer, h, pending, ctx)
             else:
                 h, pending = layer(h, pending, ctx)
         out = self.final_norm(h, ctx.kernels) if pending is None else self.final_norm(pending, ctx.kernels, h)[0]

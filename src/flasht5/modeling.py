@@ -79,12 +79,57 @@ def _layout(ref: torch.Tensor, mask: torch.Tensor | None, packing: dict[str, Any
     )  # fmt: skip
 
 
+class _Recorder:
+    """While active, every attention module of the core appends its weights (eager backend) to a list; the tuples
+    come out per stack in Hugging Face's order (one (B, H, Lq, Lk) tensor per layer)."""
+
+    def __init__(self, core: T5, on: bool):
+        self.on = on
+        self.stacks = {"encoder": [b.attn for b in core.encoder.layers]}
+        if core.decoder is not None:
+            self.stacks["decoder"] = [b.attn for b in core.decoder.layers]
+            self.stacks["cross"] = [b.cross_attn for b in core.decoder.layers]
+
+    def __enter__(self) -> _Recorder:
+        if self.on:
+            for mods in self.stacks.values():
+                for m in mods:
+                    m.record = []
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.taken = {k: [m.record for m in mods] for k, mods in self.stacks.items()} if self.on else {}
+        for mods in self.stacks.values():
+            for m in mods:
+                m.record = None
+
+    def get(self, stack: str, given: Any = None) -> tuple[torch.Tensor, ...] | None:
+        """The stack's per-layer weights; for the encoder of a call given ``encoder_outputs``, theirs."""
+        if not self.on:
+            return None
+        recs = self.taken.get(stack) or []
+        if recs and all(recs):
+            return tuple(r[0] for r in recs)
+        return getattr(given, "attentions", None) if stack == "encoder" else None
+
+
+def _seq2seq_attentions(rec: _Recorder, encoder_outputs: Any) -> dict[str, Any]:
+    """The three attention tuples of transformers' seq2seq outputs (None unless output_attentions)."""
+    return dict(
+        encoder_attentions=rec.get("encoder", encoder_outputs),
+        decoder_attentions=rec.get("decoder"),
+        cross_attentions=rec.get("cross"),
+    )
+
+
 class FlashT5PreTrainedModel(PreTrainedModel):
     """The Hugging Face face of :class:`flasht5.model.T5`: argument translation, output classes, loading."""
 
     config_class = FlashT5Config
     config: FlashT5Config
-    base_model_prefix = "model"
+    # transformers' T5 value. No flasht5 class has a module of that name, so ``base_model`` is the model itself (a
+    # PreTrainedModel, as for transformers' T5ForConditionalGeneration), never the bare core in ``self.model``.
+    base_model_prefix = "transformer"
     supports_gradient_checkpointing = True
     _no_split_modules = ["Block"]
     _keep_in_fp32_modules = ["wo"]
@@ -96,7 +141,10 @@ class FlashT5PreTrainedModel(PreTrainedModel):
         self, attn_implementation: str | None, is_init_check: bool = False, allow_all_kernels: bool = False
     ) -> str:
         backend = attn_implementation or default_backend()
-        kernels_for(backend)  # raises for an unknown name
+        try:
+            kernels_for(backend)
+        except ValueError as e:  # transformers' wording first (tools match it), then ours
+            raise ValueError(f'Specified `attn_implementation="{backend}"` is not supported. {e}') from None
         return backend
 
     def set_attn_implementation(self, attn_implementation: str | dict, allow_all_kernels: bool = False) -> None:
@@ -116,6 +164,14 @@ class FlashT5PreTrainedModel(PreTrainedModel):
         """
         from flasht5 import convert
 
+        ignore = bool(kwargs.get("ignore_mismatched_sizes", False))
+        if pretrained_model_name_or_path is None:  # transformers' way to build from config= and state_dict=
+            if kwargs.get("config") is None or kwargs.get("state_dict") is None:
+                raise ValueError("from_pretrained(None, ...) needs both config= and state_dict=")
+            want_info = kwargs.pop("output_loading_info", False)
+            model, info = super().from_pretrained(None, *args, output_loading_info=True, **kwargs)
+            convert.check_loading_info(cls, info, ignore_mismatched_sizes=ignore)
+            return (model, info) if want_info else model
         hub = {k: kwargs.pop(k) for k in ("revision", "cache_dir", "token", "force_download") if k in kwargs}
         if "local_files_only" in kwargs:
             hub["local_files_only"] = kwargs.pop("local_files_only")
@@ -130,7 +186,7 @@ class FlashT5PreTrainedModel(PreTrainedModel):
                 raise
             files = ", ".join(str(f) for f in convert.weight_files(path))
             raise ValueError(f"cannot read the weights in {files}: SafetensorError: {e}") from None
-        convert.check_loading_info(cls, info)
+        convert.check_loading_info(cls, info, ignore_mismatched_sizes=ignore)
         return (model, info) if want_info else model
 
     # -- initialisation: the modules' own (Mesh TensorFlow's scheme), through transformers' initialisers --------
@@ -151,16 +207,28 @@ class FlashT5PreTrainedModel(PreTrainedModel):
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.shared
 
+    def get_decoder(self) -> nn.Module:
+        """The decoder stack (``model.decoder``), as transformers' T5 returns its ``decoder``; encoder-only classes
+        have none and return themselves, as transformers' default does."""
+        return self.model.decoder if getattr(self.model, "decoder", None) is not None else self
+
+    def set_decoder(self, decoder: nn.Module) -> None:
+        self.model.decoder = decoder
+
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.model.shared = value
 
-    @staticmethod
-    def _unsupported(output_attentions: bool | None) -> None:
-        if output_attentions:
+    def _attentions(self, output_attentions: bool | None) -> _Recorder:
+        """Hugging Face's ``output_attentions`` (the config's by default): the eager backend records every layer's
+        attention weights; sdpa and flash never materialise them, so asking there is an error."""
+        on = bool(self.config.output_attentions if output_attentions is None else output_attentions)
+        if on and self.model.backend != "eager":
             raise ValueError(
-                "output_attentions is not supported by flasht5 (the flash path never "
-                "materialises attention weights); use transformers' T5 for inspection."
+                f"output_attentions needs attn_implementation='eager' (this model runs {self.model.backend!r}, which "
+                "never materialises attention weights): load with attn_implementation='eager' or call "
+                "model.set_attn_implementation('eager')."
             )
+        return _Recorder(self.model, on)
 
     def _hidden_states(self, output_hidden_states: bool | None) -> bool:
         return bool(self.config.output_hidden_states if output_hidden_states is None else output_hidden_states)
@@ -261,18 +329,19 @@ class FlashT5Model(FlashT5PreTrainedModel):
         return_dict: bool | None = None,
         **kwargs: Any,
     ) -> Seq2SeqModelOutput | tuple:
-        self._unsupported(output_attentions)
         output_hidden_states = self._hidden_states(output_hidden_states)
-        out, cache = self._backbone(
-            input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids,
-            decoder_attention_mask=decoder_attention_mask, encoder_outputs=encoder_outputs,
-            past_key_values=past_key_values, inputs_embeds=inputs_embeds, decoder_inputs_embeds=decoder_inputs_embeds,
-            labels=None, use_cache=use_cache, kwargs=kwargs, return_logits=False,
-            output_hidden_states=output_hidden_states,
-        )  # fmt: skip
+        with self._attentions(output_attentions) as rec:
+            out, cache = self._backbone(
+                input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids,
+                decoder_attention_mask=decoder_attention_mask, encoder_outputs=encoder_outputs,
+                past_key_values=past_key_values, inputs_embeds=inputs_embeds,
+                decoder_inputs_embeds=decoder_inputs_embeds, labels=None, use_cache=use_cache, kwargs=kwargs,
+                return_logits=False, output_hidden_states=output_hidden_states,
+            )  # fmt: skip
         res = Seq2SeqModelOutput(
             last_hidden_state=out.hidden, past_key_values=cache, encoder_last_hidden_state=out.encoded.hidden,
             decoder_hidden_states=out.decoder_hidden_states, encoder_hidden_states=out.encoded.hidden_states,
+            **_seq2seq_attentions(rec, encoder_outputs),
         )  # fmt: skip
         return res if return_dict is not False else res.to_tuple()
 
@@ -316,20 +385,20 @@ class FlashT5ForConditionalGeneration(GenerationHooks, FlashT5PreTrainedModel, G
         return_dict: bool | None = None,
         **kwargs: Any,
     ) -> Seq2SeqLMOutput | tuple:
-        self._unsupported(output_attentions)
         output_hidden_states = self._hidden_states(output_hidden_states)
-        out, cache = self._backbone(
-            input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids,
-            decoder_attention_mask=decoder_attention_mask, encoder_outputs=encoder_outputs,
-            past_key_values=past_key_values, inputs_embeds=inputs_embeds, decoder_inputs_embeds=decoder_inputs_embeds,
-            labels=labels, use_cache=use_cache, kwargs=kwargs,
-            return_logits=not self.training or self.model.kernels.lm_loss is None,
-            output_hidden_states=output_hidden_states,
-        )  # fmt: skip
+        with self._attentions(output_attentions) as rec:
+            out, cache = self._backbone(
+                input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids,
+                decoder_attention_mask=decoder_attention_mask, encoder_outputs=encoder_outputs,
+                past_key_values=past_key_values, inputs_embeds=inputs_embeds,
+                decoder_inputs_embeds=decoder_inputs_embeds, labels=labels, use_cache=use_cache, kwargs=kwargs,
+                return_logits=not self.training or self.model.kernels.lm_loss is None,
+                output_hidden_states=output_hidden_states,
+            )  # fmt: skip
         res = FlashT5Seq2SeqLMOutput(
             loss=out.loss, logits=out.logits, past_key_values=cache, encoder_last_hidden_state=out.encoded.hidden,
             z_loss=out.z_loss, decoder_hidden_states=out.decoder_hidden_states,
-            encoder_hidden_states=out.encoded.hidden_states,
+            encoder_hidden_states=out.encoded.hidden_states, **_seq2seq_attentions(rec, encoder_outputs),
         )  # fmt: skip
         return res if return_dict is not False else res.to_tuple()
 
@@ -343,16 +412,20 @@ class _EncoderView(nn.Module):
 
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, **kwargs: Any) -> BaseModelOutput:
         parent = self._parent[0]
-        parent._unsupported(kwargs.pop("output_attentions", None))
         states = parent._hidden_states(kwargs.pop("output_hidden_states", None))
-        encoded = parent._encode(input_ids, attention_mask, inputs_embeds, _packing(kwargs), states)
-        return BaseModelOutput(last_hidden_state=encoded.hidden, hidden_states=encoded.hidden_states)
+        with parent._attentions(kwargs.pop("output_attentions", None)) as rec:
+            encoded = parent._encode(input_ids, attention_mask, inputs_embeds, _packing(kwargs), states)
+        return BaseModelOutput(
+            last_hidden_state=encoded.hidden, hidden_states=encoded.hidden_states, attentions=rec.get("encoder")
+        )
 
 
 class FlashT5EncoderModel(FlashT5PreTrainedModel):
     """The encoder alone (transformers' ``T5EncoderModel``)."""
 
     has_decoder = False
+    # a full model's folder loads into the encoder alone (transformers' T5EncoderModel ignores "decoder" too)
+    _keys_to_ignore_on_load_unexpected = [r"^model\.decoder\.", r"^model\.lm_head\."]
 
     def __init__(self, config: FlashT5Config):
         super().__init__(config)
@@ -369,10 +442,12 @@ class FlashT5EncoderModel(FlashT5PreTrainedModel):
         return_dict: bool | None = None,
         **kwargs: Any,
     ) -> BaseModelOutput | tuple:
-        self._unsupported(output_attentions)
         output_hidden_states = self._hidden_states(output_hidden_states)
-        encoded = self._encode(input_ids, attention_mask, inputs_embeds, _packing(kwargs), output_hidden_states)
-        out = BaseModelOutput(last_hidden_state=encoded.hidden, hidden_states=encoded.hidden_states)
+        with self._attentions(output_attentions) as rec:
+            encoded = self._encode(input_ids, attention_mask, inputs_embeds, _packing(kwargs), output_hidden_states)
+        out = BaseModelOutput(
+            last_hidden_state=encoded.hidden, hidden_states=encoded.hidden_states, attentions=rec.get("encoder")
+        )
         return out if return_dict is not False else out.to_tuple()
 
 
@@ -471,8 +546,8 @@ class FlashT5ForSequenceClassification(FlashT5PreTrainedModel):
         return_dict: bool | None = None,
         **kwargs: Any,
     ) -> Seq2SeqSequenceClassifierOutput | tuple:
-        self._unsupported(output_attentions)
         output_hidden_states = self._hidden_states(output_hidden_states)
+        rec = self._attentions(output_attentions)
         if input_ids is None:
             raise ValueError("FlashT5ForSequenceClassification needs input_ids (it locates the EOS tokens).")
         eos = input_ids.eq(self.config.eos_token_id)
@@ -484,12 +559,13 @@ class FlashT5ForSequenceClassification(FlashT5PreTrainedModel):
             )
         if decoder_input_ids is None and decoder_inputs_embeds is None:
             decoder_input_ids = self._shift_right(input_ids)
-        out, _ = self._backbone(
-            input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids,
-            decoder_attention_mask=decoder_attention_mask, encoder_outputs=encoder_outputs, past_key_values=None,
-            inputs_embeds=inputs_embeds, decoder_inputs_embeds=decoder_inputs_embeds, labels=None, use_cache=False,
-            kwargs=kwargs, return_logits=False, output_hidden_states=output_hidden_states,
-        )  # fmt: skip
+        with rec:
+            out, _ = self._backbone(
+                input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids,
+                decoder_attention_mask=decoder_attention_mask, encoder_outputs=encoder_outputs, past_key_values=None,
+                inputs_embeds=inputs_embeds, decoder_inputs_embeds=decoder_inputs_embeds, labels=None,
+                use_cache=False, kwargs=kwargs, return_logits=False, output_hidden_states=output_hidden_states,
+            )  # fmt: skip
         hidden = out.hidden
         batch, width = hidden.shape[0], hidden.shape[-1]
         sentence = hidden[eos, :].view(batch, -1, width)[:, -1, :]
@@ -498,6 +574,7 @@ class FlashT5ForSequenceClassification(FlashT5PreTrainedModel):
         res = Seq2SeqSequenceClassifierOutput(
             loss=loss, logits=logits, encoder_last_hidden_state=out.encoded.hidden,
             decoder_hidden_states=out.decoder_hidden_states, encoder_hidden_states=out.encoded.hidden_states,
+            **_seq2seq_attentions(rec, encoder_outputs),
         )  # fmt: skip
         return res if return_dict is not False else res.to_tuple()
 
@@ -506,6 +583,8 @@ class FlashT5ForTokenClassification(FlashT5PreTrainedModel):
     """Per-token labels from the encoder (transformers' ``T5ForTokenClassification``)."""
 
     has_decoder = False
+    # a full model's folder loads into the encoder alone (transformers' T5EncoderModel ignores "decoder" too)
+    _keys_to_ignore_on_load_unexpected = [r"^model\.decoder\.", r"^model\.lm_head\."]
 
     def __init__(self, config: FlashT5Config):
         super().__init__(config)
@@ -524,14 +603,16 @@ class FlashT5ForTokenClassification(FlashT5PreTrainedModel):
         return_dict: bool | None = None,
         **kwargs: Any,
     ) -> TokenClassifierOutput | tuple:
-        self._unsupported(output_attentions)
         output_hidden_states = self._hidden_states(output_hidden_states)
-        encoded = self._encode(input_ids, attention_mask, inputs_embeds, _packing(kwargs), output_hidden_states)
+        with self._attentions(output_attentions) as rec:
+            encoded = self._encode(input_ids, attention_mask, inputs_embeds, _packing(kwargs), output_hidden_states)
         logits = self.head(encoded.hidden)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits.view(-1, self.config.num_labels), labels.view(-1).to(logits.device))
-        out = TokenClassifierOutput(loss=loss, logits=logits, hidden_states=encoded.hidden_states)
+        out = TokenClassifierOutput(
+            loss=loss, logits=logits, hidden_states=encoded.hidden_states, attentions=rec.get("encoder")
+        )
         return out if return_dict is not False else out.to_tuple()
 
 
@@ -561,18 +642,19 @@ class FlashT5ForQuestionAnswering(FlashT5PreTrainedModel):
         return_dict: bool | None = None,
         **kwargs: Any,
     ) -> Seq2SeqQuestionAnsweringModelOutput | tuple:
-        self._unsupported(output_attentions)
         output_hidden_states = self._hidden_states(output_hidden_states)
+        rec = self._attentions(output_attentions)
         if decoder_input_ids is None and decoder_inputs_embeds is None:
             if input_ids is None:
                 raise ValueError("pass input_ids, decoder_input_ids or decoder_inputs_embeds.")
             decoder_input_ids = self._shift_right(input_ids)
-        out, _ = self._backbone(
-            input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids,
-            decoder_attention_mask=decoder_attention_mask, encoder_outputs=encoder_outputs, past_key_values=None,
-            inputs_embeds=inputs_embeds, decoder_inputs_embeds=decoder_inputs_embeds, labels=None, use_cache=False,
-            kwargs=kwargs, return_logits=False, output_hidden_states=output_hidden_states,
-        )  # fmt: skip
+        with rec:
+            out, _ = self._backbone(
+                input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids,
+                decoder_attention_mask=decoder_attention_mask, encoder_outputs=encoder_outputs, past_key_values=None,
+                inputs_embeds=inputs_embeds, decoder_inputs_embeds=decoder_inputs_embeds, labels=None,
+                use_cache=False, kwargs=kwargs, return_logits=False, output_hidden_states=output_hidden_states,
+            )  # fmt: skip
         start_logits, end_logits = self.head(out.hidden)
         loss = None
         if start_positions is not None and end_positions is not None:
@@ -586,6 +668,6 @@ class FlashT5ForQuestionAnswering(FlashT5PreTrainedModel):
         res = Seq2SeqQuestionAnsweringModelOutput(
             loss=loss, start_logits=start_logits, end_logits=end_logits,
             encoder_last_hidden_state=out.encoded.hidden, decoder_hidden_states=out.decoder_hidden_states,
-            encoder_hidden_states=out.encoded.hidden_states,
+            encoder_hidden_states=out.encoded.hidden_states, **_seq2seq_attentions(rec, encoder_outputs),
         )  # fmt: skip
         return res if return_dict is not False else res.to_tuple()
