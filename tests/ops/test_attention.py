@@ -249,10 +249,42 @@ def test_alternative_kernel_paths(force, monkeypatch):
     ],
     ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()).replace(" ", ""),
 )
-def test_split_backward(case, monkeypatch):
-    """The deterministic two-kernel backward on the shapes that break kernels (the fused one runs everywhere else)."""
-    monkeypatch.setattr(A, "_FORCE", {"bwd": "split"})
+@pytest.mark.parametrize("variant", ["split", "split2"])
+def test_split_backward(case, variant, monkeypatch):
+    """The deterministic two-kernel backwards (split: prep, dK/dV, dQ + d_lut; split2: dQ + delta, then dK/dV +
+    d_lut) on the shapes that break kernels."""
+    monkeypatch.setattr(A, "_FORCE", {"bwd": variant})
     run_case(torch.float32, **case)
+
+
+@pytest.mark.parametrize("route", A.TABLE_ROUTES)
+@pytest.mark.parametrize("variant", A.BWD_VARIANTS)
+@pytest.mark.parametrize(
+    "case",
+    [
+        dict(Lq=45, Lk=38, rel=(8, 6, True)),
+        dict(Lq=20, Lk=45, rel=(8, 6, False), causal=True),
+        dict(lens=([1, 0, 17, 33], [3, 2, 17, 20]), rel=(8, 6, True)),
+        dict(dtype=torch.float16, Lq=37, rel=(8, 6, True), table_dtype=torch.float16),
+    ],
+    ids=["cross", "causal-cross", "varlen", "fp16"],
+)
+def test_table_routes(case, variant, route, monkeypatch):
+    """The table route (the kernels reduce d_lut straight into the table's bucket rows) and the autograd route
+    (t5_bias_lut + index_select backward) give the table gradient of the reference, with every backward."""
+    monkeypatch.setattr(A, "_FORCE", {"bwd": variant, "table": route})
+    run_case(**{"dtype": torch.float32, "B": 1, "H": 2, "D": 16, **case})
+
+
+def test_table_route_has_no_lookup_autograd_node(monkeypatch):
+    """The table route puts one autograd node in the graph (the lookup's gather and scatter are inside it)."""
+    monkeypatch.setattr(A, "_FORCE", {"table": "kernel"})
+    q, k, v = (torch.randn(1, 9, 2, 16).to(DEV).requires_grad_() for _ in range(3))
+    table = torch.randn(8, 2).to(DEV).requires_grad_()
+    out = flash_attention(q, k, v, rel_table=table, rel_max_distance=6)
+    nxt = [f for f, _ in out.grad_fn.next_functions if f is not None]
+    assert type(out.grad_fn).__name__ == "_FlashAttentionBackward"
+    assert sorted(type(f).__name__ for f in nxt) == ["AccumulateGrad"] * 4
 
 
 def test_deterministic_mode_selects_split(monkeypatch):
@@ -374,7 +406,7 @@ def test_eager_path_skips_custom_ops(monkeypatch):
     out = flash_attention(q, k, v, rel_table=table, rel_max_distance=6)
     grads = torch.autograd.grad(out.sum(), [q, k, v, table])
     assert all(gr.abs().sum() > 0 for gr in grads)
-    monkeypatch.setattr(A._FlashAttention, "apply", boom)
+    monkeypatch.setattr(A, "_apply", boom)
     with torch.no_grad():
         out_ng = flash_attention(q, k, v, rel_table=table, rel_max_distance=6)
     assert not out_ng.requires_grad

@@ -124,7 +124,7 @@ import torch
 import triton
 import triton.language as tl
 
-from flasht5.ops._device import check_kernel_device, interpreting
+from flasht5.ops._device import check_kernel_device, function_apply, interpreting, next_pow2, use_custom_op
 from flasht5.ops._launch import FastKernel
 from flasht5.ops.relative_position import lut_buckets, relative_position_bucket, t5_bias_lut
 
@@ -428,8 +428,20 @@ def _bwd_prep(
 
 
 @triton.jit
+def _dl_ptr(dlut_base, idx, BKT, NH, BUCKETS: tl.constexpr):
+    """Where the gradient of lookup slot ``idx`` (distance ``idx - R``) goes: ``d_lut[h, idx]`` or, with
+    ``BUCKETS`` (the table route), straight into the table's gradient ``d_table[bucket[idx], h]`` (row stride
+    ``NH`` = heads): the lookup's index_select backward done by the kernel's own atomics, no scatter op after it."""
+    if BUCKETS:
+        return dlut_base + tl.load(BKT + idx) * NH
+    else:
+        return dlut_base + idx
+
+
+@triton.jit
 def _diag_sums_to_lut(ds, c, R, dlut_base, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      TRANSPOSED: tl.constexpr, DIAG_GATHER: tl.constexpr, mi, nj, off):  # fmt: skip
+                      TRANSPOSED: tl.constexpr, DIAG_GATHER: tl.constexpr, mi, nj, off, BKT, NH,
+                      BUCKETS: tl.constexpr):  # fmt: skip
     """Add every element of a near tile of ``dS`` into ``d_lut[clamp(distance, -R, R) + R]``.
 
     ``ds`` is ``(BLOCK_M, BLOCK_N)`` (rows = queries; element ``(i, j)`` at distance ``c + j - i``) or, with
@@ -468,11 +480,13 @@ def _diag_sums_to_lut(ds, c, R, dlut_base, BLOCK_M: tl.constexpr, BLOCK_N: tl.co
             d = tl.sum(tl.where(wrap == W_LO + w, g, 0.0), 0)  # (COLS,): the diagonal u = col + COLS * w
             uu = cols + COLS * (W_LO + w)
             idx = tl.minimum(tl.maximum(c + uu, -R), R) + R
-            tl.atomic_add(dlut_base + idx, d, mask=(uu >= U_LO) & (uu <= BLOCK_N - 1), sem="relaxed")
+            tl.atomic_add(
+                _dl_ptr(dlut_base, idx, BKT, NH, BUCKETS), d, mask=(uu >= U_LO) & (uu <= BLOCK_N - 1), sem="relaxed"
+            )
     else:
         rel = nj - (mi + off)
         idx = tl.minimum(tl.maximum(rel, -R), R) + R
-        tl.atomic_add(dlut_base + idx, ds, sem="relaxed")
+        tl.atomic_add(_dl_ptr(dlut_base, idx, BKT, NH, BUCKETS), ds, sem="relaxed")
 
 
 @triton.jit
@@ -484,7 +498,7 @@ def _bwd_kv_block(
     HAS_REL: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr, DQ_ATOMIC: tl.constexpr,
     REL_GRAD: tl.constexpr, BIAS_GRAD: tl.constexpr, DB_BM: tl.constexpr, DB_BN: tl.constexpr,
     DB_ATOMIC: tl.constexpr, DIAG_GATHER: tl.constexpr, DOT_PREC: tl.constexpr, ASM_GATHER: tl.constexpr,
-    DQ_T: tl.constexpr,
+    DQ_T: tl.constexpr, BKT, NH, BUCKETS: tl.constexpr,
 ):  # fmt: skip
     """Backward of the key block starting at ``n0``: dK, dV (stored), and with ``DQ_ATOMIC`` also dQ (fp32 atomics
     into the accumulator), d_lut and d_bias, in one pass over the query blocks (5 matmuls per tile)."""
@@ -540,7 +554,8 @@ def _bwd_kv_block(
             if near:
                 c = n0 - (start_m + off)  # distance of tile element (key n0, query start_m)
                 _diag_sums_to_lut(
-                    dst, c, R, dlut_base, BLOCK_M, BLOCK_N, True, DIAG_GATHER, offs_m[None, :], offs_n[:, None], off
+                    dst, c, R, dlut_base, BLOCK_M, BLOCK_N, True, DIAG_GATHER, offs_m[None, :], offs_n[:, None], off,
+                    BKT, NH, BUCKETS,
                 )  # fmt: skip
             else:  # a far tile shares the bucket of distance +R (right, blk < m_a) or -R (left): sums suffice
                 cs = tl.sum(dst, 1)
@@ -562,9 +577,9 @@ def _bwd_kv_block(
     tl.store(dk_base + offs_n[:, None] * sdkm + offs_d[None, :], dk.to(dk_base.dtype.element_ty), mask=kmask)
     tl.store(dv_base + offs_n[:, None] * sdvm + offs_d[None, :], dv.to(dv_base.dtype.element_ty), mask=kmask)
     if REL_GRAD:
-        tl.atomic_add(dlut_base, tl.sum(dl_left, 0), sem="relaxed")
+        tl.atomic_add(_dl_ptr(dlut_base, 0, BKT, NH, BUCKETS), tl.sum(dl_left, 0), sem="relaxed")
         if not CAUSAL:
-            tl.atomic_add(dlut_base + 2 * R, tl.sum(dl_right, 0), sem="relaxed")
+            tl.atomic_add(_dl_ptr(dlut_base, 2 * R, BKT, NH, BUCKETS), tl.sum(dl_right, 0), sem="relaxed")
     if BIAS_GRAD and DB_BM:
         if DB_BN:
             tl.atomic_add(db_base, tl.sum(db_cols, 0), sem="relaxed")
@@ -576,14 +591,14 @@ def _bwd_kv_block(
 
 @triton.jit(do_not_specialize=_NO_SPEC[:5] + ["NUM_N"])
 def _attn_bwd_kv(
-    Q, K, V, DO, DK, DV, DQ, LSE, DELTA, LUT, DLUT, ALIBI, BIAS, DBIAS, CU_Q, CU_K,
+    Q, K, V, DO, DK, DV, DQ, LSE, DELTA, LUT, DLUT, ALIBI, BIAS, DBIAS, CU_Q, CU_K, BKT,
     sqb, sqm, sqh, skb, skm, skh, svb, svm, svh, sbb, sbh, sbm, sbn, sdbb, sdbh, sdbm, sdbn,
     H, LQ, LK, T_LSE, R, NUM_N, scale2, scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
     HAS_REL: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr, VARLEN: tl.constexpr,
     DQ_ATOMIC: tl.constexpr, REL_GRAD: tl.constexpr, BIAS_GRAD: tl.constexpr, DB_BM: tl.constexpr,
     DB_BN: tl.constexpr, DB_ATOMIC: tl.constexpr, DIAG_GATHER: tl.constexpr, DOT_PREC: tl.constexpr,
-    ASM_GATHER: tl.constexpr, DQ_T: tl.constexpr,
+    ASM_GATHER: tl.constexpr, DQ_T: tl.constexpr, BUCKETS: tl.constexpr,
 ):  # fmt: skip
     """One program per key block (NUM_N per head): the "split" backward's dK/dV kernel, or with ``DQ_ATOMIC`` the
     whole "fused" backward (dQ by fp32 atomics, d_lut, d_bias)."""
@@ -603,7 +618,7 @@ def _attn_bwd_kv(
     lse_base = LSE + h.to(tl.int64) * T_LSE + r0
     delta_base = DELTA + h.to(tl.int64) * T_LSE + r0
     lut_base, c_left, c_right, alibi2 = _head_consts(LUT, ALIBI, h, R, HAS_REL, HAS_ALIBI)
-    dlut_base = DLUT + h * (2 * R + 1)
+    dlut_base = DLUT + h if BUCKETS else DLUT + h * (2 * R + 1)
     bias_base = BIAS + b.to(tl.int64) * sbb + h.to(tl.int64) * sbh
     db_base = DBIAS + b.to(tl.int64) * sdbb + h.to(tl.int64) * sdbh
     if VARLEN:  # grid stride over key blocks (see _attn_fwd)
@@ -613,7 +628,7 @@ def _attn_bwd_kv(
                 dlut_base, c_left, c_right, alibi2, bias_base, db_base,
                 sqm, skm, svm, HD, HD, HD, HD, sbm, sbn, sdbm, sdbn, Lq, Lk, R, scale2, scale,
                 HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, HAS_REL, HAS_ALIBI, HAS_BIAS, DQ_ATOMIC, REL_GRAD, BIAS_GRAD,
-                DB_BM, DB_BN, DB_ATOMIC, DIAG_GATHER, DOT_PREC, ASM_GATHER, DQ_T,
+                DB_BM, DB_BN, DB_ATOMIC, DIAG_GATHER, DOT_PREC, ASM_GATHER, DQ_T, BKT, H, BUCKETS,
             )  # fmt: skip
     else:
         _bwd_kv_block(
@@ -621,7 +636,7 @@ def _attn_bwd_kv(
             lut_base, dlut_base, c_left, c_right, alibi2, bias_base, db_base,
             sqm, skm, svm, HD, HD, HD, HD, sbm, sbn, sdbm, sdbn, Lq, Lk, R, scale2, scale,
             HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, HAS_REL, HAS_ALIBI, HAS_BIAS, DQ_ATOMIC, REL_GRAD, BIAS_GRAD,
-            DB_BM, DB_BN, DB_ATOMIC, DIAG_GATHER, DOT_PREC, ASM_GATHER, DQ_T,
+            DB_BM, DB_BN, DB_ATOMIC, DIAG_GATHER, DOT_PREC, ASM_GATHER, DQ_T, BKT, H, BUCKETS,
         )  # fmt: skip
 
 
@@ -633,7 +648,8 @@ def _bwd_q_block(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
     HAS_REL: tl.constexpr, REL_GRAD: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr,
     BIAS_GRAD: tl.constexpr, DB_BM: tl.constexpr, DB_BN: tl.constexpr, DB_ATOMIC: tl.constexpr,
-    DIAG_GATHER: tl.constexpr, DOT_PREC: tl.constexpr, ASM_GATHER: tl.constexpr,
+    DIAG_GATHER: tl.constexpr, DOT_PREC: tl.constexpr, ASM_GATHER: tl.constexpr, BKT, NH, BUCKETS: tl.constexpr,
+    o_base, COMPUTE_DELTA: tl.constexpr,
 ):  # fmt: skip
     """dQ (+ d_lut, d_bias) of the query block starting at ``m0`` (the "split" backward's second kernel)."""
     off = Lk - Lq
@@ -643,7 +659,12 @@ def _bwd_q_block(
     q = tl.load(q_base + offs_m[:, None] * sqm + offs_d[None, :], mask=rmask[:, None], other=0.0)
     do = tl.load(do_base + offs_m[:, None] * sdom + offs_d[None, :], mask=rmask[:, None], other=0.0)
     lse = tl.load(lse_base + offs_m, mask=rmask, other=float("inf"))
-    delta = tl.load(delta_base + offs_m, mask=rmask, other=0.0)
+    if COMPUTE_DELTA:  # "split2": this kernel runs first and does FlashAttention-2's preprocessing for its rows
+        o = tl.load(o_base + offs_m[:, None] * sdom + offs_d[None, :], mask=rmask[:, None], other=0.0)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+        tl.store(delta_base + offs_m, delta, mask=rmask)
+    else:
+        delta = tl.load(delta_base + offs_m, mask=rmask, other=0.0)
 
     n_a, n_b, n_full, n_end = _kv_segments(m0, off, Lk, R, BLOCK_M, BLOCK_N, CAUSAL, HAS_REL)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
@@ -670,7 +691,8 @@ def _bwd_q_block(
             if near:
                 c = start_n - (m0 + off)  # distance of tile element (0, 0)
                 _diag_sums_to_lut(
-                    ds, c, R, dlut_base, BLOCK_M, BLOCK_N, False, DIAG_GATHER, offs_m[:, None], offs_n[None, :], off
+                    ds, c, R, dlut_base, BLOCK_M, BLOCK_N, False, DIAG_GATHER, offs_m[:, None], offs_n[None, :], off,
+                    BKT, NH, BUCKETS,
                 )  # fmt: skip
             else:  # the whole far tile shares the bucket of distance -R (left) or +R (right): row sums suffice
                 rs = tl.sum(ds, 1)
@@ -692,9 +714,9 @@ def _bwd_q_block(
     tl.store(dq_base + offs_m[:, None] * sdqm + offs_d[None, :], dq.to(dq_base.dtype.element_ty), mask=rmask[:, None])
     if REL_GRAD:
         # far tiles: two atomics per program
-        tl.atomic_add(dlut_base, tl.sum(dl_left, 0), sem="relaxed")
+        tl.atomic_add(_dl_ptr(dlut_base, 0, BKT, NH, BUCKETS), tl.sum(dl_left, 0), sem="relaxed")
         if not CAUSAL:
-            tl.atomic_add(dlut_base + 2 * R, tl.sum(dl_right, 0), sem="relaxed")
+            tl.atomic_add(_dl_ptr(dlut_base, 2 * R, BKT, NH, BUCKETS), tl.sum(dl_right, 0), sem="relaxed")
     if BIAS_GRAD and DB_BN:  # bias broadcast over keys: row sums were accumulated over the whole key loop
         if DB_BM:
             tl.atomic_add(db_base, tl.sum(db_rows, 0), sem="relaxed")
@@ -704,16 +726,25 @@ def _bwd_q_block(
             tl.store(db_base + offs_m * sdbm, db_rows, mask=rmask)
 
 
-@triton.jit(do_not_specialize=_NO_SPEC[:6])
+@triton.jit(do_not_specialize=_NO_SPEC[:6] + ["WZ"])
 def _attn_bwd_dq(
-    Q, K, V, DO, DQ, LSE, DELTA, LUT, DLUT, ALIBI, BIAS, DBIAS, CU_Q, CU_K,
+    Q, K, V, DO, DQ, LSE, DELTA, LUT, DLUT, ALIBI, BIAS, DBIAS, CU_Q, CU_K, BKT, O,
     sqb, sqm, sqh, skb, skm, skh, svb, svm, svh, sbb, sbh, sbm, sbn, sdbb, sdbh, sdbm, sdbn,
-    H, LQ, LK, T_LSE, R, NUM_M, scale2, scale,
+    H, LQ, LK, T_LSE, R, NUM_M, WZ, scale2, scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
     HAS_REL: tl.constexpr, REL_GRAD: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr,
     BIAS_GRAD: tl.constexpr, DB_BM: tl.constexpr, DB_BN: tl.constexpr, DB_ATOMIC: tl.constexpr,
     VARLEN: tl.constexpr, DIAG_GATHER: tl.constexpr, DOT_PREC: tl.constexpr, ASM_GATHER: tl.constexpr,
+    BUCKETS: tl.constexpr, COMPUTE_DELTA: tl.constexpr, ZERO_DLUT: tl.constexpr, BLOCK_W: tl.constexpr,
 ):  # fmt: skip
+    """One program per query block: the split backwards' dQ kernel (+ d_bias, and d_lut for "split"). "split2" runs
+    it first: it computes delta for its rows (no preprocessing kernel) and its program 0 zeroes the ``WZ`` fp32
+    entries of d_lut that the dK/dV kernel, launched after it, accumulates into."""
+    if ZERO_DLUT:  # noqa: SIM102 (a constexpr test, then a runtime one)
+        if tl.program_id(0) == 0:
+            for w0 in range(0, WZ, BLOCK_W):
+                offs_w = w0 + tl.arange(0, BLOCK_W)
+                tl.store(DLUT + offs_w, tl.zeros([BLOCK_W], dtype=tl.float32), mask=offs_w < WZ)
     pid_m, bh = _block_order(NUM_M, CAUSAL)
     if CAUSAL:
         pid_m = NUM_M - 1 - pid_m
@@ -723,13 +754,14 @@ def _attn_bwd_dq(
     HD = H * HEAD_DIM
     q_base = Q + b.to(tl.int64) * sqb + q0.to(tl.int64) * sqm + h * sqh
     do_base = DO + r0.to(tl.int64) * HD + h * HEAD_DIM
+    o_base = O + r0.to(tl.int64) * HD + h * HEAD_DIM
     dq_base = DQ + r0.to(tl.int64) * HD + h * HEAD_DIM
     k_base = K + b.to(tl.int64) * skb + k0.to(tl.int64) * skm + h * skh
     v_base = V + b.to(tl.int64) * svb + k0.to(tl.int64) * svm + h * svh
     lse_base = LSE + h.to(tl.int64) * T_LSE + r0
     delta_base = DELTA + h.to(tl.int64) * T_LSE + r0
     lut_base, c_left, c_right, alibi2 = _head_consts(LUT, ALIBI, h, R, HAS_REL, HAS_ALIBI)
-    dlut_base = DLUT + h * (2 * R + 1)
+    dlut_base = DLUT + h if BUCKETS else DLUT + h * (2 * R + 1)
     bias_base = BIAS + b.to(tl.int64) * sbb + h.to(tl.int64) * sbh
     db_base = DBIAS + b.to(tl.int64) * sdbb + h.to(tl.int64) * sdbh
     if VARLEN:  # grid stride over query blocks (see _attn_fwd)
@@ -739,7 +771,7 @@ def _attn_bwd_dq(
                 c_left, c_right, alibi2, bias_base, db_base,
                 sqm, skm, svm, HD, HD, sbm, sbn, sdbm, sdbn, Lq, Lk, R, scale2, scale,
                 HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, HAS_REL, REL_GRAD, HAS_ALIBI, HAS_BIAS, BIAS_GRAD,
-                DB_BM, DB_BN, DB_ATOMIC, DIAG_GATHER, DOT_PREC, ASM_GATHER,
+                DB_BM, DB_BN, DB_ATOMIC, DIAG_GATHER, DOT_PREC, ASM_GATHER, BKT, H, BUCKETS, o_base, COMPUTE_DELTA,
             )  # fmt: skip
     else:
         _bwd_q_block(
@@ -747,7 +779,7 @@ def _attn_bwd_dq(
             c_left, c_right, alibi2, bias_base, db_base,
             sqm, skm, svm, HD, HD, sbm, sbn, sdbm, sdbn, Lq, Lk, R, scale2, scale,
             HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, HAS_REL, REL_GRAD, HAS_ALIBI, HAS_BIAS, BIAS_GRAD,
-            DB_BM, DB_BN, DB_ATOMIC, DIAG_GATHER, DOT_PREC, ASM_GATHER,
+            DB_BM, DB_BN, DB_ATOMIC, DIAG_GATHER, DOT_PREC, ASM_GATHER, BKT, H, BUCKETS, o_base, COMPUTE_DELTA,
         )  # fmt: skip
 
 
@@ -783,6 +815,12 @@ _SM90: dict[tuple[str, int], _Cfg] = {
     ("dkdv", 64): _Cfg(64, 64, 4, 3),
     ("dkdv", 128): _Cfg(32, 64, 4, 4),
     ("dkdv", 256): _Cfg(32, 64, 8, 2),
+    # split2's dK/dV kernel, which also reduces d_lut (more registers: the rotated dS^T tile and its sums)
+    ("dkdv_lut", 16): _Cfg(64, 64, 4, 3),
+    ("dkdv_lut", 32): _Cfg(64, 64, 4, 3),
+    ("dkdv_lut", 64): _Cfg(64, 64, 4, 3),
+    ("dkdv_lut", 128): _Cfg(32, 64, 4, 4),
+    ("dkdv_lut", 256): _Cfg(32, 64, 8, 2),
     ("dq", 16): _Cfg(64, 32, 4, 4),
     ("dq", 32): _Cfg(64, 32, 4, 4),
     ("dq", 64): _Cfg(64, 32, 4, 4),
@@ -811,6 +849,11 @@ _SM80: dict[tuple[str, int], _Cfg] = {
     ("dkdv", 64): _Cfg(32, 64, 4, 2),
     ("dkdv", 128): _Cfg(32, 64, 4, 2),
     ("dkdv", 256): _Cfg(16, 32, 4, 1),
+    ("dkdv_lut", 16): _Cfg(32, 64, 4, 2),
+    ("dkdv_lut", 32): _Cfg(32, 64, 4, 2),
+    ("dkdv_lut", 64): _Cfg(32, 64, 4, 2),
+    ("dkdv_lut", 128): _Cfg(32, 64, 4, 2),
+    ("dkdv_lut", 256): _Cfg(16, 32, 4, 1),
     ("dq", 16): _Cfg(64, 32, 4, 2),
     ("dq", 32): _Cfg(64, 32, 4, 2),
     ("dq", 64): _Cfg(64, 32, 4, 2),
@@ -828,25 +871,49 @@ _SM80: dict[tuple[str, int], _Cfg] = {
     ("kv_nolut", 256): _Cfg(16, 32, 8, 1, False),
 }
 _INTERPRET_CFG = _Cfg(16, 16, 4, 1)
-# Tests and benchmarks may force configurations: {"fwd" / "dkdv" / "dq" / "kv": _Cfg} ("kv" also forces
-# "kv_nolut"), {"arch": 8} (the sm80
-# table), {"diag_gather": False} (per-element d_lut atomics), {"bwd": "fused" | "split"} (backward variant).
+# Tests and benchmarks may force configurations: {"fwd" / "dkdv" / "dkdv_lut" / "dq" / "kv": _Cfg} ("kv" also
+# forces "kv_nolut", "dkdv" also "dkdv_lut"), {"arch": 8} (the sm80 table), {"diag_gather": False} (per-element d_lut
+# atomics), {"bwd": "fused" | "split" | "split2"} (backward variant), {"table": "kernel" | "autograd"} (table route).
 _FORCE: dict[str, object] = {}
 _CFG_CACHE: dict[tuple, _Cfg] = {}
 
 # The backward: "fused" = one kernel per key block, dQ accumulated by fp32 atomics (FlashAttention-2's original
-# scheme: 5 matmuls per tile), d_lut/d_bias reduced in the same pass; "split" = a dK/dV kernel per key block plus a
-# dQ (+ d_lut, d_bias) kernel per query block (7 matmuls per tile, no atomics on dQ/dK/dV: deterministic, used when
-# torch.use_deterministic_algorithms(True) is set).
-BWD_VARIANTS = ("fused", "split")
-_BWD_DEFAULT = "split"  # measured faster on the H200 at every shape (benchmarks/results/2026-12-01-h200.md)
+# scheme: 5 matmuls per tile), d_lut/d_bias reduced in the same pass; "split" = a prep kernel (delta), a dK/dV kernel
+# per key block, then a dQ (+ d_lut, d_bias) kernel per query block (7 matmuls per tile, no atomics on dQ/dK/dV:
+# deterministic); "split2" = the same two kernels in the other order and no prep kernel: the dQ kernel computes
+# delta = rowsum(dO * O) for its own rows before its loop (and zeroes d_lut), the dK/dV kernel then reads delta and
+# reduces d_lut (three launches become two, the prep's extra pass over O and dO is gone).
+# FLASHT5_ATTN_BWD (read once, at import) picks the default; torch.use_deterministic_algorithms(True) keeps the
+# deterministic split ones.
+BWD_VARIANTS = ("fused", "split", "split2")
+_BWD_DEFAULT = os.environ.get("FLASHT5_ATTN_BWD", "split")  # "split": measured faster than "fused" on the H200
+if _BWD_DEFAULT not in BWD_VARIANTS:
+    raise ValueError(f"FLASHT5_ATTN_BWD={_BWD_DEFAULT!r}: expected one of {BWD_VARIANTS}")
+
+# How a rel_table reaches the kernels on the eager path. "kernel": the autograd.Function takes the table; its forward
+# gathers the lookup (one index_select, no autograd node) and the backward kernels add every d_lut contribution
+# straight into the table's gradient row bucket[slot] (an int load per diagonal atomic, not per element), so
+# the fp32 table's gradient needs no op after the kernels. "autograd": t5_bias_lut with autograd, then the rel_lut
+# path (its index_select backward scatters d_lut into the table: three more autograd nodes and two more ops).
+# FLASHT5_ATTN_TABLE (read once) picks the default. torch.compile always traces the "autograd" form.
+TABLE_ROUTES = ("kernel", "autograd")
+_TABLE_DEFAULT = os.environ.get("FLASHT5_ATTN_TABLE", "kernel")
+if _TABLE_DEFAULT not in TABLE_ROUTES:
+    raise ValueError(f"FLASHT5_ATTN_TABLE={_TABLE_DEFAULT!r}: expected one of {TABLE_ROUTES}")
 
 
 def _bwd_variant() -> str:
     v = _FORCE.get("bwd") if _FORCE else None
     if v is not None:
         return v  # type: ignore[return-value]
-    return "split" if torch.are_deterministic_algorithms_enabled() else _BWD_DEFAULT
+    if _BWD_DEFAULT == "fused" and torch.are_deterministic_algorithms_enabled():
+        return "split"
+    return _BWD_DEFAULT
+
+
+def _table_route() -> str:
+    v = _FORCE.get("table") if _FORCE else None
+    return _TABLE_DEFAULT if v is None else v  # type: ignore[return-value]
 
 
 def _pick(kernel: str, head_dim: int, dtype: torch.dtype, arch: int) -> _Cfg:
@@ -861,7 +928,9 @@ def _pick(kernel: str, head_dim: int, dtype: torch.dtype, arch: int) -> _Cfg:
 def _config(kernel: str, head_dim: int, device: torch.device, dtype: torch.dtype) -> _Cfg:
     """The table's config, cached per (kernel, head dim, device, dtype): no device query per call."""
     if _FORCE:
-        forced = _FORCE.get("kv" if kernel == "kv_nolut" else kernel)
+        forced = _FORCE.get(kernel)
+        if forced is None:
+            forced = _FORCE.get({"kv_nolut": "kv", "dkdv_lut": "dkdv"}.get(kernel, kernel))
         if forced is not None:
             return forced  # type: ignore[return-value]
         if "arch" in _FORCE:
@@ -954,9 +1023,11 @@ def _fwd_impl(q, k, v, lut, alibi, bias, cu_q, cu_k, max_q, max_k, scale, causal
 
 def _bwd_impl(
     dout, q, k, v, out, lse, lut, alibi, bias, cu_q, cu_k, max_q, max_k, scale, causal, need_dlut, need_dbias,
+    bkt=None, n_buckets=0,
 ):  # fmt: skip
-    """(dq, dk, dv, d_lut, d_bias); d_lut fp32 ``(H, 2R+1)``, d_bias in the bias's dtype and shape (empty when not
-    needed)."""
+    """(dq, dk, dv, d_lut, d_bias); d_lut fp32 ``(H, 2R+1)`` or, with ``bkt`` (the buckets of the lookup's slots)
+    and ``n_buckets`` (the table route), the table's gradient in fp32 ``(num_buckets, H)``; d_bias in the bias's
+    dtype and shape. Gradients that are not needed are ``None``."""
     varlen = cu_q is not None
     if varlen:
         Tq, H, D = q.shape
@@ -966,27 +1037,41 @@ def _bwd_impl(
         LK, Tq, max_q, max_k = k.shape[1], nb * LQ, LQ, k.shape[1]
     rel_grad = lut is not None and need_dlut
     bias_grad = bias is not None and need_dbias
+    buckets = rel_grad and bkt is not None
     if q.numel() == 0 or k.numel() == 0:  # no kernel runs: the (possibly non-empty) other side's gradients are 0
-        dlut = torch.zeros_like(lut) if rel_grad else q.new_empty(0)
-        dbias = torch.zeros_like(bias) if bias_grad else q.new_empty(0)
+        dlut = None
+        if rel_grad:
+            dlut = lut.new_zeros((n_buckets, H)) if buckets else torch.zeros_like(lut)
+        dbias = torch.zeros_like(bias) if bias_grad else None
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dlut, dbias
-    fused = _bwd_variant() == "fused"
+    variant = _bwd_variant()
+    fused = variant == "fused"
+    dq_first = variant == "split2"  # dQ kernel first (delta + zeroing d_lut), then dK/dV (+ d_lut): no prep kernel
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
         q, k, v = _rowview(q), _rowview(k), _rowview(v)
     if not dout.is_contiguous():  # the kernels address dO like out: flat (tokens, H, D)
         dout = dout.contiguous()
-    dk, dv = k.new_empty(k.shape), v.new_empty(v.shape)
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
     # fused: dQ is accumulated by atomics in fp32 (zeroed by the prep kernel) and cast at the end
-    dq = q.new_empty(q.shape, dtype=torch.float32) if fused else q.new_empty(q.shape)
+    dq = q.new_empty(q.shape, dtype=torch.float32) if fused else torch.empty_like(q)
     delta = torch.empty_like(lse)
     W = 1 if lut is None else lut.shape[1]
-    dlut = lut.new_empty(lut.shape) if rel_grad else lse  # zeroed by the prep kernel
+    if not rel_grad:
+        dlut = lse
+        wz = 0
+    elif buckets:  # the table's gradient, fp32 (num_buckets, H), reduced in-kernel through the buckets
+        dlut = lut.new_empty((n_buckets, H))
+        wz = dlut.numel()
+    else:
+        dlut = torch.empty_like(lut)
+        wz = dlut.numel()
     interp = not q.is_cuda
-    blk = 16 if interp else 64
-    _PREP(
-        (_cdiv(Tq, blk), H), (out, dout, delta, dq, dlut, H, Tq, W),
-        (D, blk, fused, rel_grad, min(1024, triton.next_power_of_2(W))), num_warps=4, num_stages=1,
-    )  # fmt: skip
+    if not dq_first:  # delta = rowsum(dO * O); zeroes the fused dQ accumulator and d_lut
+        blk = 16 if interp else 64
+        _PREP(
+            (_cdiv(Tq, blk), H), (out, dout, delta, dq, dlut, H, Tq, wz // H),
+            (D, blk, fused, rel_grad, min(1024, next_pow2(max(1, wz // H)))), num_warps=4, num_stages=1,
+        )  # fmt: skip
 
     if bias is None:
         bias4, sb = lse, _NO_BIAS_STRIDES
@@ -1004,23 +1089,48 @@ def _bwd_impl(
     diag = bool(_FORCE.get("diag_gather", True)) if _FORCE else True
     lut_ = lse if lut is None else lut
     alibi_ = lse if alibi is None else alibi
+    bkt_ = bkt if buckets else lse
     cq, ck = (cu_q, cu_k) if varlen else (lse, lse)
     sqkv = _qkv_strides(q, k, v, varlen)
     R, scale2 = W >> 1, scale * LOG2E
     has = (lut is not None, alibi is not None, bias is not None)
 
-    # dK, dV (fused: + dQ, d_lut, d_bias): one program per key block, looping over queries
-    cfg = _config(("kv" if rel_grad else "kv_nolut") if fused else "dkdv", D, q.device, q.dtype)
+    def launch_dq():  # dQ (+ d_bias; + d_lut unless split2): one program per query block, looping over keys
+        cfg = _config("dq", D, q.device, q.dtype)
+        num_m = max(1, _cdiv(max_q, cfg.block_m))
+        _DQ(
+            (num_m * nb * H,),
+            (
+                q, k, v, dout, dq, lse, delta, lut_, dlut, alibi_, bias4, dbias32, cq, ck, bkt_, out, *sqkv, *sb,
+                *sdb, H, LQ, LK, Tq, R, num_m, wz, scale2, scale,
+            ),
+            (
+                D, cfg.block_m, cfg.block_n, causal, has[0], rel_grad and not dq_first, has[1], has[2], bias_grad,
+                db_bm, db_bn, db_atomic, varlen, diag, dot_prec, not interp, buckets, dq_first,
+                dq_first and rel_grad, min(1024, next_pow2(max(1, wz))),
+            ),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )  # fmt: skip
+
+    if dq_first:
+        launch_dq()
+    # dK, dV (fused: + dQ, d_lut, d_bias; split2: + d_lut): one program per key block, looping over queries
+    kv_rel = rel_grad and (fused or dq_first)
+    if fused:
+        kname = "kv" if rel_grad else "kv_nolut"
+    else:
+        kname = "dkdv_lut" if kv_rel else "dkdv"
+    cfg = _config(kname, D, q.device, q.dtype)
     num_n = max(1, _cdiv(max_k, cfg.block_n))  # >= 1 (grid stride, see _attn_fwd)
     _KV(
         (num_n * nb * H,),
         (
-            q, k, v, dout, dk, dv, dq, lse, delta, lut_, dlut, alibi_, bias4, dbias32, cq, ck, *sqkv, *sb, *sdb,
-            H, LQ, LK, Tq, R, num_n, scale2, scale,
+            q, k, v, dout, dk, dv, dq, lse, delta, lut_, dlut, alibi_, bias4, dbias32, cq, ck, bkt_, *sqkv, *sb,
+            *sdb, H, LQ, LK, Tq, R, num_n, scale2, scale,
         ),
         (
-            D, cfg.block_m, cfg.block_n, causal, *has, varlen, fused, rel_grad and fused, bias_grad and fused,
-            db_bm, db_bn, db_atomic, diag, dot_prec, not interp, cfg.dq_t,
+            D, cfg.block_m, cfg.block_n, causal, *has, varlen, fused, kv_rel, bias_grad and fused,
+            db_bm, db_bn, db_atomic, diag, dot_prec, not interp, cfg.dq_t, buckets,
         ),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
@@ -1028,23 +1138,10 @@ def _bwd_impl(
         if scale != 1.0:
             dq.mul_(scale)
         dq = dq.to(q.dtype)
-    else:  # dQ (+ d_lut, d_bias): one program per query block, looping over keys
-        cfg = _config("dq", D, q.device, q.dtype)
-        num_m = max(1, _cdiv(max_q, cfg.block_m))
-        _DQ(
-            (num_m * nb * H,),
-            (
-                q, k, v, dout, dq, lse, delta, lut_, dlut, alibi_, bias4, dbias32, cq, ck, *sqkv, *sb, *sdb,
-                H, LQ, LK, Tq, R, num_m, scale2, scale,
-            ),
-            (
-                D, cfg.block_m, cfg.block_n, causal, has[0], rel_grad, has[1], has[2], bias_grad, db_bm, db_bn,
-                db_atomic, varlen, diag, dot_prec, not interp,
-            ),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )  # fmt: skip
-    dbias = dbias32.to(bias.dtype).reshape(bias.shape) if bias_grad else q.new_empty(0)
-    return dq, dk, dv, dlut if rel_grad else q.new_empty(0), dbias
+    elif not dq_first:
+        launch_dq()
+    dbias = dbias32.to(bias.dtype).reshape(bias.shape) if bias_grad else None
+    return dq, dk, dv, dlut if rel_grad else None, dbias
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1054,34 +1151,39 @@ def _bwd_impl(
 
 
 class _FlashAttention(torch.autograd.Function):
+    """The eager route. ``table`` (with ``lut`` None) is the table route (see ``TABLE_ROUTES``): the lookup is
+    gathered here without an autograd node and the kernels reduce its gradient into the table's rows. The non-tensor
+    arguments come as one tuple (``apply`` walks every argument)."""
+
     @staticmethod
-    def forward(ctx, q, k, v, lut, alibi, bias, cu_q, cu_k, max_q, max_k, scale, causal):
+    def forward(ctx, q, k, v, lut, table, alibi, bias, cu_q, cu_k, params):
+        max_q, max_k, scale, causal, bkt = params
+        if table is not None:
+            lut = table.t().to(torch.float32).index_select(1, bkt)  # (H, 2R+1): t5_bias_lut without autograd
         out, lse = _fwd_impl(q, k, v, lut, alibi, bias, cu_q, cu_k, max_q, max_k, scale, causal)
         ctx.save_for_backward(q, k, v, out, lse, lut, alibi, bias, cu_q, cu_k)
-        ctx.params = (max_q, max_k, scale, causal)
+        ctx.params = params
+        ctx.table = None if table is None else (table.dtype, table.shape[0])
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse, lut, alibi, bias, cu_q, cu_k = ctx.saved_tensors
+        max_q, max_k, scale, causal, bkt = ctx.params
         need = ctx.needs_input_grad
+        tab = ctx.table
         dq, dk, dv, dlut, dbias = _bwd_impl(
-            dout, q, k, v, out, lse, lut, alibi, bias, cu_q, cu_k, *ctx.params, need[3], need[5]
-        )
-        return (
-            dq,
-            dk,
-            dv,
-            dlut if need[3] else None,
-            None,
-            dbias if need[5] else None,
-            None,
-            None,
-            None,
-            None,
-            None,
-            None,
-        )
+            dout, q, k, v, out, lse, lut, alibi, bias, cu_q, cu_k, max_q, max_k, scale, causal,
+            need[4] if tab else need[3], need[6], bkt if tab else None, tab[1] if tab else 0,
+        )  # fmt: skip
+        if tab is None:
+            return dq, dk, dv, dlut, None, None, dbias, None, None, None
+        if dlut is not None and tab[0] != torch.float32:
+            dlut = dlut.to(tab[0])
+        return dq, dk, dv, None, dlut, None, dbias, None, None, None
+
+
+_apply = function_apply(_FlashAttention)
 
 
 @torch.library.custom_op("flasht5::flash_attn_fwd", mutates_args=())
@@ -1132,10 +1234,12 @@ def _flash_attn_bwd(
     need_dlut: bool,
     need_dbias: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _bwd_impl(
+    dq, dk, dv, dlut, dbias = _bwd_impl(
         dout, q, k, v, out, lse, rel_lut, alibi_slopes, bias, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
         max_seqlen_k, scale, causal, need_dlut, need_dbias,
     )  # fmt: skip
+    # a custom op returns tensors: empty ones for the gradients that are not needed
+    return dq, dk, dv, q.new_empty(0) if dlut is None else dlut, q.new_empty(0) if dbias is None else dbias
 
 
 @_flash_attn_bwd.register_fake
@@ -1224,7 +1328,8 @@ def _check_inputs(
 ):  # fmt: skip
     """Validate :func:`flash_attention`'s arguments (shapes, dtypes, devices, Python types; values only of CPU
     tensors or under FLASHT5_DEBUG=1) and return the launchers' arguments ``(q, k, v, lut, alibi, bias, cu_q, cu_k,
-    max_q, max_k, scale, causal)``; ``rel_table`` becomes its lookup (:func:`t5_bias_lut`)."""
+    max_q, max_k, scale, causal)`` and ``bkt``, the buckets of the lookup's slots when ``rel_table`` is given
+    (``lut`` is then None: :func:`flash_attention` builds it by the chosen route), else None."""
     varlen = cu_q is not None or cu_k is not None
     nd = 3 if varlen else 4
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -1276,7 +1381,7 @@ def _check_inputs(
     n_pos = (rel_table is not None) + (rel_lut is not None) + (alibi_slopes is not None)
     if n_pos > 1:
         raise ValueError("rel_table, rel_lut and alibi_slopes are exclusive: pass one position bias")
-    lut = rel_lut
+    lut, bkt = rel_lut, None
     if rel_table is not None:
         if not isinstance(rel_table, torch.Tensor) or rel_table.dim() != 2 or rel_table.shape[1] != H:
             shape = tuple(rel_table.shape) if isinstance(rel_table, torch.Tensor) else type(rel_table).__name__
@@ -1285,7 +1390,8 @@ def _check_inputs(
             raise ValueError(f"rel_table must be floating point, got {rel_table.dtype}")
         if rel_table.device != device:
             raise ValueError(f"rel_table is on {rel_table.device} but q is on {device}")
-        lut = t5_bias_lut(rel_table, rel_bidirectional, rel_max_distance)  # validates num_buckets / max distance
+        # validates num_buckets / max distance; the lookup itself is built by the chosen route (flash_attention)
+        bkt = lut_buckets(device, bool(rel_bidirectional), rel_table.shape[0], rel_max_distance)[0]
     elif rel_lut is not None:
         if not isinstance(rel_lut, torch.Tensor) or rel_lut.dim() != 2 or rel_lut.shape[0] != H:
             shape = tuple(rel_lut.shape) if isinstance(rel_lut, torch.Tensor) else type(rel_lut).__name__
@@ -1316,7 +1422,8 @@ def _check_inputs(
         full = (qs[0], H, qs[1], ks[1])
         if bias.dim() > 4 or any(n not in (1, f) for n, f in zip(bias.shape[::-1], full[::-1])):
             raise ValueError(f"bias of shape {tuple(bias.shape)} is not broadcastable to (B, H, Lq, Lk) = {full}")
-    return q, k, v, lut, alibi_slopes, bias, cu_q, cu_k, max_q, max_k, float(scale), bool(causal)
+    scale = scale if type(scale) is float else float(scale)
+    return q, k, v, lut, alibi_slopes, bias, cu_q, cu_k, max_q, max_k, scale, bool(causal), bkt
 
 
 def flash_attention(
@@ -1346,22 +1453,30 @@ def flash_attention(
     ``rel_lut = t5_bias_lut(rel_table, rel_bidirectional, rel_max_distance)`` (build it once, pass it to every layer
     that shares the table). Returns a new tensor shaped like ``q``. T5 uses ``scale=1.0``.
     """
-    args = _check_inputs(
+    q, k, v, lut, alibi, bias, cu_q, cu_k, max_q, max_k, scale, causal, bkt = _check_inputs(
         q, k, v, scale, causal, rel_table, rel_bidirectional, rel_max_distance, rel_lut, alibi_slopes, bias,
         cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
     )  # fmt: skip
-    if torch.compiler.is_compiling():
-        return _flash_attn_fwd(*args)[0]
-    lut, bias = args[3], args[5]
-    if torch.is_grad_enabled() and (
-        q.requires_grad
+    custom = use_custom_op(q)
+    grad = torch.is_grad_enabled()
+    table = None
+    if bkt is not None:
+        if grad and rel_table.requires_grad and not custom and _table_route() == "kernel":
+            table = rel_table
+        else:  # t5_bias_lut's body (differentiable by autograd when the table needs a gradient)
+            lut = rel_table.t().to(torch.float32).index_select(1, bkt)
+    if custom:
+        return _flash_attn_fwd(q, k, v, lut, alibi, bias, cu_q, cu_k, max_q, max_k, scale, causal)[0]
+    if grad and (
+        table is not None
+        or q.requires_grad
         or k.requires_grad
         or v.requires_grad
         or (lut is not None and lut.requires_grad)
         or (bias is not None and bias.requires_grad)
     ):
-        return _FlashAttention.apply(*args)
-    return _fwd_impl(*args)[0]
+        return _apply(q, k, v, lut, table, alibi, bias, cu_q, cu_k, (max_q, max_k, scale, causal, bkt))
+    return _fwd_impl(q, k, v, lut, alibi, bias, cu_q, cu_k, max_q, max_k, scale, causal)[0]
 
 
 # ----------------------------------------------------------------------------------------------------------------
