@@ -276,6 +276,25 @@ def test_table_routes(case, variant, route, monkeypatch):
     run_case(**{"dtype": torch.float32, "B": 1, "H": 2, "D": 16, **case})
 
 
+@pytest.mark.parametrize("variant", A.BWD_VARIANTS)
+def test_autotune_timing_launches_are_undone(variant, monkeypatch):
+    """The autotuner's timing launches add into the accumulators (d_lut, d_bias, the fused dQ): a tuner that
+    launches other tiles twice each before choosing must still give the reference's gradients."""
+    tuned = []
+
+    def fake_tuned(kernel, head_dim, t, flags, lens, launch, default):
+        for c in (A._Cfg(16, 32, 4, 1), A._Cfg(32, 16, 4, 1)):
+            launch(c)
+            launch(c)
+        tuned.append(kernel)
+        return A._Cfg(32, 16, 4, 1), True
+
+    monkeypatch.setattr(A, "_FORCE", {"bwd": variant, "autotune": True})
+    monkeypatch.setattr(A, "_tuned", fake_tuned)
+    run_case(torch.float32, B=2, Lq=37, Lk=29, H=2, D=16, rel=(8, 6, True), bias_shape=(1, 2, 1, 29))
+    assert "fwd" in tuned and ("dq" in tuned or "dq2" in tuned or variant == "fused")
+
+
 def test_table_route_has_no_lookup_autograd_node(monkeypatch):
     """The table route puts one autograd node in the graph (the lookup's gather and scatter are inside it)."""
     monkeypatch.setattr(A, "_FORCE", {"table": "kernel"})

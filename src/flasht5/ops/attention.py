@@ -818,7 +818,7 @@ _SM90: dict[tuple[str, int], _Cfg] = {
     # split2's dK/dV kernel, which also reduces d_lut (more registers: the rotated dS^T tile and its sums)
     ("dkdv_lut", 16): _Cfg(64, 64, 4, 3),
     ("dkdv_lut", 32): _Cfg(64, 64, 4, 3),
-    ("dkdv_lut", 64): _Cfg(64, 64, 4, 3),
+    ("dkdv_lut", 64): _Cfg(64, 64, 8, 3),  # (64, 64, 4, 3) spills 456 B (--screen)
     ("dkdv_lut", 128): _Cfg(32, 64, 4, 4),
     ("dkdv_lut", 256): _Cfg(32, 64, 8, 2),
     ("dq", 16): _Cfg(64, 32, 4, 4),
@@ -826,6 +826,12 @@ _SM90: dict[tuple[str, int], _Cfg] = {
     ("dq", 64): _Cfg(64, 32, 4, 4),
     ("dq", 128): _Cfg(64, 32, 4, 3),
     ("dq", 256): _Cfg(64, 32, 8, 2),
+    # split2's dQ kernel (no d_lut reduction: 104 instead of 194 registers at D=64, so larger tiles fit)
+    ("dq2", 16): _Cfg(64, 32, 4, 4),
+    ("dq2", 32): _Cfg(64, 32, 4, 4),
+    ("dq2", 64): _Cfg(64, 32, 4, 4),
+    ("dq2", 128): _Cfg(64, 32, 4, 3),
+    ("dq2", 256): _Cfg(64, 32, 8, 2),
     ("kv", 16): _Cfg(32, 128, 8, 3),
     ("kv", 32): _Cfg(32, 128, 8, 3),
     ("kv", 64): _Cfg(32, 128, 8, 3),
@@ -859,6 +865,11 @@ _SM80: dict[tuple[str, int], _Cfg] = {
     ("dq", 64): _Cfg(64, 32, 4, 2),
     ("dq", 128): _Cfg(64, 32, 4, 2),
     ("dq", 256): _Cfg(32, 32, 4, 1),
+    ("dq2", 16): _Cfg(64, 32, 4, 2),
+    ("dq2", 32): _Cfg(64, 32, 4, 2),
+    ("dq2", 64): _Cfg(64, 32, 4, 2),
+    ("dq2", 128): _Cfg(64, 32, 4, 2),
+    ("dq2", 256): _Cfg(32, 32, 4, 1),
     ("kv", 16): _Cfg(16, 64, 4, 2, False),
     ("kv", 32): _Cfg(16, 64, 4, 2, False),
     ("kv", 64): _Cfg(16, 64, 4, 2, False),
@@ -930,7 +941,7 @@ def _config(kernel: str, head_dim: int, device: torch.device, dtype: torch.dtype
     if _FORCE:
         forced = _FORCE.get(kernel)
         if forced is None:
-            forced = _FORCE.get({"kv_nolut": "kv", "dkdv_lut": "dkdv"}.get(kernel, kernel))
+            forced = _FORCE.get({"kv_nolut": "kv", "dkdv_lut": "dkdv", "dq2": "dq"}.get(kernel, kernel))
         if forced is not None:
             return forced  # type: ignore[return-value]
         if "arch" in _FORCE:
@@ -941,6 +952,84 @@ def _config(kernel: str, head_dim: int, device: torch.device, dtype: torch.dtype
         arch = torch.cuda.get_device_capability(device)[0] if device.type == "cuda" else 0
         cfg = _CFG_CACHE[key] = _pick(kernel, head_dim, dtype, arch)
     return cfg
+
+
+# Opt-in autotuning: FLASHT5_ATTN_AUTOTUNE=1 (read once; ``_FORCE["autotune"]`` for benchmarks and tests). The first
+# call of each (kernel, head dim, dtype, device, constexpr flags, power-of-two bucket of the lengths) on an sm90 GPU
+# times every candidate below on the call's own tensors (CUDA events, best of 3 x 3 launches, after a compile launch)
+# and keeps the fastest for the process; the accumulators the timing launches dirtied are zeroed again and the winner
+# runs. Costs the candidates' compilation (seconds per key, once: Triton's disk cache keeps it) and host syncs on
+# those first calls only; never runs while a CUDA graph is captured (the table's config is used and cached then).
+# Off by default: tiles would vary from run to run (and so would the rounding of the reductions); the table above
+# holds the winners measured on the H200. ``_TUNE_LOG`` records every choice (the benchmark prints it).
+_AUTOTUNE = os.environ.get("FLASHT5_ATTN_AUTOTUNE", "0") == "1"
+_TUNED: dict[tuple, _Cfg] = {}
+_TUNE_LOG: list[dict] = []
+# Candidates (sm90, 2-byte dtypes), free of register spills and within shared memory in bench_attention.py --screen
+# (sm90 cubins compiled offline with the T5 lookup; see benchmarks/results).
+_TUNE_SM90: dict[tuple[str, int], tuple[_Cfg, ...]] = {
+    ("fwd", 64): (_Cfg(64, 64, 4, 3), _Cfg(128, 64, 8, 3), _Cfg(128, 64, 8, 4), _Cfg(128, 128, 8, 3),
+                  _Cfg(64, 64, 4, 4), _Cfg(128, 64, 4, 3), _Cfg(64, 128, 4, 3)),
+    ("fwd", 128): (_Cfg(64, 64, 4, 3), _Cfg(128, 64, 8, 3), _Cfg(128, 32, 4, 3), _Cfg(128, 64, 8, 2),
+                   _Cfg(64, 32, 4, 3)),
+    ("dkdv", 64): (_Cfg(64, 64, 4, 3), _Cfg(32, 64, 4, 3), _Cfg(32, 128, 8, 3), _Cfg(64, 128, 8, 3),
+                   _Cfg(32, 64, 4, 4)),
+    ("dkdv", 128): (_Cfg(32, 64, 4, 4), _Cfg(32, 64, 4, 3), _Cfg(32, 128, 8, 3), _Cfg(64, 64, 8, 3)),
+    ("dkdv_lut", 64): (_Cfg(32, 64, 4, 3), _Cfg(32, 128, 8, 3), _Cfg(64, 64, 8, 3)),
+    ("dkdv_lut", 128): (_Cfg(32, 64, 4, 4), _Cfg(32, 64, 4, 3), _Cfg(64, 64, 8, 3), _Cfg(32, 128, 8, 2)),
+    ("dq", 64): (_Cfg(64, 32, 4, 4), _Cfg(64, 32, 4, 3), _Cfg(128, 32, 8, 3), _Cfg(64, 64, 8, 3)),
+    ("dq", 128): (_Cfg(64, 32, 4, 3), _Cfg(128, 32, 8, 3), _Cfg(64, 64, 8, 3), _Cfg(64, 32, 4, 4)),
+    ("dq2", 64): (_Cfg(64, 32, 4, 4), _Cfg(64, 32, 4, 3), _Cfg(128, 32, 8, 3), _Cfg(64, 64, 4, 3),
+                  _Cfg(128, 64, 8, 3), _Cfg(64, 64, 8, 3)),
+    ("dq2", 128): (_Cfg(64, 32, 4, 3), _Cfg(128, 32, 8, 3), _Cfg(64, 64, 8, 3), _Cfg(64, 32, 4, 4)),
+}  # fmt: skip
+
+
+def _autotune_on() -> bool:
+    v = _FORCE.get("autotune") if _FORCE else None
+    return _AUTOTUNE if v is None else bool(v)
+
+
+def _tuned(kernel: str, head_dim: int, t: torch.Tensor, flags: tuple, lens: tuple, launch, default: _Cfg):
+    """(config, dirty): the autotuned config of this key (see ``_AUTOTUNE``); ``dirty`` when this call timed the
+    candidates (their launches wrote the outputs and added into the accumulators: the caller zeroes the latter
+    and launches the winner)."""
+    key = (kernel, head_dim, t.device, t.dtype, flags, tuple(next_pow2(max(1, n)) for n in lens))
+    cfg = _TUNED.get(key)
+    if cfg is not None:
+        return cfg, False
+    cands = _TUNE_SM90.get((kernel, head_dim))
+    if (
+        not cands
+        or not t.is_cuda
+        or t.dtype == torch.float32
+        or torch.cuda.is_current_stream_capturing()
+        or torch.cuda.get_device_capability(t.device)[0] != 9
+    ):
+        _TUNED[key] = default
+        return default, False
+    times = {}
+    for c in dict.fromkeys((default, *cands)):
+        try:
+            launch(c)  # compile (or load from the disk cache) and warm up
+            torch.cuda.synchronize()
+        except Exception:  # noqa: BLE001 (a candidate that does not compile or launch here is skipped)
+            continue
+        best = float("inf")
+        for _ in range(3):
+            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            e0.record()
+            for _ in range(3):
+                launch(c)
+            e1.record()
+            e1.synchronize()
+            best = min(best, e0.elapsed_time(e1) / 3)
+        times[c] = best
+    cfg = min(times, key=times.get) if times else default
+    _TUNED[key] = cfg
+    _TUNE_LOG.append(dict(kernel=kernel, D=head_dim, flags=flags, lens=key[-1], cfg=tuple(cfg),
+                          ms=times.get(cfg), default_ms=times.get(default)))  # fmt: skip
+    return cfg, True
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1004,20 +1093,24 @@ def _fwd_impl(q, k, v, lut, alibi, bias, cu_q, cu_k, max_q, max_k, scale, causal
     else:
         bias4 = _bias4(bias)
         sb = _bcast_strides(bias4)
-    num_m = max(1, _cdiv(max_q, cfg.block_m))  # >= 1: a zero max_seqlen_q still covers every row (grid stride)
-    _FWD(
-        (num_m * nb * H,),
-        (
-            q, k, v, out, lse, lse if lut is None else lut, lse if alibi is None else alibi, bias4,
-            cu_q if varlen else lse, cu_k if varlen else lse, *_qkv_strides(q, k, v, varlen), *sb,
-            H, LQ, LK, Tq, 0 if lut is None else lut.shape[1] >> 1, num_m, scale * LOG2E,
-        ),
-        (
-            D, cfg.block_m, cfg.block_n, causal, lut is not None, alibi is not None, bias is not None, varlen,
-            "ieee" if q.dtype == torch.float32 else "tf32", q.is_cuda,
-        ),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )  # fmt: skip
+    flags = (causal, lut is not None, alibi is not None, bias is not None, varlen)
+
+    def launch(cfg):
+        num_m = max(1, _cdiv(max_q, cfg.block_m))  # >= 1: a zero max_seqlen_q still covers every row (grid stride)
+        _FWD(
+            (num_m * nb * H,),
+            (
+                q, k, v, out, lse, lse if lut is None else lut, lse if alibi is None else alibi, bias4,
+                cu_q if varlen else lse, cu_k if varlen else lse, *_qkv_strides(q, k, v, varlen), *sb,
+                H, LQ, LK, Tq, 0 if lut is None else lut.shape[1] >> 1, num_m, scale * LOG2E,
+            ),
+            (D, cfg.block_m, cfg.block_n, *flags, "ieee" if q.dtype == torch.float32 else "tf32", q.is_cuda),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )  # fmt: skip
+
+    if (_AUTOTUNE or _FORCE) and _autotune_on() and "fwd" not in _FORCE:
+        cfg = _tuned("fwd", D, q, flags, (max_q, max_k), launch, cfg)[0]
+    launch(cfg)
     return out, lse
 
 
@@ -1095,8 +1188,18 @@ def _bwd_impl(
     R, scale2 = W >> 1, scale * LOG2E
     has = (lut is not None, alibi is not None, bias is not None)
 
-    def launch_dq():  # dQ (+ d_bias; + d_lut unless split2): one program per query block, looping over keys
-        cfg = _config("dq", D, q.device, q.dtype)
+    tune = (_AUTOTUNE or bool(_FORCE)) and _autotune_on()
+    flags = (causal, *has, rel_grad, bias_grad, varlen, variant, bkt is not None, db_bm, db_bn, db_atomic)
+
+    def reset():  # zero what the autotuner's timing launches added into (only after they ran)
+        if fused:
+            dq.zero_()
+        if rel_grad:
+            dlut.zero_()
+        if bias_grad:
+            dbias32.zero_()
+
+    def launch_dq(cfg):  # dQ (+ d_bias; + d_lut unless split2): one program per query block, looping over keys
         num_m = max(1, _cdiv(max_q, cfg.block_m))
         _DQ(
             (num_m * nb * H,),
@@ -1112,34 +1215,51 @@ def _bwd_impl(
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
 
+    def run_dq():
+        name = "dq2" if dq_first else "dq"
+        cfg = _config(name, D, q.device, q.dtype)
+        if tune and "dq" not in _FORCE and name not in _FORCE:
+            cfg, dirty = _tuned(name, D, q, flags, (max_q, max_k), launch_dq, cfg)
+            if dirty:
+                reset()
+        launch_dq(cfg)
+
     if dq_first:
-        launch_dq()
+        run_dq()
     # dK, dV (fused: + dQ, d_lut, d_bias; split2: + d_lut): one program per key block, looping over queries
     kv_rel = rel_grad and (fused or dq_first)
     if fused:
         kname = "kv" if rel_grad else "kv_nolut"
     else:
         kname = "dkdv_lut" if kv_rel else "dkdv"
+
+    def launch_kv(cfg):
+        num_n = max(1, _cdiv(max_k, cfg.block_n))  # >= 1 (grid stride, see _attn_fwd)
+        _KV(
+            (num_n * nb * H,),
+            (
+                q, k, v, dout, dk, dv, dq, lse, delta, lut_, dlut, alibi_, bias4, dbias32, cq, ck, bkt_, *sqkv, *sb,
+                *sdb, H, LQ, LK, Tq, R, num_n, scale2, scale,
+            ),
+            (
+                D, cfg.block_m, cfg.block_n, causal, *has, varlen, fused, kv_rel, bias_grad and fused,
+                db_bm, db_bn, db_atomic, diag, dot_prec, not interp, cfg.dq_t, buckets,
+            ),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )  # fmt: skip
+
     cfg = _config(kname, D, q.device, q.dtype)
-    num_n = max(1, _cdiv(max_k, cfg.block_n))  # >= 1 (grid stride, see _attn_fwd)
-    _KV(
-        (num_n * nb * H,),
-        (
-            q, k, v, dout, dk, dv, dq, lse, delta, lut_, dlut, alibi_, bias4, dbias32, cq, ck, bkt_, *sqkv, *sb,
-            *sdb, H, LQ, LK, Tq, R, num_n, scale2, scale,
-        ),
-        (
-            D, cfg.block_m, cfg.block_n, causal, *has, varlen, fused, kv_rel, bias_grad and fused,
-            db_bm, db_bn, db_atomic, diag, dot_prec, not interp, cfg.dq_t, buckets,
-        ),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )  # fmt: skip
+    if tune and not fused and "dkdv" not in _FORCE and kname not in _FORCE:
+        cfg, dirty = _tuned(kname, D, q, flags, (max_q, max_k), launch_kv, cfg)
+        if dirty and kv_rel:  # split2: d_lut (zeroed by the dQ kernel) is reduced here; split: dK/dV are stores
+            dlut.zero_()
+    launch_kv(cfg)
     if fused:
         if scale != 1.0:
             dq.mul_(scale)
         dq = dq.to(q.dtype)
     elif not dq_first:
-        launch_dq()
+        run_dq()
     dbias = dbias32.to(bias.dtype).reshape(bias.shape) if bias_grad else None
     return dq, dk, dv, dlut if rel_grad else None, dbias
 
