@@ -315,6 +315,7 @@ SWEEP = {
         "dq": [(64, 32, 4, 3), (128, 32, 8, 3), (64, 32, 4, 4), (64, 64, 8, 3), (128, 64, 8, 3)],
         "kv": [(32, 128, 8, 3), (32, 128, 8, 2), (32, 64, 4, 3), (64, 128, 8, 2), (64, 64, 4, 3), (16, 128, 4, 3)],
         "kv_nolut": [(64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2)],
+        "fwd_tma": [(64, 64, 4, 3), (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 3), (128, 64, 4, 3)],
         "dkdv_lut": [(64, 64, 4, 3), (32, 64, 4, 3), (32, 128, 8, 3), (64, 128, 8, 3), (64, 64, 8, 3), (64, 64, 4, 4)],
         "dq2": [(64, 32, 4, 4), (64, 32, 4, 3), (128, 32, 8, 3), (64, 64, 4, 3), (128, 64, 8, 3)],
     },
@@ -332,6 +333,7 @@ SWEEP = {
         "dq": [(64, 32, 4, 3), (128, 32, 8, 3), (64, 64, 8, 3), (64, 32, 4, 4), (128, 64, 8, 3)],
         "kv": [(32, 64, 8, 3), (32, 64, 8, 2), (32, 128, 8, 2), (64, 64, 8, 2), (16, 64, 4, 3), (32, 64, 4, 3)],
         "kv_nolut": [(32, 128, 8, 2), (64, 64, 8, 2), (32, 64, 8, 3), (64, 128, 8, 2)],
+        "fwd_tma": [(64, 64, 4, 3), (128, 64, 8, 3), (128, 32, 4, 3), (128, 64, 8, 2)],
         "dkdv_lut": [(32, 64, 4, 4), (32, 64, 4, 3), (64, 64, 8, 3), (32, 128, 8, 2), (64, 128, 8, 2)],
         "dq2": [(64, 32, 4, 3), (128, 32, 8, 3), (64, 64, 8, 3), (64, 32, 4, 4), (128, 64, 8, 3)],
     },
@@ -345,7 +347,7 @@ _VARIANT_OF = {
     "dkdv_lut": "split2",
     "dq2": "split2",
 }
-_TABLE_KEY: dict[str, str] = {}
+_TABLE_KEY = {"fwd_tma": "fwd"}
 _FORCE_KEY = {"kv_nolut": "kv"}
 
 
@@ -623,11 +625,14 @@ def _screen_source(
 ):
     """A Triton ASTSource of ``kernel`` specialised as on the GPU for bf16 q/k/v (16-byte aligned pointers and
     16-divisible q/k/v strides; counts unspecialised) with the T5 lookup and its gradient (``rel``) or no bias.
-    Kernels: fwd, dkdv / dq (split), dq2 / dkdv_lut (split2: dQ + delta, dK/dV + d_lut), kv / kv_nolut (fused);
-    ``bucket_grad``: d_lut added into the table's bucket rows (the table route)."""
+    Kernels: fwd (fwd_tma: K/V through tensor descriptors), dkdv / dq (split), dq2 / dkdv_lut (split2: dQ +
+    delta, dK/dV + d_lut), kv / kv_nolut (fused); ``bucket_grad``: d_lut added into the table's bucket rows (the
+    table route)."""
     from triton.compiler import ASTSource
 
-    fn = {"fwd": A._attn_fwd, "dq": A._attn_bwd_dq, "dq2": A._attn_bwd_dq}.get(kernel, A._attn_bwd_kv)
+    fn = {"fwd": A._attn_fwd, "fwd_tma": A._attn_fwd, "dq": A._attn_bwd_dq, "dq2": A._attn_bwd_dq}.get(
+        kernel, A._attn_bwd_kv
+    )
     fused = kernel in ("kv", "kv_nolut")
     rel = rel and kernel != "kv_nolut"
     consts = dict(
@@ -635,7 +640,7 @@ def _screen_source(
         VARLEN=False, DOT_PREC="tf32", ASM_GATHER=True, DQ_ATOMIC=fused,
         REL_GRAD=rel and kernel in ("kv", "dq", "dkdv_lut"), BIAS_GRAD=False, DB_BM=False, DB_BN=False,
         DB_ATOMIC=False, DIAG_GATHER=True, DQ_T=dq_t, BUCKETS=bucket_grad, COMPUTE_DELTA=kernel == "dq2",
-        ZERO_DLUT=kernel == "dq2" and rel, BLOCK_W=256,
+        ZERO_DLUT=kernel == "dq2" and rel, BLOCK_W=256, TMA=kernel == "fwd_tma",
     )  # fmt: skip
     bf16 = {"Q", "K", "V", "O", "DO", "DK", "DV"} | (set() if fused else {"DQ"})
     strides16 = {"sqb", "sqm", "sqh", "skb", "skm", "skh", "svb", "svm", "svh"}
@@ -707,8 +712,9 @@ COMPARE_VARIANTS = {
     "base": dict(bwd="split", table="autograd"),
     "split-ktab": dict(bwd="split", table="kernel"),
     "split2": dict(bwd="split2", table="kernel"),
-    "split-tune": dict(bwd="split", table="kernel", autotune=True),
     "split2-tune": dict(bwd="split2", table="kernel", autotune=True),
+    "split2-tma": dict(bwd="split2", table="kernel", tma=True),
+    "split2-tma-tune": dict(bwd="split2", table="kernel", tma=True, autotune=True),
 }
 COMPARE_LENGTHS = (512, 1024, 4096)
 
@@ -850,30 +856,36 @@ def compare_memory_rows(variants: list[str], L: int = 4096, D: int = 64) -> list
 
 
 def compare_host_rows(variants: list[str]) -> list[dict]:
-    """Host overhead per call (tiny inputs, wall time) per variant vs SDPA (same cases as --host)."""
+    """Host overhead per call (tiny inputs, wall time) per variant vs SDPA, as bench_overhead.py measures it: inputs
+    that require grad, "fwd" builds and drops the graph, "fwd_bwd" = torch.autograd.grad with a fixed upstream
+    gradient (no .grad accumulation)."""
     import torch.nn.functional as F
 
-    q = torch.randn(1, 16, 2, 64, device="cuda", dtype=torch.bfloat16)
-    qg, kg, vg = (q.clone().requires_grad_() for _ in range(3))
-    table = torch.randn(32, 2, device="cuda", requires_grad=True)
+    qg, kg, vg = (torch.randn(2, 16, 4, 64, device="cuda", dtype=torch.bfloat16).requires_grad_() for _ in range(3))
+    qs, ks, vs = (torch.randn(2, 4, 16, 64, device="cuda", dtype=torch.bfloat16).requires_grad_() for _ in range(3))
+    g = torch.randn(2, 16, 4, 64, device="cuda", dtype=torch.bfloat16)
+    gs = g.transpose(1, 2).contiguous()
+    table = torch.randn(32, 4, device="cuda", requires_grad=True)
     lut = A.t5_bias_lut(table, True, 128).detach().requires_grad_()
-    cu = torch.tensor([0, 16], dtype=torch.int32, device="cuda")
-    qv, kv, vv = (x.view(16, 2, 64) for x in (qg, kg, vg))
-    qhg, khg, vhg = qg.transpose(1, 2), kg.transpose(1, 2), vg.transpose(1, 2)
-    qh = q.transpose(1, 2)
-    sdpa, fa = F.scaled_dot_product_attention, A.flash_attention
-    vlk = dict(cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=16, max_seqlen_k=16)
-    ref = {"fwd": utils.host_us(lambda: sdpa(qh, qh, qh), n=300),
-           "fwd_bwd": utils.host_us(lambda: sdpa(qhg, khg, vhg).sum().backward(), n=300)}  # fmt: skip
+    qv, kv, vv = (torch.randn(32, 4, 64, device="cuda", dtype=torch.bfloat16).requires_grad_() for _ in range(3))
+    gv = g.reshape(32, 4, 64)
+    cu = torch.tensor([0, 10, 32], dtype=torch.int32, device="cuda")
+    sdpa, fa, grad = F.scaled_dot_product_attention, A.flash_attention, torch.autograd.grad
+    vlk = dict(cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=22, max_seqlen_k=22)
+    ref = {
+        "fwd": utils.host_us(lambda: sdpa(qs, ks, vs, scale=1.0), n=300),
+        "fwd_bwd": utils.host_us(lambda: grad(sdpa(qs, ks, vs, scale=1.0), [qs, ks, vs], gs), n=300),
+    }
     cases = [
-        ("nobias", "fwd", lambda: fa(q, q, q)),
-        ("nobias", "fwd_bwd", lambda: fa(qg, kg, vg).sum().backward()),
+        ("nobias", "fwd", lambda: fa(qg, kg, vg)),
+        ("nobias", "fwd_bwd", lambda: grad(fa(qg, kg, vg), [qg, kg, vg], g)),
         ("t5-table", "fwd", lambda: fa(qg, kg, vg, rel_table=table)),
-        ("t5-table", "fwd_bwd", lambda: fa(qg, kg, vg, rel_table=table).sum().backward()),
-        ("t5-lut", "fwd_bwd", lambda: fa(qg, kg, vg, rel_lut=lut).sum().backward()),
-        ("varlen", "fwd", lambda: fa(qv.detach(), kv.detach(), vv.detach(), **vlk)),
-        ("varlen", "fwd_bwd", lambda: fa(qv, kv, vv, **vlk).sum().backward()),
-        ("varlen-t5-lut", "fwd_bwd", lambda: fa(qv, kv, vv, rel_lut=lut, **vlk).sum().backward()),
+        ("t5-table", "fwd_bwd", lambda: grad(fa(qg, kg, vg, rel_table=table), [qg, kg, vg, table], g)),
+        ("t5-lut", "fwd", lambda: fa(qg, kg, vg, rel_lut=lut)),
+        ("t5-lut", "fwd_bwd", lambda: grad(fa(qg, kg, vg, rel_lut=lut), [qg, kg, vg, lut], g)),
+        ("varlen", "fwd", lambda: fa(qv, kv, vv, **vlk)),
+        ("varlen", "fwd_bwd", lambda: grad(fa(qv, kv, vv, **vlk), [qv, kv, vv], gv)),
+        ("varlen-t5-lut", "fwd_bwd", lambda: grad(fa(qv, kv, vv, rel_lut=lut, **vlk), [qv, kv, vv, lut], gv)),
     ]
     rows = [dict(variant="sdpa", case="-", mode=m, us=t, x_sdpa=1.0) for m, t in ref.items()]
     for name in variants:
@@ -883,6 +895,23 @@ def compare_host_rows(variants: list[str]) -> list[dict]:
             rows.append(dict(variant=name, case=case, mode=mode, us=t, x_sdpa=t / ref[mode]))
             print(rows[-1], flush=True)
         A._FORCE.clear()
+    # where the time goes: cProfile of the T5-table fwd+bwd with the last variant
+    import cProfile
+    import io
+    import pstats
+
+    _variant(variants[-1])
+    fn = cases[3][2]
+    pr = cProfile.Profile()
+    pr.enable()
+    for _ in range(300):
+        fn()
+    torch.cuda.synchronize()
+    pr.disable()
+    A._FORCE.clear()
+    out = io.StringIO()
+    pstats.Stats(pr, stream=out).sort_stats("tottime").print_stats(16)
+    print(f"cProfile of t5-table fwd+bwd ({variants[-1]}, 300 calls):\n" + out.getvalue(), flush=True)
     return rows
 
 
@@ -923,21 +952,24 @@ def compare_correctness(variants: list[str]) -> list[dict]:
 def compare_main(args, t_start: float) -> None:
     variants = args.variants.split(",")
     sections = []
-    corr = compare_correctness(variants)
-    sections.append(("Correctness per variant (bf16; ratio = err / bf16-torch err; ok = the test rule)",
-                     utils.markdown_table(corr)))  # fmt: skip
-    rows = compare_rows(variants)
-    sections.append(("Throughput per variant vs the ceiling (SDPA default dispatch, no bias), bf16, H=12, 32k tokens",
-                     utils.markdown_table(rows)))  # fmt: skip
-    sections.append(("Cross-attention per variant (no bias)", utils.markdown_table(compare_cross_rows(variants))))
-    sections.append(
-        ("Varlen vs dense per variant (T5 table, D=64)", utils.markdown_table(compare_varlen_rows(variants)))
-    )
-    sections.append(("Peak memory fwd+bwd per variant (L=4096, D=64, T5 table)",
-                     utils.markdown_table(compare_memory_rows(variants))))  # fmt: skip
-    sections.append(
-        ("Host overhead per call per variant (tiny inputs)", utils.markdown_table(compare_host_rows(variants)))
-    )
+    parts = [
+        ("Correctness per variant (bf16; ratio = err / bf16-torch err; ok = the test rule)", compare_correctness),
+        ("Throughput per variant vs the ceiling (SDPA default dispatch, no bias), bf16, H=12, 32k tokens; t5 = the "
+         "T5 table with its gradient; *_x = TFLOP/s ratio to the ceiling; t5_bwd_x_fwd = backward alone / forward",
+         compare_rows),
+        ("Cross-attention per variant (no bias)", compare_cross_rows),
+        ("Varlen vs dense per variant (T5 table, D=64)", compare_varlen_rows),
+        ("Peak memory fwd+bwd per variant (L=4096, D=64, T5 table)", compare_memory_rows),
+        ("Host overhead per call per variant (tiny inputs)", compare_host_rows),
+    ]  # fmt: skip
+    for title, fn in parts:
+        try:
+            sections.append((title, utils.markdown_table(fn(variants))))
+        except Exception as e:  # one broken section must not cost the others
+            traceback.print_exc()
+            sections.append((title, f"FAILED: {type(e).__name__}: {e}\n"))
+        A._FORCE.clear()
+        print(f"[{time.perf_counter() - t_start:.0f} s] {title.split('(')[0]}", flush=True)
     if A._TUNE_LOG:
         sections.append(
             ("Autotuner choices (kernel, flags, length buckets -> config)", utils.markdown_table(A._TUNE_LOG))

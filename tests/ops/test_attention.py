@@ -295,6 +295,33 @@ def test_autotune_timing_launches_are_undone(variant, monkeypatch):
     assert "fwd" in tuned and ("dq" in tuned or "dq2" in tuned or variant == "fused")
 
 
+@pytest.mark.parametrize(
+    "case",
+    [
+        dict(B=2, Lq=37, Lk=29, rel=(8, 6, True)),
+        dict(lens=([1, 0, 17, 33], [3, 2, 17, 20]), rel=(8, 6, True)),
+        dict(lens=([1, 0, 17, 33], [1, 0, 17, 33]), rel=(8, 6, False), causal=True),
+    ],
+    ids=["cross", "varlen", "varlen-causal"],
+)
+def test_tma_forward(case, monkeypatch):
+    """The forward's tensor-descriptor (TMA) loads of K/V: rows past each sequence's end read as zeros, empty key
+    sequences load nothing (fp16: the path is off for fp32)."""
+    monkeypatch.setattr(A, "_FORCE", {"tma": True})
+    run_case(torch.float16, **{"H": 2, "D": 16, **case})
+
+
+def test_tma_eligibility(monkeypatch):
+    monkeypatch.setattr(A, "_FORCE", {"tma": True})
+    q = torch.randn(1, 8, 2, 16, dtype=torch.float16)
+    assert A._tma_ok(q, q, q)
+    assert not A._tma_ok(q.float(), q.float(), q.float())  # fp32 keeps the IEEE path
+    odd = torch.randn(1, 8, 2, 17, dtype=torch.float16)[..., :16]  # row stride 34 elements: not 16-byte aligned
+    assert not A._tma_ok(q, odd, odd)
+    monkeypatch.setattr(A, "_FORCE", {"tma": False})
+    assert not A._tma_ok(q, q, q)
+
+
 def test_table_route_has_no_lookup_autograd_node(monkeypatch):
     """The table route puts one autograd node in the graph (the lookup's gather and scatter are inside it)."""
     monkeypatch.setattr(A, "_FORCE", {"table": "kernel"})
@@ -605,6 +632,21 @@ def test_gpu_bwd_variants(variant, monkeypatch):
     run_case(torch.float16, B=2, Lq=512, Lk=700, H=4, D=64, bias_shape=(2, 1, 1, 700))
     lens = ([1, 0, 17, 1000, 333], [5, 3, 17, 1000, 400])
     run_case(torch.bfloat16, lens=lens, H=12, D=64, rel=(32, 128, True), max_seqlen=(128, 64))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["split", "split2"])
+def test_gpu_tma_and_autotune(variant, monkeypatch):
+    """TMA forward and the real autotuner (its timing launches dirty the accumulators, which it zeroes again) on
+    the GPU: T5 table (table route), causal cross-attention at D=128, a broadcast bias, varlen."""
+    monkeypatch.setattr(A, "_FORCE", {"bwd": variant, "tma": True, "autotune": True})
+    monkeypatch.setattr(A, "_TUNED", {})
+    run_case(torch.bfloat16, B=2, Lq=1024, H=12, D=64, rel=(32, 128, True))
+    run_case(torch.bfloat16, B=1, Lq=1000, Lk=1531, H=12, D=128, rel=(32, 128, False), causal=True)
+    run_case(torch.float16, B=2, Lq=512, Lk=700, H=4, D=64, bias_shape=(2, 1, 1, 700))
+    lens = ([1, 0, 17, 1000, 333], [5, 3, 17, 1000, 400])
+    run_case(torch.bfloat16, lens=lens, H=12, D=64, rel=(32, 128, True), max_seqlen=(128, 64))
+    assert A._TUNED, "the autotuner ran"
 
 
 @pytest.mark.gpu

@@ -320,13 +320,19 @@ def _fwd_block(
     sqm, skm, svm, som, sbm, sbn, Lq, Lk, R, scale2,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
     HAS_REL: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr,
-    ASM_GATHER: tl.constexpr,
+    ASM_GATHER: tl.constexpr, TMA: tl.constexpr,
 ):  # fmt: skip
-    """Forward of the query block starting at row ``m0`` of one (sequence, head)."""
+    """Forward of the query block starting at row ``m0`` of one (sequence, head). ``TMA``: K and V tiles come
+    through device-side tensor descriptors of this sequence's ``(Lk, D)`` rows (Hopper's TMA engine: no address
+    arithmetic or masks in the loop; rows past Lk read as zeros, as the masked loads give)."""
     off = Lk - Lq
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     q = tl.load(q_base + offs_m[:, None] * sqm + offs_d[None, :], mask=offs_m[:, None] < Lq, other=0.0)
+    if TMA:
+        rows = tl.maximum(Lk, 1)  # a descriptor needs a non-empty box (no tile is loaded when Lk = 0)
+        k_desc = tl.make_tensor_descriptor(k_base, [rows, HEAD_DIM], [skm, 1], [BLOCK_N, HEAD_DIM])
+        v_desc = tl.make_tensor_descriptor(v_base, [rows, HEAD_DIM], [svm, 1], [BLOCK_N, HEAD_DIM])
     n_a, n_b, n_full, n_end = _kv_segments(m0, off, Lk, R, BLOCK_M, BLOCK_N, CAUSAL, HAS_REL)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -334,9 +340,13 @@ def _fwd_block(
     for start_n in range(0, n_end * BLOCK_N, BLOCK_N):
         blk = start_n // BLOCK_N
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        kmask = offs_n[:, None] < Lk
-        k = tl.load(k_base + offs_n[:, None] * skm + offs_d[None, :], mask=kmask, other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * svm + offs_d[None, :], mask=kmask, other=0.0)
+        if TMA:
+            k = k_desc.load([start_n, 0])
+            v = v_desc.load([start_n, 0])
+        else:
+            kmask = offs_n[:, None] < Lk
+            k = tl.load(k_base + offs_n[:, None] * skm + offs_d[None, :], mask=kmask, other=0.0)
+            v = tl.load(v_base + offs_n[:, None] * svm + offs_d[None, :], mask=kmask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale2  # (BLOCK_M, BLOCK_N), log2 units
         near = ((blk >= n_a) & (blk < n_b)) | (blk >= n_full)
         s = _scores(
@@ -367,7 +377,7 @@ def _attn_fwd(
     H, LQ, LK, T_LSE, R, NUM_M, scale2,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
     HAS_REL: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr, VARLEN: tl.constexpr,
-    DOT_PREC: tl.constexpr, ASM_GATHER: tl.constexpr,
+    DOT_PREC: tl.constexpr, ASM_GATHER: tl.constexpr, TMA: tl.constexpr,
 ):  # fmt: skip
     pid_m, bh = _block_order(NUM_M, CAUSAL)
     if CAUSAL:
@@ -390,13 +400,13 @@ def _attn_fwd(
             _fwd_block(
                 m0, q_base, k_base, v_base, o_base, lse_base, lut_base, c_left, c_right, alibi2, bias_base,
                 sqm, skm, svm, HD, sbm, sbn, Lq, Lk, R, scale2,
-                HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, HAS_REL, HAS_ALIBI, HAS_BIAS, DOT_PREC, ASM_GATHER,
+                HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, HAS_REL, HAS_ALIBI, HAS_BIAS, DOT_PREC, ASM_GATHER, TMA,
             )  # fmt: skip
     else:  # dense: the grid has exactly cdiv(Lq, BLOCK_M) query blocks per head
         _fwd_block(
             pid_m * BLOCK_M, q_base, k_base, v_base, o_base, lse_base, lut_base, c_left, c_right, alibi2,
             bias_base, sqm, skm, svm, HD, sbm, sbn, Lq, Lk, R, scale2,
-            HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, HAS_REL, HAS_ALIBI, HAS_BIAS, DOT_PREC, ASM_GATHER,
+            HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, HAS_REL, HAS_ALIBI, HAS_BIAS, DOT_PREC, ASM_GATHER, TMA,
         )  # fmt: skip
 
 
@@ -956,7 +966,7 @@ def _config(kernel: str, head_dim: int, device: torch.device, dtype: torch.dtype
 
 # Opt-in autotuning: FLASHT5_ATTN_AUTOTUNE=1 (read once; ``_FORCE["autotune"]`` for benchmarks and tests). The first
 # call of each (kernel, head dim, dtype, device, constexpr flags, power-of-two bucket of the lengths) on an sm90 GPU
-# times every candidate below on the call's own tensors (CUDA events, best of 3 x 3 launches, after a compile launch)
+# times every candidate below on the call's own tensors (CUDA events, best of 2 x 3 launches, after a compile launch)
 # and keeps the fastest for the process; the accumulators the timing launches dirtied are zeroed again and the winner
 # runs. Costs the candidates' compilation (seconds per key, once: Triton's disk cache keeps it) and host syncs on
 # those first calls only; never runs while a CUDA graph is captured (the table's config is used and cached then).
@@ -983,6 +993,41 @@ _TUNE_SM90: dict[tuple[str, int], tuple[_Cfg, ...]] = {
                   _Cfg(128, 64, 8, 3), _Cfg(64, 64, 8, 3)),
     ("dq2", 128): (_Cfg(64, 32, 4, 3), _Cfg(128, 32, 8, 3), _Cfg(64, 64, 8, 3), _Cfg(64, 32, 4, 4)),
 }  # fmt: skip
+
+
+# TMA (tensor descriptors) for the forward's K/V tiles: FLASHT5_ATTN_TMA=1 (read once) or _FORCE["tma"]; sm90+
+# (and the interpreter). The descriptors are built on the device, which needs Triton's scratch allocator (set once,
+# lazily, to a torch allocation) and takes FastKernel's slower launch path (the launcher allocates the scratch).
+_TMA = os.environ.get("FLASHT5_ATTN_TMA", "0") == "1"
+_TMA_READY: list[bool] = []
+
+
+def _tma_ok(q, k, v) -> bool:
+    """TMA on for this call: asked for, a Hopper-or-newer GPU (or the interpreter), 2-byte dtypes (fp32 keeps the
+    IEEE path), and 16-byte aligned bases and row strides (TMA's rules; a stride of H * D elements always is)."""
+    v_ = _FORCE.get("tma") if _FORCE else None
+    if not (_TMA if v_ is None else v_) or q.dtype == torch.float32:
+        return False
+    for t in (k, v):
+        if t.data_ptr() % 16 or any(st % 8 for st in t.stride()[:-1]):
+            return False
+    if q.is_cuda:
+        if _major(q.device) < 9:
+            return False
+        if not _TMA_READY:  # device-side descriptors live in a per-launch global scratch buffer
+            triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+            _TMA_READY.append(True)
+    return True
+
+
+_MAJOR: dict[torch.device, int] = {}
+
+
+def _major(device: torch.device) -> int:
+    m = _MAJOR.get(device)
+    if m is None:
+        m = _MAJOR[device] = torch.cuda.get_device_capability(device)[0]
+    return m
 
 
 def _autotune_on() -> bool:
@@ -1016,7 +1061,7 @@ def _tuned(kernel: str, head_dim: int, t: torch.Tensor, flags: tuple, lens: tupl
         except Exception:  # noqa: BLE001 (a candidate that does not compile or launch here is skipped)
             continue
         best = float("inf")
-        for _ in range(3):
+        for _ in range(2):
             e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             e0.record()
             for _ in range(3):
@@ -1094,6 +1139,7 @@ def _fwd_impl(q, k, v, lut, alibi, bias, cu_q, cu_k, max_q, max_k, scale, causal
         bias4 = _bias4(bias)
         sb = _bcast_strides(bias4)
     flags = (causal, lut is not None, alibi is not None, bias is not None, varlen)
+    tma = (_TMA or bool(_FORCE)) and _tma_ok(q, k, v)
 
     def launch(cfg):
         num_m = max(1, _cdiv(max_q, cfg.block_m))  # >= 1: a zero max_seqlen_q still covers every row (grid stride)
@@ -1104,12 +1150,12 @@ def _fwd_impl(q, k, v, lut, alibi, bias, cu_q, cu_k, max_q, max_k, scale, causal
                 cu_q if varlen else lse, cu_k if varlen else lse, *_qkv_strides(q, k, v, varlen), *sb,
                 H, LQ, LK, Tq, 0 if lut is None else lut.shape[1] >> 1, num_m, scale * LOG2E,
             ),
-            (D, cfg.block_m, cfg.block_n, *flags, "ieee" if q.dtype == torch.float32 else "tf32", q.is_cuda),
+            (D, cfg.block_m, cfg.block_n, *flags, "ieee" if q.dtype == torch.float32 else "tf32", q.is_cuda, tma),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
 
     if (_AUTOTUNE or _FORCE) and _autotune_on() and "fwd" not in _FORCE:
-        cfg = _tuned("fwd", D, q, flags, (max_q, max_k), launch, cfg)[0]
+        cfg = _tuned("fwd", D, q, (*flags, tma), (max_q, max_k), launch, cfg)[0]
     launch(cfg)
     return out, lse
 
