@@ -710,12 +710,15 @@ def screen(kernels: list[str], head_dims: list[int], arch: int = 90, causals=(Fa
 # selectable apply to every variant.
 COMPARE_VARIANTS = {
     "base": dict(bwd="split", table="autograd"),
-    "split-ktab": dict(bwd="split", table="kernel"),
+    "split-ktab": dict(bwd="split", table="kernel"),  # the table route's GPU cost alone (no-bias rows skipped)
     "split2": dict(bwd="split2", table="kernel"),
+    "split3": dict(bwd="split3", table="kernel"),
     "split2-tune": dict(bwd="split2", table="kernel", autotune=True),
+    "split3-tune": dict(bwd="split3", table="kernel", autotune=True),
     "split2-tma": dict(bwd="split2", table="kernel", tma=True),
-    "split2-tma-tune": dict(bwd="split2", table="kernel", tma=True, autotune=True),
+    "split3-tma-tune": dict(bwd="split3", table="kernel", tma=True, autotune=True),
 }
+HOST_VARIANTS = ("base", "split2", "split3", "split2-tma")  # host overhead differs only by route/variant, not tiles
 COMPARE_LENGTHS = (512, 1024, 4096)
 
 
@@ -757,15 +760,18 @@ def compare_rows(variants: list[str], head_dims=(64, 128), lengths=COMPARE_LENGT
                             "bwd": _ms(_bwd_only(f, ins, dout)),
                         }
                         del f, ins, dout
-                        nf, nfb = make_ours(B, L, D, causal, "none")
-                        nb = {"fwd": _ms(nf), "fwd_bwd": _ms(nfb)}
-                        del nf, nfb
                         row.update(
                             t5_fwd_x=ceil["fwd"] / t5["fwd"], t5_fb_x=ceil["fwd_bwd"] / t5["fwd_bwd"],
-                            t5_bwd_x_fwd=t5["bwd"] / t5["fwd"], nobias_fwd_x=ceil["fwd"] / nb["fwd"],
-                            nobias_fb_x=ceil["fwd_bwd"] / nb["fwd_bwd"], t5_fwd_ms=t5["fwd"], t5_bwd_ms=t5["bwd"],
+                            t5_bwd_x_fwd=t5["bwd"] / t5["fwd"], t5_fwd_ms=t5["fwd"], t5_bwd_ms=t5["bwd"],
                             t5_fb_tflops=utils.tflops(fl["fwd_bwd"], t5["fwd_bwd"]),
                         )  # fmt: skip
+                        if name != "split-ktab":  # same kernels as split without a table
+                            nf, nfb = make_ours(B, L, D, causal, "none")
+                            nb = {"fwd": _ms(nf), "fwd_bwd": _ms(nfb)}
+                            del nf, nfb
+                            row.update(
+                                nobias_fwd_x=ceil["fwd"] / nb["fwd"], nobias_fb_x=ceil["fwd_bwd"] / nb["fwd_bwd"]
+                            )
                     except Exception as e:
                         row["note"] = f"FAILED: {type(e).__name__}: {str(e).splitlines()[0][:100]}"
                         traceback.print_exc()
@@ -888,7 +894,7 @@ def compare_host_rows(variants: list[str]) -> list[dict]:
         ("varlen-t5-lut", "fwd_bwd", lambda: grad(fa(qv, kv, vv, rel_lut=lut, **vlk), [qv, kv, vv, lut], gv)),
     ]
     rows = [dict(variant="sdpa", case="-", mode=m, us=t, x_sdpa=1.0) for m, t in ref.items()]
-    for name in variants:
+    for name in [v for v in variants if v in HOST_VARIANTS] or variants[:1]:
         _variant(name)
         for case, mode, fn in cases:
             t = utils.host_us(fn, n=300)
@@ -900,7 +906,8 @@ def compare_host_rows(variants: list[str]) -> list[dict]:
     import io
     import pstats
 
-    _variant(variants[-1])
+    prof_variant = "split2" if "split2" in variants else variants[-1]
+    _variant(prof_variant)
     fn = cases[3][2]
     pr = cProfile.Profile()
     pr.enable()
@@ -911,7 +918,7 @@ def compare_host_rows(variants: list[str]) -> list[dict]:
     A._FORCE.clear()
     out = io.StringIO()
     pstats.Stats(pr, stream=out).sort_stats("tottime").print_stats(16)
-    print(f"cProfile of t5-table fwd+bwd ({variants[-1]}, 300 calls):\n" + out.getvalue(), flush=True)
+    print(f"cProfile of t5-table fwd+bwd ({prof_variant}, 300 calls):\n" + out.getvalue(), flush=True)
     return rows
 
 

@@ -249,10 +249,10 @@ def test_alternative_kernel_paths(force, monkeypatch):
     ],
     ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()).replace(" ", ""),
 )
-@pytest.mark.parametrize("variant", ["split", "split2"])
+@pytest.mark.parametrize("variant", ["split", "split2", "split3"])
 def test_split_backward(case, variant, monkeypatch):
     """The deterministic two-kernel backwards (split: prep, dK/dV, dQ + d_lut; split2: dQ + delta, then dK/dV +
-    d_lut) on the shapes that break kernels."""
+    d_lut; split3: dQ + delta + d_lut, then dK/dV) on the shapes that break kernels."""
     monkeypatch.setattr(A, "_FORCE", {"bwd": variant})
     run_case(torch.float32, **case)
 
@@ -635,7 +635,7 @@ def test_gpu_bwd_variants(variant, monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant", ["split", "split2"])
+@pytest.mark.parametrize("variant", ["split", "split2", "split3"])
 def test_gpu_tma_and_autotune(variant, monkeypatch):
     """TMA forward and the real autotuner (its timing launches dirty the accumulators, which it zeroes again) on
     the GPU: T5 table (table route), causal cross-attention at D=128, a broadcast bias, varlen."""

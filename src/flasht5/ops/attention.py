@@ -903,10 +903,11 @@ _CFG_CACHE: dict[tuple, _Cfg] = {}
 # per key block, then a dQ (+ d_lut, d_bias) kernel per query block (7 matmuls per tile, no atomics on dQ/dK/dV:
 # deterministic); "split2" = the same two kernels in the other order and no prep kernel: the dQ kernel computes
 # delta = rowsum(dO * O) for its own rows before its loop (and zeroes d_lut), the dK/dV kernel then reads delta and
-# reduces d_lut (three launches become two, the prep's extra pass over O and dO is gone).
+# reduces d_lut (three launches become two, the prep's extra pass over O and dO is gone); "split3" = split2's order
+# with d_lut reduced in the dQ kernel as in "split" (zeroed by a memset first): the dK/dV kernel keeps its registers.
 # FLASHT5_ATTN_BWD (read once, at import) picks the default; torch.use_deterministic_algorithms(True) keeps the
 # deterministic split ones.
-BWD_VARIANTS = ("fused", "split", "split2")
+BWD_VARIANTS = ("fused", "split", "split2", "split3")
 _BWD_DEFAULT = os.environ.get("FLASHT5_ATTN_BWD", "split")  # "split": measured faster than "fused" on the H200
 if _BWD_DEFAULT not in BWD_VARIANTS:
     raise ValueError(f"FLASHT5_ATTN_BWD={_BWD_DEFAULT!r}: expected one of {BWD_VARIANTS}")
@@ -1185,7 +1186,10 @@ def _bwd_impl(
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dlut, dbias
     variant = _bwd_variant()
     fused = variant == "fused"
-    dq_first = variant == "split2"  # dQ kernel first (delta + zeroing d_lut), then dK/dV (+ d_lut): no prep kernel
+    # split2/split3: the dQ kernel first (it computes delta), then dK/dV: no prep kernel. d_lut is reduced by the
+    # dK/dV kernel in split2 (zeroed by the dQ kernel), by the dQ kernel in split3 (zeroed by a memset before it).
+    dq_first = variant in ("split2", "split3")
+    lut_in_kv = variant == "split2"
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
         q, k, v = _rowview(q), _rowview(k), _rowview(v)
     if not dout.is_contiguous():  # the kernels address dO like out: flat (tokens, H, D)
@@ -1204,6 +1208,8 @@ def _bwd_impl(
     else:
         dlut = torch.empty_like(lut)
         wz = dlut.numel()
+    if rel_grad and variant == "split3":
+        dlut.zero_()
     interp = not q.is_cuda
     if not dq_first:  # delta = rowsum(dO * O); zeroes the fused dQ accumulator and d_lut
         blk = 16 if interp else 64
@@ -1254,15 +1260,15 @@ def _bwd_impl(
                 *sdb, H, LQ, LK, Tq, R, num_m, wz, scale2, scale,
             ),
             (
-                D, cfg.block_m, cfg.block_n, causal, has[0], rel_grad and not dq_first, has[1], has[2], bias_grad,
+                D, cfg.block_m, cfg.block_n, causal, has[0], rel_grad and not lut_in_kv, has[1], has[2], bias_grad,
                 db_bm, db_bn, db_atomic, varlen, diag, dot_prec, not interp, buckets, dq_first,
-                dq_first and rel_grad, min(1024, next_pow2(max(1, wz))),
+                lut_in_kv and rel_grad, min(1024, next_pow2(max(1, wz))),
             ),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
 
     def run_dq():
-        name = "dq2" if dq_first else "dq"
+        name = "dq2" if lut_in_kv else "dq"
         cfg = _config(name, D, q.device, q.dtype)
         if tune and "dq" not in _FORCE and name not in _FORCE:
             cfg, dirty = _tuned(name, D, q, flags, (max_q, max_k), launch_dq, cfg)
@@ -1273,7 +1279,7 @@ def _bwd_impl(
     if dq_first:
         run_dq()
     # dK, dV (fused: + dQ, d_lut, d_bias; split2: + d_lut): one program per key block, looping over queries
-    kv_rel = rel_grad and (fused or dq_first)
+    kv_rel = rel_grad and (fused or lut_in_kv)
     if fused:
         kname = "kv" if rel_grad else "kv_nolut"
     else:
