@@ -706,20 +706,23 @@ def screen(kernels: list[str], head_dims: list[int], arch: int = 90, causals=(Fa
 # ------------------------------------------------------------------------------------------------ variant comparison
 
 # Selectable implementations compared in one process (``--compare``): the A._FORCE settings of each. "base" is the
-# previous defaults (split backward, table through t5_bias_lut's autograd); the host-path changes that are not
-# selectable apply to every variant.
+# previous defaults (split backward, table through t5_bias_lut's autograd); "split3" with the table route is the new
+# default; the host-path changes that are not selectable apply to every variant.
 COMPARE_VARIANTS = {
     "base": dict(bwd="split", table="autograd"),
+    "split3": dict(bwd="split3", table="kernel"),
     "split-ktab": dict(bwd="split", table="kernel"),  # the table route's GPU cost alone (no-bias rows skipped)
     "split2": dict(bwd="split2", table="kernel"),
-    "split3": dict(bwd="split3", table="kernel"),
-    "split2-tune": dict(bwd="split2", table="kernel", autotune=True),
+    "split3-tma": dict(bwd="split3", table="kernel", tma=True),
     "split3-tune": dict(bwd="split3", table="kernel", autotune=True),
-    "split2-tma": dict(bwd="split2", table="kernel", tma=True),
+    "split2-tune": dict(bwd="split2", table="kernel", autotune=True),
     "split3-tma-tune": dict(bwd="split3", table="kernel", tma=True, autotune=True),
 }
-HOST_VARIANTS = ("base", "split2", "split3", "split2-tma")  # host overhead differs only by route/variant, not tiles
+QUICK_VARIANTS = ("base", "split3", "split2", "split3-tma", "split3-tune")
+HOST_VARIANTS = ("base", "split3", "split2", "split3-tma")  # host overhead differs by route/variant, not by tiles
+MEMORY_VARIANTS_QUICK = ("base", "split3")
 COMPARE_LENGTHS = (512, 1024, 4096)
+QUICK_LENGTHS = (512, 4096)
 
 
 def _variant(name: str) -> None:
@@ -782,11 +785,11 @@ def compare_rows(variants: list[str], head_dims=(64, 128), lengths=COMPARE_LENGT
     return rows
 
 
-def compare_cross_rows(variants: list[str], head_dims=(64, 128)) -> list[dict]:
+def compare_cross_rows(variants: list[str], head_dims=(64, 128), shapes=CROSS_SHAPES) -> list[dict]:
     """Cross-attention shapes (no bias, 32k key tokens): ratios to the ceiling per variant."""
     rows = []
     for D in head_dims:
-        for Lq, Lk in CROSS_SHAPES:
+        for Lq, Lk in shapes:
             B = TOKENS // Lk
             A._FORCE.clear()
             cf, cfb = make_sdpa(B, Lq, D, False, Lk=Lk)
@@ -958,15 +961,19 @@ def compare_correctness(variants: list[str]) -> list[dict]:
 
 def compare_main(args, t_start: float) -> None:
     variants = args.variants.split(",")
+    q = args.quick
+    lengths = QUICK_LENGTHS if q else COMPARE_LENGTHS
+    shapes = CROSS_SHAPES[:1] if q else CROSS_SHAPES
+    mem_variants = [v for v in variants if v in MEMORY_VARIANTS_QUICK] or variants[:1] if q else variants
     sections = []
     parts = [
         ("Correctness per variant (bf16; ratio = err / bf16-torch err; ok = the test rule)", compare_correctness),
         ("Throughput per variant vs the ceiling (SDPA default dispatch, no bias), bf16, H=12, 32k tokens; t5 = the "
          "T5 table with its gradient; *_x = TFLOP/s ratio to the ceiling; t5_bwd_x_fwd = backward alone / forward",
-         compare_rows),
-        ("Cross-attention per variant (no bias)", compare_cross_rows),
+         lambda v: compare_rows(v, lengths=lengths)),
+        ("Cross-attention per variant (no bias)", lambda v: compare_cross_rows(v, shapes=shapes)),
         ("Varlen vs dense per variant (T5 table, D=64)", compare_varlen_rows),
-        ("Peak memory fwd+bwd per variant (L=4096, D=64, T5 table)", compare_memory_rows),
+        ("Peak memory fwd+bwd per variant (L=4096, D=64, T5 table)", lambda v: compare_memory_rows(mem_variants)),
         ("Host overhead per call per variant (tiny inputs)", compare_host_rows),
     ]  # fmt: skip
     for title, fn in parts:
@@ -997,7 +1004,7 @@ def _precompile(shard: int, nshards: int, mode: str, quick: bool, args=None) -> 
                 for causal in (False, True):
                     for kind in ("t5", "none"):
                         jobs.append(("ours", D, causal, kind, ("variant", name)))
-                for Lq, Lk in CROSS_SHAPES:
+                for Lq, Lk in CROSS_SHAPES[:1] if quick else CROSS_SHAPES:
                     jobs.append(("cross", D, False, "none", ("variant", name, Lq, Lk)))
             jobs.append(("varlen", 64, False, "t5", ("variant", name)))
     elif mode == "bwd-variants":
@@ -1093,7 +1100,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--head-dims", default="64,128", help="--bwd-variants: head dims (comma-separated)")
     p.add_argument("--shape-sweep", action="store_true", help="only: forward tiles per (causal, L), D=64, T5 bias")
     p.add_argument("--compare", action="store_true", help="only: the selectable variants side by side (see --variants)")
-    p.add_argument("--variants", default=",".join(COMPARE_VARIANTS), help="--compare: variants (comma-separated)")
+    p.add_argument(
+        "--variants",
+        default=None,
+        help="--compare: variants (comma-separated; default: all, --quick: "
+        + ",".join(QUICK_VARIANTS)
+        + f"; known: {','.join(COMPARE_VARIANTS)})",
+    )
     p.add_argument("--out", default=None, help="markdown results file to append to (default: results/<date>-<gpu>.md)")
     p.add_argument("--plot", default=None, help="PNG path for the TFLOP/s-vs-L plot")
     p.add_argument("--jobs", type=int, default=8, help="parallel processes that pre-compile the kernels (0: none)")
@@ -1104,6 +1117,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         else "screen" if args.screen
         else "shape-sweep" if args.shape_sweep else "sweep" if args.sweep else "main"
     )  # fmt: skip
+    if args.variants is None:
+        args.variants = ",".join(QUICK_VARIANTS if args.quick else COMPARE_VARIANTS)
+    unknown = set(args.variants.split(",")) - set(COMPARE_VARIANTS)
+    if unknown:
+        p.error(f"--variants: unknown {sorted(unknown)} (known: {', '.join(COMPARE_VARIANTS)})")
     return args
 
 

@@ -61,8 +61,10 @@ each pipelined loop its own stage buffers. The per-element lookup is an elementw
 (2.5x slower forward on the H200); the inline load keeps the scores in the MMA layout. Without a T5 table the
 band is just the causal diagonal, as in FlashAttention-2; ALiBi is computed per element (three flops).
 
-Backward, after a preprocessing kernel (``delta = rowsum(dO * O)``, which also zeroes the accumulators), in one of
-two variants (``BWD_VARIANTS``; ``_FORCE["bwd"]`` selects one for tests and benchmarks):
+Backward, in one of four variants (``BWD_VARIANTS``; ``FLASHT5_ATTN_BWD``, read once at import, picks the default;
+``_FORCE["bwd"]`` selects one for tests and benchmarks). "fused" and "split" start with a preprocessing kernel
+(``delta = rowsum(dO * O)``, which also zeroes the accumulators); "split2" and "split3" fuse it into their first
+kernel:
 
 * ``"fused"``: FlashAttention-2's original scheme. One program per key block loops over the query
   blocks, recomputes P from the LSE, accumulates dK/dV in registers and adds each tile's dQ contribution into an
@@ -71,10 +73,17 @@ two variants (``BWD_VARIANTS``; ``_FORCE["bwd"]`` selects one for tests and benc
   head dim and Hopper's wgmma (M >= 64) serves tiles with ``BLOCK_M = 32`` too (``_Cfg.dq_t``; the sm80 table
   uses ``dS^T``'s transpose times K). The T5 table gradient is reduced in the same pass (far tiles: sums of
   ``dS^T`` into two per-program scalars; near tiles: diagonal sums, see below).
-* ``"split"`` (default): one kernel per key block for dK/dV and one per query block for dQ (which also reduces
+* ``"split"``: one kernel per key block for dK/dV and one per query block for dQ (which also reduces
   ``d_lut`` and ``d_bias``), no atomics on dQ/dK/dV: deterministic gradients of q/k/v, 7 matmuls per tile. Measured
   on the H200 (bf16, 32k tokens, T5 table and its gradient): backward 3.4-4.5x the forward, against 4.8-7.5x for
   "fused", whose dQ atomics and 32-row tiles cost more than the two matmuls they save.
+* ``"split3"`` (default): "split"'s two kernels and tiles in the other order, without the prep kernel: the dQ kernel
+  runs first and computes delta for its own query rows before its loop (it loads dO anyway; O once more), storing it
+  for the dK/dV kernel; d_lut is zeroed by a memset. One launch and one pass over O and dO fewer (~2-3% of the
+  backward at 32k tokens, ~10 us of host time). Chosen without a GPU run of its own (same kernels otherwise).
+* ``"split2"``: split3's order with d_lut reduced in the dK/dV kernel (zeroed by the dQ kernel's program 0): the dQ
+  kernel drops to 104 registers at D=64 (from 194), the dK/dV kernel rises to 254 ((64, 64) tiles need 8 warps:
+  with 4 they spill 456 B) — which side wins is for the GPU to say (``bench_attention.py --compare``).
 
 Near-tile diagonal sums for ``d_lut``: every row of the ``dS`` tile is rotated by its own index (``tl.gather``
 within rows: warp shuffles), so that each column holds one residue of the in-tile offset ``j - i`` modulo the
@@ -86,10 +95,16 @@ by atomics in both variants (nondeterministic order, fp32 rounding only), as is 
 Host path
 ---------
 The eager call is ``flash_attention`` -> one ``_check_inputs`` (shapes, dtypes, devices, Python types) ->
-``torch.autograd.Function`` (or the forward launcher directly when no input needs a gradient) -> launchers that
-call the compiled kernels through ``FastKernel`` (``ops/_launch.py``); launch configs are cached per (kernel, head
-dim, device, dtype). Under ``torch.compile`` the same launchers run inside the ``flasht5::flash_attn_fwd`` /
-``flash_attn_bwd`` custom ops (fake implementations + registered autograd), so ``fullgraph=True`` traces.
+``torch.autograd.Function`` (called without ``Function.apply``'s Python layer, non-tensor arguments in one tuple;
+or the forward launcher directly when no input needs a gradient) -> launchers that call the compiled kernels
+through ``FastKernel`` (``ops/_launch.py``); launch configs are cached per (kernel, head dim, device, dtype).
+A ``rel_table`` that needs a gradient takes the table route (``TABLE_ROUTES``, ``FLASHT5_ATTN_TABLE``): the
+Function receives the table itself, gathers the lookup without an autograd node, and the backward kernels add
+every d_lut contribution straight into the table's gradient row ``bucket[slot]`` (one int load per diagonal
+atomic, not per score), so one autograd node replaces four (index_select, cast, transpose and ours) and no scatter
+op runs after the kernels; "autograd" keeps t5_bias_lut + rel_lut. Gradients that are not needed are not allocated.
+Under ``torch.compile`` the same launchers run inside the ``flasht5::flash_attn_fwd`` / ``flash_attn_bwd`` custom
+ops (fake implementations + registered autograd, the "autograd" table form), so ``fullgraph=True`` traces.
 
 Tuning, hardware, measured speed
 --------------------------------
@@ -106,6 +121,13 @@ table 0.85-1.24x that ceiling, forward+backward with the table gradient 0.61-0.9
 at L=16k 0.68x the ceiling's; at L=512 every tile is in the band and the forward drops to 0.26-0.83x. See
 benchmarks/results/2026-11-29-h200.md (the benchmark's ceiling is now SDPA's default dispatch). Under the Triton
 interpreter one 16x16 configuration is used.
+
+Opt-in, for measurement (off by default until the GPU says otherwise): an autotuner keyed on (kernel, head dim,
+dtype, constexpr flags, power-of-two length buckets) over screened sm90 candidates (``FLASHT5_ATTN_AUTOTUNE=1``;
+``_TUNE_SM90``, ``_TUNE_LOG``), and TMA loads of the forward's K/V tiles through device-side tensor descriptors
+(``FLASHT5_ATTN_TMA=1``). Triton 3.6's automatic warp specialisation (``tl.range(..., warp_specialize=True)``) is
+not applied to these loops on sm90 (the compiled TTGIR has no warp_specialize op: Blackwell only), so it is not
+used. ``bench_attention.py --compare [--quick]`` measures every variant against the ceiling in one process.
 
 Validation never syncs the GPU on the hot path: shapes, dtypes and devices are checked always; the *values* of
 ``cu_seqlens`` (start at 0, monotone, end at the token count) are checked on CPU tensors, or on the GPU when
@@ -908,7 +930,10 @@ _CFG_CACHE: dict[tuple, _Cfg] = {}
 # FLASHT5_ATTN_BWD (read once, at import) picks the default; torch.use_deterministic_algorithms(True) keeps the
 # deterministic split ones.
 BWD_VARIANTS = ("fused", "split", "split2", "split3")
-_BWD_DEFAULT = os.environ.get("FLASHT5_ATTN_BWD", "split")  # "split": measured faster than "fused" on the H200
+# Default "split3": "split" (measured faster than "fused" on the H200 at every shape) with the same kernels and tiles
+# minus the prep kernel's pass over O and dO and one launch; chosen without a GPU measurement of its own (the lead's
+# session had no device time left), "split" stays selectable (FLASHT5_ATTN_BWD=split).
+_BWD_DEFAULT = os.environ.get("FLASHT5_ATTN_BWD", "split3")
 if _BWD_DEFAULT not in BWD_VARIANTS:
     raise ValueError(f"FLASHT5_ATTN_BWD={_BWD_DEFAULT!r}: expected one of {BWD_VARIANTS}")
 
@@ -929,7 +954,7 @@ def _bwd_variant() -> str:
     if v is not None:
         return v  # type: ignore[return-value]
     if _BWD_DEFAULT == "fused" and torch.are_deterministic_algorithms_enabled():
-        return "split"
+        return "split3"  # no atomics on dQ/dK/dV
     return _BWD_DEFAULT
 
 
