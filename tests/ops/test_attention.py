@@ -638,12 +638,14 @@ def test_gpu_bwd_variants(variant, monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant", ["split", "split2", "split3"])
+@pytest.mark.parametrize("variant", ["split2", "split3"])
 def test_gpu_tma_and_autotune(variant, monkeypatch):
     """TMA forward and the real autotuner (its timing launches dirty the accumulators, which it zeroes again) on
-    the GPU: T5 table (table route), causal cross-attention at D=128, a broadcast bias, varlen."""
+    the GPU: T5 table (table route), causal cross-attention at D=128, a broadcast bias, varlen. Two candidates per
+    kernel (compile time)."""
     monkeypatch.setattr(A, "_FORCE", {"bwd": variant, "tma": True, "autotune": True})
     monkeypatch.setattr(A, "_TUNED", {})
+    monkeypatch.setattr(A, "_TUNE_SM90", {key: cands[:2] for key, cands in A._TUNE_SM90.items()})
     run_case(torch.bfloat16, B=2, Lq=1024, H=12, D=64, rel=(32, 128, True))
     run_case(torch.bfloat16, B=1, Lq=1000, Lk=1531, H=12, D=128, rel=(32, 128, False), causal=True)
     run_case(torch.float16, B=2, Lq=512, Lk=700, H=4, D=64, bias_shape=(2, 1, 1, 700))
