@@ -318,6 +318,7 @@ SWEEP = {
         "fwd_tma": [(64, 64, 4, 3), (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 3), (128, 64, 4, 3)],
         "dkdv_lut": [(64, 64, 4, 3), (32, 64, 4, 3), (32, 128, 8, 3), (64, 128, 8, 3), (64, 64, 8, 3), (64, 64, 4, 4)],
         "dq2": [(64, 32, 4, 4), (64, 32, 4, 3), (128, 32, 8, 3), (64, 64, 4, 3), (128, 64, 8, 3)],
+        "dq3": [(64, 32, 4, 4), (64, 32, 4, 3), (128, 32, 8, 3), (64, 64, 8, 3)],
     },
     128: {
         "fwd": [
@@ -336,6 +337,7 @@ SWEEP = {
         "fwd_tma": [(64, 64, 4, 3), (128, 64, 8, 3), (128, 32, 4, 3), (128, 64, 8, 2)],
         "dkdv_lut": [(32, 64, 4, 4), (32, 64, 4, 3), (64, 64, 8, 3), (32, 128, 8, 2), (64, 128, 8, 2)],
         "dq2": [(64, 32, 4, 3), (128, 32, 8, 3), (64, 64, 8, 3), (64, 32, 4, 4), (128, 64, 8, 3)],
+        "dq3": [(64, 32, 4, 3), (128, 32, 8, 3), (64, 64, 8, 3), (64, 32, 4, 4)],
     },
 }
 # backward variant of a kernel; the _FORCE key / table key of a kernel name of the sweep
@@ -347,7 +349,7 @@ _VARIANT_OF = {
     "dkdv_lut": "split2",
     "dq2": "split2",
 }
-_TABLE_KEY = {"fwd_tma": "fwd"}
+_TABLE_KEY = {"fwd_tma": "fwd", "dq3": "dq"}
 _FORCE_KEY = {"kv_nolut": "kv"}
 
 
@@ -626,20 +628,20 @@ def _screen_source(
     """A Triton ASTSource of ``kernel`` specialised as on the GPU for bf16 q/k/v (16-byte aligned pointers and
     16-divisible q/k/v strides; counts unspecialised) with the T5 lookup and its gradient (``rel``) or no bias.
     Kernels: fwd (fwd_tma: K/V through tensor descriptors), dkdv / dq (split), dq2 / dkdv_lut (split2: dQ +
-    delta, dK/dV + d_lut), kv / kv_nolut (fused); ``bucket_grad``: d_lut added into the table's bucket rows (the
-    table route)."""
+    delta, dK/dV + d_lut), dq3 (split3: dQ + delta + d_lut; its dK/dV kernel is dkdv), kv / kv_nolut (fused);
+    ``bucket_grad``: d_lut added into the table's bucket rows (the table route)."""
     from triton.compiler import ASTSource
 
     fn = {"fwd": A._attn_fwd, "fwd_tma": A._attn_fwd, "dq": A._attn_bwd_dq, "dq2": A._attn_bwd_dq}.get(
-        kernel, A._attn_bwd_kv
+        kernel, A._attn_bwd_dq if kernel == "dq3" else A._attn_bwd_kv
     )
     fused = kernel in ("kv", "kv_nolut")
     rel = rel and kernel != "kv_nolut"
     consts = dict(
         HEAD_DIM=D, BLOCK_M=cfg[0], BLOCK_N=cfg[1], CAUSAL=causal, HAS_REL=rel, HAS_ALIBI=False, HAS_BIAS=False,
         VARLEN=False, DOT_PREC="tf32", ASM_GATHER=True, DQ_ATOMIC=fused,
-        REL_GRAD=rel and kernel in ("kv", "dq", "dkdv_lut"), BIAS_GRAD=False, DB_BM=False, DB_BN=False,
-        DB_ATOMIC=False, DIAG_GATHER=True, DQ_T=dq_t, BUCKETS=bucket_grad, COMPUTE_DELTA=kernel == "dq2",
+        REL_GRAD=rel and kernel in ("kv", "dq", "dq3", "dkdv_lut"), BIAS_GRAD=False, DB_BM=False, DB_BN=False,
+        DB_ATOMIC=False, DIAG_GATHER=True, DQ_T=dq_t, BUCKETS=bucket_grad, COMPUTE_DELTA=kernel in ("dq2", "dq3"),
         ZERO_DLUT=kernel == "dq2" and rel, BLOCK_W=256, TMA=kernel == "fwd_tma",
     )  # fmt: skip
     bf16 = {"Q", "K", "V", "O", "DO", "DK", "DV"} | (set() if fused else {"DQ"})
