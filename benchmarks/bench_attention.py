@@ -301,21 +301,56 @@ def cross_rows(quick: bool) -> list[dict]:
 # the table default); `--screen` compiles them for sm90 offline (registers, spills, shared memory).
 SWEEP = {
     64: {
-        "fwd": [(64, 64, 4, 3), (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 3), (64, 64, 4, 4)],
+        "fwd": [
+            (64, 64, 4, 3),
+            (128, 64, 8, 3),
+            (128, 64, 8, 4),
+            (128, 128, 8, 3),
+            (64, 64, 4, 4),
+            (128, 64, 4, 3),
+            (64, 128, 4, 3),
+            (128, 32, 4, 3),
+        ],
         "dkdv": [(64, 64, 4, 3), (32, 64, 4, 3), (32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 4)],
         "dq": [(64, 32, 4, 3), (128, 32, 8, 3), (64, 32, 4, 4), (64, 64, 8, 3), (128, 64, 8, 3)],
         "kv": [(32, 128, 8, 3), (32, 128, 8, 2), (32, 64, 4, 3), (64, 128, 8, 2), (64, 64, 4, 3), (16, 128, 4, 3)],
         "kv_nolut": [(64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2)],
+        "fwd_tma": [(64, 64, 4, 3), (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 3), (128, 64, 4, 3)],
+        "dkdv_lut": [(64, 64, 4, 3), (32, 64, 4, 3), (32, 128, 8, 3), (64, 128, 8, 3), (64, 64, 8, 3), (64, 64, 4, 4)],
+        "dq2": [(64, 32, 4, 4), (64, 32, 4, 3), (128, 32, 8, 3), (64, 64, 4, 3), (128, 64, 8, 3)],
+        "dq3": [(64, 32, 4, 4), (64, 32, 4, 3), (128, 32, 8, 3), (64, 64, 8, 3)],
     },
     128: {
-        "fwd": [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (128, 64, 8, 2), (64, 32, 4, 3)],
+        "fwd": [
+            (128, 64, 8, 3),
+            (64, 64, 4, 3),
+            (128, 32, 4, 3),
+            (128, 64, 8, 2),
+            (64, 32, 4, 3),
+            (128, 64, 4, 3),
+            (128, 128, 8, 2),
+        ],
         "dkdv": [(32, 64, 4, 3), (32, 128, 8, 3), (64, 64, 8, 3), (32, 64, 4, 4), (64, 128, 8, 2)],
         "dq": [(64, 32, 4, 3), (128, 32, 8, 3), (64, 64, 8, 3), (64, 32, 4, 4), (128, 64, 8, 3)],
         "kv": [(32, 64, 8, 3), (32, 64, 8, 2), (32, 128, 8, 2), (64, 64, 8, 2), (16, 64, 4, 3), (32, 64, 4, 3)],
         "kv_nolut": [(32, 128, 8, 2), (64, 64, 8, 2), (32, 64, 8, 3), (64, 128, 8, 2)],
+        "fwd_tma": [(64, 64, 4, 3), (128, 64, 8, 3), (128, 32, 4, 3), (128, 64, 8, 2)],
+        "dkdv_lut": [(32, 64, 4, 4), (32, 64, 4, 3), (64, 64, 8, 3), (32, 128, 8, 2), (64, 128, 8, 2)],
+        "dq2": [(64, 32, 4, 3), (128, 32, 8, 3), (64, 64, 8, 3), (64, 32, 4, 4), (128, 64, 8, 3)],
+        "dq3": [(64, 32, 4, 3), (128, 32, 8, 3), (64, 64, 8, 3), (64, 32, 4, 4)],
     },
 }
-_VARIANT_OF = {"dkdv": "split", "dq": "split", "kv": "fused", "kv_nolut": "fused"}  # backward variant of a kernel
+# backward variant of a kernel; the _FORCE key / table key of a kernel name of the sweep
+_VARIANT_OF = {
+    "dkdv": "split",
+    "dq": "split",
+    "kv": "fused",
+    "kv_nolut": "fused",
+    "dkdv_lut": "split2",
+    "dq2": "split2",
+}
+_TABLE_KEY = {"fwd_tma": "fwd", "dq3": "dq"}
+_FORCE_KEY = {"kv_nolut": "kv"}
 
 
 def sweep_configs(D: int, L: int = 2048, kernels: list[str] | None = None) -> list[dict]:
@@ -327,7 +362,7 @@ def sweep_configs(D: int, L: int = 2048, kernels: list[str] | None = None) -> li
     for kernel, cfgs in cands.items():
         for c in cfgs:
             A._FORCE.clear()
-            A._FORCE["kv" if kernel == "kv_nolut" else kernel] = A._Cfg(*c)
+            A._FORCE[_FORCE_KEY.get(kernel, kernel)] = A._Cfg(*c)
             if kernel in _VARIANT_OF:
                 A._FORCE["bwd"] = _VARIANT_OF[kernel]
             row = dict(kernel=kernel, D=D, cfg=str(c))
@@ -583,21 +618,31 @@ def host_rows() -> list[dict]:
 _POINTERS = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV", "LSE", "DELTA", "LUT", "DLUT", "ALIBI", "BIAS", "DBIAS"} | {
     "CU_Q",
     "CU_K",
+    "BKT",
 }
 
 
-def _screen_source(kernel: str, D: int, cfg: tuple, causal: bool, dq_t: bool = True, rel: bool = True):
+def _screen_source(
+    kernel: str, D: int, cfg: tuple, causal: bool, dq_t: bool = True, rel: bool = True, bucket_grad: bool = False
+):
     """A Triton ASTSource of ``kernel`` specialised as on the GPU for bf16 q/k/v (16-byte aligned pointers and
-    16-divisible q/k/v strides; counts unspecialised) with the T5 lookup and its gradient (``rel``) or no bias."""
+    16-divisible q/k/v strides; counts unspecialised) with the T5 lookup and its gradient (``rel``) or no bias.
+    Kernels: fwd (fwd_tma: K/V through tensor descriptors), dkdv / dq (split), dq2 / dkdv_lut (split2: dQ +
+    delta, dK/dV + d_lut), dq3 (split3: dQ + delta + d_lut; its dK/dV kernel is dkdv), kv / kv_nolut (fused);
+    ``bucket_grad``: d_lut added into the table's bucket rows (the table route)."""
     from triton.compiler import ASTSource
 
-    fn = {"fwd": A._attn_fwd, "dq": A._attn_bwd_dq}.get(kernel, A._attn_bwd_kv)
+    fn = {"fwd": A._attn_fwd, "fwd_tma": A._attn_fwd, "dq": A._attn_bwd_dq, "dq2": A._attn_bwd_dq}.get(
+        kernel, A._attn_bwd_dq if kernel == "dq3" else A._attn_bwd_kv
+    )
     fused = kernel in ("kv", "kv_nolut")
     rel = rel and kernel != "kv_nolut"
     consts = dict(
         HEAD_DIM=D, BLOCK_M=cfg[0], BLOCK_N=cfg[1], CAUSAL=causal, HAS_REL=rel, HAS_ALIBI=False, HAS_BIAS=False,
-        VARLEN=False, DOT_PREC="tf32", ASM_GATHER=True, DQ_ATOMIC=fused, REL_GRAD=rel and kernel in ("kv", "dq"),
-        BIAS_GRAD=False, DB_BM=False, DB_BN=False, DB_ATOMIC=False, DIAG_GATHER=True, DQ_T=dq_t,
+        VARLEN=False, DOT_PREC="tf32", ASM_GATHER=True, DQ_ATOMIC=fused,
+        REL_GRAD=rel and kernel in ("kv", "dq", "dq3", "dkdv_lut"), BIAS_GRAD=False, DB_BM=False, DB_BN=False,
+        DB_ATOMIC=False, DIAG_GATHER=True, DQ_T=dq_t, BUCKETS=bucket_grad, COMPUTE_DELTA=kernel in ("dq2", "dq3"),
+        ZERO_DLUT=kernel == "dq2" and rel, BLOCK_W=256, TMA=kernel == "fwd_tma",
     )  # fmt: skip
     bf16 = {"Q", "K", "V", "O", "DO", "DK", "DV"} | (set() if fused else {"DQ"})
     strides16 = {"sqb", "sqm", "sqh", "skb", "skm", "skh", "svb", "svm", "svh"}
@@ -607,7 +652,10 @@ def _screen_source(kernel: str, D: int, cfg: tuple, causal: bool, dq_t: bool = T
             sig[p.name] = "constexpr"
             const_vals[p.name] = consts[p.name]
         elif p.name in _POINTERS:
-            sig[p.name] = "*bf16" if p.name in bf16 else "*i32" if p.name.startswith("CU_") else "*fp32"
+            sig[p.name] = (
+                "*bf16" if p.name in bf16 else "*i32" if p.name.startswith("CU_") else "*i64" if p.name == "BKT"
+                else "*fp32"
+            )  # fmt: skip
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif p.name.startswith("scale"):
             sig[p.name] = "fp32"
@@ -618,7 +666,7 @@ def _screen_source(kernel: str, D: int, cfg: tuple, causal: bool, dq_t: bool = T
     return ASTSource(fn, sig, const_vals, attrs)
 
 
-def screen(kernels: list[str], head_dims: list[int], arch: int = 90) -> list[dict]:
+def screen(kernels: list[str], head_dims: list[int], arch: int = 90, causals=(False, True)) -> list[dict]:
     """Compile candidate tiles for ``sm_<arch>`` on this machine (no GPU needed: Triton's bundled ptxas) and report
     registers, spills (``ptxas -v``) and shared memory, so that the GPU sweep only times configs that fit."""
     import re
@@ -631,9 +679,9 @@ def screen(kernels: list[str], head_dims: list[int], arch: int = 90) -> list[dic
     rows = []
     for kernel in kernels:
         for D in head_dims:
-            table = A._SM90[(kernel, D)]
+            table = A._SM90[(_TABLE_KEY.get(kernel, kernel), D)]
             for cfg in dict.fromkeys([table] + [A._Cfg(*c) for c in SWEEP.get(D, {}).get(kernel, [])]):
-                for causal in (False, True):
+                for causal in causals:
                     row = dict(kernel=kernel, D=D, cfg=str(tuple(cfg)), table=cfg == table, causal=causal)
                     t0 = time.perf_counter()
                     try:
@@ -657,6 +705,294 @@ def screen(kernels: list[str], head_dims: list[int], arch: int = 90) -> list[dic
     return rows
 
 
+# ------------------------------------------------------------------------------------------------ variant comparison
+
+# Selectable implementations compared in one process (``--compare``): the A._FORCE settings of each. "base" is the
+# previous defaults (split backward, table through t5_bias_lut's autograd); "split3" with the table route is the new
+# default; the host-path changes that are not selectable apply to every variant.
+COMPARE_VARIANTS = {
+    "base": dict(bwd="split", table="autograd"),
+    "split3": dict(bwd="split3", table="kernel"),
+    "split-ktab": dict(bwd="split", table="kernel"),  # the table route's GPU cost alone (no-bias rows skipped)
+    "split2": dict(bwd="split2", table="kernel"),
+    "split3-tma": dict(bwd="split3", table="kernel", tma=True),
+    "split3-tune": dict(bwd="split3", table="kernel", autotune=True),
+    "split2-tune": dict(bwd="split2", table="kernel", autotune=True),
+    "split3-tma-tune": dict(bwd="split3", table="kernel", tma=True, autotune=True),
+}
+QUICK_VARIANTS = ("base", "split3", "split2", "split3-tma", "split3-tune")
+HOST_VARIANTS = ("base", "split3", "split2", "split3-tma")  # host overhead differs by route/variant, not by tiles
+MEMORY_VARIANTS_QUICK = ("base", "split3")
+COMPARE_LENGTHS = (512, 1024, 4096)
+QUICK_LENGTHS = (512, 4096)
+
+
+def _variant(name: str) -> None:
+    A._FORCE.clear()
+    A._FORCE.update(COMPARE_VARIANTS[name])
+
+
+def _ms(fn) -> float:
+    fn()  # warm-up (and the autotuner's first call)
+    torch.cuda.synchronize()
+    return utils.bench(fn, warmup=5, rep=25)
+
+
+def compare_rows(variants: list[str], head_dims=(64, 128), lengths=COMPARE_LENGTHS) -> list[dict]:
+    """Per (D, causal, L), 32k tokens: the ceiling's fwd and fwd+bwd, then per variant ours with the T5 table (and its
+    gradient) and without bias: fwd and fwd+bwd ratios to the ceiling, the T5 backward alone and its ratio to the
+    T5 forward."""
+    rows = []
+    for D in head_dims:
+        for L in lengths:
+            B = TOKENS // L
+            for causal in (False, True):
+                fl = {m: utils.attention_flops(B, H, L, L, D, causal=causal, mode=m) for m in ("fwd", "fwd_bwd")}
+                A._FORCE.clear()
+                cf, cfb = make_sdpa(B, L, D, causal)
+                ceil = {"fwd": _ms(cf), "fwd_bwd": _ms(cfb)}
+                del cf, cfb
+                for name in variants:
+                    _variant(name)
+                    row = dict(
+                        variant=name, D=D, L=L, causal=causal, ceil_fwd_tflops=utils.tflops(fl["fwd"], ceil["fwd"])
+                    )
+                    try:
+                        f, ins, dout = _ours_setup(B, L, D, causal, "t5")
+                        t5 = {
+                            "fwd": _ms(f),
+                            "fwd_bwd": _ms(_fwd_bwd(f, ins, dout)),
+                            "bwd": _ms(_bwd_only(f, ins, dout)),
+                        }
+                        del f, ins, dout
+                        row.update(
+                            t5_fwd_x=ceil["fwd"] / t5["fwd"], t5_fb_x=ceil["fwd_bwd"] / t5["fwd_bwd"],
+                            t5_bwd_x_fwd=t5["bwd"] / t5["fwd"], t5_fwd_ms=t5["fwd"], t5_bwd_ms=t5["bwd"],
+                            t5_fb_tflops=utils.tflops(fl["fwd_bwd"], t5["fwd_bwd"]),
+                        )  # fmt: skip
+                        if name != "split-ktab":  # same kernels as split without a table
+                            nf, nfb = make_ours(B, L, D, causal, "none")
+                            nb = {"fwd": _ms(nf), "fwd_bwd": _ms(nfb)}
+                            del nf, nfb
+                            row.update(
+                                nobias_fwd_x=ceil["fwd"] / nb["fwd"], nobias_fb_x=ceil["fwd_bwd"] / nb["fwd_bwd"]
+                            )
+                    except Exception as e:
+                        row["note"] = f"FAILED: {type(e).__name__}: {str(e).splitlines()[0][:100]}"
+                        traceback.print_exc()
+                    A._FORCE.clear()
+                    torch.cuda.empty_cache()
+                    rows.append(row)
+                    print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+    return rows
+
+
+def compare_cross_rows(variants: list[str], head_dims=(64, 128), shapes=CROSS_SHAPES) -> list[dict]:
+    """Cross-attention shapes (no bias, 32k key tokens): ratios to the ceiling per variant."""
+    rows = []
+    for D in head_dims:
+        for Lq, Lk in shapes:
+            B = TOKENS // Lk
+            A._FORCE.clear()
+            cf, cfb = make_sdpa(B, Lq, D, False, Lk=Lk)
+            ceil = {"fwd": _ms(cf), "fwd_bwd": _ms(cfb)}
+            for name in variants:
+                _variant(name)
+                f, fb = make_ours(B, Lq, D, False, "none", Lk=Lk)
+                row = dict(variant=name, D=D, shape=f"{Lq}x{Lk}", B=B, fwd_x=ceil["fwd"] / _ms(f),
+                           fb_x=ceil["fwd_bwd"] / _ms(fb))  # fmt: skip
+                A._FORCE.clear()
+                rows.append(row)
+                print(row, flush=True)
+    return rows
+
+
+def compare_varlen_rows(variants: list[str], D: int = 64) -> list[dict]:
+    """Packed mixed-length documents (T5 table, bidirectional) vs dense batches of the same documents, per
+    variant; plus the ceiling on the dense batches."""
+    lengths = VARLEN_DOCS + [512] * ((TOKENS - sum(VARLEN_DOCS)) // 512)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (
+        torch.randn(TOKENS, H, D, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_() for _ in "qkv"
+    )
+    table = (torch.randn(32, H, device="cuda", generator=g) * 0.5).requires_grad_()
+    dout = torch.randn(TOKENS, H, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
+    kw = dict(rel_table=table, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max(lengths), max_seqlen_k=max(lengths))
+    f = lambda: A.flash_attention(q, k, v, **kw)
+    counts = {n: lengths.count(n) for n in sorted(set(lengths))}
+    A._FORCE.clear()
+    ceil = {"fwd": 0.0, "fwd_bwd": 0.0}
+    for n, cnt in counts.items():
+        cf, cfb = make_sdpa(cnt, n, D, False)
+        ceil["fwd"] += _ms(cf)
+        ceil["fwd_bwd"] += _ms(cfb)
+    rows = []
+    for name in variants:
+        _variant(name)
+        vl = {"fwd": _ms(f), "fwd_bwd": _ms(_fwd_bwd(f, [q, k, v, table], dout))}
+        dense = {"fwd": 0.0, "fwd_bwd": 0.0}
+        for n, cnt in counts.items():
+            df, dfb = make_ours(cnt, n, D, False, "t5")
+            dense["fwd"] += _ms(df)
+            dense["fwd_bwd"] += _ms(dfb)
+        A._FORCE.clear()
+        for m in ("fwd", "fwd_bwd"):
+            rows.append(dict(variant=name, mode=m, D=D, varlen_ms=vl[m], dense_ms=dense[m],
+                             varlen_x_dense=dense[m] / vl[m], varlen_x_ceiling=ceil[m] / vl[m]))  # fmt: skip
+            print(rows[-1], flush=True)
+    return rows
+
+
+def compare_memory_rows(variants: list[str], L: int = 4096, D: int = 64) -> list[dict]:
+    """Peak memory of one fwd+bwd (bidirectional, T5 table) per variant vs the ceiling's."""
+    B = TOKENS // L
+    A._FORCE.clear()
+    _, fb = make_sdpa(B, L, D, False)
+    fb()
+    ceil = utils.peak_memory(fb)
+    del fb
+    rows = [dict(variant="ceiling", L=L, D=D, peak_MiB=ceil / 2**20, x_ceiling=1.0)]
+    for name in variants:
+        _variant(name)
+        _, fb = make_ours(B, L, D, False, "t5")
+        fb()
+        peak = utils.peak_memory(fb)
+        del fb
+        A._FORCE.clear()
+        rows.append(dict(variant=name, L=L, D=D, peak_MiB=peak / 2**20, x_ceiling=peak / ceil))
+        print(rows[-1], flush=True)
+    torch.cuda.empty_cache()
+    return rows
+
+
+def compare_host_rows(variants: list[str]) -> list[dict]:
+    """Host overhead per call (tiny inputs, wall time) per variant vs SDPA, as bench_overhead.py measures it: inputs
+    that require grad, "fwd" builds and drops the graph, "fwd_bwd" = torch.autograd.grad with a fixed upstream
+    gradient (no .grad accumulation)."""
+    import torch.nn.functional as F
+
+    qg, kg, vg = (torch.randn(2, 16, 4, 64, device="cuda", dtype=torch.bfloat16).requires_grad_() for _ in range(3))
+    qs, ks, vs = (torch.randn(2, 4, 16, 64, device="cuda", dtype=torch.bfloat16).requires_grad_() for _ in range(3))
+    g = torch.randn(2, 16, 4, 64, device="cuda", dtype=torch.bfloat16)
+    gs = g.transpose(1, 2).contiguous()
+    table = torch.randn(32, 4, device="cuda", requires_grad=True)
+    lut = A.t5_bias_lut(table, True, 128).detach().requires_grad_()
+    qv, kv, vv = (torch.randn(32, 4, 64, device="cuda", dtype=torch.bfloat16).requires_grad_() for _ in range(3))
+    gv = g.reshape(32, 4, 64)
+    cu = torch.tensor([0, 10, 32], dtype=torch.int32, device="cuda")
+    sdpa, fa, grad = F.scaled_dot_product_attention, A.flash_attention, torch.autograd.grad
+    vlk = dict(cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=22, max_seqlen_k=22)
+    ref = {
+        "fwd": utils.host_us(lambda: sdpa(qs, ks, vs, scale=1.0), n=300),
+        "fwd_bwd": utils.host_us(lambda: grad(sdpa(qs, ks, vs, scale=1.0), [qs, ks, vs], gs), n=300),
+    }
+    cases = [
+        ("nobias", "fwd", lambda: fa(qg, kg, vg)),
+        ("nobias", "fwd_bwd", lambda: grad(fa(qg, kg, vg), [qg, kg, vg], g)),
+        ("t5-table", "fwd", lambda: fa(qg, kg, vg, rel_table=table)),
+        ("t5-table", "fwd_bwd", lambda: grad(fa(qg, kg, vg, rel_table=table), [qg, kg, vg, table], g)),
+        ("t5-lut", "fwd", lambda: fa(qg, kg, vg, rel_lut=lut)),
+        ("t5-lut", "fwd_bwd", lambda: grad(fa(qg, kg, vg, rel_lut=lut), [qg, kg, vg, lut], g)),
+        ("varlen", "fwd", lambda: fa(qv, kv, vv, **vlk)),
+        ("varlen", "fwd_bwd", lambda: grad(fa(qv, kv, vv, **vlk), [qv, kv, vv], gv)),
+        ("varlen-t5-lut", "fwd_bwd", lambda: grad(fa(qv, kv, vv, rel_lut=lut, **vlk), [qv, kv, vv, lut], gv)),
+    ]
+    rows = [dict(variant="sdpa", case="-", mode=m, us=t, x_sdpa=1.0) for m, t in ref.items()]
+    for name in [v for v in variants if v in HOST_VARIANTS] or variants[:1]:
+        _variant(name)
+        for case, mode, fn in cases:
+            t = utils.host_us(fn, n=300)
+            rows.append(dict(variant=name, case=case, mode=mode, us=t, x_sdpa=t / ref[mode]))
+            print(rows[-1], flush=True)
+        A._FORCE.clear()
+    # where the time goes: cProfile of the T5-table fwd+bwd with the last variant
+    import cProfile
+    import io
+    import pstats
+
+    prof_variant = "split2" if "split2" in variants else variants[-1]
+    _variant(prof_variant)
+    fn = cases[3][2]
+    pr = cProfile.Profile()
+    pr.enable()
+    for _ in range(300):
+        fn()
+    torch.cuda.synchronize()
+    pr.disable()
+    A._FORCE.clear()
+    out = io.StringIO()
+    pstats.Stats(pr, stream=out).sort_stats("tottime").print_stats(16)
+    print(f"cProfile of t5-table fwd+bwd ({prof_variant}, 300 calls):\n" + out.getvalue(), flush=True)
+    return rows
+
+
+def compare_correctness(variants: list[str]) -> list[dict]:
+    """Each variant's output and gradients (q, k, v, table) against the fp32 reference, bf16, two shapes."""
+    rows = []
+    for D, L, causal in ((64, 512, False), (128, 1024, True)):
+        B = 2
+        q, k, v, table, dout = _inputs(B, L, D, seed=1)
+        kw = dict(causal=causal, rel_table=table, rel_bidirectional=not causal, rel_max_distance=128)
+        refs = {}
+        for upcast in (True, False):
+            ins = [
+                x.detach().float().requires_grad_() if upcast else x.detach().clone().requires_grad_()
+                for x in (q, k, v)
+            ]
+            tab = table.detach().clone().requires_grad_()
+            o = A.flash_attention_ref(*ins, **{**kw, "rel_table": tab}, upcast=upcast)
+            refs[upcast] = (o.detach(), *torch.autograd.grad(o, [*ins, tab], dout.float() if upcast else dout))
+            del o
+        for name in variants:
+            _variant(name)
+            o = A.flash_attention(q, k, v, **kw)
+            got = (o.detach(), *torch.autograd.grad(o, [q, k, v, table], dout))
+            A._FORCE.clear()
+            row = dict(variant=name, D=D, L=L, causal=causal, ok=True)
+            for n, g_, r32, rs in zip(("out", "dq", "dk", "dv", "dtable"), got, refs[True], refs[False]):
+                e = _errors(g_, r32, rs)
+                row[f"{n}_ratio"] = e["ratio"]
+                row["ok"] = row["ok"] and e["ok"]
+            rows.append(row)
+            print(row, flush=True)
+        del refs
+        torch.cuda.empty_cache()
+    return rows
+
+
+def compare_main(args, t_start: float) -> None:
+    variants = args.variants.split(",")
+    q = args.quick
+    lengths = QUICK_LENGTHS if q else COMPARE_LENGTHS
+    shapes = CROSS_SHAPES[:1] if q else CROSS_SHAPES
+    mem_variants = [v for v in variants if v in MEMORY_VARIANTS_QUICK] or variants[:1] if q else variants
+    sections = []
+    parts = [
+        ("Correctness per variant (bf16; ratio = err / bf16-torch err; ok = the test rule)", compare_correctness),
+        ("Throughput per variant vs the ceiling (SDPA default dispatch, no bias), bf16, H=12, 32k tokens; t5 = the "
+         "T5 table with its gradient; *_x = TFLOP/s ratio to the ceiling; t5_bwd_x_fwd = backward alone / forward",
+         lambda v: compare_rows(v, lengths=lengths)),
+        ("Cross-attention per variant (no bias)", lambda v: compare_cross_rows(v, shapes=shapes)),
+        ("Varlen vs dense per variant (T5 table, D=64)", compare_varlen_rows),
+        ("Peak memory fwd+bwd per variant (L=4096, D=64, T5 table)", lambda v: compare_memory_rows(mem_variants)),
+        ("Host overhead per call per variant (tiny inputs)", compare_host_rows),
+    ]  # fmt: skip
+    for title, fn in parts:
+        try:
+            sections.append((title, utils.markdown_table(fn(variants))))
+        except Exception as e:  # one broken section must not cost the others
+            traceback.print_exc()
+            sections.append((title, f"FAILED: {type(e).__name__}: {e}\n"))
+        A._FORCE.clear()
+        print(f"[{time.perf_counter() - t_start:.0f} s] {title.split('(')[0]}", flush=True)
+    if A._TUNE_LOG:
+        sections.append(
+            ("Autotuner choices (kernel, flags, length buckets -> config)", utils.markdown_table(A._TUNE_LOG))
+        )
+    _write("flash attention: variants compared (bench_attention.py --compare)", sections, args, t_start)
+
+
 # ------------------------------------------------------------------------------------------------ driver
 
 
@@ -664,7 +1000,16 @@ def _precompile(shard: int, nshards: int, mode: str, quick: bool, args=None) -> 
     """Run each distinct kernel specialisation once at a tiny batch so that Triton's disk cache is warm."""
     jobs = []
     dims = (64,) if quick else (64, 128)
-    if mode == "bwd-variants":
+    if mode == "compare":
+        for name in args.variants.split(","):
+            for D in (64, 128):
+                for causal in (False, True):
+                    for kind in ("t5", "none"):
+                        jobs.append(("ours", D, causal, kind, ("variant", name)))
+                for Lq, Lk in CROSS_SHAPES[:1] if quick else CROSS_SHAPES:
+                    jobs.append(("cross", D, False, "none", ("variant", name, Lq, Lk)))
+            jobs.append(("varlen", 64, False, "t5", ("variant", name)))
+    elif mode == "bwd-variants":
         dims = tuple(int(d) for d in args.head_dims.split(",")) if args else (64, 128)
         jobs = [("ours", D, c, "t5-lut", ("bwd", v)) for D in dims for c in (False, True) for v in A.BWD_VARIANTS]
     elif mode in ("sweep", "shape-sweep"):
@@ -689,8 +1034,11 @@ def _precompile(shard: int, nshards: int, mode: str, quick: bool, args=None) -> 
         if i % nshards != shard:
             continue
         A._FORCE.clear()
+        if force and force[0] == "variant":
+            _variant(force[1])
+            force = (None, None, *force[2:]) if what == "cross" else None
         if what == "ours" and force:
-            key = "kv" if force[0] == "kv_nolut" else force[0]
+            key = _FORCE_KEY.get(force[0], force[0])
             A._FORCE[key] = A._Cfg(*force[1]) if isinstance(force[1], tuple) else force[1]
             if force[0] in _VARIANT_OF:
                 A._FORCE["bwd"] = _VARIANT_OF[force[0]]
@@ -702,7 +1050,7 @@ def _precompile(shard: int, nshards: int, mode: str, quick: bool, args=None) -> 
                 A.flash_attention(q, q, q, rel_table=tab, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=512,
                                   max_seqlen_k=512).sum().backward()  # fmt: skip
             elif what == "cross":
-                make_ours(1, force[0], D, False, "none", Lk=force[1])[1]()
+                make_ours(1, force[-2], D, False, "none", Lk=force[-1])[1]()
             else:
                 make_ours(1, 512, D, causal, kind)[1]()
         except Exception:
@@ -753,15 +1101,29 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sweep-kernels", default=None, help="--sweep only these kernels (e.g. kv,kv_nolut), no main table")
     p.add_argument("--head-dims", default="64,128", help="--bwd-variants: head dims (comma-separated)")
     p.add_argument("--shape-sweep", action="store_true", help="only: forward tiles per (causal, L), D=64, T5 bias")
+    p.add_argument("--compare", action="store_true", help="only: the selectable variants side by side (see --variants)")
+    p.add_argument(
+        "--variants",
+        default=None,
+        help="--compare: variants (comma-separated; default: all, --quick: "
+        + ",".join(QUICK_VARIANTS)
+        + f"; known: {','.join(COMPARE_VARIANTS)})",
+    )
     p.add_argument("--out", default=None, help="markdown results file to append to (default: results/<date>-<gpu>.md)")
     p.add_argument("--plot", default=None, help="PNG path for the TFLOP/s-vs-L plot")
     p.add_argument("--jobs", type=int, default=8, help="parallel processes that pre-compile the kernels (0: none)")
     p.add_argument("--_precompile", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.mode = (
-        "bwd-variants" if args.bwd_variants else "host" if args.host else "screen" if args.screen
+        "compare" if args.compare else "bwd-variants" if args.bwd_variants else "host" if args.host
+        else "screen" if args.screen
         else "shape-sweep" if args.shape_sweep else "sweep" if args.sweep else "main"
     )  # fmt: skip
+    if args.variants is None:
+        args.variants = ",".join(QUICK_VARIANTS if args.quick else COMPARE_VARIANTS)
+    unknown = set(args.variants.split(",")) - set(COMPARE_VARIANTS)
+    if unknown:
+        p.error(f"--variants: unknown {sorted(unknown)} (known: {', '.join(COMPARE_VARIANTS)})")
     return args
 
 
@@ -793,7 +1155,8 @@ def main(argv=None) -> None:
                       [("Wall time per call, tiny inputs (1 x 16 x 2 x 64, bf16)", utils.markdown_table(rows))],
                       args, t_start)  # fmt: skip
     if args.jobs > 0 and args.mode != "host":  # compile in parallel processes (Triton's disk cache is shared)
-        flags = {"bwd-variants": ["--bwd-variants"], "sweep": ["--sweep"], "shape-sweep": ["--shape-sweep"]}
+        flags = {"bwd-variants": ["--bwd-variants"], "sweep": ["--sweep"], "shape-sweep": ["--shape-sweep"],
+                 "compare": ["--compare", "--variants", args.variants]}  # fmt: skip
         base = [sys.executable, __file__] + (["--quick"] if args.quick else []) + flags.get(args.mode, [])
         base += ["--head-dims", args.head_dims] + (
             ["--sweep-kernels", args.sweep_kernels] if args.sweep_kernels else []
@@ -803,6 +1166,8 @@ def main(argv=None) -> None:
             pr.wait()
         print(f"precompile: {time.perf_counter() - t_start:.1f} s", flush=True)
 
+    if args.mode == "compare":
+        return compare_main(args, t_start)
     sections = []
     if args.mode == "bwd-variants":
         timing, correct = bwd_variant_rows(tuple(int(d) for d in args.head_dims.split(",")))

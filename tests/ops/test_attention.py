@@ -249,21 +249,102 @@ def test_alternative_kernel_paths(force, monkeypatch):
     ],
     ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()).replace(" ", ""),
 )
-def test_split_backward(case, monkeypatch):
-    """The deterministic two-kernel backward on the shapes that break kernels (the fused one runs everywhere else)."""
-    monkeypatch.setattr(A, "_FORCE", {"bwd": "split"})
+@pytest.mark.parametrize("variant", ["split", "split2", "split3"])
+def test_split_backward(case, variant, monkeypatch):
+    """The deterministic two-kernel backwards (split: prep, dK/dV, dQ + d_lut; split2: dQ + delta, then dK/dV +
+    d_lut; split3: dQ + delta + d_lut, then dK/dV) on the shapes that break kernels."""
+    monkeypatch.setattr(A, "_FORCE", {"bwd": variant})
     run_case(torch.float32, **case)
 
 
-def test_deterministic_mode_selects_split(monkeypatch):
+@pytest.mark.parametrize("route", A.TABLE_ROUTES)
+@pytest.mark.parametrize("variant", A.BWD_VARIANTS)
+@pytest.mark.parametrize(
+    "case",
+    [
+        dict(Lq=45, Lk=38, rel=(8, 6, True)),
+        dict(Lq=20, Lk=45, rel=(8, 6, False), causal=True),
+        dict(lens=([1, 0, 17, 33], [3, 2, 17, 20]), rel=(8, 6, True)),
+        dict(dtype=torch.float16, Lq=37, rel=(8, 6, True), table_dtype=torch.float16),
+    ],
+    ids=["cross", "causal-cross", "varlen", "fp16"],
+)
+def test_table_routes(case, variant, route, monkeypatch):
+    """The table route (the kernels reduce d_lut straight into the table's bucket rows) and the autograd route
+    (t5_bias_lut + index_select backward) give the table gradient of the reference, with every backward."""
+    monkeypatch.setattr(A, "_FORCE", {"bwd": variant, "table": route})
+    run_case(**{"dtype": torch.float32, "B": 1, "H": 2, "D": 16, **case})
+
+
+@pytest.mark.parametrize("variant", A.BWD_VARIANTS)
+def test_autotune_timing_launches_are_undone(variant, monkeypatch):
+    """The autotuner's timing launches add into the accumulators (d_lut, d_bias, the fused dQ): a tuner that
+    launches other tiles twice each before choosing must still give the reference's gradients."""
+    tuned = []
+
+    def fake_tuned(kernel, head_dim, t, flags, lens, launch, default):
+        for c in (A._Cfg(16, 32, 4, 1), A._Cfg(32, 16, 4, 1)):
+            launch(c)
+            launch(c)
+        tuned.append(kernel)
+        return A._Cfg(32, 16, 4, 1), True
+
+    monkeypatch.setattr(A, "_FORCE", {"bwd": variant, "autotune": True})
+    monkeypatch.setattr(A, "_tuned", fake_tuned)
+    run_case(torch.float32, B=2, Lq=37, Lk=29, H=2, D=16, rel=(8, 6, True), bias_shape=(1, 2, 1, 29))
+    assert "fwd" in tuned and ("dq" in tuned or "dq2" in tuned or variant == "fused")
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        dict(B=2, Lq=37, Lk=29, rel=(8, 6, True)),
+        dict(lens=([1, 0, 17, 33], [3, 2, 17, 20]), rel=(8, 6, True)),
+        dict(lens=([1, 0, 17, 33], [1, 0, 17, 33]), rel=(8, 6, False), causal=True),
+    ],
+    ids=["cross", "varlen", "varlen-causal"],
+)
+def test_tma_forward(case, monkeypatch):
+    """The forward's tensor-descriptor (TMA) loads of K/V: rows past each sequence's end read as zeros, empty key
+    sequences load nothing (fp16: the path is off for fp32)."""
+    monkeypatch.setattr(A, "_FORCE", {"tma": True})
+    run_case(torch.float16, **{"H": 2, "D": 16, **case})
+
+
+def test_tma_eligibility(monkeypatch):
+    monkeypatch.setattr(A, "_FORCE", {"tma": True})
+    q = torch.randn(1, 8, 2, 16, dtype=torch.float16)
+    assert A._tma_ok(q, q, q)
+    assert not A._tma_ok(q.float(), q.float(), q.float())  # fp32 keeps the IEEE path
+    odd = torch.randn(1, 8, 2, 17, dtype=torch.float16)[..., :16]  # row stride 34 elements: not 16-byte aligned
+    assert not A._tma_ok(q, odd, odd)
+    monkeypatch.setattr(A, "_FORCE", {"tma": False})
+    assert not A._tma_ok(q, q, q)
+
+
+def test_table_route_has_no_lookup_autograd_node(monkeypatch):
+    """The table route puts one autograd node in the graph (the lookup's gather and scatter are inside it)."""
+    monkeypatch.setattr(A, "_FORCE", {"table": "kernel"})
+    q, k, v = (torch.randn(1, 9, 2, 16).to(DEV).requires_grad_() for _ in range(3))
+    table = torch.randn(8, 2).to(DEV).requires_grad_()
+    out = flash_attention(q, k, v, rel_table=table, rel_max_distance=6)
+    nxt = [f for f, _ in out.grad_fn.next_functions if f is not None]
+    assert type(out.grad_fn).__name__ == "_FlashAttentionBackward"
+    assert sorted(type(f).__name__ for f in nxt) == ["AccumulateGrad"] * 4
+
+
+@pytest.mark.parametrize("default", A.BWD_VARIANTS)
+def test_deterministic_mode_selects_split(default, monkeypatch):
+    """torch.use_deterministic_algorithms(True) never gets the fused backward (atomic dQ)."""
     monkeypatch.setattr(A, "_FORCE", {})
+    monkeypatch.setattr(A, "_BWD_DEFAULT", default)
     prev = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
-        assert A._bwd_variant() == "split"
+        assert A._bwd_variant() in ("split", "split2", "split3")
     finally:
         torch.use_deterministic_algorithms(prev)
-    assert A._bwd_variant() == A._BWD_DEFAULT
+    assert A._bwd_variant() == default
 
 
 # ------------------------------------------------------------------------------------------------ varlen grid stride
@@ -374,7 +455,7 @@ def test_eager_path_skips_custom_ops(monkeypatch):
     out = flash_attention(q, k, v, rel_table=table, rel_max_distance=6)
     grads = torch.autograd.grad(out.sum(), [q, k, v, table])
     assert all(gr.abs().sum() > 0 for gr in grads)
-    monkeypatch.setattr(A._FlashAttention, "apply", boom)
+    monkeypatch.setattr(A, "_apply", boom)
     with torch.no_grad():
         out_ng = flash_attention(q, k, v, rel_table=table, rel_max_distance=6)
     assert not out_ng.requires_grad
@@ -554,6 +635,23 @@ def test_gpu_bwd_variants(variant, monkeypatch):
     run_case(torch.float16, B=2, Lq=512, Lk=700, H=4, D=64, bias_shape=(2, 1, 1, 700))
     lens = ([1, 0, 17, 1000, 333], [5, 3, 17, 1000, 400])
     run_case(torch.bfloat16, lens=lens, H=12, D=64, rel=(32, 128, True), max_seqlen=(128, 64))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["split2", "split3"])
+def test_gpu_tma_and_autotune(variant, monkeypatch):
+    """TMA forward and the real autotuner (its timing launches dirty the accumulators, which it zeroes again) on
+    the GPU: T5 table (table route), causal cross-attention at D=128, a broadcast bias, varlen. Two candidates per
+    kernel (compile time)."""
+    monkeypatch.setattr(A, "_FORCE", {"bwd": variant, "tma": True, "autotune": True})
+    monkeypatch.setattr(A, "_TUNED", {})
+    monkeypatch.setattr(A, "_TUNE_SM90", {key: cands[:2] for key, cands in A._TUNE_SM90.items()})
+    run_case(torch.bfloat16, B=2, Lq=1024, H=12, D=64, rel=(32, 128, True))
+    run_case(torch.bfloat16, B=1, Lq=1000, Lk=1531, H=12, D=128, rel=(32, 128, False), causal=True)
+    run_case(torch.float16, B=2, Lq=512, Lk=700, H=4, D=64, bias_shape=(2, 1, 1, 700))
+    lens = ([1, 0, 17, 1000, 333], [5, 3, 17, 1000, 400])
+    run_case(torch.bfloat16, lens=lens, H=12, D=64, rel=(32, 128, True), max_seqlen=(128, 64))
+    assert A._TUNED, "the autotuner ran"
 
 
 @pytest.mark.gpu

@@ -61,8 +61,10 @@ each pipelined loop its own stage buffers. The per-element lookup is an elementw
 (2.5x slower forward on the H200); the inline load keeps the scores in the MMA layout. Without a T5 table the
 band is just the causal diagonal, as in FlashAttention-2; ALiBi is computed per element (three flops).
 
-Backward, after a preprocessing kernel (``delta = rowsum(dO * O)``, which also zeroes the accumulators), in one of
-two variants (``BWD_VARIANTS``; ``_FORCE["bwd"]`` selects one for tests and benchmarks):
+Backward, in one of four variants (``BWD_VARIANTS``; ``FLASHT5_ATTN_BWD``, read once at import, picks the default;
+``_FORCE["bwd"]`` selects one for tests and benchmarks). "fused" and "split" start with a preprocessing kernel
+(``delta = rowsum(dO * O)``, which also zeroes the accumulators); "split2" and "split3" fuse it into their first
+kernel:
 
 * ``"fused"``: FlashAttention-2's original scheme. One program per key block loops over the query
   blocks, recomputes P from the LSE, accumulates dK/dV in registers and adds each tile's dQ contribution into an
@@ -71,10 +73,17 @@ two variants (``BWD_VARIANTS``; ``_FORCE["bwd"]`` selects one for tests and benc
   head dim and Hopper's wgmma (M >= 64) serves tiles with ``BLOCK_M = 32`` too (``_Cfg.dq_t``; the sm80 table
   uses ``dS^T``'s transpose times K). The T5 table gradient is reduced in the same pass (far tiles: sums of
   ``dS^T`` into two per-program scalars; near tiles: diagonal sums, see below).
-* ``"split"`` (default): one kernel per key block for dK/dV and one per query block for dQ (which also reduces
+* ``"split"``: one kernel per key block for dK/dV and one per query block for dQ (which also reduces
   ``d_lut`` and ``d_bias``), no atomics on dQ/dK/dV: deterministic gradients of q/k/v, 7 matmuls per tile. Measured
   on the H200 (bf16, 32k tokens, T5 table and its gradient): backward 3.4-4.5x the forward, against 4.8-7.5x for
   "fused", whose dQ atomics and 32-row tiles cost more than the two matmuls they save.
+* ``"split3"`` (default): "split"'s two kernels and tiles in the other order, without the prep kernel: the dQ kernel
+  runs first and computes delta for its own query rows before its loop (it loads dO anyway; O once more), storing it
+  for the dK/dV kernel; d_lut is zeroed by a memset. One launch and one pass over O and dO fewer (~2-3% of the
+  backward at 32k tokens, ~10 us of host time). Chosen without a GPU run of its own (same kernels otherwise).
+* ``"split2"``: split3's order with d_lut reduced in the dK/dV kernel (zeroed by the dQ kernel's program 0): the dQ
+  kernel drops to 104 registers at D=64 (from 194), the dK/dV kernel rises to 254 ((64, 64) tiles need 8 warps:
+  with 4 they spill 456 B) — which side wins is for the GPU to say (``bench_attention.py --compare``).
 
 Near-tile diagonal sums for ``d_lut``: every row of the ``dS`` tile is rotated by its own index (``tl.gather``
 within rows: warp shuffles), so that each column holds one residue of the in-tile offset ``j - i`` modulo the
@@ -86,10 +95,16 @@ by atomics in both variants (nondeterministic order, fp32 rounding only), as is 
 Host path
 ---------
 The eager call is ``flash_attention`` -> one ``_check_inputs`` (shapes, dtypes, devices, Python types) ->
-``torch.autograd.Function`` (or the forward launcher directly when no input needs a gradient) -> launchers that
-call the compiled kernels through ``FastKernel`` (``ops/_launch.py``); launch configs are cached per (kernel, head
-dim, device, dtype). Under ``torch.compile`` the same launchers run inside the ``flasht5::flash_attn_fwd`` /
-``flash_attn_bwd`` custom ops (fake implementations + registered autograd), so ``fullgraph=True`` traces.
+``torch.autograd.Function`` (called without ``Function.apply``'s Python layer, non-tensor arguments in one tuple;
+or the forward launcher directly when no input needs a gradient) -> launchers that call the compiled kernels
+through ``FastKernel`` (``ops/_launch.py``); launch configs are cached per (kernel, head dim, device, dtype).
+A ``rel_table`` that needs a gradient takes the table route (``TABLE_ROUTES``, ``FLASHT5_ATTN_TABLE``): the
+Function receives the table itself, gathers the lookup without an autograd node, and the backward kernels add
+every d_lut contribution straight into the table's gradient row ``bucket[slot]`` (one int load per diagonal
+atomic, not per score), so one autograd node replaces four (index_select, cast, transpose and ours) and no scatter
+op runs after the kernels; "autograd" keeps t5_bias_lut + rel_lut. Gradients that are not needed are not allocated.
+Under ``torch.compile`` the same launchers run inside the ``flasht5::flash_attn_fwd`` / ``flash_attn_bwd`` custom
+ops (fake implementations + registered autograd, the "autograd" table form), so ``fullgraph=True`` traces.
 
 Tuning, hardware, measured speed
 --------------------------------
@@ -106,6 +121,13 @@ table 0.85-1.24x that ceiling, forward+backward with the table gradient 0.61-0.9
 at L=16k 0.68x the ceiling's; at L=512 every tile is in the band and the forward drops to 0.26-0.83x. See
 benchmarks/results/2026-11-29-h200.md (the benchmark's ceiling is now SDPA's default dispatch). Under the Triton
 interpreter one 16x16 configuration is used.
+
+Opt-in, for measurement (off by default until the GPU says otherwise): an autotuner keyed on (kernel, head dim,
+dtype, constexpr flags, power-of-two length buckets) over screened sm90 candidates (``FLASHT5_ATTN_AUTOTUNE=1``;
+``_TUNE_SM90``, ``_TUNE_LOG``), and TMA loads of the forward's K/V tiles through device-side tensor descriptors
+(``FLASHT5_ATTN_TMA=1``). Triton 3.6's automatic warp specialisation (``tl.range(..., warp_specialize=True)``) is
+not applied to these loops on sm90 (the compiled TTGIR has no warp_specialize op: Blackwell only), so it is not
+used. ``bench_attention.py --compare [--quick]`` measures every variant against the ceiling in one process.
 
 Validation never syncs the GPU on the hot path: shapes, dtypes and devices are checked always; the *values* of
 ``cu_seqlens`` (start at 0, monotone, end at the token count) are checked on CPU tensors, or on the GPU when
@@ -124,7 +146,7 @@ import torch
 import triton
 import triton.language as tl
 
-from flasht5.ops._device import check_kernel_device, interpreting
+from flasht5.ops._device import check_kernel_device, function_apply, interpreting, next_pow2, use_custom_op
 from flasht5.ops._launch import FastKernel
 from flasht5.ops.relative_position import lut_buckets, relative_position_bucket, t5_bias_lut
 
@@ -320,13 +342,19 @@ def _fwd_block(
     sqm, skm, svm, som, sbm, sbn, Lq, Lk, R, scale2,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
     HAS_REL: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr,
-    ASM_GATHER: tl.constexpr,
+    ASM_GATHER: tl.constexpr, TMA: tl.constexpr,
 ):  # fmt: skip
-    """Forward of the query block starting at row ``m0`` of one (sequence, head)."""
+    """Forward of the query block starting at row ``m0`` of one (sequence, head). ``TMA``: K and V tiles come
+    through device-side tensor descriptors of this sequence's ``(Lk, D)`` rows (Hopper's TMA engine: no address
+    arithmetic or masks in the loop; rows past Lk read as zeros, as the masked loads give)."""
     off = Lk - Lq
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     q = tl.load(q_base + offs_m[:, None] * sqm + offs_d[None, :], mask=offs_m[:, None] < Lq, other=0.0)
+    if TMA:
+        rows = tl.maximum(Lk, 1)  # a descriptor needs a non-empty box (no tile is loaded when Lk = 0)
+        k_desc = tl.make_tensor_descriptor(k_base, [rows, HEAD_DIM], [skm, 1], [BLOCK_N, HEAD_DIM])
+        v_desc = tl.make_tensor_descriptor(v_base, [rows, HEAD_DIM], [svm, 1], [BLOCK_N, HEAD_DIM])
     n_a, n_b, n_full, n_end = _kv_segments(m0, off, Lk, R, BLOCK_M, BLOCK_N, CAUSAL, HAS_REL)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -334,9 +362,13 @@ def _fwd_block(
     for start_n in range(0, n_end * BLOCK_N, BLOCK_N):
         blk = start_n // BLOCK_N
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        kmask = offs_n[:, None] < Lk
-        k = tl.load(k_base + offs_n[:, None] * skm + offs_d[None, :], mask=kmask, other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * svm + offs_d[None, :], mask=kmask, other=0.0)
+        if TMA:
+            k = k_desc.load([start_n, 0])
+            v = v_desc.load([start_n, 0])
+        else:
+            kmask = offs_n[:, None] < Lk
+            k = tl.load(k_base + offs_n[:, None] * skm + offs_d[None, :], mask=kmask, other=0.0)
+            v = tl.load(v_base + offs_n[:, None] * svm + offs_d[None, :], mask=kmask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale2  # (BLOCK_M, BLOCK_N), log2 units
         near = ((blk >= n_a) & (blk < n_b)) | (blk >= n_full)
         s = _scores(
@@ -367,7 +399,7 @@ def _attn_fwd(
     H, LQ, LK, T_LSE, R, NUM_M, scale2,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
     HAS_REL: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr, VARLEN: tl.constexpr,
-    DOT_PREC: tl.constexpr, ASM_GATHER: tl.constexpr,
+    DOT_PREC: tl.constexpr, ASM_GATHER: tl.constexpr, TMA: tl.constexpr,
 ):  # fmt: skip
     pid_m, bh = _block_order(NUM_M, CAUSAL)
     if CAUSAL:
@@ -390,13 +422,13 @@ def _attn_fwd(
             _fwd_block(
                 m0, q_base, k_base, v_base, o_base, lse_base, lut_base, c_left, c_right, alibi2, bias_base,
                 sqm, skm, svm, HD, sbm, sbn, Lq, Lk, R, scale2,
-                HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, HAS_REL, HAS_ALIBI, HAS_BIAS, DOT_PREC, ASM_GATHER,
+                HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, HAS_REL, HAS_ALIBI, HAS_BIAS, DOT_PREC, ASM_GATHER, TMA,
             )  # fmt: skip
     else:  # dense: the grid has exactly cdiv(Lq, BLOCK_M) query blocks per head
         _fwd_block(
             pid_m * BLOCK_M, q_base, k_base, v_base, o_base, lse_base, lut_base, c_left, c_right, alibi2,
             bias_base, sqm, skm, svm, HD, sbm, sbn, Lq, Lk, R, scale2,
-            HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, HAS_REL, HAS_ALIBI, HAS_BIAS, DOT_PREC, ASM_GATHER,
+            HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, HAS_REL, HAS_ALIBI, HAS_BIAS, DOT_PREC, ASM_GATHER, TMA,
         )  # fmt: skip
 
 
@@ -428,8 +460,20 @@ def _bwd_prep(
 
 
 @triton.jit
+def _dl_ptr(dlut_base, idx, BKT, NH, BUCKETS: tl.constexpr):
+    """Where the gradient of lookup slot ``idx`` (distance ``idx - R``) goes: ``d_lut[h, idx]`` or, with
+    ``BUCKETS`` (the table route), straight into the table's gradient ``d_table[bucket[idx], h]`` (row stride
+    ``NH`` = heads): the lookup's index_select backward done by the kernel's own atomics, no scatter op after it."""
+    if BUCKETS:
+        return dlut_base + tl.load(BKT + idx) * NH
+    else:
+        return dlut_base + idx
+
+
+@triton.jit
 def _diag_sums_to_lut(ds, c, R, dlut_base, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      TRANSPOSED: tl.constexpr, DIAG_GATHER: tl.constexpr, mi, nj, off):  # fmt: skip
+                      TRANSPOSED: tl.constexpr, DIAG_GATHER: tl.constexpr, mi, nj, off, BKT, NH,
+                      BUCKETS: tl.constexpr):  # fmt: skip
     """Add every element of a near tile of ``dS`` into ``d_lut[clamp(distance, -R, R) + R]``.
 
     ``ds`` is ``(BLOCK_M, BLOCK_N)`` (rows = queries; element ``(i, j)`` at distance ``c + j - i``) or, with
@@ -468,11 +512,13 @@ def _diag_sums_to_lut(ds, c, R, dlut_base, BLOCK_M: tl.constexpr, BLOCK_N: tl.co
             d = tl.sum(tl.where(wrap == W_LO + w, g, 0.0), 0)  # (COLS,): the diagonal u = col + COLS * w
             uu = cols + COLS * (W_LO + w)
             idx = tl.minimum(tl.maximum(c + uu, -R), R) + R
-            tl.atomic_add(dlut_base + idx, d, mask=(uu >= U_LO) & (uu <= BLOCK_N - 1), sem="relaxed")
+            tl.atomic_add(
+                _dl_ptr(dlut_base, idx, BKT, NH, BUCKETS), d, mask=(uu >= U_LO) & (uu <= BLOCK_N - 1), sem="relaxed"
+            )
     else:
         rel = nj - (mi + off)
         idx = tl.minimum(tl.maximum(rel, -R), R) + R
-        tl.atomic_add(dlut_base + idx, ds, sem="relaxed")
+        tl.atomic_add(_dl_ptr(dlut_base, idx, BKT, NH, BUCKETS), ds, sem="relaxed")
 
 
 @triton.jit
@@ -484,7 +530,7 @@ def _bwd_kv_block(
     HAS_REL: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr, DQ_ATOMIC: tl.constexpr,
     REL_GRAD: tl.constexpr, BIAS_GRAD: tl.constexpr, DB_BM: tl.constexpr, DB_BN: tl.constexpr,
     DB_ATOMIC: tl.constexpr, DIAG_GATHER: tl.constexpr, DOT_PREC: tl.constexpr, ASM_GATHER: tl.constexpr,
-    DQ_T: tl.constexpr,
+    DQ_T: tl.constexpr, BKT, NH, BUCKETS: tl.constexpr,
 ):  # fmt: skip
     """Backward of the key block starting at ``n0``: dK, dV (stored), and with ``DQ_ATOMIC`` also dQ (fp32 atomics
     into the accumulator), d_lut and d_bias, in one pass over the query blocks (5 matmuls per tile)."""
@@ -540,7 +586,8 @@ def _bwd_kv_block(
             if near:
                 c = n0 - (start_m + off)  # distance of tile element (key n0, query start_m)
                 _diag_sums_to_lut(
-                    dst, c, R, dlut_base, BLOCK_M, BLOCK_N, True, DIAG_GATHER, offs_m[None, :], offs_n[:, None], off
+                    dst, c, R, dlut_base, BLOCK_M, BLOCK_N, True, DIAG_GATHER, offs_m[None, :], offs_n[:, None], off,
+                    BKT, NH, BUCKETS,
                 )  # fmt: skip
             else:  # a far tile shares the bucket of distance +R (right, blk < m_a) or -R (left): sums suffice
                 cs = tl.sum(dst, 1)
@@ -562,9 +609,9 @@ def _bwd_kv_block(
     tl.store(dk_base + offs_n[:, None] * sdkm + offs_d[None, :], dk.to(dk_base.dtype.element_ty), mask=kmask)
     tl.store(dv_base + offs_n[:, None] * sdvm + offs_d[None, :], dv.to(dv_base.dtype.element_ty), mask=kmask)
     if REL_GRAD:
-        tl.atomic_add(dlut_base, tl.sum(dl_left, 0), sem="relaxed")
+        tl.atomic_add(_dl_ptr(dlut_base, 0, BKT, NH, BUCKETS), tl.sum(dl_left, 0), sem="relaxed")
         if not CAUSAL:
-            tl.atomic_add(dlut_base + 2 * R, tl.sum(dl_right, 0), sem="relaxed")
+            tl.atomic_add(_dl_ptr(dlut_base, 2 * R, BKT, NH, BUCKETS), tl.sum(dl_right, 0), sem="relaxed")
     if BIAS_GRAD and DB_BM:
         if DB_BN:
             tl.atomic_add(db_base, tl.sum(db_cols, 0), sem="relaxed")
@@ -576,14 +623,14 @@ def _bwd_kv_block(
 
 @triton.jit(do_not_specialize=_NO_SPEC[:5] + ["NUM_N"])
 def _attn_bwd_kv(
-    Q, K, V, DO, DK, DV, DQ, LSE, DELTA, LUT, DLUT, ALIBI, BIAS, DBIAS, CU_Q, CU_K,
+    Q, K, V, DO, DK, DV, DQ, LSE, DELTA, LUT, DLUT, ALIBI, BIAS, DBIAS, CU_Q, CU_K, BKT,
     sqb, sqm, sqh, skb, skm, skh, svb, svm, svh, sbb, sbh, sbm, sbn, sdbb, sdbh, sdbm, sdbn,
     H, LQ, LK, T_LSE, R, NUM_N, scale2, scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
     HAS_REL: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr, VARLEN: tl.constexpr,
     DQ_ATOMIC: tl.constexpr, REL_GRAD: tl.constexpr, BIAS_GRAD: tl.constexpr, DB_BM: tl.constexpr,
     DB_BN: tl.constexpr, DB_ATOMIC: tl.constexpr, DIAG_GATHER: tl.constexpr, DOT_PREC: tl.constexpr,
-    ASM_GATHER: tl.constexpr, DQ_T: tl.constexpr,
+    ASM_GATHER: tl.constexpr, DQ_T: tl.constexpr, BUCKETS: tl.constexpr,
 ):  # fmt: skip
     """One program per key block (NUM_N per head): the "split" backward's dK/dV kernel, or with ``DQ_ATOMIC`` the
     whole "fused" backward (dQ by fp32 atomics, d_lut, d_bias)."""
@@ -603,7 +650,7 @@ def _attn_bwd_kv(
     lse_base = LSE + h.to(tl.int64) * T_LSE + r0
     delta_base = DELTA + h.to(tl.int64) * T_LSE + r0
     lut_base, c_left, c_right, alibi2 = _head_consts(LUT, ALIBI, h, R, HAS_REL, HAS_ALIBI)
-    dlut_base = DLUT + h * (2 * R + 1)
+    dlut_base = DLUT + h if BUCKETS else DLUT + h * (2 * R + 1)
     bias_base = BIAS + b.to(tl.int64) * sbb + h.to(tl.int64) * sbh
     db_base = DBIAS + b.to(tl.int64) * sdbb + h.to(tl.int64) * sdbh
     if VARLEN:  # grid stride over key blocks (see _attn_fwd)
@@ -613,7 +660,7 @@ def _attn_bwd_kv(
                 dlut_base, c_left, c_right, alibi2, bias_base, db_base,
                 sqm, skm, svm, HD, HD, HD, HD, sbm, sbn, sdbm, sdbn, Lq, Lk, R, scale2, scale,
                 HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, HAS_REL, HAS_ALIBI, HAS_BIAS, DQ_ATOMIC, REL_GRAD, BIAS_GRAD,
-                DB_BM, DB_BN, DB_ATOMIC, DIAG_GATHER, DOT_PREC, ASM_GATHER, DQ_T,
+                DB_BM, DB_BN, DB_ATOMIC, DIAG_GATHER, DOT_PREC, ASM_GATHER, DQ_T, BKT, H, BUCKETS,
             )  # fmt: skip
     else:
         _bwd_kv_block(
@@ -621,7 +668,7 @@ def _attn_bwd_kv(
             lut_base, dlut_base, c_left, c_right, alibi2, bias_base, db_base,
             sqm, skm, svm, HD, HD, HD, HD, sbm, sbn, sdbm, sdbn, Lq, Lk, R, scale2, scale,
             HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, HAS_REL, HAS_ALIBI, HAS_BIAS, DQ_ATOMIC, REL_GRAD, BIAS_GRAD,
-            DB_BM, DB_BN, DB_ATOMIC, DIAG_GATHER, DOT_PREC, ASM_GATHER, DQ_T,
+            DB_BM, DB_BN, DB_ATOMIC, DIAG_GATHER, DOT_PREC, ASM_GATHER, DQ_T, BKT, H, BUCKETS,
         )  # fmt: skip
 
 
@@ -633,7 +680,8 @@ def _bwd_q_block(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
     HAS_REL: tl.constexpr, REL_GRAD: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr,
     BIAS_GRAD: tl.constexpr, DB_BM: tl.constexpr, DB_BN: tl.constexpr, DB_ATOMIC: tl.constexpr,
-    DIAG_GATHER: tl.constexpr, DOT_PREC: tl.constexpr, ASM_GATHER: tl.constexpr,
+    DIAG_GATHER: tl.constexpr, DOT_PREC: tl.constexpr, ASM_GATHER: tl.constexpr, BKT, NH, BUCKETS: tl.constexpr,
+    o_base, COMPUTE_DELTA: tl.constexpr,
 ):  # fmt: skip
     """dQ (+ d_lut, d_bias) of the query block starting at ``m0`` (the "split" backward's second kernel)."""
     off = Lk - Lq
@@ -643,7 +691,12 @@ def _bwd_q_block(
     q = tl.load(q_base + offs_m[:, None] * sqm + offs_d[None, :], mask=rmask[:, None], other=0.0)
     do = tl.load(do_base + offs_m[:, None] * sdom + offs_d[None, :], mask=rmask[:, None], other=0.0)
     lse = tl.load(lse_base + offs_m, mask=rmask, other=float("inf"))
-    delta = tl.load(delta_base + offs_m, mask=rmask, other=0.0)
+    if COMPUTE_DELTA:  # "split2": this kernel runs first and does FlashAttention-2's preprocessing for its rows
+        o = tl.load(o_base + offs_m[:, None] * sdom + offs_d[None, :], mask=rmask[:, None], other=0.0)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+        tl.store(delta_base + offs_m, delta, mask=rmask)
+    else:
+        delta = tl.load(delta_base + offs_m, mask=rmask, other=0.0)
 
     n_a, n_b, n_full, n_end = _kv_segments(m0, off, Lk, R, BLOCK_M, BLOCK_N, CAUSAL, HAS_REL)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
@@ -670,7 +723,8 @@ def _bwd_q_block(
             if near:
                 c = start_n - (m0 + off)  # distance of tile element (0, 0)
                 _diag_sums_to_lut(
-                    ds, c, R, dlut_base, BLOCK_M, BLOCK_N, False, DIAG_GATHER, offs_m[:, None], offs_n[None, :], off
+                    ds, c, R, dlut_base, BLOCK_M, BLOCK_N, False, DIAG_GATHER, offs_m[:, None], offs_n[None, :], off,
+                    BKT, NH, BUCKETS,
                 )  # fmt: skip
             else:  # the whole far tile shares the bucket of distance -R (left) or +R (right): row sums suffice
                 rs = tl.sum(ds, 1)
@@ -692,9 +746,9 @@ def _bwd_q_block(
     tl.store(dq_base + offs_m[:, None] * sdqm + offs_d[None, :], dq.to(dq_base.dtype.element_ty), mask=rmask[:, None])
     if REL_GRAD:
         # far tiles: two atomics per program
-        tl.atomic_add(dlut_base, tl.sum(dl_left, 0), sem="relaxed")
+        tl.atomic_add(_dl_ptr(dlut_base, 0, BKT, NH, BUCKETS), tl.sum(dl_left, 0), sem="relaxed")
         if not CAUSAL:
-            tl.atomic_add(dlut_base + 2 * R, tl.sum(dl_right, 0), sem="relaxed")
+            tl.atomic_add(_dl_ptr(dlut_base, 2 * R, BKT, NH, BUCKETS), tl.sum(dl_right, 0), sem="relaxed")
     if BIAS_GRAD and DB_BN:  # bias broadcast over keys: row sums were accumulated over the whole key loop
         if DB_BM:
             tl.atomic_add(db_base, tl.sum(db_rows, 0), sem="relaxed")
@@ -704,16 +758,25 @@ def _bwd_q_block(
             tl.store(db_base + offs_m * sdbm, db_rows, mask=rmask)
 
 
-@triton.jit(do_not_specialize=_NO_SPEC[:6])
+@triton.jit(do_not_specialize=_NO_SPEC[:6] + ["WZ"])
 def _attn_bwd_dq(
-    Q, K, V, DO, DQ, LSE, DELTA, LUT, DLUT, ALIBI, BIAS, DBIAS, CU_Q, CU_K,
+    Q, K, V, DO, DQ, LSE, DELTA, LUT, DLUT, ALIBI, BIAS, DBIAS, CU_Q, CU_K, BKT, O,
     sqb, sqm, sqh, skb, skm, skh, svb, svm, svh, sbb, sbh, sbm, sbn, sdbb, sdbh, sdbm, sdbn,
-    H, LQ, LK, T_LSE, R, NUM_M, scale2, scale,
+    H, LQ, LK, T_LSE, R, NUM_M, WZ, scale2, scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
     HAS_REL: tl.constexpr, REL_GRAD: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr,
     BIAS_GRAD: tl.constexpr, DB_BM: tl.constexpr, DB_BN: tl.constexpr, DB_ATOMIC: tl.constexpr,
     VARLEN: tl.constexpr, DIAG_GATHER: tl.constexpr, DOT_PREC: tl.constexpr, ASM_GATHER: tl.constexpr,
+    BUCKETS: tl.constexpr, COMPUTE_DELTA: tl.constexpr, ZERO_DLUT: tl.constexpr, BLOCK_W: tl.constexpr,
 ):  # fmt: skip
+    """One program per query block: the split backwards' dQ kernel (+ d_bias, and d_lut for "split"). "split2" runs
+    it first: it computes delta for its rows (no preprocessing kernel) and its program 0 zeroes the ``WZ`` fp32
+    entries of d_lut that the dK/dV kernel, launched after it, accumulates into."""
+    if ZERO_DLUT:  # noqa: SIM102 (a constexpr test, then a runtime one)
+        if tl.program_id(0) == 0:
+            for w0 in range(0, WZ, BLOCK_W):
+                offs_w = w0 + tl.arange(0, BLOCK_W)
+                tl.store(DLUT + offs_w, tl.zeros([BLOCK_W], dtype=tl.float32), mask=offs_w < WZ)
     pid_m, bh = _block_order(NUM_M, CAUSAL)
     if CAUSAL:
         pid_m = NUM_M - 1 - pid_m
@@ -723,13 +786,14 @@ def _attn_bwd_dq(
     HD = H * HEAD_DIM
     q_base = Q + b.to(tl.int64) * sqb + q0.to(tl.int64) * sqm + h * sqh
     do_base = DO + r0.to(tl.int64) * HD + h * HEAD_DIM
+    o_base = O + r0.to(tl.int64) * HD + h * HEAD_DIM
     dq_base = DQ + r0.to(tl.int64) * HD + h * HEAD_DIM
     k_base = K + b.to(tl.int64) * skb + k0.to(tl.int64) * skm + h * skh
     v_base = V + b.to(tl.int64) * svb + k0.to(tl.int64) * svm + h * svh
     lse_base = LSE + h.to(tl.int64) * T_LSE + r0
     delta_base = DELTA + h.to(tl.int64) * T_LSE + r0
     lut_base, c_left, c_right, alibi2 = _head_consts(LUT, ALIBI, h, R, HAS_REL, HAS_ALIBI)
-    dlut_base = DLUT + h * (2 * R + 1)
+    dlut_base = DLUT + h if BUCKETS else DLUT + h * (2 * R + 1)
     bias_base = BIAS + b.to(tl.int64) * sbb + h.to(tl.int64) * sbh
     db_base = DBIAS + b.to(tl.int64) * sdbb + h.to(tl.int64) * sdbh
     if VARLEN:  # grid stride over query blocks (see _attn_fwd)
@@ -739,7 +803,7 @@ def _attn_bwd_dq(
                 c_left, c_right, alibi2, bias_base, db_base,
                 sqm, skm, svm, HD, HD, sbm, sbn, sdbm, sdbn, Lq, Lk, R, scale2, scale,
                 HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, HAS_REL, REL_GRAD, HAS_ALIBI, HAS_BIAS, BIAS_GRAD,
-                DB_BM, DB_BN, DB_ATOMIC, DIAG_GATHER, DOT_PREC, ASM_GATHER,
+                DB_BM, DB_BN, DB_ATOMIC, DIAG_GATHER, DOT_PREC, ASM_GATHER, BKT, H, BUCKETS, o_base, COMPUTE_DELTA,
             )  # fmt: skip
     else:
         _bwd_q_block(
@@ -747,7 +811,7 @@ def _attn_bwd_dq(
             c_left, c_right, alibi2, bias_base, db_base,
             sqm, skm, svm, HD, HD, sbm, sbn, sdbm, sdbn, Lq, Lk, R, scale2, scale,
             HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, HAS_REL, REL_GRAD, HAS_ALIBI, HAS_BIAS, BIAS_GRAD,
-            DB_BM, DB_BN, DB_ATOMIC, DIAG_GATHER, DOT_PREC, ASM_GATHER,
+            DB_BM, DB_BN, DB_ATOMIC, DIAG_GATHER, DOT_PREC, ASM_GATHER, BKT, H, BUCKETS, o_base, COMPUTE_DELTA,
         )  # fmt: skip
 
 
@@ -783,11 +847,23 @@ _SM90: dict[tuple[str, int], _Cfg] = {
     ("dkdv", 64): _Cfg(64, 64, 4, 3),
     ("dkdv", 128): _Cfg(32, 64, 4, 4),
     ("dkdv", 256): _Cfg(32, 64, 8, 2),
+    # split2's dK/dV kernel, which also reduces d_lut (more registers: the rotated dS^T tile and its sums)
+    ("dkdv_lut", 16): _Cfg(64, 64, 4, 3),
+    ("dkdv_lut", 32): _Cfg(64, 64, 4, 3),
+    ("dkdv_lut", 64): _Cfg(64, 64, 8, 3),  # (64, 64, 4, 3) spills 456 B (--screen)
+    ("dkdv_lut", 128): _Cfg(32, 64, 4, 4),
+    ("dkdv_lut", 256): _Cfg(32, 64, 8, 2),
     ("dq", 16): _Cfg(64, 32, 4, 4),
     ("dq", 32): _Cfg(64, 32, 4, 4),
     ("dq", 64): _Cfg(64, 32, 4, 4),
     ("dq", 128): _Cfg(64, 32, 4, 3),
     ("dq", 256): _Cfg(64, 32, 8, 2),
+    # split2's dQ kernel (no d_lut reduction: 104 instead of 194 registers at D=64, so larger tiles fit)
+    ("dq2", 16): _Cfg(64, 32, 4, 4),
+    ("dq2", 32): _Cfg(64, 32, 4, 4),
+    ("dq2", 64): _Cfg(64, 32, 4, 4),
+    ("dq2", 128): _Cfg(64, 32, 4, 3),
+    ("dq2", 256): _Cfg(64, 32, 8, 2),
     ("kv", 16): _Cfg(32, 128, 8, 3),
     ("kv", 32): _Cfg(32, 128, 8, 3),
     ("kv", 64): _Cfg(32, 128, 8, 3),
@@ -811,11 +887,21 @@ _SM80: dict[tuple[str, int], _Cfg] = {
     ("dkdv", 64): _Cfg(32, 64, 4, 2),
     ("dkdv", 128): _Cfg(32, 64, 4, 2),
     ("dkdv", 256): _Cfg(16, 32, 4, 1),
+    ("dkdv_lut", 16): _Cfg(32, 64, 4, 2),
+    ("dkdv_lut", 32): _Cfg(32, 64, 4, 2),
+    ("dkdv_lut", 64): _Cfg(32, 64, 4, 2),
+    ("dkdv_lut", 128): _Cfg(32, 64, 4, 2),
+    ("dkdv_lut", 256): _Cfg(16, 32, 4, 1),
     ("dq", 16): _Cfg(64, 32, 4, 2),
     ("dq", 32): _Cfg(64, 32, 4, 2),
     ("dq", 64): _Cfg(64, 32, 4, 2),
     ("dq", 128): _Cfg(64, 32, 4, 2),
     ("dq", 256): _Cfg(32, 32, 4, 1),
+    ("dq2", 16): _Cfg(64, 32, 4, 2),
+    ("dq2", 32): _Cfg(64, 32, 4, 2),
+    ("dq2", 64): _Cfg(64, 32, 4, 2),
+    ("dq2", 128): _Cfg(64, 32, 4, 2),
+    ("dq2", 256): _Cfg(32, 32, 4, 1),
     ("kv", 16): _Cfg(16, 64, 4, 2, False),
     ("kv", 32): _Cfg(16, 64, 4, 2, False),
     ("kv", 64): _Cfg(16, 64, 4, 2, False),
@@ -828,25 +914,53 @@ _SM80: dict[tuple[str, int], _Cfg] = {
     ("kv_nolut", 256): _Cfg(16, 32, 8, 1, False),
 }
 _INTERPRET_CFG = _Cfg(16, 16, 4, 1)
-# Tests and benchmarks may force configurations: {"fwd" / "dkdv" / "dq" / "kv": _Cfg} ("kv" also forces
-# "kv_nolut"), {"arch": 8} (the sm80
-# table), {"diag_gather": False} (per-element d_lut atomics), {"bwd": "fused" | "split"} (backward variant).
+# Tests and benchmarks may force configurations: {"fwd" / "dkdv" / "dkdv_lut" / "dq" / "kv": _Cfg} ("kv" also
+# forces "kv_nolut", "dkdv" also "dkdv_lut"), {"arch": 8} (the sm80 table), {"diag_gather": False} (per-element d_lut
+# atomics), {"bwd": "fused" | "split" | "split2"} (backward variant), {"table": "kernel" | "autograd"} (table route).
 _FORCE: dict[str, object] = {}
 _CFG_CACHE: dict[tuple, _Cfg] = {}
 
 # The backward: "fused" = one kernel per key block, dQ accumulated by fp32 atomics (FlashAttention-2's original
-# scheme: 5 matmuls per tile), d_lut/d_bias reduced in the same pass; "split" = a dK/dV kernel per key block plus a
-# dQ (+ d_lut, d_bias) kernel per query block (7 matmuls per tile, no atomics on dQ/dK/dV: deterministic, used when
-# torch.use_deterministic_algorithms(True) is set).
-BWD_VARIANTS = ("fused", "split")
-_BWD_DEFAULT = "split"  # measured faster on the H200 at every shape (benchmarks/results/2026-12-01-h200.md)
+# scheme: 5 matmuls per tile), d_lut/d_bias reduced in the same pass; "split" = a prep kernel (delta), a dK/dV kernel
+# per key block, then a dQ (+ d_lut, d_bias) kernel per query block (7 matmuls per tile, no atomics on dQ/dK/dV:
+# deterministic); "split2" = the same two kernels in the other order and no prep kernel: the dQ kernel computes
+# delta = rowsum(dO * O) for its own rows before its loop (and zeroes d_lut), the dK/dV kernel then reads delta and
+# reduces d_lut (three launches become two, the prep's extra pass over O and dO is gone); "split3" = split2's order
+# with d_lut reduced in the dQ kernel as in "split" (zeroed by a memset first): the dK/dV kernel keeps its registers.
+# FLASHT5_ATTN_BWD (read once, at import) picks the default; torch.use_deterministic_algorithms(True) keeps the
+# deterministic split ones.
+BWD_VARIANTS = ("fused", "split", "split2", "split3")
+# Default "split3": "split" (measured faster than "fused" on the H200 at every shape) with the same kernels and tiles
+# minus the prep kernel's pass over O and dO and one launch; chosen without a GPU measurement of its own (the lead's
+# session had no device time left), "split" stays selectable (FLASHT5_ATTN_BWD=split).
+_BWD_DEFAULT = os.environ.get("FLASHT5_ATTN_BWD", "split3")
+if _BWD_DEFAULT not in BWD_VARIANTS:
+    raise ValueError(f"FLASHT5_ATTN_BWD={_BWD_DEFAULT!r}: expected one of {BWD_VARIANTS}")
+
+# How a rel_table reaches the kernels on the eager path. "kernel": the autograd.Function takes the table; its forward
+# gathers the lookup (one index_select, no autograd node) and the backward kernels add every d_lut contribution
+# straight into the table's gradient row bucket[slot] (an int load per diagonal atomic, not per element), so
+# the fp32 table's gradient needs no op after the kernels. "autograd": t5_bias_lut with autograd, then the rel_lut
+# path (its index_select backward scatters d_lut into the table: three more autograd nodes and two more ops).
+# FLASHT5_ATTN_TABLE (read once) picks the default. torch.compile always traces the "autograd" form.
+TABLE_ROUTES = ("kernel", "autograd")
+_TABLE_DEFAULT = os.environ.get("FLASHT5_ATTN_TABLE", "kernel")
+if _TABLE_DEFAULT not in TABLE_ROUTES:
+    raise ValueError(f"FLASHT5_ATTN_TABLE={_TABLE_DEFAULT!r}: expected one of {TABLE_ROUTES}")
 
 
 def _bwd_variant() -> str:
     v = _FORCE.get("bwd") if _FORCE else None
     if v is not None:
         return v  # type: ignore[return-value]
-    return "split" if torch.are_deterministic_algorithms_enabled() else _BWD_DEFAULT
+    if _BWD_DEFAULT == "fused" and torch.are_deterministic_algorithms_enabled():
+        return "split3"  # no atomics on dQ/dK/dV
+    return _BWD_DEFAULT
+
+
+def _table_route() -> str:
+    v = _FORCE.get("table") if _FORCE else None
+    return _TABLE_DEFAULT if v is None else v  # type: ignore[return-value]
 
 
 def _pick(kernel: str, head_dim: int, dtype: torch.dtype, arch: int) -> _Cfg:
@@ -861,7 +975,9 @@ def _pick(kernel: str, head_dim: int, dtype: torch.dtype, arch: int) -> _Cfg:
 def _config(kernel: str, head_dim: int, device: torch.device, dtype: torch.dtype) -> _Cfg:
     """The table's config, cached per (kernel, head dim, device, dtype): no device query per call."""
     if _FORCE:
-        forced = _FORCE.get("kv" if kernel == "kv_nolut" else kernel)
+        forced = _FORCE.get(kernel)
+        if forced is None:
+            forced = _FORCE.get({"kv_nolut": "kv", "dkdv_lut": "dkdv", "dq2": "dq"}.get(kernel, kernel))
         if forced is not None:
             return forced  # type: ignore[return-value]
         if "arch" in _FORCE:
@@ -872,6 +988,119 @@ def _config(kernel: str, head_dim: int, device: torch.device, dtype: torch.dtype
         arch = torch.cuda.get_device_capability(device)[0] if device.type == "cuda" else 0
         cfg = _CFG_CACHE[key] = _pick(kernel, head_dim, dtype, arch)
     return cfg
+
+
+# Opt-in autotuning: FLASHT5_ATTN_AUTOTUNE=1 (read once; ``_FORCE["autotune"]`` for benchmarks and tests). The first
+# call of each (kernel, head dim, dtype, device, constexpr flags, power-of-two bucket of the lengths) on an sm90 GPU
+# times every candidate below on the call's own tensors (CUDA events, best of 2 x 3 launches, after a compile launch)
+# and keeps the fastest for the process; the accumulators the timing launches dirtied are zeroed again and the winner
+# runs. Costs the candidates' compilation (seconds per key, once: Triton's disk cache keeps it) and host syncs on
+# those first calls only; never runs while a CUDA graph is captured (the table's config is used and cached then).
+# Off by default: tiles would vary from run to run (and so would the rounding of the reductions); the table above
+# holds the winners measured on the H200. ``_TUNE_LOG`` records every choice (the benchmark prints it).
+_AUTOTUNE = os.environ.get("FLASHT5_ATTN_AUTOTUNE", "0") == "1"
+_TUNED: dict[tuple, _Cfg] = {}
+_TUNE_LOG: list[dict] = []
+# Candidates (sm90, 2-byte dtypes), free of register spills and within shared memory in bench_attention.py --screen
+# (sm90 cubins compiled offline with the T5 lookup; see benchmarks/results).
+_TUNE_SM90: dict[tuple[str, int], tuple[_Cfg, ...]] = {
+    ("fwd", 64): (_Cfg(64, 64, 4, 3), _Cfg(128, 64, 8, 3), _Cfg(128, 64, 8, 4), _Cfg(128, 128, 8, 3),
+                  _Cfg(64, 64, 4, 4), _Cfg(128, 64, 4, 3), _Cfg(64, 128, 4, 3)),
+    ("fwd", 128): (_Cfg(64, 64, 4, 3), _Cfg(128, 64, 8, 3), _Cfg(128, 32, 4, 3), _Cfg(128, 64, 8, 2),
+                   _Cfg(64, 32, 4, 3)),
+    ("dkdv", 64): (_Cfg(64, 64, 4, 3), _Cfg(32, 64, 4, 3), _Cfg(32, 128, 8, 3), _Cfg(64, 128, 8, 3),
+                   _Cfg(32, 64, 4, 4)),
+    ("dkdv", 128): (_Cfg(32, 64, 4, 4), _Cfg(32, 64, 4, 3), _Cfg(32, 128, 8, 3), _Cfg(64, 64, 8, 3)),
+    ("dkdv_lut", 64): (_Cfg(32, 64, 4, 3), _Cfg(32, 128, 8, 3), _Cfg(64, 64, 8, 3)),
+    ("dkdv_lut", 128): (_Cfg(32, 64, 4, 4), _Cfg(32, 64, 4, 3), _Cfg(64, 64, 8, 3), _Cfg(32, 128, 8, 2)),
+    ("dq", 64): (_Cfg(64, 32, 4, 4), _Cfg(64, 32, 4, 3), _Cfg(128, 32, 8, 3), _Cfg(64, 64, 8, 3)),
+    ("dq", 128): (_Cfg(64, 32, 4, 3), _Cfg(128, 32, 8, 3), _Cfg(64, 64, 8, 3), _Cfg(64, 32, 4, 4)),
+    ("dq2", 64): (_Cfg(64, 32, 4, 4), _Cfg(64, 32, 4, 3), _Cfg(128, 32, 8, 3), _Cfg(64, 64, 4, 3),
+                  _Cfg(128, 64, 8, 3), _Cfg(64, 64, 8, 3)),
+    ("dq2", 128): (_Cfg(64, 32, 4, 3), _Cfg(128, 32, 8, 3), _Cfg(64, 64, 8, 3), _Cfg(64, 32, 4, 4)),
+}  # fmt: skip
+
+
+# TMA (tensor descriptors) for the forward's K/V tiles: FLASHT5_ATTN_TMA=1 (read once) or _FORCE["tma"]; sm90+
+# (and the interpreter). The descriptors are built on the device, which needs Triton's scratch allocator (set once,
+# lazily, to a torch allocation) and takes FastKernel's slower launch path (the launcher allocates the scratch).
+_TMA = os.environ.get("FLASHT5_ATTN_TMA", "0") == "1"
+_TMA_READY: list[bool] = []
+
+
+def _tma_ok(q, k, v) -> bool:
+    """TMA on for this call: asked for, a Hopper-or-newer GPU (or the interpreter), 2-byte dtypes (fp32 keeps the
+    IEEE path), and 16-byte aligned bases and row strides (TMA's rules; a stride of H * D elements always is)."""
+    v_ = _FORCE.get("tma") if _FORCE else None
+    if not (_TMA if v_ is None else v_) or q.dtype == torch.float32:
+        return False
+    for t in (k, v):
+        if t.data_ptr() % 16 or any(st % 8 for st in t.stride()[:-1]):
+            return False
+    if q.is_cuda:
+        if _major(q.device) < 9:
+            return False
+        if not _TMA_READY:  # device-side descriptors live in a per-launch global scratch buffer
+            triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+            _TMA_READY.append(True)
+    return True
+
+
+_MAJOR: dict[torch.device, int] = {}
+
+
+def _major(device: torch.device) -> int:
+    m = _MAJOR.get(device)
+    if m is None:
+        m = _MAJOR[device] = torch.cuda.get_device_capability(device)[0]
+    return m
+
+
+def _autotune_on() -> bool:
+    v = _FORCE.get("autotune") if _FORCE else None
+    return _AUTOTUNE if v is None else bool(v)
+
+
+def _tuned(kernel: str, head_dim: int, t: torch.Tensor, flags: tuple, lens: tuple, launch, default: _Cfg):
+    """(config, dirty): the autotuned config of this key (see ``_AUTOTUNE``); ``dirty`` when this call timed the
+    candidates (their launches wrote the outputs and added into the accumulators: the caller zeroes the latter
+    and launches the winner)."""
+    key = (kernel, head_dim, t.device, t.dtype, flags, tuple(next_pow2(max(1, n)) for n in lens))
+    cfg = _TUNED.get(key)
+    if cfg is not None:
+        return cfg, False
+    cands = _TUNE_SM90.get((kernel, head_dim))
+    if (
+        not cands
+        or not t.is_cuda
+        or t.dtype == torch.float32
+        or torch.cuda.is_current_stream_capturing()
+        or torch.cuda.get_device_capability(t.device)[0] != 9
+    ):
+        _TUNED[key] = default
+        return default, False
+    times = {}
+    for c in dict.fromkeys((default, *cands)):
+        try:
+            launch(c)  # compile (or load from the disk cache) and warm up
+            torch.cuda.synchronize()
+        except Exception:  # noqa: BLE001 (a candidate that does not compile or launch here is skipped)
+            continue
+        best = float("inf")
+        for _ in range(2):
+            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            e0.record()
+            for _ in range(3):
+                launch(c)
+            e1.record()
+            e1.synchronize()
+            best = min(best, e0.elapsed_time(e1) / 3)
+        times[c] = best
+    cfg = min(times, key=times.get) if times else default
+    _TUNED[key] = cfg
+    _TUNE_LOG.append(dict(kernel=kernel, D=head_dim, flags=flags, lens=key[-1], cfg=tuple(cfg),
+                          ms=times.get(cfg), default_ms=times.get(default)))  # fmt: skip
+    return cfg, True
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -935,28 +1164,35 @@ def _fwd_impl(q, k, v, lut, alibi, bias, cu_q, cu_k, max_q, max_k, scale, causal
     else:
         bias4 = _bias4(bias)
         sb = _bcast_strides(bias4)
-    num_m = max(1, _cdiv(max_q, cfg.block_m))  # >= 1: a zero max_seqlen_q still covers every row (grid stride)
-    _FWD(
-        (num_m * nb * H,),
-        (
-            q, k, v, out, lse, lse if lut is None else lut, lse if alibi is None else alibi, bias4,
-            cu_q if varlen else lse, cu_k if varlen else lse, *_qkv_strides(q, k, v, varlen), *sb,
-            H, LQ, LK, Tq, 0 if lut is None else lut.shape[1] >> 1, num_m, scale * LOG2E,
-        ),
-        (
-            D, cfg.block_m, cfg.block_n, causal, lut is not None, alibi is not None, bias is not None, varlen,
-            "ieee" if q.dtype == torch.float32 else "tf32", q.is_cuda,
-        ),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )  # fmt: skip
+    flags = (causal, lut is not None, alibi is not None, bias is not None, varlen)
+    tma = (_TMA or bool(_FORCE)) and _tma_ok(q, k, v)
+
+    def launch(cfg):
+        num_m = max(1, _cdiv(max_q, cfg.block_m))  # >= 1: a zero max_seqlen_q still covers every row (grid stride)
+        _FWD(
+            (num_m * nb * H,),
+            (
+                q, k, v, out, lse, lse if lut is None else lut, lse if alibi is None else alibi, bias4,
+                cu_q if varlen else lse, cu_k if varlen else lse, *_qkv_strides(q, k, v, varlen), *sb,
+                H, LQ, LK, Tq, 0 if lut is None else lut.shape[1] >> 1, num_m, scale * LOG2E,
+            ),
+            (D, cfg.block_m, cfg.block_n, *flags, "ieee" if q.dtype == torch.float32 else "tf32", q.is_cuda, tma),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )  # fmt: skip
+
+    if (_AUTOTUNE or _FORCE) and _autotune_on() and "fwd" not in _FORCE:
+        cfg = _tuned("fwd", D, q, (*flags, tma), (max_q, max_k), launch, cfg)[0]
+    launch(cfg)
     return out, lse
 
 
 def _bwd_impl(
     dout, q, k, v, out, lse, lut, alibi, bias, cu_q, cu_k, max_q, max_k, scale, causal, need_dlut, need_dbias,
+    bkt=None, n_buckets=0,
 ):  # fmt: skip
-    """(dq, dk, dv, d_lut, d_bias); d_lut fp32 ``(H, 2R+1)``, d_bias in the bias's dtype and shape (empty when not
-    needed)."""
+    """(dq, dk, dv, d_lut, d_bias); d_lut fp32 ``(H, 2R+1)`` or, with ``bkt`` (the buckets of the lookup's slots)
+    and ``n_buckets`` (the table route), the table's gradient in fp32 ``(num_buckets, H)``; d_bias in the bias's
+    dtype and shape. Gradients that are not needed are ``None``."""
     varlen = cu_q is not None
     if varlen:
         Tq, H, D = q.shape
@@ -966,27 +1202,46 @@ def _bwd_impl(
         LK, Tq, max_q, max_k = k.shape[1], nb * LQ, LQ, k.shape[1]
     rel_grad = lut is not None and need_dlut
     bias_grad = bias is not None and need_dbias
+    buckets = rel_grad and bkt is not None
     if q.numel() == 0 or k.numel() == 0:  # no kernel runs: the (possibly non-empty) other side's gradients are 0
-        dlut = torch.zeros_like(lut) if rel_grad else q.new_empty(0)
-        dbias = torch.zeros_like(bias) if bias_grad else q.new_empty(0)
+        dlut = None
+        if rel_grad:
+            dlut = lut.new_zeros((n_buckets, H)) if buckets else torch.zeros_like(lut)
+        dbias = torch.zeros_like(bias) if bias_grad else None
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dlut, dbias
-    fused = _bwd_variant() == "fused"
+    variant = _bwd_variant()
+    fused = variant == "fused"
+    # split2/split3: the dQ kernel first (it computes delta), then dK/dV: no prep kernel. d_lut is reduced by the
+    # dK/dV kernel in split2 (zeroed by the dQ kernel), by the dQ kernel in split3 (zeroed by a memset before it).
+    dq_first = variant in ("split2", "split3")
+    lut_in_kv = variant == "split2"
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
         q, k, v = _rowview(q), _rowview(k), _rowview(v)
     if not dout.is_contiguous():  # the kernels address dO like out: flat (tokens, H, D)
         dout = dout.contiguous()
-    dk, dv = k.new_empty(k.shape), v.new_empty(v.shape)
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
     # fused: dQ is accumulated by atomics in fp32 (zeroed by the prep kernel) and cast at the end
-    dq = q.new_empty(q.shape, dtype=torch.float32) if fused else q.new_empty(q.shape)
+    dq = q.new_empty(q.shape, dtype=torch.float32) if fused else torch.empty_like(q)
     delta = torch.empty_like(lse)
     W = 1 if lut is None else lut.shape[1]
-    dlut = lut.new_empty(lut.shape) if rel_grad else lse  # zeroed by the prep kernel
+    if not rel_grad:
+        dlut = lse
+        wz = 0
+    elif buckets:  # the table's gradient, fp32 (num_buckets, H), reduced in-kernel through the buckets
+        dlut = lut.new_empty((n_buckets, H))
+        wz = dlut.numel()
+    else:
+        dlut = torch.empty_like(lut)
+        wz = dlut.numel()
+    if rel_grad and variant == "split3":
+        dlut.zero_()
     interp = not q.is_cuda
-    blk = 16 if interp else 64
-    _PREP(
-        (_cdiv(Tq, blk), H), (out, dout, delta, dq, dlut, H, Tq, W),
-        (D, blk, fused, rel_grad, min(1024, triton.next_power_of_2(W))), num_warps=4, num_stages=1,
-    )  # fmt: skip
+    if not dq_first:  # delta = rowsum(dO * O); zeroes the fused dQ accumulator and d_lut
+        blk = 16 if interp else 64
+        _PREP(
+            (_cdiv(Tq, blk), H), (out, dout, delta, dq, dlut, H, Tq, wz // H),
+            (D, blk, fused, rel_grad, min(1024, next_pow2(max(1, wz // H)))), num_warps=4, num_stages=1,
+        )  # fmt: skip
 
     if bias is None:
         bias4, sb = lse, _NO_BIAS_STRIDES
@@ -1004,47 +1259,86 @@ def _bwd_impl(
     diag = bool(_FORCE.get("diag_gather", True)) if _FORCE else True
     lut_ = lse if lut is None else lut
     alibi_ = lse if alibi is None else alibi
+    bkt_ = bkt if buckets else lse
     cq, ck = (cu_q, cu_k) if varlen else (lse, lse)
     sqkv = _qkv_strides(q, k, v, varlen)
     R, scale2 = W >> 1, scale * LOG2E
     has = (lut is not None, alibi is not None, bias is not None)
 
-    # dK, dV (fused: + dQ, d_lut, d_bias): one program per key block, looping over queries
-    cfg = _config(("kv" if rel_grad else "kv_nolut") if fused else "dkdv", D, q.device, q.dtype)
-    num_n = max(1, _cdiv(max_k, cfg.block_n))  # >= 1 (grid stride, see _attn_fwd)
-    _KV(
-        (num_n * nb * H,),
-        (
-            q, k, v, dout, dk, dv, dq, lse, delta, lut_, dlut, alibi_, bias4, dbias32, cq, ck, *sqkv, *sb, *sdb,
-            H, LQ, LK, Tq, R, num_n, scale2, scale,
-        ),
-        (
-            D, cfg.block_m, cfg.block_n, causal, *has, varlen, fused, rel_grad and fused, bias_grad and fused,
-            db_bm, db_bn, db_atomic, diag, dot_prec, not interp, cfg.dq_t,
-        ),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )  # fmt: skip
-    if fused:
-        if scale != 1.0:
-            dq.mul_(scale)
-        dq = dq.to(q.dtype)
-    else:  # dQ (+ d_lut, d_bias): one program per query block, looping over keys
-        cfg = _config("dq", D, q.device, q.dtype)
+    tune = (_AUTOTUNE or bool(_FORCE)) and _autotune_on()
+    flags = (causal, *has, rel_grad, bias_grad, varlen, variant, bkt is not None, db_bm, db_bn, db_atomic)
+
+    def reset():  # zero what the autotuner's timing launches added into (only after they ran)
+        if fused:
+            dq.zero_()
+        if rel_grad:
+            dlut.zero_()
+        if bias_grad:
+            dbias32.zero_()
+
+    def launch_dq(cfg):  # dQ (+ d_bias; + d_lut unless split2): one program per query block, looping over keys
         num_m = max(1, _cdiv(max_q, cfg.block_m))
         _DQ(
             (num_m * nb * H,),
             (
-                q, k, v, dout, dq, lse, delta, lut_, dlut, alibi_, bias4, dbias32, cq, ck, *sqkv, *sb, *sdb,
-                H, LQ, LK, Tq, R, num_m, scale2, scale,
+                q, k, v, dout, dq, lse, delta, lut_, dlut, alibi_, bias4, dbias32, cq, ck, bkt_, out, *sqkv, *sb,
+                *sdb, H, LQ, LK, Tq, R, num_m, wz, scale2, scale,
             ),
             (
-                D, cfg.block_m, cfg.block_n, causal, has[0], rel_grad, has[1], has[2], bias_grad, db_bm, db_bn,
-                db_atomic, varlen, diag, dot_prec, not interp,
+                D, cfg.block_m, cfg.block_n, causal, has[0], rel_grad and not lut_in_kv, has[1], has[2], bias_grad,
+                db_bm, db_bn, db_atomic, varlen, diag, dot_prec, not interp, buckets, dq_first,
+                lut_in_kv and rel_grad, min(1024, next_pow2(max(1, wz))),
             ),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
-    dbias = dbias32.to(bias.dtype).reshape(bias.shape) if bias_grad else q.new_empty(0)
-    return dq, dk, dv, dlut if rel_grad else q.new_empty(0), dbias
+
+    def run_dq():
+        name = "dq2" if lut_in_kv else "dq"
+        cfg = _config(name, D, q.device, q.dtype)
+        if tune and "dq" not in _FORCE and name not in _FORCE:
+            cfg, dirty = _tuned(name, D, q, flags, (max_q, max_k), launch_dq, cfg)
+            if dirty:
+                reset()
+        launch_dq(cfg)
+
+    if dq_first:
+        run_dq()
+    # dK, dV (fused: + dQ, d_lut, d_bias; split2: + d_lut): one program per key block, looping over queries
+    kv_rel = rel_grad and (fused or lut_in_kv)
+    if fused:
+        kname = "kv" if rel_grad else "kv_nolut"
+    else:
+        kname = "dkdv_lut" if kv_rel else "dkdv"
+
+    def launch_kv(cfg):
+        num_n = max(1, _cdiv(max_k, cfg.block_n))  # >= 1 (grid stride, see _attn_fwd)
+        _KV(
+            (num_n * nb * H,),
+            (
+                q, k, v, dout, dk, dv, dq, lse, delta, lut_, dlut, alibi_, bias4, dbias32, cq, ck, bkt_, *sqkv, *sb,
+                *sdb, H, LQ, LK, Tq, R, num_n, scale2, scale,
+            ),
+            (
+                D, cfg.block_m, cfg.block_n, causal, *has, varlen, fused, kv_rel, bias_grad and fused,
+                db_bm, db_bn, db_atomic, diag, dot_prec, not interp, cfg.dq_t, buckets,
+            ),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )  # fmt: skip
+
+    cfg = _config(kname, D, q.device, q.dtype)
+    if tune and not fused and "dkdv" not in _FORCE and kname not in _FORCE:
+        cfg, dirty = _tuned(kname, D, q, flags, (max_q, max_k), launch_kv, cfg)
+        if dirty and kv_rel:  # split2: d_lut (zeroed by the dQ kernel) is reduced here; split: dK/dV are stores
+            dlut.zero_()
+    launch_kv(cfg)
+    if fused:
+        if scale != 1.0:
+            dq.mul_(scale)
+        dq = dq.to(q.dtype)
+    elif not dq_first:
+        run_dq()
+    dbias = dbias32.to(bias.dtype).reshape(bias.shape) if bias_grad else None
+    return dq, dk, dv, dlut if rel_grad else None, dbias
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1054,34 +1348,39 @@ def _bwd_impl(
 
 
 class _FlashAttention(torch.autograd.Function):
+    """The eager route. ``table`` (with ``lut`` None) is the table route (see ``TABLE_ROUTES``): the lookup is
+    gathered here without an autograd node and the kernels reduce its gradient into the table's rows. The non-tensor
+    arguments come as one tuple (``apply`` walks every argument)."""
+
     @staticmethod
-    def forward(ctx, q, k, v, lut, alibi, bias, cu_q, cu_k, max_q, max_k, scale, causal):
+    def forward(ctx, q, k, v, lut, table, alibi, bias, cu_q, cu_k, params):
+        max_q, max_k, scale, causal, bkt = params
+        if table is not None:
+            lut = table.t().to(torch.float32).index_select(1, bkt)  # (H, 2R+1): t5_bias_lut without autograd
         out, lse = _fwd_impl(q, k, v, lut, alibi, bias, cu_q, cu_k, max_q, max_k, scale, causal)
         ctx.save_for_backward(q, k, v, out, lse, lut, alibi, bias, cu_q, cu_k)
-        ctx.params = (max_q, max_k, scale, causal)
+        ctx.params = params
+        ctx.table = None if table is None else (table.dtype, table.shape[0])
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse, lut, alibi, bias, cu_q, cu_k = ctx.saved_tensors
+        max_q, max_k, scale, causal, bkt = ctx.params
         need = ctx.needs_input_grad
+        tab = ctx.table
         dq, dk, dv, dlut, dbias = _bwd_impl(
-            dout, q, k, v, out, lse, lut, alibi, bias, cu_q, cu_k, *ctx.params, need[3], need[5]
-        )
-        return (
-            dq,
-            dk,
-            dv,
-            dlut if need[3] else None,
-            None,
-            dbias if need[5] else None,
-            None,
-            None,
-            None,
-            None,
-            None,
-            None,
-        )
+            dout, q, k, v, out, lse, lut, alibi, bias, cu_q, cu_k, max_q, max_k, scale, causal,
+            need[4] if tab else need[3], need[6], bkt if tab else None, tab[1] if tab else 0,
+        )  # fmt: skip
+        if tab is None:
+            return dq, dk, dv, dlut, None, None, dbias, None, None, None
+        if dlut is not None and tab[0] != torch.float32:
+            dlut = dlut.to(tab[0])
+        return dq, dk, dv, None, dlut, None, dbias, None, None, None
+
+
+_apply = function_apply(_FlashAttention)
 
 
 @torch.library.custom_op("flasht5::flash_attn_fwd", mutates_args=())
@@ -1132,10 +1431,12 @@ def _flash_attn_bwd(
     need_dlut: bool,
     need_dbias: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _bwd_impl(
+    dq, dk, dv, dlut, dbias = _bwd_impl(
         dout, q, k, v, out, lse, rel_lut, alibi_slopes, bias, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
         max_seqlen_k, scale, causal, need_dlut, need_dbias,
     )  # fmt: skip
+    # a custom op returns tensors: empty ones for the gradients that are not needed
+    return dq, dk, dv, q.new_empty(0) if dlut is None else dlut, q.new_empty(0) if dbias is None else dbias
 
 
 @_flash_attn_bwd.register_fake
@@ -1224,7 +1525,8 @@ def _check_inputs(
 ):  # fmt: skip
     """Validate :func:`flash_attention`'s arguments (shapes, dtypes, devices, Python types; values only of CPU
     tensors or under FLASHT5_DEBUG=1) and return the launchers' arguments ``(q, k, v, lut, alibi, bias, cu_q, cu_k,
-    max_q, max_k, scale, causal)``; ``rel_table`` becomes its lookup (:func:`t5_bias_lut`)."""
+    max_q, max_k, scale, causal)`` and ``bkt``, the buckets of the lookup's slots when ``rel_table`` is given
+    (``lut`` is then None: :func:`flash_attention` builds it by the chosen route), else None."""
     varlen = cu_q is not None or cu_k is not None
     nd = 3 if varlen else 4
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -1276,7 +1578,7 @@ def _check_inputs(
     n_pos = (rel_table is not None) + (rel_lut is not None) + (alibi_slopes is not None)
     if n_pos > 1:
         raise ValueError("rel_table, rel_lut and alibi_slopes are exclusive: pass one position bias")
-    lut = rel_lut
+    lut, bkt = rel_lut, None
     if rel_table is not None:
         if not isinstance(rel_table, torch.Tensor) or rel_table.dim() != 2 or rel_table.shape[1] != H:
             shape = tuple(rel_table.shape) if isinstance(rel_table, torch.Tensor) else type(rel_table).__name__
@@ -1285,7 +1587,8 @@ def _check_inputs(
             raise ValueError(f"rel_table must be floating point, got {rel_table.dtype}")
         if rel_table.device != device:
             raise ValueError(f"rel_table is on {rel_table.device} but q is on {device}")
-        lut = t5_bias_lut(rel_table, rel_bidirectional, rel_max_distance)  # validates num_buckets / max distance
+        # validates num_buckets / max distance; the lookup itself is built by the chosen route (flash_attention)
+        bkt = lut_buckets(device, bool(rel_bidirectional), rel_table.shape[0], rel_max_distance)[0]
     elif rel_lut is not None:
         if not isinstance(rel_lut, torch.Tensor) or rel_lut.dim() != 2 or rel_lut.shape[0] != H:
             shape = tuple(rel_lut.shape) if isinstance(rel_lut, torch.Tensor) else type(rel_lut).__name__
@@ -1316,7 +1619,8 @@ def _check_inputs(
         full = (qs[0], H, qs[1], ks[1])
         if bias.dim() > 4 or any(n not in (1, f) for n, f in zip(bias.shape[::-1], full[::-1])):
             raise ValueError(f"bias of shape {tuple(bias.shape)} is not broadcastable to (B, H, Lq, Lk) = {full}")
-    return q, k, v, lut, alibi_slopes, bias, cu_q, cu_k, max_q, max_k, float(scale), bool(causal)
+    scale = scale if type(scale) is float else float(scale)
+    return q, k, v, lut, alibi_slopes, bias, cu_q, cu_k, max_q, max_k, scale, bool(causal), bkt
 
 
 def flash_attention(
@@ -1346,22 +1650,30 @@ def flash_attention(
     ``rel_lut = t5_bias_lut(rel_table, rel_bidirectional, rel_max_distance)`` (build it once, pass it to every layer
     that shares the table). Returns a new tensor shaped like ``q``. T5 uses ``scale=1.0``.
     """
-    args = _check_inputs(
+    q, k, v, lut, alibi, bias, cu_q, cu_k, max_q, max_k, scale, causal, bkt = _check_inputs(
         q, k, v, scale, causal, rel_table, rel_bidirectional, rel_max_distance, rel_lut, alibi_slopes, bias,
         cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
     )  # fmt: skip
-    if torch.compiler.is_compiling():
-        return _flash_attn_fwd(*args)[0]
-    lut, bias = args[3], args[5]
-    if torch.is_grad_enabled() and (
-        q.requires_grad
+    custom = use_custom_op(q)
+    grad = torch.is_grad_enabled()
+    table = None
+    if bkt is not None:
+        if grad and rel_table.requires_grad and not custom and _table_route() == "kernel":
+            table = rel_table
+        else:  # t5_bias_lut's body (differentiable by autograd when the table needs a gradient)
+            lut = rel_table.t().to(torch.float32).index_select(1, bkt)
+    if custom:
+        return _flash_attn_fwd(q, k, v, lut, alibi, bias, cu_q, cu_k, max_q, max_k, scale, causal)[0]
+    if grad and (
+        table is not None
+        or q.requires_grad
         or k.requires_grad
         or v.requires_grad
         or (lut is not None and lut.requires_grad)
         or (bias is not None and bias.requires_grad)
     ):
-        return _FlashAttention.apply(*args)
-    return _fwd_impl(*args)[0]
+        return _apply(q, k, v, lut, table, alibi, bias, cu_q, cu_k, (max_q, max_k, scale, causal, bkt))
+    return _fwd_impl(q, k, v, lut, alibi, bias, cu_q, cu_k, max_q, max_k, scale, causal)[0]
 
 
 # ----------------------------------------------------------------------------------------------------------------
