@@ -631,8 +631,7 @@ def check_finetune(cfg: FinetuneConfig) -> None:
     if cfg.task == "classification":
         if e.metrics is not None and set(e.metrics) - set(CLASSIFICATION_METRICS):
             raise ValueError(
-                f"eval.metrics {e.metrics} for task=classification: accuracy and f1 are always computed; set it "
-                "to null"
+                f"eval.metrics {e.metrics} for task=classification: accuracy and f1 are always computed; set it to null"
             )
     else:
         for name in e.metrics or []:
@@ -679,7 +678,9 @@ def check_finetune_paths(cfg: FinetuneConfig) -> None:
         try:
             check_tokenizer_path(tok)
         except ValueError as e:
-            raise ValueError(f"data.tokenizer: {e} (a folder that does not exist yet is trained on data.train)") from None
+            raise ValueError(
+                f"data.tokenizer: {e} (a folder that does not exist yet is trained on data.train)"
+            ) from None
     out = cfg.train.out_dir
     if Path(out).exists() and not Path(out).is_dir():
         raise ValueError(f"train.out_dir={out!r} is a file, not a folder")
