@@ -1,5 +1,9 @@
 """The one training loop: corpus -> tokenizer -> pretokenized store -> denoised, packed batches -> AdamWScale.
 
+The loop drives pretraining (``flasht5 train``) and fine-tuning (``flasht5 finetune``) alike; what differs -- the
+data source and the evaluation -- is a task object (:class:`PretrainTask` here, :class:`flasht5.train.finetune.
+FinetuneTask` for fine-tuning; the methods the loop calls are listed on :class:`PretrainTask`).
+
 ``train(cfg)`` prepares whatever is missing (it trains the tokenizer and pretokenizes the corpus on first use),
 then trains with a progress bar (loss, tokens/s), writes ``metrics.jsonl`` and ``loss.png``, evaluates on held-out
 text, checkpoints periodically (and resumes from the newest checkpoint), saves ``final/`` and prints span-filling
@@ -31,6 +35,7 @@ from flasht5.train import checkpoint as ckpt
 from flasht5.train.config import Config
 from flasht5.train.optim import AdamWScale, lr_at
 from flasht5.train.step import TrainStep
+from flasht5.train.tracking import Tracker, matmul_flops, peak_flops
 
 
 def log(msg: str) -> None:
@@ -206,6 +211,91 @@ def plot_losses(metrics_path: Path, png: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# What the loop trains on and how it evaluates: the task
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class PretrainTask:
+    """Pretraining's data source and evaluation: the UL2 stream of a pretokenized corpus, held-out loss, span-filling
+    samples. Fine-tuning's :class:`flasht5.train.finetune.FinetuneTask` has the same methods."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.eval_batches: list[tuple[Any, int]] = []
+
+    def prepare(self) -> Any:
+        """Build what the data needs (tokenizer, stores); returns the tokenizer."""
+        self.tokenizer, self.store, self.heldout = prepare_data(self.cfg)
+        return self.tokenizer
+
+    def build_model(self, device: torch.device) -> torch.nn.Module:
+        """The Hugging Face wrapper (saved in checkpoints, generates)."""
+        return build_model(self.cfg, len(self.tokenizer), device)
+
+    def core(self, model: torch.nn.Module) -> torch.nn.Module:
+        """What the training step drives: ``core(input_ids, decoder_input_ids, labels, enc=, dec=)`` -> ``.loss``."""
+        return model.model
+
+    def train_dataset(self, static: bool) -> Any:
+        """The training stream (``static``: fixed batch shapes, for the CUDA-graph step)."""
+        return make_dataset(self.store, self.tokenizer, self.cfg, seed=self.cfg.train.seed, static=static)
+
+    @property
+    def has_eval(self) -> bool:
+        return self.heldout is not None
+
+    def prepare_eval(self, device: torch.device) -> None:
+        """The held-out batches are fixed: moved to the device and counted once, not at every evaluation."""
+        self.eval_batches = []
+        if self.heldout is None:
+            return
+        for item in make_dataset(self.heldout, self.tokenizer, self.cfg, seed=self.cfg.train.seed + 1):
+            self.eval_batches.append((item["batch"].to(device), item["stats"]["target_tokens"]))
+            if len(self.eval_batches) >= self.cfg.data.eval_batches:
+                break
+
+    def evaluate(self, model: torch.nn.Module, core: torch.nn.Module, autocast: Any, step: int) -> dict[str, float]:
+        """The metrics row of one evaluation (``eval_loss`` first)."""
+        return {"eval_loss": evaluate(core, self.eval_batches, autocast)}
+
+    def after_eval(self, step: int, metrics: dict[str, float], save_model: Any) -> None:
+        """Called after each evaluation, with ``save_model(folder, extra=None)`` (fine-tuning keeps its best here)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the task (numbers and strings)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    def samples(self, model: torch.nn.Module, device: torch.device) -> list[dict[str, str]]:
+        t = self.cfg.train
+        if not t.samples:
+            return []
+        return span_filling_samples(model, self.tokenizer, self.heldout or self.store, t.samples, device, t.seed)
+
+    def summary(self) -> dict[str, Any]:
+        """Extra entries of ``summary.json``."""
+        return {}
+
+
+def _fmt_metrics(metrics: dict[str, float]) -> str:
+    return ", ".join(f"{k.removeprefix('eval_')} {v:.4f}" for k, v in metrics.items())
+
+
+def save_model_dir(path: Path, model: Any, tokenizer: Any, extra: dict[str, str] | None = None) -> None:
+    """``model`` and ``tokenizer`` (and ``extra`` files: name -> text) into ``path``, atomically."""
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        for name, text in (extra or {}).items():
+            (tmp / name).write_text(text)
+
+    ckpt.write_dir_atomically(path, write, need=ckpt.nbytes(model.state_dict()))
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # The loop
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -263,8 +353,9 @@ def restore_run_state(state: dict[str, Any], device: torch.device, losses: deque
 
 
 def trainer_state(
-    step: int, optimizer, loader: ResumableLoader, device: torch.device, losses: deque, z_terms: deque, config: str
-) -> dict[str, Any]:
+    step: int, optimizer, loader: ResumableLoader, device: torch.device, losses: deque, z_terms: deque, config: str,
+    task_state: dict[str, Any] | None = None,
+) -> dict[str, Any]:  # fmt: skip
     """``trainer.pt``: everything besides the weights that the next steps depend on; tensors, numbers, strings,
     lists and dicts only, so that it loads with ``torch.load(weights_only=True)``."""
     stack = lambda dq: torch.stack(list(dq)).cpu() if dq else None
@@ -276,6 +367,7 @@ def trainer_state(
         "rng": ckpt.rng_state(device),
         "log_window": {"loss": stack(losses), "z_loss": stack(z_terms)},
         "config": config,
+        "task": task_state or {},
     }
 
 
@@ -293,20 +385,21 @@ def _no_transformers_progress_bars():
             hf_logging.enable_progress_bar()
 
 
-def train(cfg: Config) -> dict[str, Any]:
+def train(cfg: Config, task: Any = None) -> dict[str, Any]:
     """Train as configured; returns a summary (losses, paths, samples). Holds ``train.out_dir``'s lock throughout:
-    a second run on the same folder is refused at once."""
+    a second run on the same folder is refused at once. ``task``: the data source and evaluation (default: the
+    pretraining :class:`PretrainTask` of ``cfg``; fine-tuning passes its own)."""
     out = Path(cfg.train.out_dir)
     with ckpt.RunLock(out), _no_transformers_progress_bars():
         try:
-            return _train(cfg, out)
+            return _train(cfg, out, task if task is not None else PretrainTask(cfg))
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise ckpt.no_space_error(Path(e.filename) if e.filename else out, whole=False) from e
             raise
 
 
-def _train(cfg: Config, out: Path) -> dict[str, Any]:
+def _train(cfg: Config, out: Path, task: Any) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     t = cfg.train
@@ -321,9 +414,9 @@ def _train(cfg: Config, out: Path) -> dict[str, Any]:
         (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else (lambda: contextlib.nullcontext())
     )
 
-    tokenizer, store, heldout = prepare_data(cfg)
-    model = build_model(cfg, len(tokenizer), device)
-    core = model.model  # the training step drives the core model; the wrapper saves and generates
+    tokenizer = task.prepare()
+    model = task.build_model(device)
+    core = task.core(model)  # the training step drives the core model; the wrapper saves and generates
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     n_params = sum(p.numel() for p in model.parameters())
@@ -337,17 +430,13 @@ def _train(cfg: Config, out: Path) -> dict[str, Any]:
         model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
         weight_decay=cfg.optim.weight_decay,
     )  # fmt: skip
-    dataset = make_dataset(store, tokenizer, cfg, seed=t.seed, static=graphs)
+    dataset = task.train_dataset(static=graphs)
     resumed = resume_from_checkpoint(cfg, out, model, optimizer) if t.resume else None
     start_step = resumed.step if resumed else 0
-
-    # The held-out batches are fixed: moved to the device and counted once, not at every evaluation.
-    eval_batches: list[tuple[Any, int]] = []
-    if heldout is not None:
-        for item in make_dataset(heldout, tokenizer, cfg, seed=t.seed + 1):
-            eval_batches.append((item["batch"].to(device), item["stats"]["target_tokens"]))
-            if len(eval_batches) >= cfg.data.eval_batches:
-                break
+    if resumed is not None:
+        task.load_state_dict(resumed.trainer.get("task") or {})
+    task.prepare_eval(device)
+    save_model = lambda path, extra=None: save_model_dir(path, model, tokenizer, extra)
 
     step_fn = TrainStep(
         torch.compile(core) if t.compile else core, optimizer, amp_dtype=torch.bfloat16 if bf16 else None,
@@ -370,12 +459,19 @@ def _train(cfg: Config, out: Path) -> dict[str, Any]:
     metrics_path = out / "metrics.jsonl"
     prior = ckpt.cut_metrics(metrics_path, start_step if resumed else None)
     metrics = metrics_path.open("a")
+    tracker = Tracker(out, cfg.log.tensorboard, purge_step=start_step + 1 if resumed else None)
+    peak = peak_flops(device) if bf16 else None  # MFU only against the bf16 peak
+    flops = lambda enc_tokens, dec_tokens: matmul_flops(model.config, enc_tokens, dec_tokens)
     prior_evals = [r["eval_loss"] for r in prior if "eval_loss" in r]
     if resumed is None:
-        first_eval = evaluate(core, eval_batches, autocast) if eval_batches else math.nan
-        if eval_batches:
-            metrics.write(json.dumps({"step": 0, "eval_loss": first_eval}) + "\n")
-            log(f"held-out loss at step 0: {first_eval:.4f}")
+        first_eval = math.nan
+        if task.has_eval:
+            first = task.evaluate(model, core, autocast, 0)
+            first_eval = first["eval_loss"]
+            metrics.write(json.dumps({"step": 0, **first}) + "\n")
+            tracker.log({"step": 0, **first})
+            log(f"held-out at step 0: {_fmt_metrics(first)}")
+            task.after_eval(0, first, save_model)
     else:  # the step-0 evaluation is in the kept rows; evaluating again would add a row the curve does not have
         first_eval = next((r["eval_loss"] for r in prior if "eval_loss" in r and r["step"] == 0), math.nan)
     last_eval = prior_evals[-1] if resumed and prior_evals else first_eval
@@ -383,6 +479,7 @@ def _train(cfg: Config, out: Path) -> dict[str, Any]:
     model.train()
     bar = tqdm(total=t.steps, initial=start_step, desc="train", disable=not t.progress, dynamic_ncols=True)
     step, window_tokens, window_t0 = start_step, 0, time.perf_counter()
+    window_enc = window_dec = 0  # the window's encoder and decoder tokens, for MFU
     # The last log window only, on the device (a deque keeps long runs from holding every step's scalar).
     losses: deque[torch.Tensor] = deque(maxlen=t.log_every)
     z_terms: deque[torch.Tensor] = deque(maxlen=t.log_every)
@@ -406,6 +503,7 @@ def _train(cfg: Config, out: Path) -> dict[str, Any]:
         res = step_fn(item["batch"])
         step += 1
         window_tokens += stats["input_tokens"] + stats["target_tokens"]
+        window_enc, window_dec = window_enc + stats["input_tokens"], window_dec + stats["target_tokens"]
         # Not converted here: that would wait for the GPU every step; the log rows sync once.
         losses.append(res.loss)
         if res.z_loss is not None:
@@ -421,39 +519,41 @@ def _train(cfg: Config, out: Path) -> dict[str, Any]:
                 "grad_norm": float(res.grad_norm),
                 **({"z_loss": float(torch.stack(list(z_terms)).mean())} if z_terms else {}),
                 "tokens_per_s": window_tokens / max(elapsed, 1e-9),
+                **({"mfu": flops(window_enc, window_dec) / max(elapsed, 1e-9) / peak} if peak else {}),
                 "graphed": step_fn.graphed,
                 **{f"data_{k}": v for k, v in stats.items() if isinstance(v, (int, float))},
             }
             metrics.write(json.dumps(row) + "\n")
             metrics.flush()
+            tracker.log(row)
             bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}", lr=f"{row['lr']:.2e}")
             window_tokens, window_t0 = 0, time.perf_counter()
-        if eval_batches and (step % t.eval_every == 0 or step == t.steps):
-            last_eval = evaluate(core, eval_batches, autocast)
-            metrics.write(json.dumps({"step": step, "eval_loss": last_eval}) + "\n")
+            window_enc = window_dec = 0
+        if task.has_eval and (step % t.eval_every == 0 or step == t.steps):
+            evaluated = task.evaluate(model, core, autocast, step)
+            last_eval = evaluated["eval_loss"]
+            metrics.write(json.dumps({"step": step, **evaluated}) + "\n")
             metrics.flush()
-            bar.write(f"step {step}: held-out loss {last_eval:.4f}")
+            tracker.log({"step": step, **evaluated})
+            bar.write(f"step {step}: held-out {_fmt_metrics(evaluated)}")
+            task.after_eval(step, evaluated, save_model)
             window_t0 = time.perf_counter()  # evaluation time is not training throughput
         if (t.save_every and step % t.save_every == 0) or step == t.steps:
             metrics.flush()
             os.fsync(metrics.fileno())  # the rows up to a checkpoint outlive a power loss with it
-            state = trainer_state(step, optimizer, loader, device, losses, z_terms, config_json)
+            state = trainer_state(step, optimizer, loader, device, losses, z_terms, config_json, task.state_dict())
             ckpt.save_checkpoint(out, step, model, state, t.keep_checkpoints)
             window_t0 = time.perf_counter()
     bar.close()
     metrics.close()
+    tracker.close()
     if step_fn.eager_batches:
         log(f"{step_fn.eager_batches} batches did not fit the CUDA graph's shapes and ran eagerly")
 
     final = out / "final"
-
-    def write_final(tmp: Path) -> None:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-
-    ckpt.write_dir_atomically(final, write_final, need=ckpt.nbytes(model.state_dict()))
+    save_model_dir(final, model, tokenizer)
     plot_losses(metrics_path, out / "loss.png")
-    samples = span_filling_samples(model, tokenizer, heldout or store, t.samples, device, t.seed) if t.samples else []
+    samples = task.samples(model, device)
     summary = {
         "steps": step,
         "initial_eval_loss": first_eval,
@@ -463,6 +563,7 @@ def _train(cfg: Config, out: Path) -> dict[str, Any]:
         "metrics": str(metrics_path),
         "loss_plot": str(out / "loss.png"),
         "samples": samples,
+        **task.summary(),
     }
     ckpt.write_text_atomically(out / "summary.json", json.dumps(summary, indent=2))
     return summary
