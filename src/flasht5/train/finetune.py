@@ -390,6 +390,10 @@ class PackedClassifier(nn.Module):
         super().__init__()
         self.model = model  # FlashT5ForSequenceClassification (registered: the step's parameters are its own)
 
+    @property
+    def backend(self) -> str:
+        return self.model.model.backend
+
     def forward(self, input_ids, decoder_input_ids=None, labels=None, *, enc=None, dec=None) -> ClassifierOutput:
         core, cfg = self.model.model, self.model.config
         encoded = core.encode(input_ids, enc)
