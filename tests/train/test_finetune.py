@@ -17,7 +17,6 @@ import torch
 from flasht5.train.config import FinetuneConfig, load_config
 from flasht5.train.finetune import (
     Examples,
-    FinetuneTask,
     PackedClassifier,
     SFTDataset,
     classification_metrics,
