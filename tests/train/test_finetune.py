@@ -448,3 +448,12 @@ def test_pretraining_through_the_task_loop_still_evaluates_and_samples(tmp_path:
     if (tmp_path / "o" / "tensorboard").exists():
         assert any((tmp_path / "o" / "tensorboard").iterdir())
     shutil.rmtree(tmp_path / "o")
+
+
+def test_long_config_and_its_data_builder(shared: Path) -> None:
+    cfg = load_config(ROOT / "configs" / "finetune" / "long.yaml", check_paths_too=False, schema=FinetuneConfig)
+    assert cfg.model.preset == "t5-v1_1-base" and cfg.model.overrides["vocab_size"] == 32128
+    assert cfg.data.max_input_len == 16384 == cfg.data.max_tokens and cfg.data.mode == "varlen"
+    rows = masked_word_examples(shared / "kjv.txt", 3, seed=0, min_words=5000, max_words=11000, join=True)
+    for r in rows:  # passages run over several chapters
+        assert 5000 <= len(r["input"].split()) <= 11000 + 5 and r["input"].count("<extra_id_0>") == 1

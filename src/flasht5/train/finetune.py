@@ -704,18 +704,25 @@ _WORD = re.compile(r"[A-Za-z]+(?:'[a-z]+)?")
 
 
 def masked_word_examples(
-    corpus: str | Path, n: int, *, seed: int = 0, min_words: int = 10, max_words: int = 24, max_span: int = 3
-) -> list[dict[str, str]]:
+    corpus: str | Path, n: int, *, seed: int = 0, min_words: int = 10, max_words: int = 24, max_span: int = 3,
+    join: bool = False,
+) -> list[dict[str, str]]:  # fmt: skip
     """``n`` examples of the demo task from a one-document-per-line text file (``.gz`` too): a passage of
     ``min_words``..``max_words`` words with a span of 1..``max_span`` consecutive words replaced by ``<extra_id_0>``
-    (T5's sentinel); the target is the masked words. Deterministic for a given seed."""
+    (T5's sentinel); the target is the masked words. ``join``: passages run on over the following documents (long
+    inputs from chapter-sized documents). Deterministic for a given seed."""
     from flasht5.data.text import iter_file_documents
 
     docs = [d for d in iter_file_documents(Path(corpus)) if d.strip()]
     rng = np.random.default_rng(seed)
     out: list[dict[str, str]] = []
     while len(out) < n:
-        doc = docs[int(rng.integers(len(docs)))]
+        first_doc = int(rng.integers(len(docs)))
+        doc = docs[first_doc]
+        if join:  # enough following documents for the longest passage
+            last = first_doc + 1
+            while last < len(docs) and len(doc.split()) < max_words + 1:
+                doc, last = doc + " " + docs[last], last + 1
         words = [m for m in _WORD.finditer(doc)]
         k = int(rng.integers(min_words, max_words + 1))
         if len(words) < k + 1:
@@ -731,14 +738,16 @@ def masked_word_examples(
 
 
 def write_demo_data(out_dir: str | Path, corpus_dir: str | Path = "data/corpus", *, train: int = 6000,
-                    held: int = 200) -> list[Path]:  # fmt: skip
+                    held: int = 200, long: bool = False) -> list[Path]:  # fmt: skip
     """The demo's ``train.jsonl.gz`` (from the training chapters) and ``eval.jsonl.gz`` (from the held-out ones),
-    byte-identical on every rebuild (gzip mtime 0)."""
+    byte-identical on every rebuild (gzip mtime 0). ``long``: the long-input variant of ``configs/finetune/long.yaml``
+    (passages of 5000-11000 words, about 8k-16k tokens, over consecutive chapters)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    sizes = dict(min_words=5000, max_words=11000, join=True) if long else {}
     paths = []
     for name, src, n, seed in (("train", "kjv_train.txt.gz", train, 0), ("eval", "kjv_heldout.txt.gz", held, 1)):
-        rows = masked_word_examples(Path(corpus_dir) / src, n, seed=seed)
+        rows = masked_word_examples(Path(corpus_dir) / src, n, seed=seed, **sizes)
         data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode()
         path = out_dir / f"{name}.jsonl.gz"
         with open(path, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="") as f:
@@ -747,8 +756,20 @@ def write_demo_data(out_dir: str | Path, corpus_dir: str | Path = "data/corpus",
     return paths
 
 
-if __name__ == "__main__":  # python -m flasht5.train.finetune [OUT_DIR]: rebuild the demo task's data
-    import sys
+def main(argv: list[str] | None = None) -> None:
+    import argparse
 
-    for p in write_demo_data(sys.argv[1] if len(sys.argv) > 1 else "configs/finetune/demo_data"):
+    parser = argparse.ArgumentParser(prog="python -m flasht5.train.finetune", description="Build the demo task's data.")
+    parser.add_argument("out", nargs="?", default=None, help="output folder (default: configs/finetune/demo_data, "
+                        "with --long runs/finetune-long/data)")  # fmt: skip
+    parser.add_argument("--long", action="store_true", help="the long-input variant for configs/finetune/long.yaml")
+    parser.add_argument("--corpus", default="data/corpus", help="folder of kjv_train.txt.gz and kjv_heldout.txt.gz")
+    args = parser.parse_args(argv)
+    out = args.out or ("runs/finetune-long/data" if args.long else "configs/finetune/demo_data")
+    kw = dict(train=256, held=16, long=True) if args.long else {}
+    for p in write_demo_data(out, args.corpus, **kw):
         print(p, os.path.getsize(p), "bytes")
+
+
+if __name__ == "__main__":
+    main()

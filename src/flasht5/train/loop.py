@@ -520,6 +520,7 @@ def _train(cfg: Config, out: Path, task: Any) -> dict[str, Any]:
                 **({"z_loss": float(torch.stack(list(z_terms)).mean())} if z_terms else {}),
                 "tokens_per_s": window_tokens / max(elapsed, 1e-9),
                 **({"mfu": flops(window_enc, window_dec) / max(elapsed, 1e-9) / peak} if peak else {}),
+                **({"peak_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30} if device.type == "cuda" else {}),
                 "graphed": step_fn.graphed,
                 **{f"data_{k}": v for k, v in stats.items() if isinstance(v, (int, float))},
             }

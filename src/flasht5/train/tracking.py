@@ -3,10 +3,10 @@
 :class:`Tracker` mirrors every metrics row into TensorBoard event files in ``<out_dir>/tensorboard``
 (``log.tensorboard``, when ``torch.utils.tensorboard`` imports, i.e. the ``tensorboard`` package is installed;
 otherwise one warning and nothing else). Tags: ``train/loss``, ``train/lr``, ``train/grad_norm``,
-``train/tokens_per_s``, ``train/mfu`` (GPU), ``train/z_loss``, ``eval/loss`` and ``eval/<metric>`` (fine-tuning:
-``eval/rougeL``, ``eval/accuracy``, ...), and the packer's ``data/*`` fill statistics. A resumed run purges the
-events after its checkpoint's step (TensorBoard's ``purge_step``), as ``metrics.jsonl`` is cut back, so the curves
-show each step once.
+``train/tokens_per_s``, ``train/mfu`` and ``train/peak_mem_gb`` (GPU), ``train/z_loss``, ``eval/loss`` and
+``eval/<metric>`` (fine-tuning: ``eval/rougeL``, ``eval/accuracy``, ...), and the packer's ``data/*`` fill
+statistics. A resumed run purges the events after its checkpoint's step (TensorBoard's ``purge_step``), as
+``metrics.jsonl`` is cut back, so the curves show each step once.
 
 MFU (model FLOPs utilisation): the matmul FLOPs of a step -- 6 x (weights each token passes through), forward and
 backward, attention scores and softmax left out, as in the PaLM paper's MFU without its attention term -- per second,
@@ -31,7 +31,7 @@ def _tag(key: str) -> str | None:
         return f"eval/{key[5:]}"
     if key.startswith("data_"):
         return f"data/{key[5:]}"
-    if key in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "z_loss"):
+    if key in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "z_loss", "peak_mem_gb"):
         return f"train/{key}"
     return None
 
