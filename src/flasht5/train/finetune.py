@@ -618,11 +618,12 @@ class FinetuneTask:
             for r, i in enumerate(ids):
                 seq = torch.from_numpy(ex.input(i).astype(np.int64))
                 input_ids[r, : len(seq)], mask[r, : len(seq)] = seq, 1
-            with autocast():
-                out = model.generate(
-                    input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device),
-                    max_new_tokens=e.max_new_tokens, do_sample=False, num_beams=1,
-                )  # fmt: skip
+            # In the weights' own dtype, as the span-filling samples of pretraining: the static cache takes the
+            # encoder output's dtype, which autocast would not give the decoder's keys and values.
+            out = model.generate(
+                input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device),
+                max_new_tokens=e.max_new_tokens, do_sample=False, num_beams=1,
+            )  # fmt: skip
             for i, text in zip(ids, self.tokenizer.batch_decode(out, skip_special_tokens=True)):
                 predictions[i] = text.strip()
         preds = [predictions[i] for i in range(len(ex))]
