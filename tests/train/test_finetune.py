@@ -33,6 +33,7 @@ TINY = "{d_model: 32, d_kv: 16, d_ff: 64, num_layers: 1, num_heads: 2, dropout_r
 TIMING = ("tokens_per_s", "graphed")  # the only fields of a metrics row that may differ between identical runs
 HAVE_ROUGE_BLEU = all(__import__("importlib").util.find_spec(m) for m in ("rouge_score", "sacrebleu"))
 METRICS = "[rougeL, exact_match, bleu]" if HAVE_ROUGE_BLEU else "[exact_match]"
+HAVE_TENSORBOARD = __import__("importlib").util.find_spec("tensorboard") is not None
 
 
 @pytest.fixture(scope="module")
@@ -388,7 +389,15 @@ def test_stopped_and_resumed_finetune_reproduces_the_uninterrupted_run(shared, f
     assert json.loads((out / "best" / "flasht5_best.json").read_text()) == json.loads(
         (finished / "best" / "flasht5_best.json").read_text()
     )
-    assert resumed["best"] == json.loads((finished / "summary.json").read_text())["best"]
+    summary = json.loads((finished / "summary.json").read_text())
+    assert resumed["best"] == summary["best"] and resumed["initial_metrics"] == summary["initial_metrics"]
+    if HAVE_TENSORBOARD:  # the stopped run's events after the checkpoint (step 4) are purged: each step once
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        acc = EventAccumulator(str(out / "tensorboard"))
+        acc.Reload()
+        assert [e.step for e in acc.Scalars("train/loss")] == [2, 4, 6, 8, 10]
+        assert [e.step for e in acc.Scalars("eval/loss")] == [0, 5, 10]
     assert (out / "predictions" / "step-0000010.jsonl").read_text() == (
         finished / "predictions" / "step-0000010.jsonl"
     ).read_text()

@@ -590,7 +590,8 @@ class FinetuneTask:
         finally:
             model.train(was)
         out = {"eval_loss": metrics.pop("loss"), **{f"eval_{k}": v for k, v in metrics.items()}}
-        self.first_metrics = self.first_metrics or out
+        if step == 0:
+            self.first_metrics = out
         self.last_metrics = out
         self.last_predictions = rows
         if self.cfg.eval.predictions:
@@ -671,10 +672,11 @@ class FinetuneTask:
         log(f"step {step}: best {e.best_metric} so far ({value:.4f}); model kept in {self.cfg.train.out_dir}/best")
 
     def state_dict(self) -> dict[str, Any]:
-        return {"best": dict(self.best)}
+        return {"best": dict(self.best), "first_metrics": dict(self.first_metrics)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.best = dict(state.get("best") or {})
+        self.first_metrics = dict(state.get("first_metrics") or {})
 
     def samples(self, model: nn.Module, device: torch.device) -> list[dict[str, Any]]:
         return self.last_predictions[: self.cfg.train.samples]
