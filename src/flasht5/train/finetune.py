@@ -214,7 +214,8 @@ def _flatten(arrays: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
 
 def _encode(tokenizer: Any, texts: list[str], max_len: int, eos_id: int) -> tuple[list[np.ndarray], np.ndarray, int]:
     """Token ids + EOS of each text, cut to ``max_len`` (EOS kept); also the uncut lengths and how many were cut."""
-    ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    # verbose=False: no "longer than the model's maximum length" warning, the cut is ours (and counted)
+    ids = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"] if texts else []
     out, raw, cut = [], np.empty(len(ids), dtype=np.int64), 0
     for i, seq in enumerate(ids):
         raw[i] = len(seq) + 1
@@ -489,8 +490,8 @@ def load_task_tokenizer(cfg: FinetuneConfig, texts: Sequence[str]) -> Any:
 
 
 class FinetuneTask:
-    """The data source and the evaluation of a fine-tuning run, for :func:`flasht5.train.loop.train` (see the
-    ``Task`` protocol there)."""
+    """The data source and the evaluation of a fine-tuning run, for :func:`flasht5.train.loop.train` (the methods
+    the loop calls are those of :class:`flasht5.train.loop.PretrainTask`)."""
 
     def __init__(self, cfg: FinetuneConfig) -> None:
         self.cfg = cfg
