@@ -466,3 +466,56 @@ def test_long_config_and_its_data_builder(shared: Path) -> None:
     rows = masked_word_examples(shared / "kjv.txt", 3, seed=0, min_words=5000, max_words=11000, join=True)
     for r in rows:  # passages run over several chapters
         assert 5000 <= len(r["input"].split()) <= 11000 + 5 and r["input"].count("<extra_id_0>") == 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GPU (run on the H200 through the device tool): the CUDA-graph step, MFU / peak memory, no host sync
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("task", ["seq2seq", "classification"])
+def test_finetune_on_cuda_replays_the_step_and_logs_mfu_and_memory(shared: Path, tmp_path: Path, task: str) -> None:
+    out = tmp_path / task
+    summary = _run(shared, out, 12, "--train.device=cuda", "--train.eval_every=6", task=task)
+    rows = _rows(out)
+    train = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert train[-1]["graphed"] is True  # static varlen batches: the step is replayed from one CUDA graph
+    assert all(r["peak_mem_gb"] > 0 for r in train)
+    assert all(0 < r["mfu"] < 1 for r in train if "mfu" in r)
+    key = "eval_accuracy" if task == "classification" else "eval_exact_match"
+    assert all(key in r for r in rows if "eval_loss" in r) and summary["final_metrics"][key] >= 0
+    if HAVE_TENSORBOARD:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        acc = EventAccumulator(str(out / "tensorboard"))
+        acc.Reload()
+        assert {"train/loss", "train/peak_mem_gb", "eval/loss"} <= set(acc.Tags()["scalars"])
+
+
+@pytest.mark.gpu
+def test_packed_classifier_step_replays_without_host_sync() -> None:
+    from flasht5 import FlashT5Config
+    from flasht5.modeling import FlashT5ForSequenceClassification
+    from flasht5.train.optim import AdamWScale
+    from flasht5.train.step import TrainStep
+
+    cfg = FlashT5Config.from_preset("demo", vocab_size=128, d_model=64, d_kv=32, d_ff=128, num_layers=2,
+                                    num_heads=2, num_labels=3)  # fmt: skip
+    model = FlashT5ForSequenceClassification(cfg).cuda()
+    core = PackedClassifier(model)
+    step = TrainStep(core, AdamWScale(model.parameters(), lr=1e-3), cuda_graph=True)
+    ds = SFTDataset(_examples(400, classification=True), eos_id=1, pad_id=0, max_input_len=48, max_target_len=48,
+                    max_tokens=256, max_docs="auto", seed=0)  # fmt: skip
+    batches = iter(ds)
+    for _ in range(5):  # eager warm-up, then the capture
+        step(next(batches)["batch"])
+    assert step.graphed
+    ready = [next(batches)["batch"].pin_memory() for _ in range(3)]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        losses = [step(b).loss for b in ready]
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert all(torch.isfinite(torch.stack(losses)).tolist())
