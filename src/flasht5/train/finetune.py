@@ -526,17 +526,19 @@ class FinetuneTask:
             log(f"{len(held)} held-out examples")
         return self.tokenizer
 
-    def _dataset(self, examples: Examples, *, seed: int, static: bool) -> SFTDataset:
+    def _dataset(self, examples: Examples, *, seed: int, static: bool, rank: int = 0, world_size: int = 1):
         d = self.cfg.data
         return SFTDataset(
             examples, eos_id=self.tokenizer.eos_token_id, pad_id=self.tokenizer.pad_token_id,
             max_input_len=d.max_input_len, max_target_len=d.max_target_len, max_tokens=d.max_tokens,
             max_target_tokens=d.max_target_tokens, mode=d.mode, row_len=d.row_len, row_target_len=d.row_target_len,
-            seed=seed, max_docs=(d.max_docs or "auto") if static and d.mode == "varlen" else None,
+            seed=seed, max_docs=(d.max_docs or "auto") if static and d.mode == "varlen" else None, rank=rank,
+            world_size=world_size,
         )  # fmt: skip
 
-    def train_dataset(self, static: bool) -> SFTDataset:
-        return self._dataset(self.train_examples, seed=self.cfg.train.seed, static=static)
+    def train_dataset(self, static: bool, rank: int = 0, world_size: int = 1) -> SFTDataset:
+        return self._dataset(self.train_examples, seed=self.cfg.train.seed, static=static, rank=rank,
+                             world_size=world_size)  # fmt: skip
 
     # -- model ---------------------------------------------------------------------------------------------------
     def build_model(self, device: torch.device) -> nn.Module:

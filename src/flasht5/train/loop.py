@@ -236,9 +236,11 @@ class PretrainTask:
         """What the training step drives: ``core(input_ids, decoder_input_ids, labels, enc=, dec=)`` -> ``.loss``."""
         return model.model
 
-    def train_dataset(self, static: bool) -> Any:
-        """The training stream (``static``: fixed batch shapes, for the CUDA-graph step)."""
-        return make_dataset(self.store, self.tokenizer, self.cfg, seed=self.cfg.train.seed, static=static)
+    def train_dataset(self, static: bool, rank: int = 0, world_size: int = 1) -> Any:
+        """The training stream (``static``: fixed batch shapes, for the CUDA-graph step); ``rank`` of ``world_size``
+        streams reading disjoint shards."""
+        return make_dataset(self.store, self.tokenizer, self.cfg, seed=self.cfg.train.seed, static=static, rank=rank,
+                            world_size=world_size)  # fmt: skip
 
     @property
     def has_eval(self) -> bool:
