@@ -26,6 +26,14 @@ What holds, and why:
 - Resume is exact: the CPU and CUDA generators are saved with the step (dropout draws from them); the data
   position (every DataLoader worker's) is the loader's state; the last ``log_every`` losses are saved so the first
   logged mean after a resume averages the same steps; ``metrics.jsonl`` is cut back to the checkpoint's step.
+
+Distributed runs (``dist.strategy`` ddp / fsdp, :mod:`flasht5.train.dist`) write ``checkpoints/step-N/dcp/``
+instead of the ``save_pretrained`` weights: the model and the optimizer through ``torch.distributed.checkpoint``
+(every rank writes its own shards in parallel, ``.metadata`` says where each piece of each tensor lies), so a
+checkpoint saved on N ranks loads on any number of ranks, or in one process without a process group, with any
+strategy (DCP reshards on load). ``trainer.pt`` (rank 0 writes it) then holds the step, every rank's RNG state, the
+position of every data stream and the log window; the atomic rename of the folder is rank 0's, after every rank's
+shards are written. Single-process runs keep the ``save_pretrained`` form; either form resumes under the other.
 """
 
 from __future__ import annotations
@@ -338,8 +346,13 @@ def save_checkpoint(out: Path, step: int, model: Any, trainer_state: dict[str, A
 class Checkpoint(NamedTuple):
     path: Path
     step: int
-    weights: dict[str, torch.Tensor]
+    weights: dict[str, torch.Tensor] | None  # None: a sharded checkpoint (read with load_sharded)
     trainer: dict[str, Any]
+
+
+def is_sharded(path: Path) -> bool:
+    """Whether the checkpoint at ``path`` holds model and optimizer as torch.distributed.checkpoint shards."""
+    return (Path(path) / "dcp" / ".metadata").is_file()
 
 
 def _first_line(e: BaseException) -> str:
@@ -368,11 +381,34 @@ def read_checkpoint(path: Path) -> Checkpoint:
         raise ValueError(f"{trainer_pt} is missing") from e
     except Exception as e:  # truncated, or not a weights-only pickle
         raise ValueError(f"{trainer_pt}: {_first_line(e)}") from e
-    if not isinstance(trainer, dict) or not isinstance(trainer.get("step"), int) or "optimizer" not in trainer:
+    sharded = is_sharded(path)
+    if (
+        not isinstance(trainer, dict)
+        or not isinstance(trainer.get("step"), int)
+        or ("optimizer" not in trainer and not sharded)
+    ):
         raise ValueError(f"{trainer_pt}: not a flasht5 trainer state")
     step = int(_STEP.fullmatch(path.name).group(1)) if _STEP.fullmatch(path.name) else trainer["step"]
     if trainer["step"] != step:
         raise ValueError(f"{trainer_pt}: holds step {trainer['step']}, the folder says {step}")
+    if sharded:  # the tensors are read by load_sharded once the model is built; here only the index is checked
+        from torch.distributed.checkpoint import FileSystemReader
+
+        try:
+            meta = FileSystemReader(str(path / "dcp")).read_metadata()
+        except Exception as e:
+            raise ValueError(f"{path / 'dcp' / '.metadata'}: {_first_line(e)}") from e
+        ends: dict[str, int] = {}  # every shard file must reach the end of the last piece the index puts in it
+        for info in (getattr(meta, "storage_data", None) or {}).values():
+            rel = getattr(info, "relative_path", None)
+            if rel is not None:
+                ends[rel] = max(ends.get(rel, 0), int(info.offset) + int(info.length))
+        for rel, end in sorted(ends.items()):
+            f = path / "dcp" / rel
+            size = f.stat().st_size if f.is_file() else -1
+            if size < end:
+                raise ValueError(f"{f} is {'missing' if size < 0 else f'truncated ({size} of {end} bytes)'}")
+        return Checkpoint(path, step, None, trainer)
     try:
         weights = load_state_dict(path)
     except Exception as e:
@@ -436,8 +472,9 @@ def load_latest(out: Path) -> Checkpoint | None:
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any], lr: float) -> None:
     """``optimizer.load_state_dict`` without torch's casts: it leaves ``step`` on the device it was loaded to (the
-    CPU) and casts the moments to the parameter's dtype; AdamWScale keeps both as fp32 on the parameter's device
-    (a CPU ``step`` would freeze inside a CUDA graph). The learning rate is set by the loop every step: the saved
+    CPU) and casts the moments to the parameter's dtype; AdamWScale keeps ``step`` as fp32 and the moments (and
+    Kahan / master buffers) in the dtype it saved them in, on the parameter's device (a CPU ``step`` would freeze
+    inside a CUDA graph). The learning rate is set by the loop every step: the saved
     one (maybe a device tensor) is replaced by ``lr``."""
     optimizer.load_state_dict(state)
     saved = {int(k): v for k, v in state["state"].items()}
@@ -448,8 +485,8 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]
             continue
         st = optimizer.state[p]
         for k, v in saved[i].items():
-            if isinstance(v, torch.Tensor) and v.is_floating_point():
-                st[k] = v.to(device=p.device, dtype=torch.float32)
+            if isinstance(v, torch.Tensor) and v.is_floating_point():  # as saved (bf16 state stays bf16)
+                st[k] = v.to(device=p.device, dtype=torch.float32 if k == "step" else v.dtype)
     for g in optimizer.param_groups:
         g["lr"] = lr
 
@@ -477,7 +514,7 @@ def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: tree}
 
 
-IGNORED_IN_DIFF = ("train.resume", "train.out_dir")  # resuming a run that was moved is no change
+IGNORED_IN_DIFF = ("train.resume", "train.out_dir", "dist.strategy")  # a moved run, or one on other ranks
 
 
 def config_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -522,3 +559,155 @@ def cut_metrics(path: Path, step: int | None) -> list[dict[str, Any]]:
         after = "by an earlier run that left no checkpoint" if step is None else f"after step {step}"
         log(f"{path}: dropped {dropped} rows written {after} (those steps are trained again)")
     return kept
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sharded checkpoints (torch.distributed.checkpoint), for ddp / fsdp runs
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _dcp_state(core: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Model and optimizer state keyed by parameter name (sharded ``DTensor`` values under FSDP2): what DCP saves
+    and, on load, the template it fills in place."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_sd, optim_sd = get_state_dict(core, optimizer)
+    return {"model": model_sd, "optim": optim_sd}
+
+
+def save_sharded(
+    out: Path, step: int, core: torch.nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict[str, Any] | None,
+    keep: int, world: Any,
+) -> Path:  # fmt: skip
+    """``checkpoints/step-N`` with ``dcp/`` (every rank's shards) and ``trainer.pt`` (rank 0's ``trainer_state``),
+    complete or absent as :func:`save_checkpoint`'s. Every rank calls it (collective); ``trainer_state`` matters on
+    rank 0 only."""
+    import torch.distributed.checkpoint as dcp
+
+    from flasht5.train import dist as tdist
+
+    path = Path(out) / "checkpoints" / f"step-{step:07d}"
+    tmp = path.with_name(path.name + ".tmp")
+    state = _dcp_state(core, optimizer)
+
+    def prepare() -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _remove(tmp)
+        free = _free(path.parent)
+        need = nbytes(state, trainer_state)  # replicated (DDP) tensors are written once
+        if 0 <= free < need:
+            raise no_space_error(path, need, free)
+        tmp.mkdir()
+
+    tdist.on_main(prepare, world)
+    error: BaseException | None = None
+    try:
+        dcp.save(state, checkpoint_id=str(tmp / "dcp"))
+    except Exception as e:  # noqa: BLE001 -- reported by rank 0 below, after every rank is done
+        error = e
+    errors = tdist.gather_objects(None if error is None else f"{type(error).__name__}: {error}", world)
+
+    def finish() -> None:
+        bad = [f"rank {r}: {e}" for r, e in enumerate(errors) if e is not None]
+        if bad:
+            full = any("No space left" in e or "os error 28" in e for e in bad) or 0 <= _free(path.parent) < 1 << 20
+            _remove(tmp)
+            if full:
+                raise no_space_error(path)
+            raise RuntimeError(f"saving {path} failed: {'; '.join(bad)}")
+        try:
+            with open(tmp / "trainer.pt", "wb") as f:
+                torch.save(trainer_state, f)
+            _fsync_tree(tmp)
+        except BaseException as e:
+            _remove(tmp)
+            if _no_space(e) and isinstance(e, Exception):
+                raise no_space_error(path) from e
+            raise
+        if path.exists():
+            old = path.with_name(path.name + ".old")
+            _remove(old)
+            path.rename(old)
+            tmp.rename(path)
+            _remove(old)
+        else:
+            tmp.rename(path)
+        fsync(path.parent)
+        if keep > 0:
+            for old in list_checkpoints(out)[:-keep]:
+                gone = old.with_name(old.name + ".del")
+                _remove(gone)
+                old.rename(gone)
+                _remove(gone)
+
+    tdist.on_main(finish, world)
+    return path
+
+
+def load_sharded(path: Path, core: torch.nn.Module, optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Fill ``core`` and ``optimizer`` from ``path/dcp`` (any number of ranks, any strategy, or one process without
+    a process group: DCP reads the pieces each rank's shards need). The learning rate is set to ``lr``."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    state = _dcp_state(core, optimizer)
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.filterwarnings("ignore", message=".*single process.*")
+        dcp.load(state, checkpoint_id=str(Path(path) / "dcp"))
+    set_state_dict(core, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    _optimizer_dtypes(optimizer)
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+
+
+def load_full_optimizer_state(
+    core: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any], lr: float
+) -> None:
+    """A single-process ``trainer.pt`` optimizer state (keyed by parameter index, as ``optimizer.state_dict()``) into
+    an optimizer over ``core.parameters()`` that may be sharded (FSDP2): the indices become parameter names and
+    ``set_optimizer_state_dict`` cuts every rank's shard out of the full tensors."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    names = [n for n, _ in core.named_parameters()]
+    ids = [int(i) for g in state["param_groups"] for i in g["params"]]
+    if len(ids) != len(names):
+        raise RunDirError(f"the checkpoint's optimizer holds {len(ids)} tensors, the model has {len(names)}")
+    fqn = dict(zip(ids, names))
+    full = {
+        "state": {fqn[int(i)]: v for i, v in state["state"].items()},
+        "param_groups": [{**g, "lr": lr, "params": [fqn[int(i)] for i in g["params"]]} for g in state["param_groups"]],
+    }
+    set_optimizer_state_dict(core, optimizer, full, options=StateDictOptions(full_state_dict=True))
+    _optimizer_dtypes(optimizer)
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+
+
+def _optimizer_dtypes(optimizer: torch.optim.Optimizer) -> None:
+    """AdamWScale's ``step`` is an fp32 tensor on its parameter's device (a CPU one would freeze in a CUDA graph)."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            st = optimizer.state.get(p)
+            if st and isinstance(st.get("step"), torch.Tensor):
+                local = p.to_local() if hasattr(p, "to_local") else p
+                st["step"] = st["step"].to(device=local.device, dtype=torch.float32)
+
+
+def load_full_model_state(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Whole (``save_pretrained``) weights into a model whose core may be sharded (FSDP2): each rank keeps its
+    shards of them."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True))
+
+
+def full_model_state(core: torch.nn.Module, world: Any) -> dict[str, torch.Tensor] | None:
+    """The whole model's state on rank 0's CPU (gathered from the shards under FSDP2; collective), None elsewhere."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    if world.strategy != "fsdp":
+        return core.state_dict() if world.main else None
+    sd = get_model_state_dict(core, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return sd if world.main else None

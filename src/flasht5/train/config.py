@@ -1,11 +1,12 @@
 """Typed training configuration: YAML in, ``--section.key=value`` overrides, every field checked.
 
-A run is described by four sections (see ``configs/pretrain/demo.yaml`` for every key, commented)::
+A run is described by five sections (see ``configs/pretrain/demo.yaml`` for every key, commented)::
 
     model:  which architecture (a FlashT5Config preset + overrides) or which checkpoint to start from
     data:   corpus -> tokenizer -> pretokenized store -> denoisers -> packed batches
     optim:  AdamWScale, learning-rate schedule, clipping
     train:  steps, device, precision, logging, evaluation, checkpoints
+    dist:   data parallelism under torchrun (DDP / FSDP2); see flasht5.train.dist
 """
 
 from __future__ import annotations
@@ -66,6 +67,10 @@ class OptimConfig:
     schedule: str = "cosine"  # "cosine" or "constant" after the linear warm-up
     final_lr_ratio: float = 0.1  # learning rate at the last step, as a fraction of `lr`
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    # Weights and optimizer-state precision (flasht5.train.optim): "fp32" (fp32 weights, bf16 autocast on CUDA),
+    # "bf16" (pure bf16 weights and moments), "bf16_kahan" (pure bf16 + a bf16 Kahan compensation buffer),
+    # "fp32_master" (bf16 weights, fp32 master copy and moments in the optimizer)
+    precision: str = "fp32"
 
 
 @dataclass
@@ -86,6 +91,20 @@ class RunConfig:
     threads: int = 0  # CPU threads for torch (0 = torch's default)
     samples: int = 3  # generations printed at the end (span filling; fine-tuning: held-out predictions)
     progress: bool = True  # show a progress bar
+    grad_accum: int = 1  # micro-batches (of data.max_tokens each) per optimizer step and rank
+
+
+@dataclass
+class DistConfig:
+    # "auto" = ddp under torchrun, none outside; none = one process; ddp = DistributedDataParallel; fsdp = FSDP2
+    strategy: str = "auto"
+    bucket_mb: float = 25.0  # ddp: all-reduce bucket size (MiB)
+    reduce_dtype: str = "fp32"  # fsdp: gradient reduce-scatter dtype, "fp32" or "bf16"
+    cpu_offload: bool = False  # fsdp: sharded parameters, gradients and optimizer state in host memory
+    reshard_after_forward: bool = True  # fsdp: free each block's gathered weights after its forward (ZeRO-3)
+    shard_size: int = 0  # fsdp: shard over groups of this many ranks, replicate across them (HSDP); 0 = all ranks
+    meta_init: bool = False  # fsdp: build on the meta device, allocate and initialise only each rank's shards
+    timeout_s: float = 1800.0  # collective timeout (a rank that dies makes the others fail after this long)
 
 
 @dataclass
@@ -99,6 +118,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: RunConfig = field(default_factory=RunConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -355,6 +375,7 @@ def check(cfg: Config) -> None:
 
     _check_optim(o)
     _check_run(t)
+    _check_dist(cfg)
 
 
 def _check_optim(o: OptimConfig) -> None:
@@ -367,6 +388,7 @@ def _check_optim(o: OptimConfig) -> None:
     _one_of("optim.schedule", o.schedule, ("cosine", "constant"))
     _range("optim.final_lr_ratio", o.final_lr_ratio, 0, 1)
     _range("optim.grad_clip", o.grad_clip, 0, note=" (0 disables clipping)")
+    _one_of("optim.precision", o.precision, ("fp32", "bf16", "bf16_kahan", "fp32_master"))
 
 
 def _check_run(t: RunConfig) -> None:
@@ -381,6 +403,32 @@ def _check_run(t: RunConfig) -> None:
     _range("train.samples", t.samples, 0)
     _one_of("train.precision", t.precision, ("auto", "bf16", "fp32"))
     _check_device(t.device)
+    _range("train.grad_accum", t.grad_accum, 1)
+
+
+def _check_dist(cfg: Config | FinetuneConfig) -> None:
+    x, t = cfg.dist, cfg.train
+    _one_of("dist.strategy", x.strategy, ("auto", "none", "ddp", "fsdp"))
+    _range("dist.bucket_mb", x.bucket_mb, 0, lo_open=True)
+    _one_of("dist.reduce_dtype", x.reduce_dtype, ("fp32", "bf16"))
+    _range("dist.timeout_s", x.timeout_s, 0, lo_open=True)
+    _range("dist.shard_size", x.shard_size, 0, note=" (0: shard over all ranks)")
+    if x.cpu_offload and x.strategy != "fsdp":
+        raise ValueError("dist.cpu_offload applies to dist.strategy=fsdp only")
+    if x.meta_init and x.strategy != "fsdp":
+        raise ValueError("dist.meta_init applies to dist.strategy=fsdp only")
+    if x.meta_init and cfg.model.init_from is not None:
+        raise ValueError(
+            "dist.meta_init builds the model from model.preset; with model.init_from every rank loads the whole "
+            "checkpoint anyway: set dist.meta_init=false"
+        )
+    if x.strategy == "fsdp" and t.cuda_graphs:
+        raise ValueError(
+            "train.cuda_graphs=true with dist.strategy=fsdp: FSDP2 steps cannot be replayed from a CUDA graph "
+            "(its all-gathers are driven from host-side hooks); leave train.cuda_graphs null"
+        )
+    if t.cuda_graphs and t.grad_accum > 1:
+        raise ValueError("train.cuda_graphs=true with train.grad_accum > 1: accumulated steps run eagerly")
 
 
 def _check_model(m: ModelConfig) -> None:
@@ -577,6 +625,7 @@ class FinetuneConfig:
         default_factory=lambda: RunConfig(out_dir="runs/finetune", steps=1000, eval_every=200, save_every=500)
     )
     eval: EvalConfig = field(default_factory=EvalConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -646,8 +695,14 @@ def check_finetune(cfg: FinetuneConfig) -> None:
                 f"{_PIP_NAMES[package]}); install it or leave {name} out of eval.metrics"
             )
     _one_of("eval.best_metric", e.best_metric, ["loss", *cfg.metrics()])
+    if e.keep_best and cfg.dist.strategy == "fsdp":
+        raise ValueError(
+            "eval.keep_best with dist.strategy=fsdp: best/ would need the sharded weights gathered at every new best; "
+            "set eval.keep_best=false (final/ and the checkpoints are written as usual)"
+        )
     _check_optim(cfg.optim)
     _check_run(cfg.train)
+    _check_dist(cfg)
 
 
 def check_finetune_paths(cfg: FinetuneConfig) -> None:
@@ -693,22 +748,31 @@ def check_finetune_paths(cfg: FinetuneConfig) -> None:
 
 
 def _field_comments(cls: type) -> dict[str, str]:
-    """Field name -> the comment after it in the class source (continued on following comment-only lines)."""
+    """Field name -> its comment in the class source: the comment after it, continued on the comment-only lines
+    that follow; a field without a comment of its own takes the comment-only lines just above it."""
     import inspect
 
     comments: dict[str, str] = {}
-    last = None
+    last, pending = None, []
     for line in inspect.getsource(cls).splitlines():
         m = re.match(r"^    (\w+)\s*:[^#]*?(?:#\s*(.*))?$", line)
         if m and not line.lstrip().startswith("#"):
+            own = (m.group(2) or "").strip()
+            if own and last is not None and pending:  # the lines above continue the previous field's comment
+                comments[last] = " ".join([comments[last], *pending]).strip()
             last = m.group(1)
-            comments[last] = (m.group(2) or "").strip()
+            comments[last] = own or " ".join(pending)
+            pending = []
             continue
         m = re.match(r"^    #\s*(.*)$", line)
-        if m and last is not None:
-            comments[last] = f"{comments[last]} {m.group(1).strip()}".strip()
+        if m:
+            pending.append(m.group(1).strip())
         elif line.strip() and not line.startswith("        "):
-            last = None  # a method or decorator ends the field list's continuation lines
+            if last is not None and pending:
+                comments[last] = " ".join([comments[last], *pending]).strip()
+            last, pending = None, []  # a method or decorator ends the fields
+    if last is not None and pending:
+        comments[last] = " ".join([comments[last], *pending]).strip()
     return {k: re.sub(r"``?([^`]+?)``?", r"\1", v) for k, v in comments.items()}
 
 

@@ -52,7 +52,15 @@ EXAMPLE_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv")
 
 
 def log(msg: str) -> None:
-    print(f"[flasht5] {msg}", flush=True)
+    from flasht5.train.loop import log as loop_log  # quiet on the ranks other than 0
+
+    loop_log(msg)
+
+
+def _main_rank() -> bool:
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -541,14 +549,17 @@ class FinetuneTask:
                              world_size=world_size)  # fmt: skip
 
     # -- model ---------------------------------------------------------------------------------------------------
-    def build_model(self, device: torch.device) -> nn.Module:
+    def build_model(self, device: torch.device, *, meta: bool = False) -> nn.Module:
         from flasht5.config import FlashT5Config
         from flasht5.modeling import FlashT5ForSequenceClassification
         from flasht5.train.loop import build_model
 
         vocab = len(self.tokenizer)
         if not self.classification:
-            return build_model(self.cfg, vocab, device)
+            return build_model(self.cfg, vocab, device, meta=meta)
+        if meta:  # FSDP2 builds on the meta device, then allocates each rank's shards
+            with torch.device("meta"):
+                return self.build_model(torch.device("meta"))
         m = self.cfg.model
         labels = {"num_labels": len(self.labels), "id2label": dict(enumerate(self.labels)),
                   "label2id": {n: i for i, n in enumerate(self.labels)}}  # fmt: skip
@@ -597,7 +608,7 @@ class FinetuneTask:
             self.first_metrics = out
         self.last_metrics = out
         self.last_predictions = rows
-        if self.cfg.eval.predictions:
+        if self.cfg.eval.predictions and _main_rank():
             path = Path(self.cfg.train.out_dir) / "predictions" / f"step-{step:07d}.jsonl"
             path.parent.mkdir(parents=True, exist_ok=True)
             ckpt.write_text_atomically(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))

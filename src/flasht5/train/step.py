@@ -17,12 +17,27 @@ optimizer's learning rate becomes a device tensor that :meth:`TrainStep.set_lr` 
 Following PyTorch's whole-network capture recipe ("CUDA Graphs", torch.cuda docs): eager warm-up steps first,
 gradients allocated inside the graph (set to None before capture, never zeroed after), autocast's weight cache off.
 The capture step itself runs by replaying the graph, so every step updates the weights exactly once.
+
+Several micro-batches (gradient accumulation, ``step([b0, b1, ...])``) and several ranks (``world`` with DDP or
+FSDP2, :mod:`flasht5.train.dist`): the loss of micro-batch i is weighted by ``n_i * world_size / N``, where n_i
+counts its target tokens (labels != -100) and N those of the global batch (every micro-batch of every rank, one
+all-reduce of a scalar before the forward). DDP / FSDP average gradients over the ranks, so the update is the
+gradient of the token-weighted mean loss over the global batch: N ranks x B, 1 rank x N*B and 1 rank x B x N
+accumulation steps make the same update. The step's ``loss`` is then this rank's share of the global mean (the sum
+over ranks is the mean; the loop sums at log time). Gradients are synchronised once per step (DDP's ``no_sync`` /
+FSDP2's ``set_requires_gradient_sync`` for all but the last micro-batch). With a single micro-batch on one rank
+nothing is weighted (bit-identical to the plain step).
+
+CUDA graphs and data parallelism: a DDP step is captured following PyTorch's recipe (DDP built on a side stream,
+at least 11 eager DDP steps before capture, NCCL >= 2.9.6 records the all-reduces in the graph); FSDP2 steps and
+accumulated steps run eagerly (FSDP2's all-gathers are driven by host-side hooks that a replay would skip).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -63,8 +78,11 @@ class TrainStep:
         amp_dtype: torch.dtype | None = torch.bfloat16,
         cuda_graph: bool | None = None,
         warmup: int = 3,
+        world: Any = None,
     ):
         self.model, self.optimizer = model, optimizer
+        self.world = world  # flasht5.train.dist.World, or None: one process
+        self.world_size = 1 if world is None or not world.active else int(world.world_size)
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("the model has no trainable parameters")
@@ -98,8 +116,16 @@ class TrainStep:
         """Whether steps are replayed from the captured graph."""
         return self._graph is not None
 
-    def __call__(self, batch: Batch) -> StepOutput:
+    def __call__(self, batch: Batch | Sequence[Batch]) -> StepOutput:
+        """One optimizer step on ``batch``, or on the micro-batches of a list (gradient accumulation)."""
         self.steps += 1
+        if not isinstance(batch, Batch):
+            if len(batch) != 1:
+                if self.use_graph:
+                    self._give_up("gradient accumulation steps run eagerly")
+                self.optimizer.zero_grad(set_to_none=True)
+                return self._forward_backward_step([b.to(self.device, non_blocking=True) for b in batch])
+            batch = batch[0]
         if self.use_graph:
             sig = _signature(batch)
             self._signature = self._signature or sig  # the shapes the graph is (or will be) captured for
@@ -118,17 +144,51 @@ class TrainStep:
         # No weight-cast cache: inside a graph it would hold the casts of the capture.
         return torch.autocast(self.device.type, dtype=self.amp_dtype, cache_enabled=False)
 
-    def _forward_backward_step(self, batch: Batch) -> StepOutput:
-        with self._autocast():
-            out = self.model(batch.input_ids, batch.decoder_input_ids, batch.labels, enc=batch.enc, dec=batch.dec)
-        out.loss.backward()
+    def _forward_backward_step(self, batch: Batch | list[Batch]) -> StepOutput:
+        micro = batch if isinstance(batch, list) else [batch]
+        if len(micro) == 1 and self.world_size == 1:
+            with self._autocast():
+                out = self.model(batch.input_ids, batch.decoder_input_ids, batch.labels, enc=batch.enc, dec=batch.dec)
+            out.loss.backward()
+            loss, z = out.loss.detach(), None if out.z_loss is None else out.z_loss.detach()
+        else:
+            loss, z = self._weighted_forward_backward(micro)
         grads = [p.grad for p in self.params if p.grad is not None]
         if self.grad_clip > 0:
             norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip, foreach=True)
         else:
             norm = torch.nn.utils.get_total_norm(grads, foreach=True)
         self.optimizer.step()
-        return StepOutput(out.loss.detach(), None if out.z_loss is None else out.z_loss.detach(), norm)
+        return StepOutput(loss, z, _plain(norm))
+
+    def _weighted_forward_backward(self, micro: list[Batch]) -> tuple[Tensor, Tensor | None]:
+        """Token-weighted forward + backward of every micro-batch (see the module docstring); returns this rank's
+        shares of the global mean loss and z-term."""
+        counts = [(b.labels != -100).sum() for b in micro]
+        total = torch.stack(counts).sum().to(torch.float32)
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(total)
+        total = total.clamp_min(1.0)
+        loss = z = None
+        last = len(micro) - 1
+        sync = getattr(self.model, "set_requires_gradient_sync", None)  # FSDP2
+        for i, b in enumerate(micro):
+            ctx = self.model.no_sync() if i < last and hasattr(self.model, "no_sync") else contextlib.nullcontext()
+            if sync is not None:
+                sync(i == last)
+            with ctx:
+                with self._autocast():
+                    out = self.model(b.input_ids, b.decoder_input_ids, b.labels, enc=b.enc, dec=b.dec)
+                share = counts[i] / total
+                (out.loss * (share * self.world_size)).backward()
+            part = out.loss.detach() * share
+            loss = part if loss is None else loss + part
+            if out.z_loss is not None:
+                zp = out.z_loss.detach() * share
+                z = zp if z is None else z + zp
+        return loss, z
 
     def _eager(self, batch: Batch) -> StepOutput:
         self.optimizer.zero_grad(set_to_none=True)
@@ -170,6 +230,11 @@ class TrainStep:
         self._graph.replay()
         # The graph's outputs are overwritten by the next replay: hand out copies.
         return StepOutput(out.loss.clone(), None if out.z_loss is None else out.z_loss.clone(), out.grad_norm.clone())
+
+
+def _plain(norm: Tensor) -> Tensor:
+    """FSDP2's clip_grad_norm_ returns the global norm as a replicated DTensor; the loop wants a tensor."""
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
 def _static_copy(batch: Batch, device: torch.device) -> Batch:
