@@ -531,3 +531,54 @@ def test_padded_mode_trains_both_tasks(shared: Path, tmp_path: Path, task: str) 
     train = [r for r in rows if "loss" in r]
     assert train and all(r["data_input_padding"] > 0 for r in train)  # rows, not one varlen bin: padding counted
     assert math.isfinite(summary["final_metrics"]["eval_loss"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data parallel (issue 13's loop): 2 gloo ranks == 1 process with 2 accumulated micro-batches (the same streams)
+# ---------------------------------------------------------------------------------------------------------------
+
+NODROP = "--model.overrides={d_model: 32, d_kv: 16, d_ff: 64, num_layers: 1, num_heads: 2, dropout_rate: 0.0}"
+
+
+def _ft_rank(rank: int, world_size: int, port: int, shared: str, out: str) -> None:
+    import os
+    import traceback
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))  # fmt: skip
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        _run(Path(shared), Path(out), 6, "--dist.strategy=ddp", NODROP, "--train.threads=1", "--train.log_every=1")
+    except BaseException:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / f"error-{rank}.txt").write_text(traceback.format_exc())
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def test_finetune_on_two_ddp_ranks_trains_the_curve_of_one_process_with_accumulation(shared: Path, tmp_path: Path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    one, two = tmp_path / "one", tmp_path / "ddp2"
+    _run(shared, one, 6, "--train.grad_accum=2", "--dist.strategy=none", NODROP, "--train.threads=1",
+         "--train.log_every=1")  # fmt: skip
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    try:
+        mp.start_processes(_ft_rank, args=(2, port, str(shared), str(two)), nprocs=2, join=True, start_method="fork")
+    except Exception as e:
+        errors = "\n".join(p.read_text() for p in sorted(two.glob("error-*.txt")))
+        raise AssertionError(f"a rank failed:\n{errors or e}") from e
+    losses = lambda out: [r["loss"] for r in _rows(out) if "loss" in r]
+    evals = lambda out: [r["eval_loss"] for r in _rows(out) if "eval_loss" in r]
+    assert losses(two) == pytest.approx(losses(one), rel=1e-5, abs=1e-6)
+    assert evals(two) == pytest.approx(evals(one), rel=1e-5, abs=1e-6)
+    assert len(evals(two)) == 3  # one row per evaluation: rank 0 writes
+    assert (two / "best" / "flasht5_best.json").is_file() and (two / "predictions" / "step-0000006.jsonl").is_file()
