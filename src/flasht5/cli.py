@@ -69,7 +69,8 @@ def _finetune(args: argparse.Namespace) -> int:
     for i, row in enumerate(s["samples"]):
         print(f"\n--- held-out example {i + 1} ---")
         for k, v in row.items():
-            print(f"{k:10s}: {v}")
+            v = str(v)  # a long input is shown by its ends (predictions/*.jsonl has it whole)
+            print(f"{k:10s}: {v if len(v) <= 400 else f'{v[:200]} [... {len(v) - 400} characters ...] {v[-200:]}'}")
     return 0
 
 
