@@ -199,8 +199,9 @@ def _config_command(sub: Any, name: str, schema: type, example: str, func: Any, 
 
     from flasht5.train.config import format_config_help
 
+    data = "--data.corpus=[a.txt]" if name == "train" else "--data.train=[a.jsonl]"
     keys = ("Every key below can be set in the YAML file or overridden on the command line (--section.key=value, the "
-            "value read as YAML: --train.steps=100, --data.train=[a.jsonl]).")  # fmt: skip
+            f"value read as YAML: --train.steps=100, {data}).")  # fmt: skip
     p = sub.add_parser(
         name, help=help, description=f"{textwrap.fill(what, 100)}\n\n{textwrap.fill(keys, 100)}",
         epilog=format_config_help(schema), formatter_class=argparse.RawDescriptionHelpFormatter,
