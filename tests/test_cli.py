@@ -149,3 +149,84 @@ def test_tokenizer_without_sentinels_is_refused_before_training(tmp_path: Path, 
     assert code == 0 and "note: no <extra_id_N> sentinels" in text, text
     code, text = _run(capfd, "train", DEMO, f"--data.corpus=[{corpus}]", f"--data.tokenizer={tmp_path / 'tok'}")
     _clear_error(code, text, "has no <extra_id_N> sentinels (trained with --num-sentinels 0)")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Issue 12: --help lists every config key (from the dataclasses), --print-config, flasht5 finetune
+# ---------------------------------------------------------------------------------------------------------------
+
+FT_DEMO = str(ROOT / "configs" / "finetune" / "demo.yaml")
+
+
+@pytest.mark.parametrize("command", ["train", "finetune"])
+def test_help_lists_every_config_key_with_type_default_and_meaning(capfd, command: str) -> None:
+    from flasht5.train.config import Config, FinetuneConfig, _yaml_value, config_keys
+
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0
+    text = capfd.readouterr().out
+    keys = config_keys(Config if command == "train" else FinetuneConfig)
+    assert len(keys) > 40
+    for key, kind, default, meaning in keys:
+        assert f"  {key}: {kind} = {_yaml_value(default)}\n" in text, key
+        assert meaning, f"{key} has no comment in src/flasht5/train/config.py"
+    assert "`" not in text  # no RST markup
+    assert "--print-config" in text
+    if command == "finetune":  # the fine-tuning defaults, not pretraining's
+        assert "  optim.lr: float = 0.0005\n" in text and "  train.out_dir: str = runs/finetune\n" in text
+    main_help = build_help(capfd)
+    assert "`" not in main_help and "finetune" in main_help
+
+
+def build_help(capfd) -> str:
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    return capfd.readouterr().out
+
+
+@pytest.mark.parametrize("command, config", [("train", DEMO), ("finetune", FT_DEMO)])
+def test_print_config_prints_the_resolved_config_and_reloads_to_it(tmp_path: Path, capfd, command, config) -> None:
+    from flasht5.train.config import Config, FinetuneConfig, load_config
+
+    schema = Config if command == "train" else FinetuneConfig
+    code, text = _run(capfd, command, config, "--train.steps=7", "--optim.lr=3e-4", "--print-config")
+    assert code == 0, text
+    assert "train:\n" in text and "  steps: 7\n" in text and "  lr: 0.0003\n" in text
+    (tmp_path / "resolved.yaml").write_text(text)
+    again = load_config(tmp_path / "resolved.yaml", check_paths_too=False, schema=schema)
+    assert again == load_config(config, ["--train.steps=7", "--optim.lr=3e-4"], check_paths_too=False, schema=schema)
+    assert not (tmp_path / "runs").exists()  # nothing was run
+
+
+def test_finetune_mistakes_are_one_line(tmp_path: Path, capfd) -> None:
+    cases = [
+        (
+            [FT_DEMO, "--task=regression"],
+            ["flasht5 finetune: error: task must be one of ['seq2seq'"],
+        ),
+        ([FT_DEMO, "--data.train=[nope.jsonl]"], ["data.train: input 'nope.jsonl' does not exist"]),
+        ([FT_DEMO, "--eval.best_metric=f1"], ["eval.best_metric must be one of"]),
+        ([FT_DEMO, "--data.corpus=[a.txt]"], ["unknown key(s) ['corpus'] in section 'data'"]),
+        ([FT_DEMO, "--model.init_from=runs/a/fnal"], ["model.init_from='runs/a/fnal' is not a local folder"]),
+    ]
+    for argv, expect in cases:
+        code, text = _run(capfd, "finetune", *argv)
+        _clear_error(code, text, *expect)
+
+
+def test_finetune_command_runs_and_reports(tmp_path: Path, capfd, tokenizer: Path) -> None:
+    rows = [{"input": f"copy {w}", "target": w} for w in ("alpha beta", "gamma", "delta epsilon", "zeta") * 8]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code, text = _run(
+        capfd, "finetune", FT_DEMO, f"--data.train=[{tmp_path / 'd.jsonl'}]", f"--data.eval=[{tmp_path / 'd.jsonl'}]",
+        f"--data.tokenizer={tokenizer}", f"--train.out_dir={tmp_path / 'run'}", "--train.steps=3",
+        "--train.eval_every=3", "--eval.max_examples=4", "--eval.max_new_tokens=3", "--eval.metrics=[exact_match]",
+        "--eval.best_metric=loss", "--data.max_tokens=128", "--train.progress=false", "--train.samples=1",
+        "--model.overrides={d_model: 32, d_kv: 8, d_ff: 64, num_layers: 1, num_heads: 2}", "--data.prefix=",
+    )  # fmt: skip
+    assert code == 0, text
+    assert "held-out: step 0 loss" in text and "-> step 3 loss" in text and "exact_match" in text
+    assert "best loss" in text and f"{tmp_path / 'run'}/best" in text
+    assert "--- held-out example 1 ---" in text and "prediction:" in text
+    assert "Writing model shards" not in text and "Traceback" not in text

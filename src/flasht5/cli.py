@@ -1,4 +1,4 @@
-"""The ``flasht5`` command: train, convert, generate, tokenizer, pretokenize.
+"""The flasht5 command: train, finetune, convert, generate, tokenizer, pretokenize.
 
 Subcommands whose arguments belong to one module (``tokenizer``, ``pretokenize``) are configured by that module's
 ``configure_cli(parser)``, which adds the arguments and sets ``func``. Heavy imports happen inside the commands so
@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import Any
 
 
 def _quiet_transformers() -> None:
@@ -21,8 +22,11 @@ def _quiet_transformers() -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from flasht5.train.config import load_config
+    from flasht5.train.config import config_yaml, load_config
 
+    if args.print_config:  # the values are checked; the input paths need not exist yet
+        print(config_yaml(load_config(args.config, args.overrides, check_paths_too=False)), end="")
+        return 0
     cfg = load_config(args.config, args.overrides)  # every value and input path checked before anything is built
     from flasht5.train.loop import train
 
@@ -34,6 +38,38 @@ def _train(args: argparse.Namespace) -> int:
     print(f"model saved to {summary['model_dir']}; metrics {summary['metrics']}; loss curve {summary['loss_plot']}")
     for i, s in enumerate(summary["samples"]):
         print(f"\n--- span filling {i + 1} ---\ninput : {s['input']}\ntruth : {s['truth']}\nmodel : {s['model']}")
+    return 0
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    from flasht5.train.config import FinetuneConfig, config_yaml, load_config
+
+    if args.print_config:
+        print(config_yaml(load_config(args.config, args.overrides, check_paths_too=False, schema=FinetuneConfig)),
+              end="")  # fmt: skip
+        return 0
+    cfg = load_config(args.config, args.overrides, schema=FinetuneConfig)
+    from flasht5.train.finetune import finetune
+
+    _quiet_transformers()
+    s = finetune(cfg)
+    print()
+    first, last = s["initial_metrics"], s["final_metrics"]
+    if last:
+        show = lambda m: ", ".join(f"{k.removeprefix('eval_')} {v:.4f}" for k, v in m.items())
+        print(f"held-out: step 0 {show(first) if first else '(not evaluated again on resume)'}")
+        print(f"       -> step {s['steps']} {show(last)}")
+    if s["best"]:
+        b = s["best"]
+        print(f"best {b['metric']} {b['value']:.4f} at step {b['step']}: {cfg.train.out_dir}/best")
+    print(f"model saved to {s['model_dir']}; metrics {s['metrics']}; loss curve {s['loss_plot']}")
+    if s["predictions"]:
+        print(f"predictions {s['predictions']}")
+    for i, row in enumerate(s["samples"]):
+        print(f"\n--- held-out example {i + 1} ---")
+        for k, v in row.items():
+            v = str(v)  # a long input is shown by its ends (predictions/*.jsonl has it whole)
+            print(f"{k:10s}: {v if len(v) <= 400 else f'{v[:200]} [... {len(v) - 400} characters ...] {v[-200:]}'}")
     return 0
 
 
@@ -110,14 +146,58 @@ def _device(name: str | None):
     return device
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="flasht5", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+class _Parser(argparse.ArgumentParser):
+    """Help texts come from docstrings and comments written for Sphinx: no RST markup on the terminal."""
 
-    p = sub.add_parser("train", help="train (pretrain or fine-tune) from a YAML config")
-    p.add_argument("config", help="YAML file, e.g. configs/pretrain/demo.yaml")
+    def format_help(self) -> str:
+        return _plain(super().format_help())
+
+    def format_usage(self) -> str:
+        return _plain(super().format_usage())
+
+
+def _plain(text: str) -> str:
+    import re
+
+    text = re.sub(r":(?:class|func|meth|mod|attr|data):`~?([^`]+)`", r"\1", text)
+    return re.sub(r"``?([^`\n]+?)``?", r"\1", text)
+
+
+def _config_command(sub: Any, name: str, schema: type, example: str, func: Any, help: str, what: str) -> None:
+    """``train`` and ``finetune``: CONFIG, overrides, --print-config; the help lists every config key."""
+    import textwrap
+
+    from flasht5.train.config import format_config_help
+
+    data = "--data.corpus=[a.txt]" if name == "train" else "--data.train=[a.jsonl]"
+    keys = ("Every key below can be set in the YAML file or overridden on the command line (--section.key=value, the "
+            f"value read as YAML: --train.steps=100, {data}).")  # fmt: skip
+    p = sub.add_parser(
+        name, help=help, description=f"{textwrap.fill(what, 100)}\n\n{textwrap.fill(keys, 100)}",
+        epilog=format_config_help(schema), formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    p.add_argument("config", help=f"YAML file, e.g. {example}")
     p.add_argument("overrides", nargs="*", help="--section.key=value overrides, e.g. --train.steps=100")
-    p.set_defaults(func=_train)
+    p.add_argument("--print-config", action="store_true", help="print the resolved config (YAML + overrides), exit")
+    p.set_defaults(func=func)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from flasht5.train.config import Config, FinetuneConfig
+
+    parser = _Parser(prog="flasht5", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+
+    _config_command(
+        sub, "train", Config, "configs/pretrain/demo.yaml", _train, "pretrain from a YAML config",
+        "Pretrain a T5 / UL2 model: corpus -> tokenizer -> pretokenized store -> denoised, packed batches.",
+    )  # fmt: skip
+    _config_command(
+        sub, "finetune", FinetuneConfig, "configs/finetune/demo.yaml", _finetune,
+        "fine-tune on (input, target) examples: text to text or classification",
+        "Supervised fine-tuning from JSONL / CSV / TSV files or datasets folders (task: seq2seq | classification), "
+        "with packed batches, held-out loss and generation metrics, best-model keeping and exact resume.",
+    )  # fmt: skip
 
     p = sub.add_parser("convert", help="Hugging Face T5/mT5/umT5 folder <-> flasht5 folder")
     p.add_argument("src", help="checkpoint folder (stock transformers or flasht5)")
@@ -143,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
-    if args.command == "train":
+    if args.command in ("train", "finetune"):
         args.overrides = list(args.overrides) + unknown  # --section.key=value look like options to argparse
     elif unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")

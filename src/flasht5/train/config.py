@@ -60,10 +60,10 @@ class DataConfig:
 @dataclass
 class OptimConfig:
     lr: float = 2e-2  # peak learning rate (AdamWScale scales it by each tensor's RMS, as in nanoT5)
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    warmup_steps: int = 100
+    weight_decay: float = 0.0  # decoupled weight decay
+    betas: tuple[float, float] = (0.9, 0.999)  # Adam's moment decay rates
+    eps: float = 1e-8  # Adam's epsilon
+    warmup_steps: int = 100  # linear warm-up steps
     schedule: str = "cosine"  # "cosine" or "constant" after the linear warm-up
     final_lr_ratio: float = 0.1  # learning rate at the last step, as a fraction of `lr`
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
@@ -79,17 +79,17 @@ class RunConfig:
     steps: int = 300  # optimizer steps
     device: str = "auto"  # "auto" (cuda if present), "cpu", "cuda", "cuda:1"
     precision: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU), "bf16", "fp32"
-    seed: int = 0
+    seed: int = 0  # seeds the model init, the data order and dropout
     log_every: int = 10  # metrics.jsonl rows and progress-bar refresh
-    eval_every: int = 100  # held-out loss every N steps (and at step 0 and the end)
+    eval_every: int = 100  # evaluate every N steps (and at step 0 and the end): held-out loss (+ fine-tuning metrics)
     save_every: int = 200  # checkpoint every N steps (and at the end); 0 = only at the end
     keep_checkpoints: int = 2  # how many step checkpoints to keep (>= 1)
     resume: bool = True  # continue from the newest checkpoint in out_dir if there is one
     compile: bool = False  # torch.compile the model
     cuda_graphs: bool | None = None  # replay the whole step from one CUDA graph; None = on for CUDA + varlen batches
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass (less memory)
     threads: int = 0  # CPU threads for torch (0 = torch's default)
-    samples: int = 3  # span-filling generations printed at the end
+    samples: int = 3  # generations printed at the end (span filling; fine-tuning: held-out predictions)
     progress: bool = True  # show a progress bar
     grad_accum: int = 1  # micro-batches (of data.max_tokens each) per optimizer step and rank
 
@@ -108,12 +108,18 @@ class DistConfig:
 
 
 @dataclass
+class LogConfig:
+    tensorboard: bool = True  # TensorBoard event files in <train.out_dir>/tensorboard (when tensorboard is installed)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: RunConfig = field(default_factory=RunConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -271,11 +277,16 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_config(
-    path: str | Path | None = None, overrides: list[str] | None = None, *, check_paths_too: bool = True
-) -> Config:
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    *,
+    check_paths_too: bool = True,
+    schema: type = Config,
+) -> Any:
     """A ``Config`` from a YAML file (or the defaults) plus overrides; unknown keys, bad types and out-of-range
     values raise a ``ValueError`` naming the key (:func:`check`), and so do input paths that cannot work
-    (:func:`check_paths`, skipped with ``check_paths_too=False``). All of it before anything expensive runs."""
+    (:func:`check_paths`, skipped with ``check_paths_too=False``). All of it before anything expensive runs.
+    ``schema``: :class:`Config` (``flasht5 train``) or :class:`FinetuneConfig` (``flasht5 finetune``)."""
     raw: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
@@ -289,12 +300,14 @@ def load_config(
             raise ValueError(f"config file {str(path)!r} is not UTF-8 text ({e.reason} at byte {e.start})") from None
         raw = _yaml(text, f"config file {str(path)!r}") or {}
         if not isinstance(raw, dict):
-            raise ValueError(f"{path} must hold a mapping of sections (model, data, optim, train)")
+            names = ", ".join(f.name for f in dataclasses.fields(schema))
+            raise ValueError(f"{path} must hold a mapping of sections ({names})")
     raw = _merge(raw, parse_overrides(overrides or []))
-    cfg = _build(Config, raw, "")
-    check(cfg)
+    cfg = _build(schema, raw, "")
+    finetune = isinstance(cfg, FinetuneConfig)
+    (check_finetune if finetune else check)(cfg)
     if check_paths_too:
-        check_paths(cfg)
+        (check_finetune_paths if finetune else check_paths)(cfg)
     return cfg
 
 
@@ -360,6 +373,12 @@ def check(cfg: Config) -> None:
     _range("data.eval_batches", d.eval_batches, 1, note=" (leave data.heldout empty for no evaluation)")
     _check_mixture(d)
 
+    _check_optim(o)
+    _check_run(t)
+    _check_dist(cfg)
+
+
+def _check_optim(o: OptimConfig) -> None:
     _range("optim.lr", o.lr, 0)
     _range("optim.weight_decay", o.weight_decay, 0)
     for i, b in enumerate(o.betas):
@@ -371,6 +390,8 @@ def check(cfg: Config) -> None:
     _range("optim.grad_clip", o.grad_clip, 0, note=" (0 disables clipping)")
     _one_of("optim.precision", o.precision, ("fp32", "bf16", "bf16_kahan", "fp32_master"))
 
+
+def _check_run(t: RunConfig) -> None:
     if not t.out_dir:
         raise ValueError("train.out_dir must be a folder path")
     for name in ("steps", "log_every", "eval_every"):
@@ -383,10 +404,9 @@ def check(cfg: Config) -> None:
     _one_of("train.precision", t.precision, ("auto", "bf16", "fp32"))
     _check_device(t.device)
     _range("train.grad_accum", t.grad_accum, 1)
-    _check_dist(cfg)
 
 
-def _check_dist(cfg: Config) -> None:
+def _check_dist(cfg: Config | FinetuneConfig) -> None:
     x, t = cfg.dist, cfg.train
     _one_of("dist.strategy", x.strategy, ("auto", "none", "ddp", "fsdp"))
     _range("dist.bucket_mb", x.bucket_mb, 0, lo_open=True)
@@ -530,7 +550,10 @@ def check_paths(cfg: Config) -> None:
     for key, value in (("train.out_dir", cfg.train.out_dir), ("data.store", d.store)):
         if value is not None and Path(value).exists() and not Path(value).is_dir():
             raise ValueError(f"{key}={value!r} is a file, not a folder")
-    init = cfg.model.init_from
+    _check_init_from(cfg.model.init_from)
+
+
+def _check_init_from(init: str | None) -> None:
     if init is not None and not init.startswith("hf:"):
         p = Path(init).expanduser()
         if not p.is_dir():
@@ -540,3 +563,263 @@ def check_paths(cfg: Config) -> None:
             )
         if not (p / "config.json").is_file():
             raise ValueError(f"model.init_from={init!r} is not a checkpoint folder (no config.json there)")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Fine-tuning (`flasht5 finetune`): the same model / optim / train / log sections, its own data and eval sections
+# ----------------------------------------------------------------------------------------------------------------
+
+TASKS = ("seq2seq", "classification")
+SEQ2SEQ_METRICS = ("rouge1", "rouge2", "rougeL", "exact_match", "bleu")
+CLASSIFICATION_METRICS = ("accuracy", "f1")
+_METRIC_PACKAGES = {"rouge1": "rouge_score", "rouge2": "rouge_score", "rougeL": "rouge_score", "bleu": "sacrebleu"}
+_PIP_NAMES = {"rouge_score": "rouge-score", "sacrebleu": "sacrebleu"}
+
+
+@dataclass
+class FinetuneDataConfig:
+    train: list[str] = field(default_factory=list)  # training examples: JSONL / CSV / TSV files (.gz too), folders
+    # saved by datasets' save_to_disk, or globs
+    eval: list[str] = field(default_factory=list)  # held-out examples (same forms); empty: no evaluation
+    input_key: str = "input"  # the field holding the input text
+    target_key: str = "target"  # the field holding the target text (classification: the label, a name or an integer)
+    prefix: str = ""  # text put before every input, e.g. "summarize: " (T5's task prefixes)
+    labels: list[str] | None = None  # classification: the class names in label-id order; null = the sorted distinct
+    # values of the training labels
+    tokenizer: str | None = None  # tokenizer folder; null = model.init_from's folder; trained on the training inputs
+    # and targets if the folder does not exist
+    vocab_size: int = 4096  # SentencePiece pieces of a tokenizer trained here (the 100 sentinels come on top)
+    max_input_len: int = 512  # encoder tokens per example (EOS included); longer inputs are cut (and counted)
+    max_target_len: int = 128  # decoder tokens per example (EOS included); longer targets are cut (seq2seq)
+    max_tokens: int = 8192  # encoder-token budget of one packed batch
+    max_target_tokens: int | None = None  # decoder-token budget of one batch; null = the data's target/input ratio +25%
+    mode: str = "varlen"  # varlen (padding-free, cu_seqlens) | padded (rows packed with segment ids)
+    row_len: int | None = None  # padded mode: encoder row length (null: max_input_len)
+    row_target_len: int | None = None  # padded mode: decoder row length (null: from the data's target/input ratio)
+    num_workers: int | None = None  # DataLoader worker processes; null = 2 on CUDA, 0 on CPU
+    max_docs: int | None = None  # varlen: examples per static batch (CUDA graphs); null = auto
+
+
+@dataclass
+class EvalConfig:
+    max_examples: int | None = 500  # held-out examples evaluated each time (the first N of data.eval); null = all
+    metrics: list[str] | None = None  # seq2seq generation metrics: rouge1 rouge2 rougeL exact_match bleu (null =
+    # rougeL exact_match bleu); classification: accuracy f1 (macro), always both
+    max_new_tokens: int = 64  # tokens generated per held-out input (greedy)
+    batch_size: int = 32  # held-out inputs per generate call
+    best_metric: str = "loss"  # what picks <train.out_dir>/best: loss (lower is better) or one of the metrics
+    # (higher is better)
+    keep_best: bool = True  # keep the best evaluated model (and its tokenizer) in <train.out_dir>/best
+    predictions: bool = True  # write every evaluation's predictions to <train.out_dir>/predictions/step-N.jsonl
+
+
+@dataclass
+class FinetuneConfig:
+    task: str = "seq2seq"  # seq2seq (text to text, generation metrics) | classification (a label per input)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
+    optim: OptimConfig = field(
+        default_factory=lambda: OptimConfig(lr=5e-4, warmup_steps=50, schedule="constant", final_lr_ratio=1.0)
+    )
+    train: RunConfig = field(
+        default_factory=lambda: RunConfig(out_dir="runs/finetune", steps=1000, eval_every=200, save_every=500)
+    )
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def metrics(self) -> list[str]:
+        """The evaluation metrics of the task (``eval.metrics`` or the task's default)."""
+        if self.task == "classification":
+            return list(CLASSIFICATION_METRICS)
+        return list(self.eval.metrics) if self.eval.metrics is not None else ["rougeL", "exact_match", "bleu"]
+
+
+def check_finetune(cfg: FinetuneConfig) -> None:
+    """:func:`check` for a fine-tuning config: every value's range and the cross-field rules, cheap, no file read."""
+    import importlib.util
+
+    _one_of("task", cfg.task, TASKS)
+    m, d, e = cfg.model, cfg.data, cfg.eval
+    _check_model(m)
+    for key in ("input_key", "target_key"):
+        if not getattr(d, key):
+            raise ValueError(f"data.{key} must be a non-empty string")
+    if d.tokenizer is None and m.init_from is None:
+        raise ValueError(
+            "data.tokenizer is null and there is no model.init_from to take the tokenizer from: give a tokenizer "
+            "folder (one that does not exist yet is trained on the training examples)"
+        )
+    if d.tokenizer == "":
+        raise ValueError("data.tokenizer must be a folder path or null")
+    _range("data.vocab_size", d.vocab_size, 11, note=" (SentencePiece pieces incl. <pad> </s> <unk> and 6 mode tokens)")
+    _one_of("data.mode", d.mode, ("varlen", "padded"))
+    _range("data.max_input_len", d.max_input_len, 2, note=" (one token and EOS)")
+    _range("data.max_target_len", d.max_target_len, 2, note=" (one token and EOS)")
+    _range("data.max_tokens", d.max_tokens, d.max_input_len, note=" (data.max_input_len: one example per batch)")
+    _range("data.max_target_tokens", d.max_target_tokens, d.max_target_len, none_ok=True,
+           note=" (data.max_target_len: one example per batch)")  # fmt: skip
+    _range("data.row_len", d.row_len, d.max_input_len, none_ok=True, note=" (data.max_input_len)")
+    _range("data.row_target_len", d.row_target_len, d.max_target_len, none_ok=True, note=" (data.max_target_len)")
+    if d.mode != "padded" and (d.row_len is not None or d.row_target_len is not None):
+        raise ValueError("data.row_len / data.row_target_len apply to data.mode=padded only; set them to null")
+    _range("data.num_workers", d.num_workers, 0, none_ok=True)
+    _range("data.max_docs", d.max_docs, 1, none_ok=True)
+    if d.labels is not None:
+        if cfg.task != "classification":
+            raise ValueError("data.labels applies to task=classification only; set it to null")
+        if len(d.labels) < 2 or len(set(d.labels)) != len(d.labels):
+            raise ValueError(f"data.labels must name at least 2 distinct classes, got {d.labels!r}")
+
+    _range("eval.max_examples", e.max_examples, 1, none_ok=True)
+    _range("eval.max_new_tokens", e.max_new_tokens, 1)
+    _range("eval.batch_size", e.batch_size, 1)
+    if cfg.task == "classification":
+        if e.metrics is not None and set(e.metrics) - set(CLASSIFICATION_METRICS):
+            raise ValueError(
+                f"eval.metrics {e.metrics} for task=classification: accuracy and f1 are always computed; set it to null"
+            )
+    else:
+        for name in e.metrics or []:
+            _one_of("eval.metrics", name, SEQ2SEQ_METRICS)
+        if e.metrics is not None and not e.metrics:
+            raise ValueError("eval.metrics is empty: list at least one metric, or null for the defaults")
+    for name in cfg.metrics():
+        package = _METRIC_PACKAGES.get(name)
+        if package and importlib.util.find_spec(package) is None:
+            raise ValueError(
+                f"eval.metrics asks for {name}, which needs the {_PIP_NAMES[package]} package (pip install "
+                f"{_PIP_NAMES[package]}); install it or leave {name} out of eval.metrics"
+            )
+    _one_of("eval.best_metric", e.best_metric, ["loss", *cfg.metrics()])
+    if e.keep_best and cfg.dist.strategy == "fsdp":
+        raise ValueError(
+            "eval.keep_best with dist.strategy=fsdp: best/ would need the sharded weights gathered at every new best; "
+            "set eval.keep_best=false (final/ and the checkpoints are written as usual)"
+        )
+    _check_optim(cfg.optim)
+    _check_run(cfg.train)
+    _check_dist(cfg)
+
+
+def check_finetune_paths(cfg: FinetuneConfig) -> None:
+    """:func:`check_paths` for a fine-tuning config: the example files exist and are of a known kind, a tokenizer
+    can be found, ``model.init_from`` is a local checkpoint folder, ``train.out_dir`` is not a file."""
+    from flasht5.data.tokenizer import check_tokenizer_path
+    from flasht5.train.finetune import expand_example_inputs
+
+    d = cfg.data
+    if not d.train:
+        raise ValueError("data.train is empty: give the training examples (JSONL / CSV / TSV files or folders)")
+    for key in ("train", "eval"):
+        if getattr(d, key):
+            try:
+                expand_example_inputs(getattr(d, key))
+            except ValueError as e:
+                raise ValueError(f"data.{key}: {e}") from None
+    _check_init_from(cfg.model.init_from)
+    tok = d.tokenizer
+    if tok is None and not str(cfg.model.init_from).startswith("hf:"):
+        try:
+            check_tokenizer_path(cfg.model.init_from)
+        except ValueError as e:
+            raise ValueError(
+                f"data.tokenizer is null, so the tokenizer comes from model.init_from, but: {e}; give data.tokenizer"
+            ) from None
+    elif tok is not None and Path(tok).exists():
+        try:
+            check_tokenizer_path(tok)
+        except ValueError as e:
+            raise ValueError(
+                f"data.tokenizer: {e} (a folder that does not exist yet is trained on data.train)"
+            ) from None
+    out = cfg.train.out_dir
+    if Path(out).exists() and not Path(out).is_dir():
+        raise ValueError(f"train.out_dir={out!r} is a file, not a folder")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Every key with its type, default and meaning: `--help` and the docs read them from the dataclasses above (the
+# comment after each field is its meaning), so there is one source of truth
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _field_comments(cls: type) -> dict[str, str]:
+    """Field name -> its comment in the class source: the comment after it, continued on the comment-only lines
+    that follow; a field without a comment of its own takes the comment-only lines just above it."""
+    import inspect
+
+    comments: dict[str, str] = {}
+    last, pending = None, []
+    for line in inspect.getsource(cls).splitlines():
+        m = re.match(r"^    (\w+)\s*:[^#]*?(?:#\s*(.*))?$", line)
+        if m and not line.lstrip().startswith("#"):
+            own = (m.group(2) or "").strip()
+            if own and last is not None and pending:  # the lines above continue the previous field's comment
+                comments[last] = " ".join([comments[last], *pending]).strip()
+            last = m.group(1)
+            comments[last] = own or " ".join(pending)
+            pending = []
+            continue
+        m = re.match(r"^    #\s*(.*)$", line)
+        if m:
+            pending.append(m.group(1).strip())
+        elif line.strip() and not line.startswith("        "):
+            if last is not None and pending:
+                comments[last] = " ".join([comments[last], *pending]).strip()
+            last, pending = None, []  # a method or decorator ends the fields
+    if last is not None and pending:
+        comments[last] = " ".join([comments[last], *pending]).strip()
+    return {k: re.sub(r"``?([^`]+?)``?", r"\1", v) for k, v in comments.items()}
+
+
+def config_keys(schema: type = Config) -> list[tuple[str, str, Any, str]]:
+    """(dotted key, type, default, meaning) of every key of ``schema`` (:class:`Config` or :class:`FinetuneConfig`);
+    defaults are the schema's own (a section may default differently in the two schemas)."""
+    out: list[tuple[str, str, Any, str]] = []
+
+    def walk(obj: Any, prefix: str) -> None:
+        comments = _field_comments(type(obj))
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                walk(value, f"{prefix}{f.name}.")
+            else:
+                out.append((f"{prefix}{f.name}", str(f.type), value, comments.get(f.name, "")))
+
+    walk(schema(), "")
+    return out
+
+
+def _yaml_value(value: Any) -> str:
+    value = json.loads(json.dumps(value))  # tuples as lists
+    if isinstance(value, str):
+        return json.dumps(value) if value == "" or value != value.strip() else value
+    return yaml.safe_dump(value, default_flow_style=True, width=1000).strip().removesuffix("...").strip()
+
+
+def format_config_help(schema: type = Config) -> str:
+    """The config keys as ``--help`` lists them: per section, ``key: type = default`` and its meaning."""
+    import textwrap
+
+    lines = ["config keys (YAML sections; override any with --section.key=value):"]
+    section = None
+    for key, kind, default, meaning in config_keys(schema):
+        head = key.split(".")[0] if "." in key else ""
+        if head != section:
+            section = head
+            lines.append("")
+            if head:
+                lines.append(f"{head}:")
+        lines.append(f"  {key}: {kind} = {_yaml_value(default)}")
+        if meaning:
+            lines.extend(textwrap.wrap(meaning, width=110, initial_indent="      ", subsequent_indent="      "))
+    return "\n".join(lines)
+
+
+def config_yaml(cfg: Any) -> str:
+    """The resolved config as YAML (what ``--print-config`` prints)."""
+    return yaml.safe_dump(json.loads(json.dumps(dataclasses.asdict(cfg))), sort_keys=False, width=1000)

@@ -1,5 +1,9 @@
 """The one training loop: corpus -> tokenizer -> pretokenized store -> denoised, packed batches -> AdamWScale.
 
+The loop drives pretraining (``flasht5 train``) and fine-tuning (``flasht5 finetune``) alike; what differs -- the
+data source and the evaluation -- is a task object (:class:`PretrainTask` here, :class:`flasht5.train.finetune.
+FinetuneTask` for fine-tuning; the methods the loop calls are listed on :class:`PretrainTask`).
+
 ``train(cfg)`` prepares whatever is missing (it trains the tokenizer and pretokenizes the corpus on first use),
 then trains with a progress bar (loss, tokens/s), writes ``metrics.jsonl`` and ``loss.png``, evaluates on held-out
 text, checkpoints periodically (and resumes from the newest checkpoint), saves ``final/`` and prints span-filling
@@ -32,6 +36,7 @@ from flasht5.train import dist as tdist
 from flasht5.train.config import Config
 from flasht5.train.optim import AdamWScale, lr_at
 from flasht5.train.step import TrainStep
+from flasht5.train.tracking import Tracker, matmul_flops, peak_flops
 
 _QUIET = False  # set on the ranks other than 0 of a data-parallel run
 
@@ -218,6 +223,93 @@ def plot_losses(metrics_path: Path, png: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# What the loop trains on and how it evaluates: the task
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class PretrainTask:
+    """Pretraining's data source and evaluation: the UL2 stream of a pretokenized corpus, held-out loss, span-filling
+    samples. Fine-tuning's :class:`flasht5.train.finetune.FinetuneTask` has the same methods."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.eval_batches: list[tuple[Any, int]] = []
+
+    def prepare(self) -> Any:
+        """Build what the data needs (tokenizer, stores); returns the tokenizer."""
+        self.tokenizer, self.store, self.heldout = prepare_data(self.cfg)
+        return self.tokenizer
+
+    def build_model(self, device: torch.device, *, meta: bool = False) -> torch.nn.Module:
+        """The Hugging Face wrapper (saved in checkpoints, generates); ``meta``: on the meta device (FSDP2)."""
+        return build_model(self.cfg, len(self.tokenizer), device, meta=meta)
+
+    def core(self, model: torch.nn.Module) -> torch.nn.Module:
+        """What the training step drives: ``core(input_ids, decoder_input_ids, labels, enc=, dec=)`` -> ``.loss``."""
+        return model.model
+
+    def train_dataset(self, static: bool, rank: int = 0, world_size: int = 1) -> Any:
+        """The training stream (``static``: fixed batch shapes, for the CUDA-graph step); ``rank`` of ``world_size``
+        streams reading disjoint shards."""
+        return make_dataset(self.store, self.tokenizer, self.cfg, seed=self.cfg.train.seed, static=static, rank=rank,
+                            world_size=world_size)  # fmt: skip
+
+    @property
+    def has_eval(self) -> bool:
+        return self.heldout is not None
+
+    def prepare_eval(self, device: torch.device) -> None:
+        """The held-out batches are fixed: moved to the device and counted once, not at every evaluation."""
+        self.eval_batches = []
+        if self.heldout is None:
+            return
+        for item in make_dataset(self.heldout, self.tokenizer, self.cfg, seed=self.cfg.train.seed + 1):
+            self.eval_batches.append((item["batch"].to(device), item["stats"]["target_tokens"]))
+            if len(self.eval_batches) >= self.cfg.data.eval_batches:
+                break
+
+    def evaluate(self, model: torch.nn.Module, core: torch.nn.Module, autocast: Any, step: int) -> dict[str, float]:
+        """The metrics row of one evaluation (``eval_loss`` first)."""
+        return {"eval_loss": evaluate(core, self.eval_batches, autocast)}
+
+    def after_eval(self, step: int, metrics: dict[str, float], save_model: Any) -> None:
+        """Called after each evaluation, with ``save_model(folder, extra=None)`` (fine-tuning keeps its best here)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the task (numbers and strings)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    def samples(self, model: torch.nn.Module, device: torch.device) -> list[dict[str, str]]:
+        t = self.cfg.train
+        if not t.samples:
+            return []
+        return span_filling_samples(model, self.tokenizer, self.heldout or self.store, t.samples, device, t.seed)
+
+    def summary(self) -> dict[str, Any]:
+        """Extra entries of ``summary.json``."""
+        return {}
+
+
+def _fmt_metrics(metrics: dict[str, float]) -> str:
+    return ", ".join(f"{k.removeprefix('eval_')} {v:.4f}" for k, v in metrics.items())
+
+
+def save_model_dir(path: Path, model: Any, tokenizer: Any, extra: dict[str, str] | None = None) -> None:
+    """``model`` and ``tokenizer`` (and ``extra`` files: name -> text) into ``path``, atomically."""
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        for name, text in (extra or {}).items():
+            (tmp / name).write_text(text)
+
+    ckpt.write_dir_atomically(path, write, need=ckpt.nbytes(model.state_dict()))
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # The loop
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -303,7 +395,7 @@ def restore_run_state(
 
 def trainer_state(
     step: int, optimizer, loader: ResumableLoader | list[ResumableLoader], device: torch.device, losses: deque,
-    z_terms: deque, config: str,
+    z_terms: deque, config: str, task_state: dict[str, Any] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """``trainer.pt``: everything besides the weights that the next steps depend on; tensors, numbers, strings,
     lists and dicts only, so that it loads with ``torch.load(weights_only=True)``. ``loader``: one per data stream
@@ -319,12 +411,14 @@ def trainer_state(
         "rng": ckpt.rng_state(device),
         "log_window": {"loss": stack(losses), "z_loss": stack(z_terms)},
         "config": config,
+        "task": task_state or {},
     }
 
 
 def sharded_trainer_state(
-    step: int, streams: dict[str, Any], world: tdist.World, device: torch.device, losses, z_terms, config: str
-) -> dict[str, Any] | None:
+    step: int, streams: dict[str, Any], world: tdist.World, device: torch.device, losses, z_terms, config: str,
+    task_state: dict[str, Any] | None = None,
+) -> dict[str, Any] | None:  # fmt: skip
     """``trainer.pt`` of a data-parallel checkpoint (collective; rank 0 gets it, the others None): every rank's RNG
     and every data stream's position, gathered; the log window holds the global losses (summed over the ranks)."""
     rngs = tdist.gather_objects(ckpt.rng_state(device), world)
@@ -342,6 +436,7 @@ def sharded_trainer_state(
         "world_size": world.world_size,
         "log_window": window,
         "config": config,
+        "task": task_state or {},
     }
 
 
@@ -359,10 +454,11 @@ def _no_transformers_progress_bars():
             hf_logging.enable_progress_bar()
 
 
-def train(cfg: Config) -> dict[str, Any]:
+def train(cfg: Config, task: Any = None) -> dict[str, Any]:
     """Train as configured; returns a summary (losses, paths, samples). Holds ``train.out_dir``'s lock throughout
     (rank 0 of a data-parallel run): a second run on the same folder is refused at once. Under torchrun every rank
-    calls this (see :mod:`flasht5.train.dist`)."""
+    calls this (see :mod:`flasht5.train.dist`). ``task``: the data source and evaluation (default: the pretraining
+    :class:`PretrainTask` of ``cfg``; fine-tuning passes its own)."""
     out = Path(cfg.train.out_dir)
     world, device = tdist.init(cfg.dist.strategy, cfg.train.device, cfg.dist.timeout_s)
     try:
@@ -370,7 +466,7 @@ def train(cfg: Config) -> dict[str, Any]:
             tdist.on_main(lambda: stack.enter_context(ckpt.RunLock(out)) and None, world)
             stack.enter_context(_no_transformers_progress_bars())
             try:
-                return _train(cfg, out, world, device)
+                return _train(cfg, out, world, device, task if task is not None else PretrainTask(cfg))
             except OSError as e:
                 if e.errno in (errno.ENOSPC, errno.EDQUOT):
                     raise ckpt.no_space_error(Path(e.filename) if e.filename else out, whole=False) from e
@@ -387,7 +483,7 @@ def _next(iters: list, loaders: list, i: int) -> dict[str, Any]:
         return next(iters[i])
 
 
-def _train(cfg: Config, out: Path, world: tdist.World, device: torch.device) -> dict[str, Any]:
+def _train(cfg: Config, out: Path, world: tdist.World, device: torch.device, task: Any) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     global _QUIET
@@ -409,13 +505,13 @@ def _train(cfg: Config, out: Path, world: tdist.World, device: torch.device) -> 
 
     # Rank 0 trains the tokenizer and pretokenizes; the others then open what it built.
     built: list[Any] = []
-    tdist.on_main(lambda: built.append(prepare_data(cfg)), world)
-    tokenizer, store, heldout = built[0] if built else prepare_data(cfg)
+    tdist.on_main(lambda: built.append(task.prepare()), world)
+    tokenizer = built[0] if built else task.prepare()
     meta = cfg.dist.meta_init and world.strategy == "fsdp"
-    model = build_model(cfg, len(tokenizer), device, meta=meta)
+    model = task.build_model(device, meta=meta)
     if cfg.optim.precision != "fp32":  # pure bf16 weights (the optimizer keeps what optim.precision says)
         model.to(torch.bfloat16)
-    core = model.model  # the training step drives the core model; the wrapper saves and generates
+    core = task.core(model)  # the training step drives the core model; the wrapper saves and generates
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     n_params = sum(p.numel() for p in model.parameters())
@@ -465,14 +561,12 @@ def _train(cfg: Config, out: Path, world: tdist.World, device: torch.device) -> 
             ckpt.load_optimizer_state(optimizer, resumed.trainer["optimizer"], cfg.optim.lr)
         log(f"resumed from {resumed.path} at step {start_step}")
 
-    # The held-out batches are fixed: moved to the device and counted once, not at every evaluation. Every rank
-    # evaluates all of them (FSDP2's forward is collective), rank 0 writes the result.
-    eval_batches: list[tuple[Any, int]] = []
-    if heldout is not None:
-        for item in make_dataset(heldout, tokenizer, cfg, seed=t.seed + 1):
-            eval_batches.append((item["batch"].to(device), item["stats"]["target_tokens"]))
-            if len(eval_batches) >= cfg.data.eval_batches:
-                break
+    # The held-out batches are fixed (the task moves them to the device once). Every rank evaluates all of them
+    # (FSDP2's forward is collective), rank 0 writes the result.
+    if resumed is not None:
+        task.load_state_dict(resumed.trainer.get("task") or {})
+    task.prepare_eval(device)
+    save_model = lambda path, extra=None: tdist.on_main(lambda: save_model_dir(path, model, tokenizer, extra), world)
 
     step_fn = TrainStep(
         torch.compile(train_module) if t.compile else train_module, optimizer,
@@ -490,7 +584,7 @@ def _train(cfg: Config, out: Path, world: tdist.World, device: torch.device) -> 
     workers = cfg.data.num_workers if cfg.data.num_workers is not None else (2 if device.type == "cuda" else 0)
     loaders, stream_ids = [], [world.rank * accum + i for i in range(accum)]
     for sid in stream_ids:
-        dataset = make_dataset(store, tokenizer, cfg, seed=t.seed, static=graphs, rank=sid, world_size=n_streams)
+        dataset = task.train_dataset(static=graphs, rank=sid, world_size=n_streams)
         extra = dict(prefetch_factor=4, persistent_workers=True, generator=torch.Generator().manual_seed(t.seed))
         extra = extra if workers else {}
         loaders.append(ResumableLoader(dataset, num_workers=workers, pin_memory=device.type == "cuda", **extra))
@@ -518,12 +612,20 @@ def _train(cfg: Config, out: Path, world: tdist.World, device: torch.device) -> 
         ckpt.write_text_atomically(out / "config.json", config_json)
         prior = ckpt.cut_metrics(metrics_path, start_step if resumed else None)
         metrics = metrics_path.open("a")
+    tracker = Tracker(out, cfg.log.tensorboard and world.main, purge_step=start_step + 1 if resumed else None)
+    peak = peak_flops(device) if bf16 else None  # MFU only against the bf16 peak
+    flops = lambda enc_tokens, dec_tokens: matmul_flops(model.config, enc_tokens, dec_tokens)
     prior_evals = [r["eval_loss"] for r in prior if "eval_loss" in r]
     if resumed is None:
-        first_eval = evaluate(core, eval_batches, autocast) if eval_batches else math.nan
-        if eval_batches and metrics is not None:
-            metrics.write(json.dumps({"step": 0, "eval_loss": first_eval}) + "\n")
-            log(f"held-out loss at step 0: {first_eval:.4f}")
+        first_eval = math.nan
+        if task.has_eval:
+            first = task.evaluate(model, core, autocast, 0)
+            first_eval = first["eval_loss"]
+            if metrics is not None:
+                metrics.write(json.dumps({"step": 0, **first}) + "\n")
+                tracker.log({"step": 0, **first})
+                log(f"held-out at step 0: {_fmt_metrics(first)}")
+            task.after_eval(0, first, save_model)
     else:  # the step-0 evaluation is in the kept rows; evaluating again would add a row the curve does not have
         first_eval = next((r["eval_loss"] for r in prior if "eval_loss" in r and r["step"] == 0), math.nan)
     last_eval = prior_evals[-1] if resumed and prior_evals else first_eval
@@ -532,6 +634,7 @@ def _train(cfg: Config, out: Path, world: tdist.World, device: torch.device) -> 
     show = t.progress and world.main
     bar = tqdm(total=t.steps, initial=start_step, desc="train", disable=not show, dynamic_ncols=True)
     step, window_tokens, window_t0 = start_step, 0, time.perf_counter()
+    window_enc = window_dec = 0  # the window's encoder and decoder tokens (this rank's), for MFU
     # The last log window only, on the device (a deque keeps long runs from holding every step's scalar).
     losses: deque[torch.Tensor] = deque(maxlen=t.log_every)
     z_terms: deque[torch.Tensor] = deque(maxlen=t.log_every)
@@ -552,6 +655,8 @@ def _train(cfg: Config, out: Path, world: tdist.World, device: torch.device) -> 
         res = step_fn(items[0]["batch"] if accum == 1 else [it["batch"] for it in items])
         step += 1
         window_tokens += sum(it["stats"]["input_tokens"] + it["stats"]["target_tokens"] for it in items)
+        window_enc += sum(it["stats"]["input_tokens"] for it in items)
+        window_dec += sum(it["stats"]["target_tokens"] for it in items)
         # Not converted here: that would wait for the GPU every step; the log rows sync once.
         losses.append(res.loss)
         if res.z_loss is not None:
@@ -571,20 +676,27 @@ def _train(cfg: Config, out: Path, world: tdist.World, device: torch.device) -> 
                 "grad_norm": float(res.grad_norm),
                 **({"z_loss": sum(window[len(losses) : -1]) / len(z_terms)} if z_terms else {}),
                 "tokens_per_s": window[-1] / max(elapsed, 1e-9),
+                **({"mfu": flops(window_enc, window_dec) / max(elapsed, 1e-9) / peak} if peak else {}),
+                **({"peak_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30} if device.type == "cuda" else {}),
                 "graphed": step_fn.graphed,
                 **{f"data_{k}": v for k, v in stats.items() if isinstance(v, (int, float))},
             }
             if metrics is not None:
                 metrics.write(json.dumps(row) + "\n")
                 metrics.flush()
+                tracker.log(row)
             bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}", lr=f"{row['lr']:.2e}")
             window_tokens, window_t0 = 0, time.perf_counter()
-        if eval_batches and (step % t.eval_every == 0 or step == t.steps):
-            last_eval = evaluate(core, eval_batches, autocast)
+            window_enc = window_dec = 0
+        if task.has_eval and (step % t.eval_every == 0 or step == t.steps):
+            evaluated = task.evaluate(model, core, autocast, step)
+            last_eval = evaluated["eval_loss"]
             if metrics is not None:
-                metrics.write(json.dumps({"step": step, "eval_loss": last_eval}) + "\n")
+                metrics.write(json.dumps({"step": step, **evaluated}) + "\n")
                 metrics.flush()
-            bar.write(f"step {step}: held-out loss {last_eval:.4f}") if show else None
+                tracker.log({"step": step, **evaluated})
+            bar.write(f"step {step}: held-out {_fmt_metrics(evaluated)}") if show else None
+            task.after_eval(step, evaluated, save_model)
             window_t0 = time.perf_counter()  # evaluation time is not training throughput
         if (t.save_every and step % t.save_every == 0) or step == t.steps:
             if metrics is not None:
@@ -592,15 +704,18 @@ def _train(cfg: Config, out: Path, world: tdist.World, device: torch.device) -> 
                 os.fsync(metrics.fileno())  # the rows up to a checkpoint outlive a power loss with it
             if world.active:
                 streams = {str(sid): loader.state_dict() for sid, loader in zip(stream_ids, loaders)}
-                state = sharded_trainer_state(step, streams, world, device, losses, z_terms, config_json)
+                state = sharded_trainer_state(
+                    step, streams, world, device, losses, z_terms, config_json, task.state_dict()
+                )
                 ckpt.save_sharded(out, step, core, optimizer, state, t.keep_checkpoints, world)
             else:
-                state = trainer_state(step, optimizer, loaders, device, losses, z_terms, config_json)
+                state = trainer_state(step, optimizer, loaders, device, losses, z_terms, config_json, task.state_dict())
                 ckpt.save_checkpoint(out, step, model, state, t.keep_checkpoints)
             window_t0 = time.perf_counter()
     bar.close()
     if metrics is not None:
         metrics.close()
+    tracker.close()
     if step_fn.eager_batches:
         log(f"{step_fn.eager_batches} batches did not fit the CUDA graph's shapes and ran eagerly")
 
@@ -611,22 +726,17 @@ def _train(cfg: Config, out: Path, world: tdist.World, device: torch.device) -> 
     if world.strategy == "fsdp":
         full = ckpt.full_model_state(core, world)
         if world.main:
-            final_model = build_model(cfg, len(tokenizer), torch.device("cpu"))
+            final_model = task.build_model(torch.device("cpu"))
             if cfg.optim.precision != "fp32":
                 final_model.to(torch.bfloat16)
-            final_model.model.load_state_dict(full)
-
-    def write_final(tmp: Path) -> None:
-        final_model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+            task.core(final_model).load_state_dict(full)  # the core the step trained (T5 or the classifier)
 
     def finish() -> dict[str, Any]:
-        ckpt.write_dir_atomically(final, write_final, need=ckpt.nbytes(final_model.state_dict()))
+        save_model_dir(final, final_model, tokenizer)
         plot_losses(metrics_path, out / "loss.png")
         samples: list[dict[str, str]] = []
         if t.samples:  # under FSDP2 on the gathered copy, moved to rank 0's device (train.samples=0 for XL / XXL)
-            gen_model = final_model.to(device)
-            samples = span_filling_samples(gen_model, tokenizer, heldout or store, t.samples, device, t.seed)
+            samples = task.samples(final_model.to(device), device)
         summary = {
             "steps": step,
             "initial_eval_loss": first_eval,
@@ -636,6 +746,7 @@ def _train(cfg: Config, out: Path, world: tdist.World, device: torch.device) -> 
             "metrics": str(metrics_path),
             "loss_plot": str(out / "loss.png"),
             "samples": samples,
+            **task.summary(),
         }
         ckpt.write_text_atomically(out / "summary.json", json.dumps(summary, indent=2))
         return summary
