@@ -73,14 +73,16 @@ kernel:
   head dim and Hopper's wgmma (M >= 64) serves tiles with ``BLOCK_M = 32`` too (``_Cfg.dq_t``; the sm80 table
   uses ``dS^T``'s transpose times K). The T5 table gradient is reduced in the same pass (far tiles: sums of
   ``dS^T`` into two per-program scalars; near tiles: diagonal sums, see below).
-* ``"split"``: one kernel per key block for dK/dV and one per query block for dQ (which also reduces
+* ``"split"`` (default): one kernel per key block for dK/dV and one per query block for dQ (which also reduces
   ``d_lut`` and ``d_bias``), no atomics on dQ/dK/dV: deterministic gradients of q/k/v, 7 matmuls per tile. Measured
   on the H200 (bf16, 32k tokens, T5 table and its gradient): backward 3.4-4.5x the forward, against 4.8-7.5x for
   "fused", whose dQ atomics and 32-row tiles cost more than the two matmuls they save.
-* ``"split3"`` (default): "split"'s two kernels and tiles in the other order, without the prep kernel: the dQ kernel
+* ``"split3"``: "split"'s two kernels and tiles in the other order, without the prep kernel: the dQ kernel
   runs first and computes delta for its own query rows before its loop (it loads dO anyway; O once more), storing it
-  for the dK/dV kernel; d_lut is zeroed by a memset. One launch and one pass over O and dO fewer (~2-3% of the
-  backward at 32k tokens, ~10 us of host time). Chosen without a GPU run of its own (same kernels otherwise).
+  for the dK/dV kernel; d_lut is zeroed by a memset. Meant to save one launch and one pass over O and dO; measured
+  on the H200 (2026-12-02, ``bench_attention.py --compare --quick``): without a bias 2-4 % faster than "split"
+  forward + backward, but the T5-table rows were measured only together with the "kernel" table route (below),
+  2.1x slower at L=512; kept selectable, not the default until it is measured on its own with the table.
 * ``"split2"``: split3's order with d_lut reduced in the dK/dV kernel (zeroed by the dQ kernel's program 0): the dQ
   kernel drops to 104 registers at D=64 (from 194), the dK/dV kernel rises to 254 ((64, 64) tiles need 8 warps:
   with 4 they spill 456 B) — which side wins is for the GPU to say (``bench_attention.py --compare``).
@@ -930,10 +932,10 @@ _CFG_CACHE: dict[tuple, _Cfg] = {}
 # FLASHT5_ATTN_BWD (read once, at import) picks the default; torch.use_deterministic_algorithms(True) keeps the
 # deterministic split ones.
 BWD_VARIANTS = ("fused", "split", "split2", "split3")
-# Default "split3": "split" (measured faster than "fused" on the H200 at every shape) with the same kernels and tiles
-# minus the prep kernel's pass over O and dO and one launch; chosen without a GPU measurement of its own (the lead's
-# session had no device time left), "split" stays selectable (FLASHT5_ATTN_BWD=split).
-_BWD_DEFAULT = os.environ.get("FLASHT5_ATTN_BWD", "split3")
+# Default "split": measured on the H200 faster than "fused" at every shape (2026-12-01) and, with the T5 table,
+# than "split2" and than "split3" + the "kernel" table route at every shape but L=4096 D=128 (within 3 %); 1.6-2.4x
+# at L=512 (bench_attention.py --compare, 2026-12-02).
+_BWD_DEFAULT = os.environ.get("FLASHT5_ATTN_BWD", "split")
 if _BWD_DEFAULT not in BWD_VARIANTS:
     raise ValueError(f"FLASHT5_ATTN_BWD={_BWD_DEFAULT!r}: expected one of {BWD_VARIANTS}")
 
@@ -942,9 +944,11 @@ if _BWD_DEFAULT not in BWD_VARIANTS:
 # straight into the table's gradient row bucket[slot] (an int load per diagonal atomic, not per element), so
 # the fp32 table's gradient needs no op after the kernels. "autograd": t5_bias_lut with autograd, then the rel_lut
 # path (its index_select backward scatters d_lut into the table: three more autograd nodes and two more ops).
-# FLASHT5_ATTN_TABLE (read once) picks the default. torch.compile always traces the "autograd" form.
+# FLASHT5_ATTN_TABLE (read once) picks the default: "autograd". The "kernel" route (with split3) measured 2.1x slower
+# forward + backward at L=512 on the H200 (2026-12-02): all its atomics land on the table's <= 32 bucket rows.
+# torch.compile always traces the "autograd" form.
 TABLE_ROUTES = ("kernel", "autograd")
-_TABLE_DEFAULT = os.environ.get("FLASHT5_ATTN_TABLE", "kernel")
+_TABLE_DEFAULT = os.environ.get("FLASHT5_ATTN_TABLE", "autograd")
 if _TABLE_DEFAULT not in TABLE_ROUTES:
     raise ValueError(f"FLASHT5_ATTN_TABLE={_TABLE_DEFAULT!r}: expected one of {TABLE_ROUTES}")
 
@@ -954,7 +958,7 @@ def _bwd_variant() -> str:
     if v is not None:
         return v  # type: ignore[return-value]
     if _BWD_DEFAULT == "fused" and torch.are_deterministic_algorithms_enabled():
-        return "split3"  # no atomics on dQ/dK/dV
+        return "split"  # no atomics on dQ/dK/dV
     return _BWD_DEFAULT
 
 
