@@ -164,10 +164,14 @@ _HOLD = textwrap.dedent(
     import os, sys, time
     from flasht5.train.checkpoint import RunLock
     lock = RunLock(sys.argv[1]).__enter__()
+    r, w = os.pipe()
     child = os.fork() if sys.argv[2] == "fork" else -1  # a forked child, as a DataLoader worker is
     if child == 0:
+        os.write(w, b"x")  # the at-fork hook has run in this child (a loaded machine may schedule it late)
         time.sleep(60)
         os._exit(0)
+    if child > 0:
+        os.read(r, 1)
     print(child, flush=True)
     time.sleep(60)
     """
