@@ -102,3 +102,21 @@ def test_batch_mode_mistakes_are_one_line(tmp_path: Path, capfd, model_dir) -> N
     for argv, expect in cases:
         code, text = _run(capfd, "generate", *argv)
         _clear_error(code, text, *expect)
+
+
+def test_tensorboard_scalars_per_batch(tmp_path: Path, capfd, model_dir) -> None:
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    src = tmp_path / "in.txt"
+    src.write_text("\n".join(LINES) + "\n")
+    tb = tmp_path / "tb"
+    code, text = _run(capfd, "generate", str(model_dir), "--input", str(src), "--max-new-tokens", "4",
+                      "--min-new-tokens", "4", "--batch-size", "2", "--output", str(tmp_path / "o.jsonl"),
+                      "--tensorboard", str(tb))  # fmt: skip
+    assert code == 0, text
+    acc = EventAccumulator(str(tb))
+    acc.Reload()
+    assert {"generate/requests", "generate/requests_per_s", "generate/new_tokens_per_s"} <= set(acc.Tags()["scalars"])
+    assert [(e.step, e.value) for e in acc.Scalars("generate/requests")] == [(1, 2), (2, 4), (3, 5)]
+    assert all(e.value > 0 for e in acc.Scalars("generate/new_tokens_per_s"))

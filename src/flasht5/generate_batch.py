@@ -35,6 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     io.add_argument("--batch-size", type=int, default=32, help="requests per generate call (default 32)")
     io.add_argument("--max-input-tokens", type=int, help="truncate longer inputs to this many tokens")
     io.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    io.add_argument("--tensorboard", metavar="DIR", help="TensorBoard scalars per batch (requests, tokens/s) in DIR")
     g = p.add_argument_group("generation (transformers' generate arguments)")
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--min-new-tokens", type=int, default=0)
@@ -144,9 +145,14 @@ def length_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
 
 def generate_texts(
     model: Any, tokenizer: Any, texts: list[str], gen_kwargs: dict[str, Any], *, batch_size: int,
-    max_input_tokens: int | None = None, skip_special: bool = True, progress: bool = False,
+    max_input_tokens: int | None = None, skip_special: bool = True, progress: bool = False, scalars: Any = None,
 ) -> list[list[str]]:  # fmt: skip
-    """Every text's ``num_return_sequences`` outputs, in input order; requests batched by length."""
+    """Every text's ``num_return_sequences`` outputs, in input order; requests batched by length. ``scalars``
+    (:class:`flasht5.events.Scalars`) receives, after every batch (step = batches done), the requests done, the
+    batch's new tokens per second (decoder start and padding after a row's end excluded) and the requests per
+    second so far."""
+    import time
+
     import torch
 
     enc = tokenizer(texts, truncation=max_input_tokens is not None, max_length=max_input_tokens)["input_ids"]
@@ -159,8 +165,10 @@ def generate_texts(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(texts), unit="req", file=sys.stderr, desc="generate", dynamic_ncols=True)
+    done, t0 = 0, time.perf_counter()
     try:
-        for batch in length_batches([len(ids) for ids in enc], batch_size):
+        for step, batch in enumerate(length_batches([len(ids) for ids in enc], batch_size), 1):
+            t_batch = time.perf_counter()
             width = max(1, max(len(enc[i]) for i in batch))
             ids = torch.full((len(batch), width), pad, dtype=torch.long)
             mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -171,6 +179,12 @@ def generate_texts(
             decoded = tokenizer.batch_decode(out, skip_special_tokens=skip_special)
             for row, i in enumerate(batch):
                 results[i] = decoded[row * n_ret : (row + 1) * n_ret]
+            done += len(batch)
+            if scalars is not None:
+                now = time.perf_counter()
+                new_tokens = int((out[:, 1:] != pad).sum())  # a host sync, after the batch anyway
+                scalars.add(step, {"generate/requests": done, "generate/requests_per_s": done / (now - t0),
+                                   "generate/new_tokens_per_s": new_tokens / max(now - t_batch, 1e-9)})  # fmt: skip
             if bar is not None:
                 bar.update(len(batch))
     finally:
@@ -218,11 +232,17 @@ def run(args: argparse.Namespace, device: Any) -> int:
     model = FlashT5ForConditionalGeneration.from_pretrained(args.model, dtype=dtype).to(device).eval()
     if args.seed is not None:
         torch.manual_seed(args.seed)
-    results = generate_texts(
-        model, tokenizer, texts, generation_kwargs(args), batch_size=args.batch_size,
-        max_input_tokens=args.max_input_tokens, skip_special=not args.keep_special,
-        progress=args.input is not None and not args.no_progress,
-    )  # fmt: skip
+    from flasht5.events import Scalars
+
+    scalars = Scalars(args.tensorboard)
+    try:
+        results = generate_texts(
+            model, tokenizer, texts, generation_kwargs(args), batch_size=args.batch_size,
+            max_input_tokens=args.max_input_tokens, skip_special=not args.keep_special,
+            progress=args.input is not None and not args.no_progress, scalars=scalars,
+        )  # fmt: skip
+    finally:
+        scalars.close()
     single = args.num_return_sequences == 1
     rows = []
     for i, (text, outs) in enumerate(zip(texts, results)):

@@ -315,3 +315,16 @@ def test_tokenizer_worker_dies_with_a_killed_parent() -> None:
     while alive(worker) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not alive(worker)
+
+
+def test_pretokenize_writes_tensorboard_scalars_at_every_commit(two_inputs, tiny_tokenizer_dir, tmp_path) -> None:
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    stats = pretokenize(two_inputs, tiny_tokenizer_dir, tmp_path / "st", progress=False, tensorboard=tmp_path / "tb")
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    assert {"pretokenize/tokens", "pretokenize/documents", "pretokenize/tokens_per_s"} <= set(acc.Tags()["scalars"])
+    assert acc.Scalars("pretokenize/tokens")[-1].value == stats["tokens"]  # one commit per input, the last = total
+    assert acc.Scalars("pretokenize/documents")[-1].value == stats["documents"]
+    assert not (tmp_path / "st" / "tensorboard").exists()  # the store itself holds only its own files

@@ -374,13 +374,16 @@ def pretokenize(
     encoding_errors: str = "strict",
     batch_docs: int = 256,
     commit_every: float = 30.0,
+    tensorboard: str | Path | None = None,
 ) -> dict[str, Any]:
     """Tokenize documents into a :class:`TokenStore` at ``out_dir`` and return the statistics.
 
     ``workers`` > 1 tokenizes in that many processes (order preserved); 1 tokenizes here (the Rust tokenizer may
     still use several threads). With ``resume`` a partial store in ``out_dir`` made from the same inputs, tokenizer
     and settings is continued from its last commit (every ``commit_every`` seconds and at the end of each input),
-    and a complete one is returned as is; without it ``out_dir`` is started over.
+    and a complete one is returned as is; without it ``out_dir`` is started over. ``tensorboard``: a folder that
+    receives ``pretokenize/tokens``, ``pretokenize/documents`` and ``pretokenize/tokens_per_s`` at every commit
+    (step = seconds since the start).
     """
     from flasht5.data.tokenizer import check_tokenizer_path
 
@@ -392,7 +395,7 @@ def pretokenize(
         return _pretokenize_locked(
             paths, Path(tokenizer_dir), out, workers=workers, text_key=text_key, resume=resume, append_eos=append_eos,
             progress=progress, text_split=text_split, encoding_errors=encoding_errors, batch_docs=batch_docs,
-            commit_every=commit_every,
+            commit_every=commit_every, tensorboard=tensorboard,
         )  # fmt: skip
 
 
@@ -410,6 +413,7 @@ def _pretokenize_locked(
     encoding_errors: str,
     batch_docs: int,
     commit_every: float,
+    tensorboard: str | Path | None = None,
 ) -> dict[str, Any]:
     from flasht5.data.tokenizer import load_tokenizer
 
@@ -491,11 +495,20 @@ def _pretokenize_locked(
     fl = open(out / "lengths.bin", "ab")  # noqa: SIM115
     last_commit = time.perf_counter()
 
+    from flasht5.events import Scalars
+
+    scalars = Scalars(tensorboard)
+
     def commit() -> None:
         for f in (ft, fl):
             f.flush()
             os.fsync(f.fileno())
         _atomic_write_json(out / "progress.json", {**state, "settings": settings, "stats": counters})
+        elapsed = time.perf_counter() - t0
+        scalars.add(round(elapsed), {
+            "pretokenize/tokens": state["num_tokens"], "pretokenize/documents": state["num_docs"],
+            "pretokenize/tokens_per_s": (state["num_tokens"] - resumed_tokens) / max(elapsed, 1e-9),
+        })  # fmt: skip
 
     try:
         for index in range(state["input_index"], len(paths)):
@@ -540,6 +553,7 @@ def _pretokenize_locked(
     finally:
         ft.close()
         fl.close()
+        scalars.close()
         if pool is not None:
             pool.terminate()
         if bar is not None:
@@ -622,6 +636,7 @@ def _cli(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         text_split=args.text_split,
         encoding_errors=args.encoding_errors,
+        tensorboard=args.tensorboard,
     )
     if stats.get("already_complete"):
         print(f"{args.out} is already complete: {stats['documents']} documents, {stats['tokens']} tokens")
@@ -649,4 +664,7 @@ def configure_cli(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--append-eos", action="store_true", help="store EOS after every document")
     parser.add_argument("--no-resume", action="store_true", help="start over even if --out holds a partial store")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--tensorboard", metavar="DIR", default=None, help="TensorBoard scalars (tokens, documents, tokens/s) in DIR"
+    )
     parser.set_defaults(func=_cli)

@@ -19,6 +19,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from flasht5.events import open_writer
+
 # Dense bf16 tensor-core peak (FLOP/s, no sparsity) by device-name fragment; the first match counts.
 PEAK_BF16 = {"H200": 989.4e12, "H100": 989.4e12, "H800": 989.4e12, "GH200": 989.4e12, "A100": 312e12,
              "A800": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12}  # fmt: skip
@@ -42,15 +44,8 @@ class Tracker:
     def __init__(self, out_dir: str | Path, enabled: bool, *, purge_step: int | None = None) -> None:
         self.writer = None
         self.log_dir = Path(out_dir) / "tensorboard"
-        if not enabled:
-            return
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            print("[flasht5] log.tensorboard: the tensorboard package is not installed, no event files are written "
-                  "(pip install tensorboard, or set log.tensorboard=false)", flush=True)  # fmt: skip
-            return
-        self.writer = SummaryWriter(log_dir=str(self.log_dir), purge_step=purge_step)
+        if enabled:
+            self.writer = open_writer(self.log_dir, "log.tensorboard", purge_step=purge_step)
 
     def log(self, row: dict[str, Any]) -> None:
         """One metrics row (``{"step": N, "loss": ..., ...}``): every number with a known tag becomes a scalar."""
