@@ -230,3 +230,18 @@ def test_finetune_command_runs_and_reports(tmp_path: Path, capfd, tokenizer: Pat
     assert "best loss" in text and f"{tmp_path / 'run'}/best" in text
     assert "--- held-out example 1 ---" in text and "prediction:" in text
     assert "Writing model shards" not in text and "Traceback" not in text
+
+
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_train_summary_is_printed_by_rank_zero_only(tmp_path: Path, capfd, monkeypatch, rank: str) -> None:
+    """Under torchrun every rank returns rank 0's summary; only rank 0 prints it (one copy per launch)."""
+    import flasht5.train.loop as loop
+
+    summary = dict(initial_eval_loss=2.0, final_eval_loss=1.0, steps=3, model_dir="m", metrics="x", loss_plot="p",
+                   samples=[])  # fmt: skip
+    monkeypatch.setattr(loop, "train", lambda cfg: summary)
+    monkeypatch.setenv("RANK", rank)
+    config = Path(__file__).parents[1] / "configs" / "pretrain" / "demo.yaml"
+    code, text = _run(capfd, "train", str(config), f"--train.out_dir={tmp_path / 'run'}")
+    assert code == 0, text
+    assert ("held-out loss: step 0 2.0000 -> step 3 1.0000" in text) == (rank == "0"), text

@@ -32,6 +32,8 @@ def _train(args: argparse.Namespace) -> int:
 
     _quiet_transformers()
     summary = train(cfg)
+    if not _main_rank():
+        return 0  # under torchrun every rank returns rank 0's summary: rank 0 alone prints it
     print()
     print(f"held-out loss: step 0 {summary['initial_eval_loss']:.4f} -> step {summary['steps']} "
           f"{summary['final_eval_loss']:.4f}")  # fmt: skip
@@ -53,6 +55,8 @@ def _finetune(args: argparse.Namespace) -> int:
 
     _quiet_transformers()
     s = finetune(cfg)
+    if not _main_rank():
+        return 0
     print()
     first, last = s["initial_metrics"], s["final_metrics"]
     if last:
@@ -71,6 +75,11 @@ def _finetune(args: argparse.Namespace) -> int:
             v = str(v)  # a long input is shown by its ends (predictions/*.jsonl has it whole)
             print(f"{k:10s}: {v if len(v) <= 400 else f'{v[:200]} [... {len(v) - 400} characters ...] {v[-200:]}'}")
     return 0
+
+
+def _main_rank() -> bool:
+    """Rank 0 of a torchrun launch, or a plain process (``RANK`` unset)."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def _convert(args: argparse.Namespace) -> int:
