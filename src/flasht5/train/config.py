@@ -359,6 +359,17 @@ def check(cfg: Config) -> None:
         raise ValueError("data.tokenizer must be a folder path (trained on data.corpus if it does not exist)")
     _range("data.vocab_size", d.vocab_size, 11, note=" (SentencePiece pieces incl. <pad> </s> <unk> and 6 mode tokens)")
     _range("data.tokenizer_sample", d.tokenizer_sample, 1, none_ok=True)
+    _check_batch_shape(d)
+    _range("data.eval_batches", d.eval_batches, 1, note=" (leave data.heldout empty for no evaluation)")
+    _check_mixture(d)
+
+    _check_optim(o)
+    _check_run(t)
+    _check_dist(cfg)
+
+
+def _check_batch_shape(d: Any) -> None:
+    """The batch-shape keys that the pre-training and fine-tuning data sections share."""
     _range("data.max_input_len", d.max_input_len, 2, note=" (one token and EOS)")
     _range("data.max_target_len", d.max_target_len, 2, note=" (one token and EOS)")
     _range("data.max_tokens", d.max_tokens, d.max_input_len, note=" (data.max_input_len: one example per batch)")
@@ -370,12 +381,6 @@ def check(cfg: Config) -> None:
         raise ValueError("data.row_len / data.row_target_len apply to data.mode=padded only; set them to null")
     _range("data.num_workers", d.num_workers, 0, none_ok=True)
     _range("data.max_docs", d.max_docs, 1, none_ok=True)
-    _range("data.eval_batches", d.eval_batches, 1, note=" (leave data.heldout empty for no evaluation)")
-    _check_mixture(d)
-
-    _check_optim(o)
-    _check_run(t)
-    _check_dist(cfg)
 
 
 def _check_optim(o: OptimConfig) -> None:
@@ -657,17 +662,7 @@ def check_finetune(cfg: FinetuneConfig) -> None:
         raise ValueError("data.tokenizer must be a folder path or null")
     _range("data.vocab_size", d.vocab_size, 11, note=" (SentencePiece pieces incl. <pad> </s> <unk> and 6 mode tokens)")
     _one_of("data.mode", d.mode, ("varlen", "padded"))
-    _range("data.max_input_len", d.max_input_len, 2, note=" (one token and EOS)")
-    _range("data.max_target_len", d.max_target_len, 2, note=" (one token and EOS)")
-    _range("data.max_tokens", d.max_tokens, d.max_input_len, note=" (data.max_input_len: one example per batch)")
-    _range("data.max_target_tokens", d.max_target_tokens, d.max_target_len, none_ok=True,
-           note=" (data.max_target_len: one example per batch)")  # fmt: skip
-    _range("data.row_len", d.row_len, d.max_input_len, none_ok=True, note=" (data.max_input_len)")
-    _range("data.row_target_len", d.row_target_len, d.max_target_len, none_ok=True, note=" (data.max_target_len)")
-    if d.mode != "padded" and (d.row_len is not None or d.row_target_len is not None):
-        raise ValueError("data.row_len / data.row_target_len apply to data.mode=padded only; set them to null")
-    _range("data.num_workers", d.num_workers, 0, none_ok=True)
-    _range("data.max_docs", d.max_docs, 1, none_ok=True)
+    _check_batch_shape(d)
     if d.labels is not None:
         if cfg.task != "classification":
             raise ValueError("data.labels applies to task=classification only; set it to null")
