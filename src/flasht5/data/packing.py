@@ -152,43 +152,8 @@ class UL2Dataset(IterableDataset):
         if self.row_len < max_input_len or self.row_target_len < max_target_len:
             raise ValueError("row_len / row_target_len must be >= max_input_len / max_target_len")
         self.max_tokens = int(max_tokens if max_tokens is not None else 16 * self.row_len)
-        if mode == "varlen":
-            if self.max_tokens < max_input_len:
-                raise ValueError(f"max_tokens={self.max_tokens} must be >= max_input_len={max_input_len}")
-            # Size the decoder budget to the mixture's target/input ratio plus 25 %, so the encoder budget binds.
-            ratio = self.expected_target_ratio()
-            default_tgt = max(int(np.ceil(self.max_tokens * ratio * 1.25)), max_target_len)
-            self.max_target_tokens = int(max_target_tokens if max_target_tokens is not None else default_tgt)
-            if self.max_target_tokens < max_target_len:
-                raise ValueError(
-                    f"max_target_tokens={self.max_target_tokens} must be >= max_target_len={max_target_len}"
-                )
-            self.bins_enc = np.array([self.max_tokens], dtype=np.int64)
-            self.bins_dec = np.array([self.max_target_tokens], dtype=np.int64)
-        else:
-            if row_target_len is None:
-                # Rows whose decoder part matches the mixture's target/input ratio (rounded up to 8), so neither
-                # half of a row is mostly padding; T5's own ratio keeps max_target_len.
-                fit = int(np.ceil(self.row_len * self.expected_target_ratio() / 8) * 8)
-                self.row_target_len = max(self.max_target_len, fit)
-            rows = self.max_tokens // self.row_len
-            if rows < 1:
-                raise ValueError(f"max_tokens={self.max_tokens} holds no row of row_len={self.row_len}")
-            self.max_target_tokens = rows * self.row_target_len
-            self.bins_enc = np.full(rows, self.row_len, dtype=np.int64)
-            self.bins_dec = np.full(rows, self.row_target_len, dtype=np.int64)
-        self.max_docs: int | None = None
-        if max_docs is not None:
-            if mode != "varlen":
-                raise ValueError("max_docs (static batch shapes) needs mode='varlen'")
-            # Room for the padding documents that fill the unused tail of each budget.
-            tail = max(-(-self.max_tokens // max_input_len), -(-self.max_target_tokens // max_target_len))
-            if max_docs <= tail:
-                raise ValueError(
-                    f"max_docs={max_docs} leaves no room for examples: the padding of a batch can need {tail} "
-                    f"documents of at most max_input_len / max_target_len tokens"
-                )
-            self.max_docs = int(max_docs)
+        self._set_budgets(max_target_tokens, row_target_len)
+        self._set_max_docs(max_docs)
         self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
         self.shuffle, self.epochs, self.lookahead = shuffle, epochs, float(lookahead)
         self.denoiser_names = [
@@ -209,6 +174,52 @@ class UL2Dataset(IterableDataset):
     def from_tokenizer(cls, store: TokenStore | str | Path, tokenizer: Any, **kwargs: Any) -> UL2Dataset:
         """Build the dataset with the tokenizer's sentinels, mode tokens, EOS, pad and decoder start (= pad, as T5)."""
         return cls(store, **tokenizer_kwargs(tokenizer, kwargs.get("denoisers", "t5")), **kwargs)
+
+    def _set_budgets(self, max_target_tokens: int | None, row_target_len: int | None, row_margin: float = 1.0) -> None:
+        """The batch budgets and bins, from ``max_tokens``, ``row_len`` and the length limits. varlen: the decoder
+        budget defaults to the data's target/input ratio plus 25 %, so the encoder budget binds. padded: rows whose
+        decoder part matches that ratio (times ``row_margin``, rounded up to 8), so neither half of a row is mostly
+        padding; T5's own ratio keeps max_target_len."""
+        if self.mode == "varlen":
+            if self.max_tokens < self.max_input_len:
+                raise ValueError(f"max_tokens={self.max_tokens} must be >= max_input_len={self.max_input_len}")
+            default = max(int(np.ceil(self.max_tokens * self.expected_target_ratio() * 1.25)), self.max_target_len)
+            self.max_target_tokens = int(max_target_tokens if max_target_tokens is not None else default)
+            if self.max_target_tokens < self.max_target_len:
+                raise ValueError(
+                    f"max_target_tokens={self.max_target_tokens} must be >= max_target_len={self.max_target_len}"
+                )
+            self.bins_enc = np.array([self.max_tokens], dtype=np.int64)
+            self.bins_dec = np.array([self.max_target_tokens], dtype=np.int64)
+            return
+        if row_target_len is None:
+            fit = int(np.ceil(self.row_len * self.expected_target_ratio() * row_margin / 8) * 8)
+            row_target_len = max(self.max_target_len, fit)
+        self.row_target_len = int(row_target_len)
+        rows = self.max_tokens // self.row_len
+        if rows < 1:
+            raise ValueError(f"max_tokens={self.max_tokens} holds no row of row_len={self.row_len}")
+        self.max_target_tokens = rows * self.row_target_len
+        self.bins_enc = np.full(rows, self.row_len, dtype=np.int64)
+        self.bins_dec = np.full(rows, self.row_target_len, dtype=np.int64)
+
+    def _padding_docs(self) -> int:
+        """The most padding documents a static batch needs: those filling an empty encoder or decoder budget."""
+        return max(-(-self.max_tokens // self.max_input_len), -(-self.max_target_tokens // self.max_target_len))
+
+    def _set_max_docs(self, max_docs: int | None) -> None:
+        self.max_docs = None
+        if max_docs is None:
+            return
+        if self.mode != "varlen":
+            raise ValueError("max_docs (static batch shapes) needs mode='varlen'")
+        tail = self._padding_docs()
+        if max_docs <= tail:
+            raise ValueError(
+                f"max_docs={max_docs} leaves no room for examples: the padding of a batch can need {tail} "
+                f"documents of at most max_input_len / max_target_len tokens"
+            )
+        self.max_docs = int(max_docs)
 
     def expected_target_ratio(self, sample_docs: int = 2000) -> float:
         """Expected decoder tokens per encoder token of the mixture on this store (EOS, prefixes, sentinels in).

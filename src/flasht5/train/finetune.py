@@ -294,38 +294,13 @@ class SFTDataset(UL2Dataset):
         self.max_input_len, self.max_target_len = int(max_input_len), int(max_target_len)
         self.mode = mode
         self.row_len = int(row_len or max_input_len)
-        ratio = self.expected_target_ratio()
         self.max_tokens = int(max_tokens)
-        if mode == "varlen":
-            if self.max_tokens < self.max_input_len:
-                raise ValueError(f"max_tokens={self.max_tokens} must be >= max_input_len={self.max_input_len}")
-            default = max(int(np.ceil(self.max_tokens * ratio * 1.25)), self.max_target_len)
-            self.max_target_tokens = int(max_target_tokens if max_target_tokens is not None else default)
-            if self.max_target_tokens < self.max_target_len:
-                raise ValueError(f"max_target_tokens={self.max_target_tokens} must be >= max_target_len")
-            self.row_target_len = self.max_target_len
-            self.bins_enc = np.array([self.max_tokens], dtype=np.int64)
-            self.bins_dec = np.array([self.max_target_tokens], dtype=np.int64)
-        else:
-            fit = int(np.ceil(self.row_len * ratio * 1.25 / 8) * 8)
-            self.row_target_len = int(row_target_len or max(self.max_target_len, fit))
-            rows = self.max_tokens // self.row_len
-            if rows < 1:
-                raise ValueError(f"max_tokens={self.max_tokens} holds no row of row_len={self.row_len}")
-            self.max_target_tokens = rows * self.row_target_len
-            self.bins_enc = np.full(rows, self.row_len, dtype=np.int64)
-            self.bins_dec = np.full(rows, self.row_target_len, dtype=np.int64)
-        self.max_docs, self.max_examples = None, None
-        if max_docs is not None:
-            if mode != "varlen":
-                raise ValueError("max_docs (static batch shapes) needs mode='varlen'")
-            tail = max(-(-self.max_tokens // self.max_input_len), -(-self.max_target_tokens // self.max_target_len))
-            if max_docs == "auto":  # room for as many examples as the budget holds at 80 % of their mean length
-                mean = max(float(self.examples.lengths()[0].mean()), 1.0)
-                max_docs = int(np.ceil(self.max_tokens / (0.8 * mean))) + tail + 1
-            if max_docs <= tail:
-                raise ValueError(f"max_docs={max_docs} leaves no room for examples next to {tail} padding documents")
-            self.max_docs, self.max_examples = int(max_docs), int(max_docs) - tail
+        self.row_target_len = self.max_target_len  # varlen; padded rows size it from the data (plus 25 %)
+        self._set_budgets(max_target_tokens, row_target_len, row_margin=1.25)
+        if max_docs == "auto":  # room for as many examples as the budget holds at 80 % of their mean length
+            mean = max(float(self.examples.lengths()[0].mean()), 1.0)
+            max_docs = int(np.ceil(self.max_tokens / (0.8 * mean))) + self._padding_docs() + 1
+        self._set_max_docs(max_docs)
         self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
         self.shuffle, self.epochs, self.lookahead = shuffle, epochs, float(lookahead)
         self._restore, self._live = {}, {}
