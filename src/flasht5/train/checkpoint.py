@@ -306,16 +306,22 @@ def write_dir_atomically(path: Path, write: Callable[[Path], None], need: int = 
         if full and isinstance(e, Exception):
             raise no_space_error(path) from e
         raise
+    _swap_into_place(tmp, path)
+    return path
+
+
+def _swap_into_place(tmp: Path, path: Path) -> None:
+    """Rename the complete ``tmp`` to ``path``; a ``path`` already there becomes ``<path>.old`` for the moment of
+    the swap (put back at the next start if a kill comes then, see :func:`remove_interrupted_saves`)."""
     if path.exists() or path.is_symlink():
-        old = path.with_name(path.name + ".old")  # complete: put back at the next start if the kill comes now
+        old = path.with_name(path.name + ".old")
         _remove(old)
         path.rename(old)
         tmp.rename(path)
         _remove(old)
     else:
         tmp.rename(path)
-    fsync(parent)
-    return path
+    fsync(path.parent)
 
 
 def save_checkpoint(out: Path, step: int, model: Any, trainer_state: dict[str, Any], keep: int) -> Path:
@@ -624,15 +630,7 @@ def save_sharded(
             if _no_space(e) and isinstance(e, Exception):
                 raise no_space_error(path) from e
             raise
-        if path.exists():
-            old = path.with_name(path.name + ".old")
-            _remove(old)
-            path.rename(old)
-            tmp.rename(path)
-            _remove(old)
-        else:
-            tmp.rename(path)
-        fsync(path.parent)
+        _swap_into_place(tmp, path)
         if keep > 0:
             for old in list_checkpoints(out)[:-keep]:
                 gone = old.with_name(old.name + ".del")
