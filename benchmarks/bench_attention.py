@@ -990,7 +990,9 @@ def compare_main(args, t_start: float) -> None:
         sections.append(
             ("Autotuner choices (kernel, flags, length buckets -> config)", utils.markdown_table(A._TUNE_LOG))
         )
-    _write("flash attention: variants compared (bench_attention.py --compare)", sections, args, t_start)
+    utils.write_sections(
+        "flash attention: variants compared (bench_attention.py --compare)", sections, args.out, t_start
+    )
 
 
 # ------------------------------------------------------------------------------------------------ driver
@@ -1127,14 +1129,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def _write(title: str, sections: list[tuple[str, str]], args, t_start: float):
-    body = "\n".join(f"### {t}\n\n{b}" for t, b in sections)
-    body += f"\nTotal benchmark wall time: {time.perf_counter() - t_start:.0f} s\n"
-    path = utils.write_results(title, body, out=args.out)
-    print(body)
-    print(f"wrote {path}")
-
-
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args._precompile:
@@ -1144,16 +1138,16 @@ def main(argv=None) -> None:
     t_start = time.perf_counter()
     if args.mode == "screen":
         rows = screen(args.screen_kernels.split(","), [64, 128])
-        return _write("flash attention: sm90 tile screen (bench_attention.py --screen)",
+        return utils.write_sections("flash attention: sm90 tile screen (bench_attention.py --screen)",
                       [("Registers, spills, shared memory (T5 lookup + gradient, bf16)", utils.markdown_table(rows))],
-                      args, t_start)  # fmt: skip
+                      args.out, t_start)  # fmt: skip
     if not torch.cuda.is_available():
         raise SystemExit("this mode needs a CUDA GPU (only --screen runs without one)")
     if args.mode == "host":
         rows = host_rows()
-        return _write("flash attention: host overhead per call (bench_attention.py --host)",
+        return utils.write_sections("flash attention: host overhead per call (bench_attention.py --host)",
                       [("Wall time per call, tiny inputs (1 x 16 x 2 x 64, bf16)", utils.markdown_table(rows))],
-                      args, t_start)  # fmt: skip
+                      args.out, t_start)  # fmt: skip
     if args.jobs > 0 and args.mode != "host":  # compile in parallel processes (Triton's disk cache is shared)
         flags = {"bwd-variants": ["--bwd-variants"], "sweep": ["--sweep"], "shape-sweep": ["--shape-sweep"],
                  "compare": ["--compare", "--variants", args.variants]}  # fmt: skip
@@ -1167,7 +1161,7 @@ def main(argv=None) -> None:
         print(f"precompile: {time.perf_counter() - t_start:.1f} s", flush=True)
 
     if args.mode == "compare":
-        return compare_main(args, t_start)
+        return compare_main(args.out, t_start)
     sections = []
     if args.mode == "bwd-variants":
         timing, correct = bwd_variant_rows(tuple(int(d) for d in args.head_dims.split(",")))
@@ -1175,11 +1169,15 @@ def main(argv=None) -> None:
                          utils.markdown_table(timing)))  # fmt: skip
         sections.append(("Backward variants: error vs fp32 reference (ratio = err / bf16-torch err; ok = test rule)",
                          utils.markdown_table(correct)))  # fmt: skip
-        return _write("flash attention: backward variants (bench_attention.py --bwd-variants)", sections, args, t_start)
+        return utils.write_sections(
+            "flash attention: backward variants (bench_attention.py --bwd-variants)", sections, args.out, t_start
+        )
     if args.mode == "shape-sweep":
         ss = shape_sweep(64)
         sections.append(("Forward tiles per shape (T5 bias, D=64, bf16, H=12, 32k tokens)", utils.markdown_table(ss)))
-        return _write("flash attention: per-shape forward tiles (bench_attention.py)", sections, args, t_start)
+        return utils.write_sections(
+            "flash attention: per-shape forward tiles (bench_attention.py)", sections, args.out, t_start
+        )
     if args.mode == "sweep":
         kernels = args.sweep_kernels.split(",") if args.sweep_kernels else None
         sw = sweep_configs(64, kernels=kernels) + (sweep_configs(128, kernels=kernels) if not args.quick else [])
@@ -1197,7 +1195,9 @@ def main(argv=None) -> None:
         sections.append(("Tiles used below (sweep winners)", utils.markdown_table(chosen)))
         print(chosen, flush=True)
         if kernels:  # a partial sweep: only its tables
-            return _write("flash attention: tile sweep (bench_attention.py --sweep)", sections, args, t_start)
+            return utils.write_sections(
+                "flash attention: tile sweep (bench_attention.py --sweep)", sections, args.out, t_start
+            )
 
     rows = throughput_rows(args.quick)
     sections.append((f"Throughput (bf16, H=12, 32k tokens per batch; ceiling = {CEILING}, default dispatch)",
@@ -1211,7 +1211,7 @@ def main(argv=None) -> None:
     sections.append(
         ("Varlen: packed mixed-length documents vs dense batches of the same work", utils.markdown_table(vl))
     )
-    _write("flash attention with T5 bias (bench_attention.py)", sections, args, t_start)
+    utils.write_sections("flash attention with T5 bias (bench_attention.py)", sections, args.out, t_start)
     if args.plot:
         plot(rows, args.plot)
         print(f"wrote {args.plot}")

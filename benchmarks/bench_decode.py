@@ -314,14 +314,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _write(title: str, sections: list[tuple[str, str]], args, t_start: float) -> None:
-    body = "\n".join(f"### {t}\n\n{b}" for t, b in sections)
-    body += f"\nTotal benchmark wall time: {time.perf_counter() - t_start:.0f} s\n"
-    path = utils.write_results(title, body, out=args.out)
-    print(body)
-    print(f"wrote {path}")
-
-
 def main(argv=None) -> None:
     args = parse_args(argv)
     t_start = time.perf_counter()
@@ -329,8 +321,9 @@ def main(argv=None) -> None:
         if os.environ.get("TRITON_INTERPRET", "0") == "1":
             raise SystemExit("--screen compiles the kernels: run it without TRITON_INTERPRET=1")
         rows = screen()
-        return _write("flash decode: sm90 compile screen (bench_decode.py --screen)",
-                      [("Registers, spills, shared memory", utils.markdown_table(rows))], args, t_start)  # fmt: skip
+        sections = [("Registers, spills, shared memory", utils.markdown_table(rows))]
+        return utils.write_sections("flash decode: sm90 compile screen (bench_decode.py --screen)", sections, args.out,
+                                    t_start)  # fmt: skip
     if not torch.cuda.is_available():
         raise SystemExit("this benchmark needs a CUDA GPU (only --screen runs without one)")
     batches = tuple(int(x) for x in args.batches.split(","))
@@ -351,7 +344,9 @@ def main(argv=None) -> None:
     if not args.quick:
         sections.append(("Sweeps at Lk=16384, T5 lookup (us per call, CUDA graph)", utils.markdown_table(sweep_rows())))
         sections.append(("Host overhead: eager wall time per call (B=1, Lk=128)", utils.markdown_table(host_rows())))
-    _write("flash decode vs the current decode path and SDPA (bench_decode.py)", sections, args, t_start)
+    utils.write_sections(
+        "flash decode vs the current decode path and SDPA (bench_decode.py)", sections, args.out, t_start
+    )
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as _dt
 import platform
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -123,6 +124,15 @@ def write_results(title: str, body: str, out: str | Path | None = None) -> Path:
     with path.open("a") as f:
         f.write(section)
     return path
+
+
+def write_sections(title: str, sections: list[tuple[str, str]], out: str | Path | None, t_start: float) -> None:
+    """:func:`write_results` of ``### title`` sections plus the benchmark's wall time; prints them too."""
+    body = "\n".join(f"### {t}\n\n{b}" for t, b in sections)
+    body += f"\nTotal benchmark wall time: {time.perf_counter() - t_start:.0f} s\n"
+    path = write_results(title, body, out=out)
+    print(body)
+    print(f"wrote {path}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
