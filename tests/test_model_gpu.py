@@ -147,7 +147,7 @@ def test_training_step_never_syncs_the_host(optimizer):
 
 def test_graph_captured_step_gives_the_eager_losses():
     """The same model, optimizer and batches: replayed from a CUDA graph == eager, step after step."""
-    batches = [_varlen(seed=s) for s in range(8)]
+    batches = [_varlen(seed=s % 2) for s in range(8)]  # two batches in turn: the loss on each one must fall
     losses = {}
     for graph in (False, True):
         model = _model("flash").train()
@@ -158,7 +158,7 @@ def test_graph_captured_step_gives_the_eager_losses():
             out.append(step(b).loss)
         assert step.graphed == graph
         losses[graph] = torch.stack(out).float().cpu()
-    assert losses[True][-1] < losses[True][0]  # it trains
+    assert losses[True][-2] < losses[True][0] - 0.05  # it trains (step 6 sees step 0's batch again)
     # bf16 and the bias-gradient atomics: not bitwise, but the same trajectory
     torch.testing.assert_close(losses[True], losses[False], rtol=2e-3, atol=2e-3)
 

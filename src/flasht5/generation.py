@@ -168,7 +168,7 @@ class DecodeStep:
             return self._run(tokens)
         self._tokens = tokens.clone()
         self._graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self._graph):
+        with torch.cuda.graph(self._graph, capture_error_mode="thread_local"):  # as TrainStep: other threads may pin
             self._logits = self._run(self._tokens)
         self._graph.replay()
         return self._logits.clone()

@@ -534,7 +534,7 @@ def _bad_inputs():
         ("are exclusive", lambda: flash_attention(q, q, q, rel_table=tab, alibi_slopes=ones2)),
         ("are exclusive", lambda: flash_attention(q, q, q, rel_lut=lut, alibi_slopes=ones2)),
         ("are exclusive", lambda: flash_attention(q, q, q, rel_lut=lut, rel_table=tab)),
-        ("rel_lut must be float32", lambda: flash_attention(q, q, q, rel_lut=lut.double())),
+        ("rel_lut must be floating", lambda: flash_attention(q, q, q, rel_lut=lut.long())),
         ("rel_lut must have an odd", lambda: flash_attention(q, q, q, rel_lut=lut[:, :8])),
         ("rel_lut must be \\(H=2", lambda: flash_attention(q, q, q, rel_lut=lut[:1])),
         ("rel_lut must be \\(H=2", lambda: flash_attention(q, q, q, rel_lut=lut[0])),
@@ -551,6 +551,21 @@ def _bad_inputs():
         ("scale", lambda: flash_attention(q, q, q, scale=float("nan"))),
         ("max_seqlen_q", lambda: flash_attention(qv, qv, qv, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=-1)),
     ]  # fmt: skip
+
+
+def test_a_half_lookup_is_widened_and_its_gradient_cast_back():
+    """FSDP2's mixed precision casts a block's forward inputs, the T5 lookup among them, to bf16: the kernel reads
+    it widened to fp32 (the same output as the fp32 lookup of the same values) and the gradient keeps bf16."""
+    g = torch.Generator(device=DEV).manual_seed(3)
+    q, k, v = (torch.randn(1, 24, 2, 32, device=DEV, generator=g) for _ in range(3))
+    lut = torch.randn(2, 9, device=DEV, generator=g).bfloat16().requires_grad_()
+    wide = lut.detach().float().requires_grad_()
+    out, ref = flash_attention(q, k, v, rel_lut=lut), flash_attention(q, k, v, rel_lut=wide)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    out.sum().backward()
+    ref.sum().backward()
+    assert lut.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(lut.grad, wide.grad.bfloat16(), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("i", range(len(_bad_inputs())))

@@ -29,7 +29,7 @@ import torch
 from flasht5.train.config import load_config
 
 DEMO = "configs/pretrain/demo.yaml"
-TINY = "{d_model: 32, d_kv: 8, d_ff: 64, num_layers: 1, num_heads: 2, dropout_rate: 0.0}"
+TINY = "{d_model: 32, d_kv: 16, d_ff: 64, num_layers: 1, num_heads: 2, dropout_rate: 0.0}"
 STEPS, SAVE = 6, 3
 TOL = dict(rtol=1e-5, atol=1e-5)
 

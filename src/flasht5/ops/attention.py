@@ -1599,12 +1599,13 @@ def _check_inputs(
             raise ValueError(f"rel_lut must be (H={H}, 2R+1) (see t5_bias_lut), got {shape}")
         if rel_lut.shape[1] % 2 != 1:
             raise ValueError(f"rel_lut must have an odd width 2R+1 (distances -R..R), got {rel_lut.shape[1]}")
-        if rel_lut.dtype != torch.float32:
-            raise ValueError(f"rel_lut must be float32, got {rel_lut.dtype}")
+        if not rel_lut.is_floating_point():
+            raise ValueError(f"rel_lut must be floating point, got {rel_lut.dtype}")
         if rel_lut.device != device:
             raise ValueError(f"rel_lut is on {rel_lut.device} but q is on {device}")
-        if not rel_lut.is_contiguous():
-            lut = rel_lut.contiguous()
+        # The kernels read fp32. A half lookup (FSDP2's mixed precision casts the forward inputs of every block,
+        # the lookup among them) is widened here; autograd casts its gradient back.
+        lut = rel_lut.float().contiguous()
     if alibi_slopes is not None:
         if not isinstance(alibi_slopes, torch.Tensor) or alibi_slopes.shape != (H,):
             shape = tuple(alibi_slopes.shape) if isinstance(alibi_slopes, torch.Tensor) else alibi_slopes

@@ -218,7 +218,9 @@ class TrainStep:
         # None so that the captured backward allocates them in the graph's pool (and overwrites them on replay).
         self.optimizer.zero_grad(set_to_none=True)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # thread_local: the DataLoader's pin-memory thread keeps allocating page-locked buffers while the step is
+        # captured; in the default global mode those calls invalidate the capture.
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             out = self._forward_backward_step(static)
         self._graph, self._static = graph, (static, out)
         log.info("flasht5: training step captured in a CUDA graph (shapes %s)", self._signature)
