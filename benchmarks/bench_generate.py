@@ -23,7 +23,8 @@ above what was allocated before (the weights are not counted); same tokens = the
 to transformers sdpa's (bf16: greedy paths drift apart once two logits are within rounding; a low value on a
 random model is not a bug by itself, the fp32 GPU tests check exactness).
 
-Encoder only: 32 x 512 input tokens (dense), input tok/s of one forward (``triton.testing.do_bench`` median):
+Encoder only: 32 x 512 and 8 x 2048 input tokens (dense; ``--encoder-shapes``), input tok/s of one forward
+(``triton.testing.do_bench`` median):
 ``FlashT5EncoderModel`` (flash backend), transformers' ``T5EncoderModel`` (eager, sdpa), nai-t5's SDPA encoder and
 its Flex encoder under ``torch.compile`` (norm scales fused, as its benchmark_encoder.py does).
 
@@ -240,9 +241,9 @@ def plot(gen_rows: list[dict], enc_rows: list[dict], path: Path, title: str) -> 
         ax.tick_params(axis="x", labelsize=7)
     ax = axes[-1]
     rs = [r for r in enc_rows if isinstance(r.get("input tok/s"), float)]
-    ax.bar([r["implementation"].replace(" ", "\n", 1) for r in rs], [r["input tok/s"] / 1e6 for r in rs],
+    ax.bar([f"{r['shape']}\n{r['implementation'].split(' (')[0]}" for r in rs], [r["input tok/s"] / 1e6 for r in rs],
            color=[colours.get(r["implementation"].split(" (")[0], "#888888") for r in rs])  # fmt: skip
-    ax.set_title("encoder, 32 x 512")
+    ax.set_title("encoder only")
     ax.set_ylabel("M input tokens / s")
     ax.tick_params(axis="x", labelsize=7)
     fig.suptitle(title)
@@ -262,6 +263,7 @@ def main() -> None:
     parser.add_argument("--ragged", action="store_true", help="also 32 inputs of L/8..L tokens in one batch (no nai)")
     parser.add_argument("--long", action="store_true", help="also 16384 input tokens, batch 1 (flasht5, hf-sdpa)")
     parser.add_argument("--no-encoder", action="store_true", help="skip the encoder-only rows")
+    parser.add_argument("--encoder-shapes", default="32x512,8x2048", help="comma list of BxL encoder-only shapes")
     parser.add_argument("--no-flex", action="store_true", help="skip nai-t5's compiled Flex encoder")
     parser.add_argument("--reps", type=int, default=2, help="timed generate calls per row (median)")
     parser.add_argument("--budget-s", type=float, default=200, help="skip the remaining rows after this many s")
@@ -404,7 +406,9 @@ def main() -> None:
             )  # fmt: skip
             + ("\n" + "\n".join(verdict) + "\n" if verdict else "")
             + "\n## Encoder only\n\n"
-            + markdown_table(enc_rows, ["implementation", "input tok/s", "ms", "vs transformers", "vs nai-t5 Flex"])
+            + markdown_table(
+                enc_rows, ["shape", "implementation", "input tok/s", "ms", "vs transformers", "vs nai-t5 Flex"]
+            )
             + "\n![generate](generate.png)\n"
         )
         (out / "generate.md").write_text(body)
@@ -413,17 +417,15 @@ def main() -> None:
             print(body)
 
     write(final=False)  # the generation rows are safe even if the encoder rows do not finish
-    if not args.no_encoder:
-        B, Le = (4, 32) if args.dry_run else (32, 512)
-        ids = torch.randint(2, cfg.vocab_size, (B, Le), generator=g).to(device)
-        builders: dict[str, Callable[[], Callable[[], object]]] = {
-            "flasht5": lambda: (lambda m: lambda: m(input_ids=ids).last_hidden_state)(
-                flasht5_encoder(cfg, ours_state, device, dtype, backend)),
-            "hf-eager": lambda: (lambda m: lambda: m(input_ids=ids).last_hidden_state)(
-                hf_encoder(hf_kwargs, hf_state, "eager", device, dtype)),
-            "hf-sdpa": lambda: (lambda m: lambda: m(input_ids=ids).last_hidden_state)(
-                hf_encoder(hf_kwargs, hf_state, "sdpa", device, dtype)),
-        }  # fmt: skip
+
+    def encoder_builders(ids: torch.Tensor, Le: int) -> dict[str, Callable[[], Callable[[], object]]]:
+        """Per implementation, a builder of its encoder call on ``ids`` (built only when its row runs)."""
+        last = lambda m: lambda: m(input_ids=ids).last_hidden_state
+        builders = {
+            "flasht5": lambda: last(flasht5_encoder(cfg, ours_state, device, dtype, backend)),
+            "hf-eager": lambda: last(hf_encoder(hf_kwargs, hf_state, "eager", device, dtype)),
+            "hf-sdpa": lambda: last(hf_encoder(hf_kwargs, hf_state, "sdpa", device, dtype)),
+        }
         if has_nai:
             builders["nai-t5"] = lambda: (lambda m: lambda: m(ids))(
                 nai_encoder(hf_kwargs, hf_state, Le, device, dtype, flex=False)
@@ -432,10 +434,20 @@ def main() -> None:
                 builders["nai-t5-flex"] = lambda: (lambda m: lambda: m(ids, block_mask=None))(
                     torch.compile(nai_encoder(hf_kwargs, hf_state, Le, device, dtype, flex=True), dynamic=False,
                                   fullgraph=True))  # fmt: skip
+        return builders
+
+    shapes = (
+        [(4, 32)] if args.dry_run else [tuple(int(x) for x in sh.split("x")) for sh in args.encoder_shapes.split(",")]
+    )
+    for B, Le in [] if args.no_encoder else shapes:
+        builders = encoder_builders(torch.randint(2, cfg.vocab_size, (B, Le), generator=g).to(device), Le)
         enc_ms: dict[str, float] = {}
+        shape = f"{B} x {Le}"
         for impl, build in builders.items():
-            if time.perf_counter() - t0 > args.budget_s + 30:
-                enc_rows.append({"implementation": LABELS[impl], "input tok/s": "skipped (time budget)"})
+            if time.perf_counter() - t0 > args.budget_s + 60:
+                enc_rows.append(
+                    {"shape": shape, "implementation": LABELS[impl], "input tok/s": "skipped (time budget)"}
+                )
                 continue
             try:
                 with torch.inference_mode():
@@ -444,18 +456,21 @@ def main() -> None:
                     enc_ms[impl] = bench(fn, warmup=5, rep=40)
             except Exception as e:
                 traceback.print_exc()
-                enc_rows.append({"implementation": LABELS[impl], "input tok/s": f"error: {type(e).__name__}"})
+                enc_rows.append(
+                    {"shape": shape, "implementation": LABELS[impl], "input tok/s": f"error: {type(e).__name__}"}
+                )
                 continue
             finally:
                 _free()
-            say(f"encoder {B} x {Le} {impl:>12}: {enc_ms[impl]:.3f} ms")
+            say(f"encoder {shape} {impl:>12}: {enc_ms[impl]:.3f} ms")
         best_hf = min([enc_ms[i] for i in ("hf-eager", "hf-sdpa") if i in enc_ms], default=None)
         for impl, ms in enc_ms.items():
             flex = enc_ms.get("nai-t5-flex")
-            enc_rows.append({"implementation": LABELS[impl], "input tok/s": B * Le / (ms / 1e3), "ms": ms,
-                             "vs transformers": (best_hf / ms) if best_hf else "",
+            enc_rows.append({"shape": shape, "implementation": LABELS[impl], "input tok/s": B * Le / (ms / 1e3),
+                             "ms": ms, "vs transformers": (best_hf / ms) if best_hf else "",
                              "vs nai-t5 Flex": (flex / ms) if flex else ""})  # fmt: skip
-            raw.append(dict(case=f"encoder {B} x {Le}", impl=impl, ms=ms))
+            raw.append(dict(case=f"encoder {shape}", impl=impl, ms=ms))
+        write(final=False)
 
     write(final=True)
 
