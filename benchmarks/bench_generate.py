@@ -229,7 +229,8 @@ def plot(gen_rows: list[dict], enc_rows: list[dict], path: Path, title: str) -> 
     import matplotlib.pyplot as plt
 
     cases = list(dict.fromkeys(r["case"] for r in gen_rows))
-    fig, axes = plt.subplots(1, len(cases) + 1, figsize=(4.2 * (len(cases) + 1), 3.8))
+    fig, axes = plt.subplots(1, len(cases) + 1, figsize=(4.2 * (len(cases) + 1), 3.8), squeeze=False)
+    axes = axes[0]
     colours = {"transformers eager": "#999999", "transformers sdpa": "#555555", "nai-t5": "#2a9d8f",
                "nai-t5 Flex (compiled)": "#264653", "flasht5": "#d62828"}  # fmt: skip
     for ax, case in zip(axes, cases):
@@ -257,7 +258,7 @@ def main() -> None:
     parser.add_argument("--preset", default="t5-v1_1-base")
     parser.add_argument("--input-len", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--batches", default="1,32", help="comma list of greedy batch sizes")
+    parser.add_argument("--batches", default="1,32", help="comma list of greedy batch sizes ('' = none)")
     parser.add_argument("--impls", default=",".join(GEN_IMPLS), help=f"comma list of {GEN_IMPLS}")
     parser.add_argument("--beams", action="store_true", help="also beam search, 4 beams, batch 8 (no nai-t5)")
     parser.add_argument("--ragged", action="store_true", help="also 32 inputs of L/8..L tokens in one batch (no nai)")
@@ -297,7 +298,7 @@ def main() -> None:
     n_params = sum(v.numel() for v in ours_state.values())
     say(f"{'tiny' if args.dry_run else args.preset}: {n_params / 1e6:.1f}M parameters, {dtype}, {device}")
 
-    cases = [(f"batch {b}", b, 1, L, False) for b in (int(x) for x in args.batches.split(","))]
+    cases = [(f"batch {b}", b, 1, L, False) for b in (int(x) for x in args.batches.split(",") if x)]
     if args.ragged:
         cases.append((f"ragged 32 x {L // 8}-{L}", 32, 1, L, True))
     if args.beams:
@@ -306,7 +307,7 @@ def main() -> None:
         n_long = 16384 if not args.dry_run else 256
         cases.append((f"{n_long} in, batch 1", 1, 1, n_long, False))
     g = torch.Generator().manual_seed(0)
-    max_len = max(c[3] for c in cases)
+    max_len = max((c[3] for c in cases), default=L)
     gen_rows, raw = [], []
     models: dict[str, object] = {}
 
