@@ -62,44 +62,6 @@ TARGET = 3.0  # issue 11: >= 3x our current kernel at Lk=16384, B=1
 # ------------------------------------------------------------------------------------------------ timing
 
 
-def graph_us(calls: list, target_ms: float = 15.0, replays: int = 7) -> float:
-    """Median microseconds per call of ``calls`` (zero-argument callables) captured in a CUDA graph, in turn."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up outside the capture: compiles, caches launch configs, cuBLAS/cuDNN state
-        for c in calls[:2]:
-            c()
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-
-    def capture(rounds: int) -> torch.cuda.CUDAGraph:
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            for _ in range(rounds):
-                for c in calls:
-                    c()
-        return g
-
-    def replay_ms(g: torch.cuda.CUDAGraph) -> float:
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        g.replay()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end)
-
-    g = capture(1)
-    replay_ms(g)
-    once = min(replay_ms(g) for _ in range(3))
-    rounds = max(1, min(int(target_ms / max(once, 1e-3)), max(1, 4000 // len(calls))))
-    if rounds > 1:
-        del g
-        g = capture(rounds)
-        replay_ms(g)
-    times = sorted(replay_ms(g) for _ in range(replays))
-    return times[len(times) // 2] * 1e3 / (rounds * len(calls))
-
-
 def n_copies(bytes_per_copy: int) -> int:
     l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 << 20)
     return max(1, min(64, math.ceil(2 * l2 / max(bytes_per_copy, 1))))
@@ -161,18 +123,18 @@ def main_rows(batches, lengths) -> list[dict]:
             static = None
             if L < LMAX_STATIC:
                 static = make_caches(B, LMAX_STATIC, L, n_copies(2 * B * LMAX_STATIC * H * D * 2))
-            sdpa, sdpa_note = _safe(graph_us, [sdpa_call(c, L) for c in cases])
+            sdpa, sdpa_note = _safe(utils.graph_us, [sdpa_call(c, L) for c in cases])
             for bias, lut in (("t5", lut_t5), ("none", None)):
                 row = dict(B=B, Lk=L, bias=bias)
                 sms = DEC._device_sms(cases[0][0])
                 row["splits"] = DEC.auto_num_splits(B * H, L, sms)
                 row["splits-static"] = DEC.auto_num_splits(B * H, LMAX_STATIC, sms)
-                row["ours"], n1 = _safe(graph_us, [ours_call(c, lut) for c in cases])
+                row["ours"], n1 = _safe(utils.graph_us, [ours_call(c, lut) for c in cases])
                 if static is not None:
-                    row["ours-static"], n2 = _safe(graph_us, [ours_call(c, lut) for c in static])
+                    row["ours-static"], n2 = _safe(utils.graph_us, [ours_call(c, lut) for c in static])
                 else:
                     row["ours-static"], n2 = row["ours"], ""
-                row["current"], n3 = _safe(graph_us, [current_call(c, lut, L) for c in cases])
+                row["current"], n3 = _safe(utils.graph_us, [current_call(c, lut, L) for c in cases])
                 row["sdpa (no bias)"] = sdpa
                 row["current/ours"] = row["current"] / row["ours"]
                 row["sdpa/ours"] = sdpa / row["ours"]
@@ -196,14 +158,14 @@ def sweep_rows() -> list[dict]:
         cases = make_caches(B, 16384, 16384, n_copies(2 * B * 16384 * H * D * 2))
         auto = DEC.auto_num_splits(B * H, 16384, DEC._device_sms(cases[0][0]))
         for s in sorted({1, 2, 4, 8, 16, 32, 44, 64, 128, auto}):
-            us, note = _safe(graph_us, [ours_call(c, lut, num_splits=s) for c in cases])
+            us, note = _safe(utils.graph_us, [ours_call(c, lut, num_splits=s) for c in cases])
             rows.append(dict(B=B, what="num_splits", value=s, auto=s == auto, us=us, note=note))
             print(rows[-1], flush=True)
         for block_n in (32, 64, 128):
             for warps in (4, 8):
                 DEC._CFG_OVERRIDE = (block_n, warps, 2)
                 try:
-                    us, note = _safe(graph_us, [ours_call(c, lut) for c in cases])
+                    us, note = _safe(utils.graph_us, [ours_call(c, lut) for c in cases])
                 finally:
                     DEC._CFG_OVERRIDE = None
                 default = (block_n, warps) == DEC._split_config(D, True)[:2]

@@ -37,6 +37,44 @@ def bench(fn: Callable[[], object], *, warmup: int = 10, rep: int = 50) -> float
     return times[len(times) // 2]
 
 
+def graph_us(calls: list, target_ms: float = 15.0, replays: int = 7) -> float:
+    """Median microseconds per call of ``calls`` (zero-argument callables) captured in a CUDA graph, in turn."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the capture: compiles, caches launch configs, cuBLAS/cuDNN state
+        for c in calls[:2]:
+            c()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+
+    def capture(rounds: int) -> torch.cuda.CUDAGraph:
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for _ in range(rounds):
+                for c in calls:
+                    c()
+        return g
+
+    def replay_ms(g: torch.cuda.CUDAGraph) -> float:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        g.replay()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end)
+
+    g = capture(1)
+    replay_ms(g)
+    once = min(replay_ms(g) for _ in range(3))
+    rounds = max(1, min(int(target_ms / max(once, 1e-3)), max(1, 4000 // len(calls))))
+    if rounds > 1:
+        del g
+        g = capture(rounds)
+        replay_ms(g)
+    times = sorted(replay_ms(g) for _ in range(replays))
+    return times[len(times) // 2] * 1e3 / (rounds * len(calls))
+
+
 def host_us(fn: Callable[[], object], *, n: int = 500, warmup: int = 20, repeats: int = 3) -> float:
     """Wall microseconds per call of ``fn`` (CUDA synchronised before and after each repeat of ``n`` calls, the
     fastest repeat, the garbage collector paused): on tiny inputs that is the call's host overhead."""
