@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _tiny(**kw) -> FlashT5Config:
-    base = dict(vocab_size=97, d_model=32, d_kv=8, d_ff=48, num_heads=4, num_layers=2, num_decoder_layers=2,
+    base = dict(vocab_size=97, d_model=32, d_kv=16, d_ff=48, num_heads=4, num_layers=2, num_decoder_layers=2,
                 dropout_rate=0.0, decoder_start_token_id=0, relative_attention_num_buckets=8,
                 relative_attention_max_distance=20, feed_forward_proj="gated-gelu",
                 tie_word_embeddings=False)  # fmt: skip

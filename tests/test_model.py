@@ -421,3 +421,23 @@ def test_flash_hidden_states_match_eager():
     ):
         torch.testing.assert_close(y, x, rtol=1e-4, atol=1e-5 * x.abs().max().item())
     assert len(b.encoded.hidden_states) == 3 and len(b.decoder_hidden_states) == 3
+
+
+def test_flash_rejects_a_head_dim_its_kernels_do_not_take_and_the_default_avoids_it(monkeypatch):
+    """d_kv=8 on the flash backend: a clear error at construction (naming d_kv and the alternatives), not deep in a
+    forward; the default backend on a CUDA machine then picks sdpa for such a model and flash for a d_kv=64 one."""
+    from flasht5 import FlashT5ForConditionalGeneration
+    from flasht5.model import default_backend
+
+    for build in (lambda: T5(tiny_cfg(d_kv=8), backend="flash"),
+                  lambda: FlashT5ForConditionalGeneration(tiny_cfg(d_kv=8, attn_implementation="flash"))):  # fmt: skip
+        with pytest.raises(ValueError, match=r"d_kv=8: use attn_implementation='sdpa' or 'eager'"):
+            build()
+    model = T5(tiny_cfg(d_kv=16), backend="flash")
+    with pytest.raises(ValueError, match="d_kv=12"):
+        model.cfg.d_kv = 12  # a head dim changed after the fact is caught by set_backend too
+        model.set_backend("flash")
+    with pytest.raises(ValueError, match="choose one of"):
+        model.set_backend("flex")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert default_backend(8) == "sdpa" and default_backend(64) == "flash" and default_backend() == "flash"

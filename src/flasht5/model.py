@@ -42,16 +42,32 @@ from flasht5.ops.relative_position import relative_position_bucket, t5_bias_lut
 BACKENDS = ("eager", "sdpa", "flash")
 
 
-def default_backend() -> str:
-    """The one default: ``flash`` where a CUDA GPU and Triton are present, ``sdpa`` otherwise."""
+def default_backend(head_dim: int | None = None) -> str:
+    """The one default: ``flash`` where a CUDA GPU and Triton are present (and the flash kernels take the model's
+    ``head_dim``), ``sdpa`` otherwise."""
     if torch.cuda.is_available():
         try:
-            import triton  # noqa: F401
+            from flasht5.ops.attention import SUPPORTED_HEAD_DIMS
 
-            return "flash"
+            if head_dim is None or head_dim in SUPPORTED_HEAD_DIMS:
+                return "flash"
         except ImportError:
             pass
     return "sdpa"
+
+
+def check_backend(backend: str, head_dim: int) -> None:
+    """Raise a clear error for a backend that cannot run a model of this head dim (``d_kv``)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"attn_implementation={backend!r} is not supported; choose one of {BACKENDS}.")
+    if backend == "flash":
+        from flasht5.ops.attention import SUPPORTED_HEAD_DIMS
+
+        if head_dim not in SUPPORTED_HEAD_DIMS:
+            raise ValueError(
+                f"attn_implementation='flash' needs a head dim (d_kv) its kernels take, one of {SUPPORTED_HEAD_DIMS}; "
+                f"this model has d_kv={head_dim}: use attn_implementation='sdpa' or 'eager'."
+            )
 
 
 def _gelu_tanh(x: Tensor) -> Tensor:
@@ -106,8 +122,7 @@ class Kernels(NamedTuple):
 
 
 def kernels_for(backend: str) -> Kernels:
-    if backend not in BACKENDS:
-        raise ValueError(f"attn_implementation={backend!r} is not supported; choose one of {BACKENDS}.")
+    """The kernel bundle of a backend :func:`check_backend` accepted."""
     if backend != "flash":
         return Kernels(backend, False, functools.partial(attend_reference, impl=backend), norm_reference,
                        gated_reference, None, cross_entropy_reference)  # fmt: skip
@@ -764,11 +779,12 @@ class T5(nn.Module):
         # A tied model (T5 v1.0) reads its output projection from the shared embedding.
         untied = decoder and lm_head and not cfg.tie_word_embeddings
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False) if untied else None
-        self.set_backend(backend or default_backend())
+        self.set_backend(backend or default_backend(cfg.d_kv))
         self.init_weights()
 
     # -- set-up -----------------------------------------------------------------------------------------------
     def set_backend(self, backend: str) -> None:
+        check_backend(backend, self.cfg.d_kv)
         self.kernels = kernels_for(backend)
 
     @property

@@ -30,7 +30,7 @@ from transformers.modeling_outputs import (
 from flasht5.config import FlashT5Config
 from flasht5.generation import GenerationHooks, HFCacheAdapter, new_hf_cache
 from flasht5.layout import Layout, shift_right
-from flasht5.model import OWN_INIT, T5, Encoded, default_backend, kernels_for
+from flasht5.model import OWN_INIT, T5, Encoded, check_backend, default_backend
 
 
 @dataclass
@@ -140,9 +140,9 @@ class FlashT5PreTrainedModel(PreTrainedModel):
     def _check_and_adjust_attn_implementation(
         self, attn_implementation: str | None, is_init_check: bool = False, allow_all_kernels: bool = False
     ) -> str:
-        backend = attn_implementation or default_backend()
+        backend = attn_implementation or default_backend(self.config.d_kv)
         try:
-            kernels_for(backend)
+            check_backend(backend, self.config.d_kv)
         except ValueError as e:  # transformers' wording first (tools match it), then ours
             raise ValueError(f'Specified `attn_implementation="{backend}"` is not supported. {e}') from None
         return backend
