@@ -544,13 +544,15 @@ def _train(cfg: Config, out: Path, world: tdist.World, device: torch.device, tas
     log(
         f"model: {n_params / 1e6:.1f}M parameters, backend {core.backend}, device {device}, "
         f"{'bf16 autocast' if bf16 else 'fp32'}{', CUDA-graph step' if graphs else ''}, "
-        f"{'fp32' if cfg.optim.precision == 'fp32' else 'bf16'} weights, optimizer {cfg.optim.precision}"
+        f"{'fp32' if cfg.optim.precision == 'fp32' else 'bf16'} weights, "
+        f"optimizer {cfg.optim.name} {cfg.optim.precision}"
         + (f", {world.strategy} on {world.world_size} ranks" if world.active else "")
         + (f", {accum} micro-batches per step" if accum > 1 else "")
     )
     optimizer = AdamWScale(
         core.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
         weight_decay=cfg.optim.weight_decay, precision=cfg.optim.precision,
+        scale_by_rms=cfg.optim.name == "adamwscale",
     )  # fmt: skip
     if resumed is not None:
         if resumed.weights is None:
