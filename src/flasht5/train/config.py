@@ -101,6 +101,10 @@ class RunConfig:
     samples: int = 3  # generations printed at the end (span filling; fine-tuning: held-out predictions)
     progress: bool = True  # show a progress bar
     grad_accum: int = 1  # micro-batches (of data.max_tokens each) per optimizer step and rank
+    # write <out_dir>/steps.jsonl: per optimizer step its loss, lr, token counts and the [epoch, document, chunk]
+    # key of every example it trained on (fine-tuning: document = the example's index in data.train); with several
+    # ranks, rank 0's examples
+    record_steps: bool = False
 
 
 @dataclass
