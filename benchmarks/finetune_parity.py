@@ -34,6 +34,7 @@ import json
 import math
 import shutil
 import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--hf-attn", default="sdpa", help="transformers' attn_implementation (default: sdpa)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument(
+        "--precision",
+        choices=["auto", "bf16", "fp32"],
+        default="auto",
+        help="both sides: bf16 autocast (fp32 weights) or fp32; auto = bf16 on CUDA, fp32 on the CPU",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/finetune-parity", help="output folder (default: runs/finetune-parity)")
     args = p.parse_args(argv)
@@ -110,7 +117,8 @@ def flasht5_config(args: argparse.Namespace, out: Path, init: Path | None, train
         "--optim.betas=[0.9, 0.999]", "--optim.eps=1e-8", f"--optim.warmup_steps={args.warmup}",
         "--optim.schedule=linear", "--optim.final_lr_ratio=0", f"--optim.grad_clip={args.grad_clip}",
         "--optim.precision=fp32", f"--train.out_dir={out / 'flasht5'}", f"--train.steps={args.steps}",
-        f"--train.device={device}", "--train.precision=auto", f"--train.seed={args.seed}", "--train.log_every=10",
+        f"--train.device={device}", f"--train.precision={args.precision}", f"--train.seed={args.seed}",
+        "--train.log_every=10",
         "--train.save_every=0", "--train.keep_checkpoints=1", "--train.resume=false", "--train.samples=0",
         "--train.progress=false", "--train.record_steps=true", "--log.tensorboard=false",
         "--eval.metrics=[exact_match]", "--eval.keep_best=false", "--eval.predictions=false",
@@ -256,7 +264,7 @@ def run_hf(args: argparse.Namespace, out: Path, init: Path, examples: Any, group
                 self._tick(state.global_step)
 
     class Trainer(transformers.Seq2SeqTrainer):
-        losses: list[torch.Tensor] = []
+        losses: list[torch.Tensor]  # set below: each step's loss, on the device
 
         def get_train_dataloader(self) -> DataLoader:
             return DataLoader(self.train_dataset, batch_sampler=groups, collate_fn=collate, pin_memory=cuda)
@@ -276,7 +284,7 @@ def run_hf(args: argparse.Namespace, out: Path, init: Path, examples: Any, group
         output_dir=str(out / "hf"), max_steps=n, learning_rate=args.lr, weight_decay=0.0, adam_beta1=0.9,
         adam_beta2=0.999, adam_epsilon=1e-8, max_grad_norm=args.grad_clip, warmup_steps=args.warmup,
         lr_scheduler_type="linear", logging_steps=10, save_strategy="no", eval_strategy="no", report_to=[],
-        bf16=cuda, use_cpu=not cuda, seed=args.seed, disable_tqdm=True, remove_unused_columns=False,
+        bf16=args.precision == "bf16", use_cpu=not cuda, seed=args.seed, disable_tqdm=True, remove_unused_columns=False,
         dataloader_num_workers=0,
     )  # fmt: skip
     _reset_gpu()
@@ -351,7 +359,7 @@ def compare(ft: dict[str, Any], hf: dict[str, Any], args: argparse.Namespace) ->
 
 def notes(device: str, args: argparse.Namespace, ft: dict[str, Any], hf: dict[str, Any]) -> list[str]:
     """What the two sides do differently (so the comparison is read for what it is)."""
-    bf16 = device == "cuda"
+    bf16 = args.precision == "bf16"
     out = [
         "Same initial weights (one stock transformers T5 folder), same tokenized examples (flasht5's tokenization, "
         "given to both), same examples per step in the same order (flasht5's train.record_steps), dropout 0.",
@@ -375,7 +383,7 @@ def notes(device: str, args: argparse.Namespace, ft: dict[str, Any], hf: dict[st
         "writes a checkpoint and final/ at the end (outside the timed steps, inside its wall time).",
     ]
     if not bf16:
-        out.append("CPU run: fp32 on both sides, so the curves must agree to rounding (the smoke/parity test).")
+        out.append("fp32 on both sides: the curves must agree to rounding (the CPU parity test runs this).")
     return out
 
 
@@ -390,7 +398,7 @@ def plot(ft: dict[str, Any], hf: dict[str, Any], path: Path, title: str) -> None
     ax.plot(steps, hf["losses"], lw=1.2, label="transformers Seq2SeqTrainer")
     ax.plot(steps, ft["losses"], lw=1.0, ls="--", label="flasht5 finetune")
     ax.set_ylabel("training loss (nats/token)")
-    ax.set_title(title, fontsize=9)
+    ax.set_title("\n".join(textwrap.fill(line, 110) for line in title.splitlines()), fontsize=8)
     ax.grid(alpha=0.3)
     ax.legend()
     dx.plot(steps, [x - y for x, y in zip(ft["losses"], hf["losses"])], lw=0.8, color="C2")
@@ -456,10 +464,20 @@ def markdown(
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    import importlib.util
+
+    if importlib.util.find_spec("accelerate") is None:  # before any GPU time is spent
+        raise SystemExit(
+            "transformers' Trainer needs the accelerate package (pure Python; it also needs psutil): pip install "
+            "accelerate, or offline: pip install --no-index --no-deps --target .wheels/site "
+            ".wheels/accelerate-*.whl .wheels/psutil-*.whl and PYTHONPATH=src:.wheels/site"
+        )
     if args.device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     else:
         device = torch.device(args.device).type
+    if args.precision == "auto":
+        args.precision = "bf16" if device == "cuda" else "fp32"
     out = Path(args.out)
     for old in ("init", "tokenizer", "flasht5", "hf"):  # this benchmark's own folders of an earlier run
         shutil.rmtree(out / old, ignore_errors=True)
@@ -472,6 +490,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit("the demo tokenizer's pad id is not 0 (T5's)")
     print(f"[parity] set-up {time.perf_counter() - t_start:.1f} s; flasht5 finetune, {args.steps} steps", flush=True)
     ft = run_flasht5(args, out, init, train_file, device)
+    (out / "flasht5_side.json").write_text(json.dumps(ft))  # kept if the transformers side fails
     print(f"[parity] flasht5 done ({ft['wall_s']:.1f} s); transformers Seq2SeqTrainer on the same batches", flush=True)
     hf = run_hf(args, out, init, examples, ft["groups"], device)
     res = compare(ft, hf, args)
