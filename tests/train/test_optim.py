@@ -172,3 +172,47 @@ def test_bad_optimizer_name_and_schedule_are_refused_naming_the_choices():
                     schema=FinetuneConfig)  # fmt: skip
     cfg = load_config(None, ["--optim.name=adamw", "--optim.schedule=linear"], check_paths_too=False)
     assert (cfg.optim.name, cfg.optim.schedule) == ("adamw", "linear")
+
+
+@pytest.mark.gpu
+def test_adamw_mode_replays_in_a_cuda_graph_without_host_sync_and_matches_torch_adamw():
+    """optim.name=adamw on the GPU as the training step runs it: lr a device tensor, the step captured once in a CUDA
+    graph and replayed (no host synchronisation), bf16_kahan as well; fp32 matches torch.optim.AdamW."""
+    torch.manual_seed(0)
+    shapes = [(64, 32), (32,), (8, 4, 4)]
+    for precision in ("fp32", "bf16_kahan"):
+        dtype = torch.float32 if precision == "fp32" else torch.bfloat16
+        ours = [torch.nn.Parameter(torch.randn(s, device="cuda").to(dtype)) for s in shapes]
+        ref = [torch.nn.Parameter(p.detach().float().clone()) for p in ours]
+        lr = torch.tensor(1e-3, device="cuda")
+        opt = AdamWScale(ours, lr=lr, weight_decay=0.01, precision=precision, scale_by_rms=False)
+        torch_opt = torch.optim.AdamW(ref, lr=1e-3, weight_decay=0.01)
+        grads = [torch.randn(s, device="cuda") for s in shapes]
+        for p, g in zip(ours, grads):
+            p.grad = g.to(dtype)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            opt.step()  # warm-up step (state created outside the graph)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            opt.step()
+        for p, g in zip(ref, grads):
+            p.grad = g.clone()
+        torch_opt.step()  # the warm-up step
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for _ in range(5):
+                graph.replay()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        for _ in range(5):  # capture records the step without running it: 1 warm-up + 5 replays
+            torch_opt.step()
+        for a, b in zip(ours, ref):
+            if precision == "fp32":
+                torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-5, atol=1e-6)
+            else:  # bf16 weights + compensation hold the fp32 trajectory to bf16 rounding
+                state = opt.state[a]
+                held = a.detach().float() + state["kahan"].float()
+                torch.testing.assert_close(held, b.detach(), rtol=1e-2, atol=1e-3)
