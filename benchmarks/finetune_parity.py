@@ -157,7 +157,10 @@ def prepare(args: argparse.Namespace, out: Path, device: str) -> tuple[Any, Path
     init = out / "init"
     torch.manual_seed(args.seed)
     config = FlashT5Config.from_preset(name, **shape, vocab_size=vocab, dropout_rate=0.0)
-    to_hf(FlashT5ForConditionalGeneration(config), init)  # a stock transformers T5 folder
+    with torch.device(device):  # initialised where it trains (fast on a GPU), written from the CPU
+        model = FlashT5ForConditionalGeneration(config)
+    to_hf(model, init)  # a stock transformers T5 folder
+    del model
     tokenizer.save_pretrained(init)
     return examples, init, train_file
 
