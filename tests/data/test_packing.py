@@ -336,3 +336,31 @@ def test_end_to_end_from_tokenizer(tmp_path, corpus_file, tiny_tokenizer_dir) ->
     restored = merge_denoised(enc[:-1], dec[:-1], ds.sentinel_ids, 1)
     assert ds.sentinel_ids[0] == len(tok) - 1
     assert any(tok.decode(restored) in tok.decode(st[i]) for i in range(len(st)))  # a piece of a real chapter
+
+
+@pytest.mark.parametrize("mode", ["varlen", "padded"])
+def test_example_keys_name_each_batch_example_exactly(store: TokenStore, mode: str) -> None:
+    """emit_example_keys: every item's "examples" key [epoch, document, chunk] regenerates the batch's examples in
+    batch order, across an epoch boundary and with two ranks; off by default."""
+    kw = dict(row_len=256, row_target_len=160) if mode == "padded" else {}
+    assert "examples" not in next(iter(_ds(store, mode=mode, **kw)))
+    docs = {}  # rank -> documents of epoch 0
+    for rank in (0, 1):
+        ds = _ds(store, mode=mode, rank=rank, world_size=2, **kw)
+        ds.emit_example_keys = True
+        epochs = set()
+        for n, item in enumerate(ds):
+            got = _varlen_examples(item) if mode == "varlen" else _padded_examples(item)
+            keys = item["examples"]
+            assert len(keys) == len(got) == item["stats"]["examples"]
+            for (epoch, doc, chunk), (enc, dec) in zip(keys, got):
+                want_enc, want_dec, _, _ = ds._doc_examples(epoch, doc)[chunk]
+                np.testing.assert_array_equal(enc, want_enc)
+                np.testing.assert_array_equal(dec, want_dec)
+                epochs.add(epoch)
+                if epoch == 0:
+                    docs.setdefault(rank, set()).add(doc)
+            if len(epochs) > 1 and n > 3:
+                break
+        assert epochs == {0, 1}
+    assert not docs[0] & docs[1]  # store indices of disjoint shards

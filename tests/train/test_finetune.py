@@ -538,6 +538,8 @@ def test_padded_mode_trains_both_tasks(shared: Path, tmp_path: Path, task: str) 
 # ---------------------------------------------------------------------------------------------------------------
 
 NODROP = "--model.overrides={d_model: 32, d_kv: 16, d_ff: 64, num_layers: 1, num_heads: 2, dropout_rate: 0.0}"
+# steps.jsonl per step, log rows every 2 steps and a checkpoint between them (step 3): the record's collective path
+RECORD = ("--train.record_steps=true", "--train.log_every=2", "--train.save_every=3")
 
 
 def _ft_rank(rank: int, world_size: int, port: int, shared: str, out: str) -> None:
@@ -551,7 +553,7 @@ def _ft_rank(rank: int, world_size: int, port: int, shared: str, out: str) -> No
                       MASTER_PORT=str(port))  # fmt: skip
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
-        _run(Path(shared), Path(out), 6, "--dist.strategy=ddp", NODROP, "--train.threads=1", "--train.log_every=1")
+        _run(Path(shared), Path(out), 6, "--dist.strategy=ddp", NODROP, "--train.threads=1", *RECORD)
     except BaseException:
         Path(out).mkdir(parents=True, exist_ok=True)
         (Path(out) / f"error-{rank}.txt").write_text(traceback.format_exc())
@@ -566,8 +568,7 @@ def test_finetune_on_two_ddp_ranks_trains_the_curve_of_one_process_with_accumula
     import torch.multiprocessing as mp
 
     one, two = tmp_path / "one", tmp_path / "ddp2"
-    _run(shared, one, 6, "--train.grad_accum=2", "--dist.strategy=none", NODROP, "--train.threads=1",
-         "--train.log_every=1")  # fmt: skip
+    _run(shared, one, 6, "--train.grad_accum=2", "--dist.strategy=none", NODROP, "--train.threads=1", *RECORD)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -579,6 +580,57 @@ def test_finetune_on_two_ddp_ranks_trains_the_curve_of_one_process_with_accumula
     losses = lambda out: [r["loss"] for r in _rows(out) if "loss" in r]
     evals = lambda out: [r["eval_loss"] for r in _rows(out) if "eval_loss" in r]
     assert losses(two) == pytest.approx(losses(one), rel=1e-5, abs=1e-6)
+    steps = lambda out: [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]  # noqa: E731
+    assert [r["loss"] for r in steps(two)] == pytest.approx([r["loss"] for r in steps(one)], rel=1e-5, abs=1e-6)
+    assert [r["step"] for r in steps(two)] == list(range(1, 7))
+    # rank 0's examples are the first micro-batch's of the one-process run (stream 0 of 2 in both)
+    assert all(set(map(tuple, a["examples"])) < set(map(tuple, b["examples"])) for a, b in zip(steps(two), steps(one)))
     assert evals(two) == pytest.approx(evals(one), rel=1e-5, abs=1e-6)
     assert len(evals(two)) == 3  # one row per evaluation: rank 0 writes
     assert (two / "best" / "flasht5_best.json").is_file() and (two / "predictions" / "step-0000006.jsonl").is_file()
+
+
+def test_record_steps_writes_each_steps_examples_loss_and_lr(shared: Path, tmp_path: Path, monkeypatch) -> None:
+    """train.record_steps: steps.jsonl has one row per step whose example keys are indices into data.train (their
+    tokens are the step's token counts), whose losses average to the metrics rows, and whose record survives a
+    checkpoint between log rows (save_every=3, log_every=2) and a resume from it."""
+    import flasht5.train.loop as loop
+    from flasht5.data.tokenizer import load_tokenizer
+    from flasht5.train.finetune import read_examples, tokenize_examples
+
+    out = tmp_path / "rec"
+    args = ("--train.record_steps=true", "--data.eval=[]", "--train.samples=0", "--train.save_every=3",
+            "--optim.name=adamw", "--optim.lr=1e-3", "--optim.schedule=linear", "--optim.final_lr_ratio=0")  # fmt: skip
+    _run(shared, out, 5, *args)
+    text = (out / "steps.jsonl").read_text()
+    rows = [json.loads(line) for line in text.splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+    cfg = _cfg(shared, out, 5, *args)
+    ex, _ = tokenize_examples(load_tokenizer(shared / "tok"), read_examples(cfg.data.train, "input", "target"), cfg)
+    seen = []
+    for r in rows:
+        assert all(epoch == 0 and chunk == 0 for epoch, _, chunk in r["examples"])
+        ids = [doc for _, doc, _ in r["examples"]]
+        assert r["input_tokens"] == sum(len(ex.input(i)) for i in ids)
+        assert r["target_tokens"] == sum(len(ex.target(i)) for i in ids)
+        seen.extend(ids)
+    assert len(seen) == len(set(seen))  # one epoch is not over: no example twice
+    metrics = {m["step"]: m for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
+    assert metrics[2]["loss"] == pytest.approx((rows[0]["loss"] + rows[1]["loss"]) / 2, rel=1e-9)
+    # warm-up over 2 steps, then linear decay to 0 at step 5
+    assert [r["lr"] for r in rows] == pytest.approx([5e-4, 1e-3, 1e-3, 1e-3 * 2 / 3, 1e-3 / 3])
+
+    class Stopping(loop.TrainStep):  # dies in step 5: the newest checkpoint is step 3's, between log rows
+        def __call__(self, batch):
+            if self.steps == 4:
+                raise Stop
+            return super().__call__(batch)
+
+    again = tmp_path / "again"
+    monkeypatch.setattr(loop, "TrainStep", Stopping)
+    with pytest.raises(Stop):
+        _run(shared, again, 5, *args)
+    monkeypatch.undo()
+    assert [json.loads(line)["step"] for line in (again / "steps.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+    _run(shared, again, 5, *args, "--train.resume=true")
+    assert (again / "steps.jsonl").read_text() == text

@@ -112,3 +112,107 @@ def test_resumed_bf16_state_keeps_its_dtypes_and_values():
     for k, v in opt.state[p].items():
         assert fresh.state[p][k].dtype == (torch.float32 if k == "step" else torch.bfloat16), k
         torch.testing.assert_close(fresh.state[p][k], v, rtol=0, atol=0)
+
+
+def test_scale_by_rms_off_is_torch_adamw_step_for_step():
+    """AdamWScale(scale_by_rms=False), the config's optim.name=adamw: the update of torch.optim.AdamW (decoupled
+    weight decay, eps after the second moment's bias correction), over steps with changing gradients and lrs."""
+    torch.manual_seed(0)
+    shapes = [(7, 5), (13,), (3, 4, 2)]
+    ours = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    kw = dict(betas=(0.9, 0.98), eps=1e-6, weight_decay=0.1)
+    opt = AdamWScale(ours, lr=3e-3, scale_by_rms=False, **kw)
+    torch_opt = torch.optim.AdamW(ref, lr=3e-3, foreach=False, **kw)
+    g = torch.Generator().manual_seed(1)
+    for step in range(20):
+        lr = 3e-3 * (step + 1) / 20
+        for group in (*opt.param_groups, *torch_opt.param_groups):
+            group["lr"] = lr
+        for a, b in zip(ours, ref):
+            grad = torch.randn(a.shape, generator=g) * (1e-4 if step % 5 == 0 else 1.0)  # small ones test eps
+            a.grad, b.grad = grad.clone(), grad.clone()
+        opt.step()
+        torch_opt.step()
+        for a, b in zip(ours, ref):
+            torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-6, atol=1e-7)
+    torch.manual_seed(0)
+    start = [torch.randn(s) for s in shapes]
+    assert min((a.detach() - s).abs().max().item() for a, s in zip(ours, start)) > 1e-3  # every tensor moved
+    # the default (RMS-scaled) step is a different update: the flag is what makes it AdamW
+    scaled = [torch.nn.Parameter(p.detach().clone()) for p in ref]
+    plain = [torch.nn.Parameter(p.detach().clone()) for p in ref]
+    for p in (*scaled, *plain):
+        p.grad = torch.ones_like(p)
+    AdamWScale(scaled, lr=3e-3, **kw).step()
+    AdamWScale(plain, lr=3e-3, scale_by_rms=False, **kw).step()
+    assert max((a - b).abs().max().item() for a, b in zip(scaled, plain)) > 1e-4
+
+
+def test_linear_schedule_values():
+    from flasht5.train.optim import lr_at
+
+    at = lambda s, **kw: lr_at(s, **{"total": 10, "warmup": 2, "schedule": "linear", "final_ratio": 0.0, **kw})  # noqa: E731
+    assert [at(s) for s in range(10)] == pytest.approx([0.5, 1.0, 1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125])
+    assert at(10) == 0.0 and at(12) == 0.0  # past the end: the floor
+    assert at(6, final_ratio=0.2) == pytest.approx(0.2 + 0.8 * 0.5)
+    # no warm-up: transformers' get_linear_schedule_with_warmup(num_warmup_steps=0) multiplier, (total - s) / total
+    assert [at(s, warmup=0) for s in range(10)] == pytest.approx([(10 - s) / 10 for s in range(10)])
+    with pytest.raises(ValueError, match="cosine"):
+        lr_at(0, total=10, warmup=0, schedule="step", final_ratio=0.0)
+
+
+def test_bad_optimizer_name_and_schedule_are_refused_naming_the_choices():
+    from flasht5.train.config import FinetuneConfig, load_config
+
+    with pytest.raises(ValueError, match=r"optim\.name must be one of \['adamwscale', 'adamw'\].*'adam'"):
+        load_config(None, ["--optim.name=adam"], check_paths_too=False)
+    with pytest.raises(ValueError, match=r"optim\.schedule must be one of \['cosine', 'linear', 'constant'\]"):
+        load_config(None, ["--optim.schedule=linaer", "--data.tokenizer=tok"], check_paths_too=False,
+                    schema=FinetuneConfig)  # fmt: skip
+    cfg = load_config(None, ["--optim.name=adamw", "--optim.schedule=linear"], check_paths_too=False)
+    assert (cfg.optim.name, cfg.optim.schedule) == ("adamw", "linear")
+
+
+@pytest.mark.gpu
+def test_adamw_mode_replays_in_a_cuda_graph_without_host_sync_and_matches_torch_adamw():
+    """optim.name=adamw on the GPU as the training step runs it: lr a device tensor, the step captured once in a CUDA
+    graph and replayed (no host synchronisation), bf16_kahan as well; fp32 matches torch.optim.AdamW."""
+    torch.manual_seed(0)
+    shapes = [(64, 32), (32,), (8, 4, 4)]
+    for precision in ("fp32", "bf16_kahan"):
+        dtype = torch.float32 if precision == "fp32" else torch.bfloat16
+        ours = [torch.nn.Parameter(torch.randn(s, device="cuda").to(dtype)) for s in shapes]
+        ref = [torch.nn.Parameter(p.detach().float().clone()) for p in ours]
+        lr = torch.tensor(1e-3, device="cuda")
+        opt = AdamWScale(ours, lr=lr, weight_decay=0.01, precision=precision, scale_by_rms=False)
+        torch_opt = torch.optim.AdamW(ref, lr=1e-3, weight_decay=0.01)
+        grads = [torch.randn(s, device="cuda") for s in shapes]
+        for p, g in zip(ours, grads):
+            p.grad = g.to(dtype)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            opt.step()  # warm-up step (state created outside the graph)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            opt.step()
+        for p, g in zip(ref, grads):
+            p.grad = g.clone()
+        torch_opt.step()  # the warm-up step
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for _ in range(5):
+                graph.replay()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        for _ in range(5):  # capture records the step without running it: 1 warm-up + 5 replays
+            torch_opt.step()
+        for a, b in zip(ours, ref):
+            if precision == "fp32":
+                torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-5, atol=1e-6)
+            else:  # bf16 weights + compensation hold the fp32 trajectory to bf16 rounding
+                state = opt.state[a]
+                held = a.detach().float() + state["kahan"].float()
+                torch.testing.assert_close(held, b.detach(), rtol=1e-2, atol=1e-3)

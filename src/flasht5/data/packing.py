@@ -64,6 +64,12 @@ Example = tuple[np.ndarray, np.ndarray, int, int, tuple[int, int, int], int]
 class UL2Dataset(IterableDataset):
     """Infinite (or ``epochs``-long) stream of packed UL2 batches from a :class:`TokenStore`.
 
+    Each item is ``{"batch": Batch, "stats": {...}}``; with ``emit_example_keys = True`` (an attribute, off by
+    default: it costs one document permutation per shard) also ``"examples"``: the key ``[epoch, document index,
+    chunk index]`` of every example of the batch in batch order (varlen: document order; padded: row by row). The
+    key names the example exactly: its tokens and corruption come from (seed, epoch, document) alone. The training
+    loop's ``train.record_steps`` writes them per step.
+
     Args:
         store: a TokenStore or its folder.
         denoisers: a preset name (``"t5"``, ``"ul2"``, ``"fat5"``) or a list (see :func:`ul2.resolve_mixture`).
@@ -85,6 +91,8 @@ class UL2Dataset(IterableDataset):
         max_docs: varlen mode only: static batch shapes with this many documents per batch (module docstring);
             None: every batch has the shape of its contents.
     """
+
+    emit_example_keys: bool = False  # items carry "examples": [epoch, document, chunk] per example (class docstring)
 
     def __init__(
         self,
@@ -421,11 +429,19 @@ class UL2Dataset(IterableDataset):
         state = self._restore.pop(shard, None) or self._fresh_state()
         if state.get("num_shards", num_shards) != num_shards:
             raise ValueError(f"state was saved with {state['num_shards']} shards, this run has {num_shards}")
+        orders: dict[int, np.ndarray] = {}  # epoch -> this shard's document order (emit_example_keys)
         for bins, new_state in self._stream(shard, num_shards, state):
             new_state["num_shards"] = num_shards
             self._live[shard] = new_state
             batch = self.collate_varlen(bins[0]) if self.mode == "varlen" else self.collate_padded(bins)
             batch["stats"]["epoch"] = new_state["epoch"]
+            if self.emit_example_keys:
+                keys = [x[4] for row in bins for x in row]  # (epoch, position in the shard's order, chunk)
+                for epoch in {k[0] for k in keys} - set(orders):
+                    orders[epoch] = self._order(epoch, shard, num_shards)
+                for epoch in [e for e in orders if keys and e < min(k[0] for k in keys)]:  # no way back
+                    del orders[epoch]
+                batch["examples"] = [[e, int(orders[e][pos]), c] for e, pos, c in keys]
             if self._attach_state:
                 batch["_state"] = {"worker_id": wid, "local_shard": shard - self.rank * nw, "state": new_state}
             yield batch

@@ -4,7 +4,7 @@ A run is described by five sections (see ``configs/pretrain/demo.yaml`` for ever
 
     model:  which architecture (a FlashT5Config preset + overrides) or which checkpoint to start from
     data:   corpus -> tokenizer -> pretokenized store -> denoisers -> packed batches
-    optim:  AdamWScale, learning-rate schedule, clipping
+    optim:  AdamWScale or AdamW, learning-rate schedule, clipping
     train:  steps, device, precision, logging, evaluation, checkpoints
     dist:   data parallelism under torchrun (DDP / FSDP2); see flasht5.train.dist
 """
@@ -24,6 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+OPTIMIZERS = ("adamwscale", "adamw")  # optim.name
+SCHEDULES = ("cosine", "linear", "constant")  # optim.schedule (flasht5.train.optim.lr_at)
 
 
 @dataclass
@@ -59,12 +62,18 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 2e-2  # peak learning rate (AdamWScale scales it by each tensor's RMS, as in nanoT5)
+    # "adamwscale" (AdamW with each tensor's step scaled by its RMS, as nanoT5; lr is relative, ~1e-2 for
+    # pretraining, ~5e-4 for fine-tuning) or "adamw" (plain AdamW with decoupled weight decay, the update of
+    # torch.optim.AdamW and transformers' Trainer; lr is absolute, e.g. 1e-4)
+    name: str = "adamwscale"
+    lr: float = 2e-2  # peak learning rate (relative to each tensor's RMS under adamwscale, absolute under adamw)
     weight_decay: float = 0.0  # decoupled weight decay
     betas: tuple[float, float] = (0.9, 0.999)  # Adam's moment decay rates
     eps: float = 1e-8  # Adam's epsilon
     warmup_steps: int = 100  # linear warm-up steps
-    schedule: str = "cosine"  # "cosine" or "constant" after the linear warm-up
+    # after the linear warm-up: "cosine" or "linear" decay to final_lr_ratio * lr at the last step, or "constant";
+    # linear with final_lr_ratio 0 is transformers' get_linear_schedule_with_warmup (its warm-up is one step behind)
+    schedule: str = "cosine"
     final_lr_ratio: float = 0.1  # learning rate at the last step, as a fraction of `lr`
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
     # Weights and optimizer-state precision (flasht5.train.optim): "fp32" (fp32 weights, bf16 autocast on CUDA),
@@ -92,6 +101,10 @@ class RunConfig:
     samples: int = 3  # generations printed at the end (span filling; fine-tuning: held-out predictions)
     progress: bool = True  # show a progress bar
     grad_accum: int = 1  # micro-batches (of data.max_tokens each) per optimizer step and rank
+    # write <out_dir>/steps.jsonl: per optimizer step its loss, lr, token counts and the [epoch, document, chunk]
+    # key of every example it trained on (fine-tuning: document = the example's index in data.train); with several
+    # ranks, rank 0's examples
+    record_steps: bool = False
 
 
 @dataclass
@@ -390,7 +403,8 @@ def _check_optim(o: OptimConfig) -> None:
         _range(f"optim.betas[{i}]", b, 0, 1, hi_open=True)
     _range("optim.eps", o.eps, 0, lo_open=True)
     _range("optim.warmup_steps", o.warmup_steps, 0)
-    _one_of("optim.schedule", o.schedule, ("cosine", "constant"))
+    _one_of("optim.name", o.name, OPTIMIZERS)
+    _one_of("optim.schedule", o.schedule, SCHEDULES)
     _range("optim.final_lr_ratio", o.final_lr_ratio, 0, 1)
     _range("optim.grad_clip", o.grad_clip, 0, note=" (0 disables clipping)")
     _one_of("optim.precision", o.precision, ("fp32", "bf16", "bf16_kahan", "fp32_master"))

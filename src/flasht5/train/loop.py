@@ -544,13 +544,15 @@ def _train(cfg: Config, out: Path, world: tdist.World, device: torch.device, tas
     log(
         f"model: {n_params / 1e6:.1f}M parameters, backend {core.backend}, device {device}, "
         f"{'bf16 autocast' if bf16 else 'fp32'}{', CUDA-graph step' if graphs else ''}, "
-        f"{'fp32' if cfg.optim.precision == 'fp32' else 'bf16'} weights, optimizer {cfg.optim.precision}"
+        f"{'fp32' if cfg.optim.precision == 'fp32' else 'bf16'} weights, "
+        f"optimizer {cfg.optim.name} {cfg.optim.precision}"
         + (f", {world.strategy} on {world.world_size} ranks" if world.active else "")
         + (f", {accum} micro-batches per step" if accum > 1 else "")
     )
     optimizer = AdamWScale(
         core.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
         weight_decay=cfg.optim.weight_decay, precision=cfg.optim.precision,
+        scale_by_rms=cfg.optim.name == "adamwscale",
     )  # fmt: skip
     if resumed is not None:
         if resumed.weights is None:
@@ -585,6 +587,7 @@ def _train(cfg: Config, out: Path, world: tdist.World, device: torch.device, tas
     loaders, stream_ids = [], [world.rank * accum + i for i in range(accum)]
     for sid in stream_ids:
         dataset = task.train_dataset(static=graphs, rank=sid, world_size=n_streams)
+        dataset.emit_example_keys = t.record_steps and world.main  # items carry their examples' keys
         extra = dict(prefetch_factor=4, persistent_workers=True, generator=torch.Generator().manual_seed(t.seed))
         extra = extra if workers else {}
         loaders.append(ResumableLoader(dataset, num_workers=workers, pin_memory=device.type == "cuda", **extra))
@@ -612,6 +615,28 @@ def _train(cfg: Config, out: Path, world: tdist.World, device: torch.device, tas
         ckpt.write_text_atomically(out / "config.json", config_json)
         prior = ckpt.cut_metrics(metrics_path, start_step if resumed else None)
         metrics = metrics_path.open("a")
+    # train.record_steps: one row per step, written with the log rows (whose one sync gives the losses) and before
+    # a checkpoint, so that a resumed run's record continues exactly. Every rank counts the pending steps (the
+    # losses of several ranks are summed in one collective), rank 0 has the examples and writes.
+    steps_file = None
+    if t.record_steps and world.main:
+        ckpt.cut_metrics(out / "steps.jsonl", start_step if resumed else None)
+        steps_file = (out / "steps.jsonl").open("a")
+    pending_steps: list[dict[str, Any]] = []
+
+    def write_steps(values: list[float] | None = None) -> None:
+        """The pending rows with their losses: ``values`` (the log window's, rank-summed) or read here."""
+        if not pending_steps:
+            return
+        if values is None:
+            values = tdist.all_reduce_sum(torch.stack(list(losses)).to(torch.float64), world).tolist()
+        first = len(values) - len(pending_steps)  # the pending steps are the window's last losses
+        if steps_file is not None:
+            rows = ({"step": r["step"], "loss": values[first + j], **r} for j, r in enumerate(pending_steps))
+            steps_file.writelines(json.dumps(r) + "\n" for r in rows)
+            steps_file.flush()
+        pending_steps.clear()
+
     tracker = Tracker(out, cfg.log.tensorboard and world.main, purge_step=start_step + 1 if resumed else None)
     peak = peak_flops(device) if bf16 else None  # MFU only against the bf16 peak
     flops = lambda enc_tokens, dec_tokens: matmul_flops(model.config, enc_tokens, dec_tokens)
@@ -659,6 +684,13 @@ def _train(cfg: Config, out: Path, world: tdist.World, device: torch.device, tas
         window_dec += sum(it["stats"]["target_tokens"] for it in items)
         # Not converted here: that would wait for the GPU every step; the log rows sync once.
         losses.append(res.loss)
+        if t.record_steps:
+            pending_steps.append({
+                "step": step, "lr": lr,
+                "input_tokens": sum(it["stats"]["input_tokens"] for it in items),
+                "target_tokens": sum(it["stats"]["target_tokens"] for it in items),
+                "examples": [key for it in items for key in it.get("examples", [])],
+            })  # fmt: skip
         if res.z_loss is not None:
             z_terms.append(res.z_loss)
         bar.update(1)
@@ -685,6 +717,7 @@ def _train(cfg: Config, out: Path, world: tdist.World, device: torch.device, tas
                 metrics.write(json.dumps(row) + "\n")
                 metrics.flush()
                 tracker.log(row)
+            write_steps(window[: len(losses)])
             bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}", lr=f"{row['lr']:.2e}")
             window_tokens, window_t0 = 0, time.perf_counter()
             window_enc = window_dec = 0
@@ -702,6 +735,7 @@ def _train(cfg: Config, out: Path, world: tdist.World, device: torch.device, tas
             if metrics is not None:
                 metrics.flush()
                 os.fsync(metrics.fileno())  # the rows up to a checkpoint outlive a power loss with it
+            write_steps()  # steps since the last log row (one more sync, at a checkpoint only)
             if world.active:
                 streams = {str(sid): loader.state_dict() for sid, loader in zip(stream_ids, loaders)}
                 state = sharded_trainer_state(
@@ -715,6 +749,8 @@ def _train(cfg: Config, out: Path, world: tdist.World, device: torch.device, tas
     bar.close()
     if metrics is not None:
         metrics.close()
+    if steps_file is not None:
+        steps_file.close()
     tracker.close()
     if step_fn.eager_batches:
         log(f"{step_fn.eager_batches} batches did not fit the CUDA graph's shapes and ran eagerly")

@@ -4,6 +4,12 @@ AdamWScale is AdamW whose step for each tensor is multiplied by that tensor's ro
 the relative step size of Adafactor (Shazeer & Stern 2018) kept inside Adam. nanoT5 (Nawrot 2023) showed it lets
 T5 pre-train with Adam at Adafactor's learning rates (~1e-2); this is our own implementation of that rule.
 
+``scale_by_rms=False`` (the config's ``optim.name: adamw``) drops the RMS factor and puts epsilon where
+``torch.optim.AdamW`` puts it (after the bias correction of the second moment): the update is then plain AdamW with
+decoupled weight decay, step for step the same as ``torch.optim.AdamW`` (what transformers' ``Trainer`` uses), with
+this class's fused, sync-free, CUDA-graph capturable step and every ``precision`` below. With it, ``lr`` is the
+absolute step size (fine-tuning rates such as 1e-4), not a relative one.
+
 Precision (``precision=``, the config's ``optim.precision``):
 
 - ``"fp32"``: moments in fp32 whatever the parameter dtype (fp32 parameters: the classic mixed-precision recipe
@@ -32,6 +38,8 @@ from collections.abc import Iterable
 
 import torch
 
+from flasht5.train.config import SCHEDULES
+
 PRECISIONS = ("fp32", "bf16", "bf16_kahan", "fp32_master")
 
 
@@ -55,7 +63,7 @@ def _sharded_group(p: torch.Tensor):
 
 class AdamWScale(torch.optim.Optimizer):
     """AdamW with the update scaled by ``max(1e-3, RMS(param))`` and decoupled weight decay; ``precision`` as in the
-    module docstring.
+    module docstring; ``scale_by_rms=False``: plain AdamW (the update of ``torch.optim.AdamW``).
 
     One step is a fixed sequence of ``torch._foreach_*`` kernels over all tensors (not a Python loop of ~10 ops per
     tensor) whose step counts live on the device; ``lr`` may be a 0-dim device tensor. That makes ``step()`` free of
@@ -70,6 +78,7 @@ class AdamWScale(torch.optim.Optimizer):
         eps: float = 1e-8,
         weight_decay: float = 0.0,
         precision: str = "fp32",
+        scale_by_rms: bool = True,
     ):
         if not isinstance(lr, torch.Tensor) and lr < 0:
             raise ValueError(f"lr must be >= 0, got {lr}")
@@ -80,6 +89,7 @@ class AdamWScale(torch.optim.Optimizer):
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         self.precision = precision
+        self.scale_by_rms = bool(scale_by_rms)
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
 
     def _init_state(self, p: torch.Tensor) -> dict:
@@ -124,22 +134,30 @@ class AdamWScale(torch.optim.Optimizer):
             torch._foreach_lerp_(m, grads, 1 - beta1)  # m = beta1 m + (1 - beta1) g
             torch._foreach_mul_(v, beta2)
             torch._foreach_addcmul_(v, grads, grads, value=1 - beta2)
-            # step size per tensor: lr * sqrt(1 - beta2^t) / (1 - beta1^t) * max(1e-3, RMS(p)), all on the device
+            # bias corrections 1 - beta1^t and sqrt(1 - beta2^t), per tensor, on the device
             bc1 = torch._foreach_pow(beta1, steps)
             torch._foreach_neg_(bc1)
             torch._foreach_add_(bc1, 1)
-            scale = torch._foreach_pow(beta2, steps)
-            torch._foreach_neg_(scale)
-            torch._foreach_add_(scale, 1)
-            torch._foreach_sqrt_(scale)
-            torch._foreach_div_(scale, bc1)
-            rms = self._rms(params, p32)
-            torch._foreach_clamp_min_(rms, 1e-3)  # the relative step: large tensors move more
-            torch._foreach_mul_(scale, rms)
-            torch._foreach_mul_(scale, lr)
+            bc2 = torch._foreach_pow(beta2, steps)
+            torch._foreach_neg_(bc2)
+            torch._foreach_add_(bc2, 1)
+            torch._foreach_sqrt_(bc2)
             update = torch._foreach_sqrt(v)
-            torch._foreach_add_(update, eps)
-            torch._foreach_div_(update, scale)  # (sqrt(v) + eps) / step size
+            if self.scale_by_rms:
+                # step size lr * sqrt(1 - beta2^t) / (1 - beta1^t) * max(1e-3, RMS(p)); eps on the raw sqrt(v)
+                scale = torch._foreach_div(bc2, bc1)
+                rms = self._rms(params, p32)
+                torch._foreach_clamp_min_(rms, 1e-3)  # the relative step: large tensors move more
+                torch._foreach_mul_(scale, rms)
+                torch._foreach_mul_(scale, lr)
+                torch._foreach_add_(update, eps)
+            else:
+                # torch.optim.AdamW: step size lr / (1 - beta1^t), eps after the second moment's bias correction
+                scale = torch._foreach_reciprocal(bc1)
+                torch._foreach_mul_(scale, lr)
+                torch._foreach_div_(update, bc2)
+                torch._foreach_add_(update, eps)
+            torch._foreach_div_(update, scale)  # denominator / step size: p -= m / update
             if wd:
                 torch._foreach_mul_(p32, 1 - lr * wd)
             torch._foreach_addcdiv_(p32, m, update, value=-1.0)
@@ -187,10 +205,19 @@ class AdamWScale(torch.optim.Optimizer):
 
 
 def lr_at(step: int, *, total: int, warmup: int, schedule: str, final_ratio: float) -> float:
-    """Multiplier of the peak learning rate: linear warm-up, then cosine decay to ``final_ratio`` (or constant)."""
+    """Multiplier of the peak learning rate at 0-based ``step``: linear warm-up over ``warmup`` steps ((step + 1) /
+    warmup), then ``"cosine"`` decay to ``final_ratio`` at ``total``, ``"linear"`` decay to it, or ``"constant"``.
+
+    After the warm-up, ``"linear"`` with ``final_ratio=0`` is transformers' ``get_linear_schedule_with_warmup``
+    ((total - step) / (total - warmup)); during it transformers uses step / warmup, one step behind (its first step
+    has learning rate 0), so with ``warmup=0`` the two schedules are identical."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
     if warmup > 0 and step < warmup:
         return (step + 1) / warmup
     if schedule == "constant":
         return 1.0
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if schedule == "linear":
+        return final_ratio + (1 - final_ratio) * (1 - progress)
     return final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
