@@ -240,3 +240,35 @@ def test_decoder_prompt_enters_the_static_cache(tmp_path, counted):
         torch.manual_seed(0)
         assert torch.equal(got, hf.generate(**x, **kw)), kw
     assert len(counted) == 3
+
+
+def test_decode_step_fuses_the_self_attention_projections_and_follows_weight_updates(tmp_path, monkeypatch):
+    """The session's decode step computes q, k, v with one matmul over a fused copy of the weights: the tokens are
+    transformers'; the copy is refreshed per request (an in-place weight update is seen by the next request, in the
+    same session); FUSE_QKV=False gives the same tokens without it; a layer that is not a plain nn.Linear (PEFT,
+    quantised) is never fused."""
+    monkeypatch.setattr(G, "_SESSION_WITHOUT_GRAPH", True)
+    hf = tiny_hf("t5-v1.1", d_kv=16)
+    ours = FlashT5ForConditionalGeneration.from_pretrained(save_hf(hf, tmp_path / "hf"), attn_implementation="sdpa")
+    b = padded_batch()
+    x = dict(input_ids=b["input_ids"], attention_mask=b["attention_mask"], do_sample=False, max_new_tokens=6)
+    fused = ours.generate(**x)
+    assert torch.equal(fused, hf.generate(**x))
+    session = G._SESSIONS[ours]
+    attn = ours.model.decoder.layers[0].attn
+    assert session.step.cache.qkv is not None
+    assert torch.equal(session.step.cache.qkv[0], torch.cat([attn.q.weight, attn.k.weight, attn.v.weight]))
+    with torch.no_grad():
+        for w in (attn.v.weight, hf.decoder.block[0].layer[0].SelfAttention.v.weight):
+            w.mul_(-3.0)  # a visible in-place change, as an optimizer step would make
+    again = ours.generate(**x)
+    assert G._SESSIONS[ours] is session and torch.equal(again, hf.generate(**x))
+    monkeypatch.setattr(G, "FUSE_QKV", False)
+    G.release_decode_cache(ours)
+    assert torch.equal(ours.generate(**x), again) and G._SESSIONS[ours].step.cache.qkv is None
+
+    class Wrapped(torch.nn.Linear):  # stands for a PEFT / quantised layer: its forward is not its weight alone
+        pass
+
+    attn.k.__class__ = Wrapped
+    assert G._fusable_qkv(ours.model) is None
