@@ -96,7 +96,7 @@ class StaticCache:
         self.capacity, self.step = capacity, 0
         self.pos = torch.zeros(1, dtype=torch.long, device=device)
         self.lengths = torch.zeros(batch, dtype=torch.int32, device=device)
-        self.qkv: list[Tensor] | None = None  # per layer, the fused self-attention weight (FusedQKV.refresh)
+        self.qkv: list[Tensor] | None = None  # per layer, the fused self-attention weight (_Session.refresh_qkv)
 
     def advance_to(self, step: int) -> None:
         if not 0 <= step < self.capacity:
