@@ -441,3 +441,42 @@ def test_flash_rejects_a_head_dim_its_kernels_do_not_take_and_the_default_avoids
         model.set_backend("flex")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert default_backend(8) == "sdpa" and default_backend(64) == "flash" and default_backend() == "flash"
+
+
+@pytest.mark.parametrize("backend", ["eager", "sdpa", "flash"])
+def test_fused_projections_equal_the_separate_ones(backend, monkeypatch):
+    """FLASHT5_FUSED_PROJ: q, k, v (self-attention) and k, v (cross-attention) from one matmul over the stacked
+    weights give the separate projections' loss, logits and every gradient (fp32; dense and padded batches);
+    a layer with a forward hook is not fused (the hook still sees its call)."""
+    import flasht5.model as M
+
+    torch.manual_seed(1)
+    ids, labels = torch.randint(2, V, (2, 11)), torch.randint(2, V, (2, 5))
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    batches = [dict(enc=Layout.padded(mask.bool())), dict()]
+    results, stacked, real = {}, [], M._stacked
+    monkeypatch.setattr(M, "_stacked", lambda *a: stacked.append(1) or real(*a))
+    for fused in (False, True):
+        monkeypatch.setattr(M, "FUSED_PROJ", fused)
+        model = tiny("t5", backend)
+        outs = []
+        for kw in batches:
+            model.zero_grad(set_to_none=True)
+            out = model(ids, labels=labels, return_logits=True, **kw)
+            out.loss.backward()
+            outs.append(
+                (out.loss.detach(), out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
+            )
+        results[fused] = outs
+    assert len(stacked) == 2 * 6  # fused: 2 batches x (2 encoder + 2 decoder self-attentions + 2 cross k, v)
+    for (l0, g0, d0), (l1, g1, d1) in zip(results[False], results[True]):
+        torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(g1, g0, rtol=1e-5, atol=1e-5)
+        for name in d0:
+            torch.testing.assert_close(d1[name], d0[name], rtol=1e-4, atol=1e-6, msg=name)
+    monkeypatch.setattr(M, "FUSED_PROJ", True)
+    model, calls = tiny("t5", backend), []
+    model.encoder.layers[0].attn.q.register_forward_hook(lambda *a: calls.append(1))
+    model(ids, labels=labels)
+    assert calls == [1] and not M.fusable_linears(model.encoder.layers[0].attn.q)

@@ -31,7 +31,7 @@ from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 from transformers.generation.utils import GENERATION_MODES_MAPPING
 
 from flasht5.layout import Layout
-from flasht5.model import Encoded, View
+from flasht5.model import Encoded, View, fusable_linears
 
 log = logging.getLogger("flasht5")
 
@@ -217,12 +217,12 @@ class _Session:
 
 
 def _fusable_qkv(core: Any) -> list[tuple[Tensor, Tensor, Tensor]] | None:
-    """The decoder self-attentions' (q, k, v) weights, or None unless every one is a plain bias-free ``nn.Linear`` of
-    one dtype (a PEFT or quantised layer computes more than its weight: its projections are never fused)."""
+    """The decoder self-attentions' (q, k, v) weights, or None unless every one is a plain layer of one dtype
+    (:func:`flasht5.model.fusable_linears`: a PEFT or quantised layer or a hook is never fused)."""
     found = []
     for block in core.decoder.layers:
         mods = (block.attn.q, block.attn.k, block.attn.v)
-        if not all(type(m) is torch.nn.Linear and m.bias is None for m in mods):
+        if not fusable_linears(*mods):
             return None
         ws = tuple(m.weight for m in mods)
         if len({(w.dtype, w.device) for w in ws}) != 1:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -546,6 +547,27 @@ class MLP(nn.Module):
         return self.wo(h)
 
 
+# FLASHT5_FUSED_PROJ=1: the self-attention's q, k, v and the cross-attention's k, v each come from one matmul over
+# the concatenated weights (one cat + one linear instead of three or two linears per attention: ~80 fewer linear
+# calls, forward and backward, per T5-base step, for the eager and FSDP2 paths whose step is host-bound). Opt-in
+# until measured on the GPU (expected: the eager 32 x 512 step ~15-20 % shorter, the graph-captured one within 1 %).
+FUSED_PROJ = os.environ.get("FLASHT5_FUSED_PROJ", "0") not in ("", "0", "false", "False")
+
+
+def fusable_linears(*mods: nn.Module) -> bool:
+    """Plain bias-free ``nn.Linear`` layers without hooks: one matmul over their stacked weights gives what their
+    own calls would (a PEFT adapter, a quantised layer or a hook computes or observes more)."""
+    return all(
+        type(m) is nn.Linear and m.bias is None and not m._forward_hooks and not m._forward_pre_hooks for m in mods
+    )
+
+
+def _stacked(x: Tensor, mods: tuple[nn.Module, ...], heads: int, head_dim: int) -> tuple[Tensor, ...]:
+    """The (..., heads, head_dim) outputs of ``mods`` on ``x``, views of one matmul over their stacked weights."""
+    y = F.linear(x, torch.cat([m.weight for m in mods]))
+    return y.view(*x.shape[:-1], len(mods), heads, head_dim).unbind(-3)
+
+
 class Attention(nn.Module):
     """Multi-head attention without 1/sqrt(d) scaling (self-attention, or cross-attention over the encoder)."""
 
@@ -578,22 +600,28 @@ class Attention(nn.Module):
         H, D = self.num_heads, self.head_dim
         cache = ctx.cache
         fused = None if cache is None or self.is_cross else cache.qkv_weight(self.layer_idx)
+        stacked = fused is None and FUSED_PROJ and not self.is_cross and fusable_linears(self.q, self.k, self.v)
         if fused is not None:  # q, k, v as views of one matmul's output
             q, k, v = F.linear(x, fused).view(B, Lq, 3, H, D).unbind(2)
+        elif stacked:
+            q, k, v = _stacked(x, (self.q, self.k, self.v), H, D)
         else:
             q = self.q(x).view(B, Lq, H, D)
         if self.is_cross:
             cached = cache.get_cross(self.layer_idx) if cache is not None else None
             if cached is None:
                 kv = ctx.enc_hidden()
-                k, v = self.k(kv).view(*kv.shape[:2], H, D), self.v(kv).view(*kv.shape[:2], H, D)
+                if FUSED_PROJ and fusable_linears(self.k, self.v):
+                    k, v = _stacked(kv, (self.k, self.v), H, D)
+                else:
+                    k, v = self.k(kv).view(*kv.shape[:2], H, D), self.v(kv).view(*kv.shape[:2], H, D)
                 if cache is not None:
                     cache.set_cross(self.layer_idx, k, v)
             else:
                 k, v = cached
             kl, bias = ctx.enc, ({} if ctx.kernels.flat else None)
         else:
-            if fused is None:
+            if fused is None and not stacked:
                 k, v = self.k(x).view(B, Lq, H, D), self.v(x).view(B, Lq, H, D)
             if self.rope is not None:
                 cos, sin = rope_angles(ctx.q.positions(x.device), *self.rope)
