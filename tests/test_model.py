@@ -445,9 +445,9 @@ def test_flash_rejects_a_head_dim_its_kernels_do_not_take_and_the_default_avoids
 
 @pytest.mark.parametrize("backend", ["eager", "sdpa", "flash"])
 def test_fused_projections_equal_the_separate_ones(backend, monkeypatch):
-    """FLASHT5_FUSED_PROJ: q, k, v (self-attention) and k, v (cross-attention) from one matmul over the stacked
-    weights give the separate projections' loss, logits and every gradient (fp32; dense and padded batches);
-    a layer with a forward hook is not fused (the hook still sees its call)."""
+    """FLASHT5_FUSED_PROJ: q, k, v (self-attention), k, v (cross-attention) and wi_0, wi_1 (gated feed-forward) from
+    one matmul over the stacked weights give the separate projections' loss, logits and every gradient (fp32; dense
+    and padded batches); a layer with a forward hook is not fused (the hook still sees its call)."""
     import flasht5.model as M
 
     torch.manual_seed(1)
@@ -477,6 +477,7 @@ def test_fused_projections_equal_the_separate_ones(backend, monkeypatch):
             torch.testing.assert_close(d1[name], d0[name], rtol=1e-4, atol=1e-6, msg=name)
     monkeypatch.setattr(M, "FUSED_PROJ", True)
     model, calls = tiny("t5", backend), []
-    model.encoder.layers[0].attn.q.register_forward_hook(lambda *a: calls.append(1))
+    model.encoder.layers[0].attn.q.register_forward_hook(lambda *a: calls.append("q"))
+    model.decoder.layers[1].mlp.wi_1.register_forward_hook(lambda *a: calls.append("wi_1"))
     model(ids, labels=labels)
-    assert calls == [1] and not M.fusable_linears(model.encoder.layers[0].attn.q)
+    assert calls == ["q", "wi_1"] and not M.fusable_linears(model.encoder.layers[0].attn.q)
