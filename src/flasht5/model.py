@@ -535,8 +535,7 @@ class MLP(nn.Module):
     def forward(self, x: Tensor, kernels: Kernels) -> Tensor:
         if self.gated:
             if FUSED_PROJ and fusable_linears(self.wi_0, self.wi_1):  # gate and up: views of one matmul's output
-                w = torch.cat([self.wi_0.weight, self.wi_1.weight])
-                gate, up = F.linear(x, w).view(*x.shape[:-1], 2, -1).unbind(-2)
+                gate, up = F.linear(x, _stack(self.wi_0, self.wi_1)).view(*x.shape[:-1], 2, -1).unbind(-2)
             else:
                 gate, up = self.wi_0(x), self.wi_1(x)
             h = kernels.gated_act(gate, up, self.act_name)
@@ -568,10 +567,14 @@ def fusable_linears(*mods: nn.Module) -> bool:
     )
 
 
-def _stacked(x: Tensor, mods: tuple[nn.Module, ...], heads: int, head_dim: int) -> tuple[Tensor, ...]:
-    """The (..., heads, head_dim) outputs of ``mods`` on ``x``, views of one matmul over their stacked weights."""
-    y = F.linear(x, torch.cat([m.weight for m in mods]))
-    return y.view(*x.shape[:-1], len(mods), heads, head_dim).unbind(-3)
+def _stacked(x: Tensor, weight: Tensor, n: int, heads: int, head_dim: int) -> tuple[Tensor, ...]:
+    """The ``n`` (..., heads, head_dim) projections of ``x`` by ``weight``, n projections' weights stacked: views of
+    one matmul's output."""
+    return F.linear(x, weight).view(*x.shape[:-1], n, heads, head_dim).unbind(-3)
+
+
+def _stack(*mods: nn.Linear) -> Tensor:
+    return torch.cat([m.weight for m in mods])
 
 
 class Attention(nn.Module):
@@ -607,10 +610,8 @@ class Attention(nn.Module):
         cache = ctx.cache
         fused = None if cache is None or self.is_cross else cache.qkv_weight(self.layer_idx)
         stacked = fused is None and FUSED_PROJ and not self.is_cross and fusable_linears(self.q, self.k, self.v)
-        if fused is not None:  # q, k, v as views of one matmul's output
-            q, k, v = F.linear(x, fused).view(B, Lq, 3, H, D).unbind(2)
-        elif stacked:
-            q, k, v = _stacked(x, (self.q, self.k, self.v), H, D)
+        if fused is not None or stacked:  # q, k, v as views of one matmul's output
+            q, k, v = _stacked(x, fused if fused is not None else _stack(self.q, self.k, self.v), 3, H, D)
         else:
             q = self.q(x).view(B, Lq, H, D)
         if self.is_cross:
@@ -618,7 +619,7 @@ class Attention(nn.Module):
             if cached is None:
                 kv = ctx.enc_hidden()
                 if FUSED_PROJ and fusable_linears(self.k, self.v):
-                    k, v = _stacked(kv, (self.k, self.v), H, D)
+                    k, v = _stacked(kv, _stack(self.k, self.v), 2, H, D)
                 else:
                     k, v = self.k(kv).view(*kv.shape[:2], H, D), self.v(kv).view(*kv.shape[:2], H, D)
                 if cache is not None:
