@@ -245,8 +245,8 @@ def test_decoder_prompt_enters_the_static_cache(tmp_path, counted):
 def test_decode_step_fuses_the_self_attention_projections_and_follows_weight_updates(tmp_path, monkeypatch):
     """The session's decode step computes q, k, v with one matmul over a fused copy of the weights: the tokens are
     transformers'; the copy is refreshed per request (an in-place weight update is seen by the next request, in the
-    same session); FUSE_QKV=False gives the same tokens without it; a layer that is not a plain nn.Linear (PEFT,
-    quantised) is never fused."""
+    same session); a hook added later is called (a new session, unfused); FUSE_QKV=False gives the same tokens
+    without it; a layer that is not a plain nn.Linear (PEFT, quantised) is never fused."""
     monkeypatch.setattr(G, "_SESSION_WITHOUT_GRAPH", True)
     hf = tiny_hf("t5-v1.1", d_kv=16)
     ours = FlashT5ForConditionalGeneration.from_pretrained(save_hf(hf, tmp_path / "hf"), attn_implementation="sdpa")
@@ -263,6 +263,10 @@ def test_decode_step_fuses_the_self_attention_projections_and_follows_weight_upd
             w.mul_(-3.0)  # a visible in-place change, as an optimizer step would make
     again = ours.generate(**x)
     assert G._SESSIONS[ours] is session and torch.equal(again, hf.generate(**x))
+    calls = []
+    hook = attn.k.register_forward_hook(lambda *a: calls.append(1))  # added after the session was built
+    assert torch.equal(ours.generate(**x), again) and calls and G._SESSIONS[ours].step.cache.qkv is None
+    hook.remove()
     monkeypatch.setattr(G, "FUSE_QKV", False)
     G.release_decode_cache(ours)
     assert torch.equal(ours.generate(**x), again) and G._SESSIONS[ours].step.cache.qkv is None

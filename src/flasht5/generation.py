@@ -186,7 +186,9 @@ class _Session:
     cache, the encoder-output and encoder-length buffers it reads, and the captured graph (capturing costs two eager
     steps and the capture itself, a large part of a short request at batch 1)."""
 
-    def __init__(self, key: tuple, core: Any, batch: int, capacity: int, enc_len: int, hidden: Tensor, graph: bool):
+    def __init__(
+        self, key: tuple, core: Any, batch: int, capacity: int, enc_len: int, hidden: Tensor, graph: bool, fuse: bool
+    ):
         self.key = key
         self.hidden = hidden.new_zeros(batch, enc_len, hidden.shape[-1])
         self.lengths = torch.zeros(batch, dtype=torch.int32, device=hidden.device)
@@ -196,7 +198,7 @@ class _Session:
             dtype=_kv_dtype(core, hidden), device=hidden.device,
         )  # fmt: skip
         self.step = DecodeStep(core, self.encoded(), cache, graph=graph)
-        self.qkv_sources = _fusable_qkv(core) if FUSE_QKV else None
+        self.qkv_sources = _fusable_qkv(core) if fuse else None
         if self.qkv_sources is not None:
             with torch.no_grad():
                 cache.qkv = [torch.cat(ws) for ws in self.qkv_sources]
@@ -293,12 +295,14 @@ def _graph_step(model: Any, hidden: Tensor, lengths: Tensor, max_length: int, gr
     capacity, enc_len = _bucket(max_length, 64), _bucket(L, 64)
     params = tuple(p.data_ptr() for p in core.parameters())
     # Buffers made under inference_mode cannot be written outside it (and the other way round): part of the key.
+    # Whether the projections fuse is part of it too: a hook or adapter added since the last request must be called.
+    fuse = FUSE_QKV and _fusable_qkv(core) is not None
     key = (B, capacity, enc_len, hidden.dtype, _kv_dtype(core, hidden), hidden.device, core.kernels, params, graph,
-           torch.is_inference_mode_enabled())  # fmt: skip
+           torch.is_inference_mode_enabled(), fuse)  # fmt: skip
     session = _SESSIONS.get(model)
     if session is None or session.key != key:
         _SESSIONS.pop(model, None)  # free the old graph and cache before allocating the new ones
-        session = _SESSIONS[model] = _Session(key, core, B, capacity, enc_len, hidden, graph)
+        session = _SESSIONS[model] = _Session(key, core, B, capacity, enc_len, hidden, graph, fuse)
     session.hidden[:, :L].copy_(hidden)
     session.hidden[:, L:].zero_()
     session.lengths.copy_(lengths)
