@@ -21,6 +21,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from flasht5.data.text import json_object
+
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 
 
@@ -110,12 +112,7 @@ def read_inputs(path: str, field: str | None) -> tuple[list[str], list[dict] | N
         if not jsonl:
             texts.append(line)
             continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"--input {path}: line {n} is not JSON ({e.msg}, column {e.colno})") from None
-        if not isinstance(rec, dict):
-            raise ValueError(f"--input {path}: line {n} is a JSON {type(rec).__name__}, not an object")
+        rec = json_object(line, f"--input {path}: line {n}")
         if field not in rec:
             keys = ", ".join(sorted(rec)[:8]) or "none"
             raise ValueError(f"--input {path}: line {n} has no field {field!r} (its fields: {keys}); set --input-field")

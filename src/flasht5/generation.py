@@ -187,8 +187,9 @@ class _Session:
     steps and the capture itself, a large part of a short request at batch 1)."""
 
     def __init__(
-        self, key: tuple, core: Any, batch: int, capacity: int, enc_len: int, hidden: Tensor, graph: bool, fuse: bool
-    ):
+        self, key: tuple, core: Any, batch: int, capacity: int, enc_len: int, hidden: Tensor, graph: bool,
+        qkv: list[tuple[Tensor, Tensor, Tensor]] | None,
+    ):  # fmt: skip
         self.key = key
         self.hidden = hidden.new_zeros(batch, enc_len, hidden.shape[-1])
         self.lengths = torch.zeros(batch, dtype=torch.int32, device=hidden.device)
@@ -198,7 +199,7 @@ class _Session:
             dtype=_kv_dtype(core, hidden), device=hidden.device,
         )  # fmt: skip
         self.step = DecodeStep(core, self.encoded(), cache, graph=graph)
-        self.qkv_sources = _fusable_qkv(core) if fuse else None
+        self.qkv_sources = qkv  # the decoder self-attentions' weights to fuse (_fusable_qkv), or None
         if self.qkv_sources is not None:
             with torch.no_grad():
                 cache.qkv = [torch.cat(ws) for ws in self.qkv_sources]
@@ -296,13 +297,13 @@ def _graph_step(model: Any, hidden: Tensor, lengths: Tensor, max_length: int, gr
     params = tuple(p.data_ptr() for p in core.parameters())
     # Buffers made under inference_mode cannot be written outside it (and the other way round): part of the key.
     # Whether the projections fuse is part of it too: a hook or adapter added since the last request must be called.
-    fuse = FUSE_QKV and _fusable_qkv(core) is not None
+    qkv = _fusable_qkv(core) if FUSE_QKV else None
     key = (B, capacity, enc_len, hidden.dtype, _kv_dtype(core, hidden), hidden.device, core.kernels, params, graph,
-           torch.is_inference_mode_enabled(), fuse)  # fmt: skip
+           torch.is_inference_mode_enabled(), qkv is not None)  # fmt: skip
     session = _SESSIONS.get(model)
     if session is None or session.key != key:
         _SESSIONS.pop(model, None)  # free the old graph and cache before allocating the new ones
-        session = _SESSIONS[model] = _Session(key, core, B, capacity, enc_len, hidden, graph, fuse)
+        session = _SESSIONS[model] = _Session(key, core, B, capacity, enc_len, hidden, graph, qkv)
     session.hidden[:, :L].copy_(hidden)
     session.hidden[:, L:].zero_()
     session.lengths.copy_(lengths)

@@ -249,6 +249,11 @@ class FlashT5PreTrainedModel(PreTrainedModel):
         """Decoder inputs from one-document rows (labels, or input_ids for the classification / QA heads)."""
         return shift_right(ids, Layout.dense(*ids.shape), self.config.decoder_start_token_id, self.config.pad_token_id)
 
+    def _head_backbone(self, **kw: Any):
+        """:meth:`_backbone` as the task heads run it: no labels, no cache, the decoder's hidden states only."""
+        out, _ = self._backbone(past_key_values=None, labels=None, use_cache=False, return_logits=False, **kw)
+        return out
+
     def _backbone(
         self, *, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, encoder_outputs,
         past_key_values, inputs_embeds, decoder_inputs_embeds, labels, use_cache, kwargs: dict[str, Any],
@@ -560,11 +565,11 @@ class FlashT5ForSequenceClassification(FlashT5PreTrainedModel):
         if decoder_input_ids is None and decoder_inputs_embeds is None:
             decoder_input_ids = self._shift_right(input_ids)
         with rec:
-            out, _ = self._backbone(
+            out = self._head_backbone(
                 input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids,
-                decoder_attention_mask=decoder_attention_mask, encoder_outputs=encoder_outputs, past_key_values=None,
-                inputs_embeds=inputs_embeds, decoder_inputs_embeds=decoder_inputs_embeds, labels=None,
-                use_cache=False, kwargs=kwargs, return_logits=False, output_hidden_states=output_hidden_states,
+                decoder_attention_mask=decoder_attention_mask, encoder_outputs=encoder_outputs,
+                inputs_embeds=inputs_embeds, decoder_inputs_embeds=decoder_inputs_embeds, kwargs=kwargs,
+                output_hidden_states=output_hidden_states,
             )  # fmt: skip
         hidden = out.hidden
         batch, width = hidden.shape[0], hidden.shape[-1]
@@ -649,11 +654,11 @@ class FlashT5ForQuestionAnswering(FlashT5PreTrainedModel):
                 raise ValueError("pass input_ids, decoder_input_ids or decoder_inputs_embeds.")
             decoder_input_ids = self._shift_right(input_ids)
         with rec:
-            out, _ = self._backbone(
+            out = self._head_backbone(
                 input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids,
-                decoder_attention_mask=decoder_attention_mask, encoder_outputs=encoder_outputs, past_key_values=None,
-                inputs_embeds=inputs_embeds, decoder_inputs_embeds=decoder_inputs_embeds, labels=None,
-                use_cache=False, kwargs=kwargs, return_logits=False, output_hidden_states=output_hidden_states,
+                decoder_attention_mask=decoder_attention_mask, encoder_outputs=encoder_outputs,
+                inputs_embeds=inputs_embeds, decoder_inputs_embeds=decoder_inputs_embeds, kwargs=kwargs,
+                output_hidden_states=output_hidden_states,
             )  # fmt: skip
         start_logits, end_logits = self.head(out.hidden)
         loss = None

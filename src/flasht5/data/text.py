@@ -158,6 +158,17 @@ def _iter_text(path: Path, split: str, errors: str, stats: ReadStats) -> Iterato
             yield "\n".join(para)
 
 
+def json_object(line: str, where: str) -> dict:
+    """The JSON object on one JSON Lines line, or a ``ValueError`` that names ``where`` (the file and line)."""
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where} is not JSON ({e.msg}, column {e.colno}); give one object per line") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{where} is a JSON {type(obj).__name__}, not an object")
+    return obj
+
+
 def _iter_jsonl(path: Path, text_key: str, errors: str, stats: ReadStats) -> Iterator[str]:
     with _open_binary(path) as f:
         for line_no, raw in enumerate(f, start=1):

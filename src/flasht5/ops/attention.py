@@ -1605,7 +1605,8 @@ def _check_inputs(
             raise ValueError(f"rel_lut is on {rel_lut.device} but q is on {device}")
         # The kernels read fp32. A half lookup (FSDP2's mixed precision casts the forward inputs of every block,
         # the lookup among them) is widened here; autograd casts its gradient back.
-        lut = rel_lut.float().contiguous()
+        if rel_lut.dtype != torch.float32 or not rel_lut.is_contiguous():
+            lut = rel_lut.float().contiguous()
     if alibi_slopes is not None:
         if not isinstance(alibi_slopes, torch.Tensor) or alibi_slopes.shape != (H,):
             shape = tuple(alibi_slopes.shape) if isinstance(alibi_slopes, torch.Tensor) else alibi_slopes

@@ -335,13 +335,19 @@ def save_checkpoint(out: Path, step: int, model: Any, trainer_state: dict[str, A
 
     need = nbytes(model.state_dict(), trainer_state)
     write_dir_atomically(path, write, need=need)
+    _prune(out, keep)
+    return path
+
+
+def _prune(out: Path, keep: int) -> None:
+    """Remove all but the newest ``keep`` step checkpoints (0: keep all); each is renamed aside first, so that an
+    interrupted removal never leaves a half-deleted folder under a checkpoint's name."""
     if keep > 0:
         for old in list_checkpoints(out)[:-keep]:
             gone = old.with_name(old.name + ".del")
             _remove(gone)
             old.rename(gone)
             _remove(gone)
-    return path
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -631,12 +637,7 @@ def save_sharded(
                 raise no_space_error(path) from e
             raise
         _swap_into_place(tmp, path)
-        if keep > 0:
-            for old in list_checkpoints(out)[:-keep]:
-                gone = old.with_name(old.name + ".del")
-                _remove(gone)
-                old.rename(gone)
-                _remove(gone)
+        _prune(out, keep)
 
     tdist.on_main(finish, world)
     return path

@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from flasht5.data.packing import UL2Dataset
+from flasht5.data.text import json_object
 from flasht5.layout import Batch, shift_right
 from flasht5.train import checkpoint as ckpt
 from flasht5.train.config import FinetuneConfig
@@ -113,13 +114,7 @@ def _records(p: Path) -> Iterator[tuple[str, dict[str, Any]]]:
             for n, line in enumerate(f, 1):
                 if not line.strip():
                     continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{p} line {n} is not JSON ({e.msg}); give one object per line") from None
-                if not isinstance(rec, dict):
-                    raise ValueError(f"{p} line {n} is not a JSON object")
-                yield f"{p} line {n}", rec
+                yield f"{p} line {n}", json_object(line, f"{p} line {n}")
     else:
         with _open_text(p) as f:
             reader = csv.DictReader(f, delimiter="\t" if kind == "tsv" else ",")
