@@ -118,6 +118,21 @@ def test_rms_norm_bad_inputs():
         rms_norm(x, torch.ones(8), residual=torch.randn(2, 9))
 
 
+def test_traced_custom_ops_go_on_inductors_fallback_list(device, monkeypatch):
+    """Off that list, torch <= 2.11 formats an op's IR arguments eagerly before its implicit fallback (minutes on a
+    T5 graph, the compiled-model GPU test's hang); once traced, every flasht5 op is on it."""
+    import torch._inductor.lowering as lowering
+
+    from flasht5.ops import _device, attention, loss  # noqa: F401 (registers their ops)
+
+    monkeypatch.setattr(_device, "_FALLBACK_ALLOWED", False)
+    x, w = torch.randn(2, 32, device=device), torch.ones(32, device=device)
+    torch.compile(lambda x, w: rms_norm(x, w), fullgraph=True, backend="aot_eager")(x, w)
+    names = set(_device._CUSTOM_OPS)
+    assert {"flasht5::rms_norm_fwd", "flasht5::flash_attn_bwd", "flasht5::linear_cross_entropy_fwd"} <= names
+    assert names <= set(lowering.FALLBACK_ALLOW_LIST)
+
+
 def test_rms_norm_torch_compile_matches_eager(device):
     # aot_eager traces the custom ops with fullgraph=True (inductor's CPU codegen is too slow for CPU CI; the GPU
     # test below uses inductor); opcheck validates schema, fake and autograd registration.

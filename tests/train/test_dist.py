@@ -152,6 +152,29 @@ def test_accumulation_equals_the_whole_batch():
         torch.testing.assert_close(v, ref_weights[k], **TOL)
 
 
+def test_ddp_on_one_rank_is_the_plain_step_and_equals_one_process():
+    """A one-rank world reduces nothing: ddp on one rank trains the model unwrapped (no gradient copies into DDP's
+    buckets, no collective), inside its process group, with the no-DDP steps exactly."""
+    import torch.distributed as dist
+
+    from flasht5.train import dist as tdist
+
+    ref_losses, ref_weights = _reference()
+    _, whole = _halves()
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    try:
+        core = _core()
+        w = tdist.World(0, 1, 0, "ddp")
+        module = tdist.wrap(core, w)
+        assert module is core
+        outs = _steps(module, core.parameters(), whole, world=w)
+    finally:
+        dist.destroy_process_group()
+    torch.testing.assert_close([float(o.loss) for o in outs], ref_losses, **TOL)
+    for k, v in core.state_dict().items():
+        torch.testing.assert_close(v, ref_weights[k], **TOL)
+
+
 def _step_on_ranks(world) -> dict:
     """Rank r's part of the hand-built step test: half r of the batch, DDP and FSDP2; global losses and weights."""
     import torch.distributed as dist
@@ -388,7 +411,8 @@ def test_nccl_world_size_one_matches_a_single_process(tmp_path, strategy):
 
 @pytest.mark.gpu
 def test_nccl_world_size_one_ddp_with_the_cuda_graph_step(tmp_path):
-    """DDP's all-reduce captured in the whole-step CUDA graph (PyTorch's recipe) trains the eager curve."""
+    """dist.strategy=ddp on one NCCL rank (the model unwrapped: nothing to reduce) with the whole-step CUDA graph
+    trains the eager curve."""
     import torch.multiprocessing as mp
 
     from flasht5.train.loop import train

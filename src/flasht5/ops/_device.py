@@ -27,6 +27,37 @@ def debug_checks() -> bool:
     return os.environ.get("FLASHT5_DEBUG", "0") == "1"
 
 
+_CUSTOM_OPS: list[str] = []
+
+
+def custom_op(name: str, **kw):
+    """``torch.library.custom_op``, recording the op's name for :func:`allow_inductor_fallback`."""
+    _CUSTOM_OPS.append(name)
+    return torch.library.custom_op(name, **kw)
+
+
+def allow_inductor_fallback() -> None:
+    """Put flasht5's custom ops on inductor's ``FALLBACK_ALLOW_LIST`` (called by their fake implementations, which run
+    while ``torch.compile`` traces, before inductor lowers the graph; inductor is imported by then).
+
+    Inductor runs an op without a lowering as a fallback kernel either way; off that list it first logs
+    ``operator_str(target, args, kwargs)``, and torch up to 2.11 formats that string eagerly, logging on or off: a
+    recursive ``str`` of the inputs' IR that took minutes on a T5 graph (measured on the H200 machine; vLLM patches
+    the same hang). Newer torch formats it lazily; the list is used on every version for one behaviour."""
+    global _FALLBACK_ALLOWED
+    if _FALLBACK_ALLOWED:
+        return
+    import sys
+
+    lowering = sys.modules.get("torch._inductor.lowering")
+    if lowering is not None and hasattr(lowering, "FALLBACK_ALLOW_LIST"):
+        lowering.FALLBACK_ALLOW_LIST.update(_CUSTOM_OPS)
+        _FALLBACK_ALLOWED = True
+
+
+_FALLBACK_ALLOWED = False
+
+
 def use_custom_op(t: Tensor) -> bool:
     """Whether an op takes its ``torch.library.custom_op`` route instead of the eager ``autograd.Function``.
 

@@ -38,9 +38,11 @@ from torch import Tensor
 
 from flasht5.ops._device import (
     FLOAT_DTYPES,
+    allow_inductor_fallback,
     cdiv,
     check_float_tensor,
     check_kernel_device,
+    custom_op,
     function_apply,
     next_pow2,
     row_major,
@@ -232,23 +234,25 @@ _apply = function_apply(_GatedActFn)
 # --------------------------------------------------------------------------------------------------------------
 # Custom ops (the route torch.compile traces)
 # --------------------------------------------------------------------------------------------------------------
-@torch.library.custom_op("flasht5::gated_act_fwd", mutates_args=())
+@custom_op("flasht5::gated_act_fwd", mutates_args=())
 def _gated_act_fwd(gate: Tensor, up: Tensor, kind: int) -> Tensor:
     return _forward(gate, up, kind)
 
 
 @_gated_act_fwd.register_fake
 def _(gate: Tensor, up: Tensor, kind: int) -> Tensor:
+    allow_inductor_fallback()
     return gate.new_empty(gate.shape)
 
 
-@torch.library.custom_op("flasht5::gated_act_bwd", mutates_args=())
+@custom_op("flasht5::gated_act_bwd", mutates_args=())
 def _gated_act_bwd(dout: Tensor, gate: Tensor, up: Tensor, kind: int) -> tuple[Tensor, Tensor]:
     return _backward(dout, gate, up, kind)
 
 
 @_gated_act_bwd.register_fake
 def _(dout: Tensor, gate: Tensor, up: Tensor, kind: int) -> tuple[Tensor, Tensor]:
+    allow_inductor_fallback()
     return gate.new_empty(gate.shape), up.new_empty(up.shape)
 
 

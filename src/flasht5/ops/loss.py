@@ -117,9 +117,11 @@ from torch import Tensor
 
 from flasht5.ops._device import (
     FLOAT_DTYPES,
+    allow_inductor_fallback,
     cdiv,
     check_float_tensor,
     check_kernel_device,
+    custom_op,
     debug_checks,
     function_apply,
     next_pow2,
@@ -617,7 +619,7 @@ _ce_apply = function_apply(_CrossEntropyFn)
 # --------------------------------------------------------------------------------------------------------------
 # Custom ops (the route torch.compile traces)
 # --------------------------------------------------------------------------------------------------------------
-@torch.library.custom_op("flasht5::scale_rows", mutates_args=())
+@custom_op("flasht5::scale_rows", mutates_args=())
 def _scale_rows(x: Tensor, factor: Tensor, inv_n: Tensor | None, scale: float) -> Tensor:
     """x (N, M) times a 0-d or (N,) fp32 factor [* inv_n] [* scale], in x's dtype (the backward of the precomputed
     gradients)."""
@@ -626,10 +628,11 @@ def _scale_rows(x: Tensor, factor: Tensor, inv_n: Tensor | None, scale: float) -
 
 @_scale_rows.register_fake
 def _(x: Tensor, factor: Tensor, inv_n: Tensor | None, scale: float) -> Tensor:
+    allow_inductor_fallback()
     return x.new_empty(x.shape)
 
 
-@torch.library.custom_op("flasht5::cross_entropy_fwd", mutates_args=())
+@custom_op("flasht5::cross_entropy_fwd", mutates_args=())
 def _cross_entropy_fwd(
     logits: Tensor,
     labels: Tensor,
@@ -645,6 +648,7 @@ def _cross_entropy_fwd(
 
 @_cross_entropy_fwd.register_fake
 def _(logits, labels, ignore_index, label_smoothing, z_loss, reduction):
+    allow_inductor_fallback()
     shape = (logits.shape[0],) if reduction == "none" else ()
     loss = logits.new_empty(shape, dtype=torch.float32)
     lse = logits.new_empty((logits.shape[0],), dtype=torch.float32)
@@ -652,7 +656,7 @@ def _(logits, labels, ignore_index, label_smoothing, z_loss, reduction):
     return loss, loss.new_empty(shape), lse, inv_n
 
 
-@torch.library.custom_op("flasht5::cross_entropy_bwd", mutates_args=())
+@custom_op("flasht5::cross_entropy_bwd", mutates_args=())
 def _cross_entropy_bwd(
     logits: Tensor,
     labels: Tensor,
@@ -672,6 +676,7 @@ def _cross_entropy_bwd(
 
 @_cross_entropy_bwd.register_fake
 def _(logits, labels, lse, grad_output, inv_n, ignore_index, label_smoothing, z_loss):
+    allow_inductor_fallback()
     return logits.new_empty(logits.shape)
 
 
@@ -1053,7 +1058,7 @@ class _LinearCrossEntropyFn(torch.autograd.Function):
 _lce_apply = function_apply(_LinearCrossEntropyFn)
 
 
-@torch.library.custom_op("flasht5::linear_cross_entropy_fwd", mutates_args=())
+@custom_op("flasht5::linear_cross_entropy_fwd", mutates_args=())
 def _lce_fwd(
     hidden: Tensor,
     weight: Tensor,
@@ -1085,6 +1090,7 @@ def _lce_fwd(
 
 @_lce_fwd.register_fake
 def _(hidden, weight, labels, ignore_index, label_smoothing, z_loss, reduction, scale, need_gh, need_gw):
+    allow_inductor_fallback()
     shape = (hidden.shape[0],) if reduction == "none" else ()
     loss = hidden.new_empty(shape, dtype=torch.float32)
     precompute = reduction != "none"
@@ -1094,7 +1100,7 @@ def _(hidden, weight, labels, ignore_index, label_smoothing, z_loss, reduction, 
     return loss, loss.new_empty(shape), gh, gw, inv_n
 
 
-@torch.library.custom_op("flasht5::linear_cross_entropy_bwd", mutates_args=())
+@custom_op("flasht5::linear_cross_entropy_bwd", mutates_args=())
 def _lce_bwd(
     hidden: Tensor,
     weight: Tensor,
@@ -1117,6 +1123,7 @@ def _lce_bwd(
 
 @_lce_bwd.register_fake
 def _(hidden, weight, labels, grad_rows, ignore_index, label_smoothing, z_loss, scale, need_gh, need_gw):
+    allow_inductor_fallback()
     gh = hidden.new_empty(hidden.shape) if need_gh else hidden.new_empty(0)
     gw = weight.new_empty(weight.shape) if need_gw else weight.new_empty(0)
     return gh, gw

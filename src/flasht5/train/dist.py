@@ -7,7 +7,7 @@
 - ``none``: one process, no process group (the default outside torchrun).
 - ``ddp``: every rank holds the whole model; ``DistributedDataParallel`` all-reduces the gradients in buckets
   (``dist.bucket_mb``) from autograd hooks, so the communication of late layers overlaps the backward of earlier
-  ones (the default under torchrun).
+  ones (the default under torchrun). On one rank the model is left unwrapped: there is nothing to reduce.
 - ``fsdp``: FSDP2 (``torch.distributed.fsdp.fully_shard``) on every encoder and decoder block and on the root
   (embedding, position biases, final norms, LM head): parameters, gradients and optimizer state are sharded over
   the ranks; a block's weights are all-gathered just before it runs (forward and backward, the next block's
@@ -150,12 +150,18 @@ def wrap(
     shard_size: int = 0,
 ) -> torch.nn.Module:
     """The module the training step calls: ``DistributedDataParallel(core)``, the FSDP2-sharded ``core`` itself, or
-    ``core`` unchanged for ``none``. Build the optimizer on ``core.parameters()`` afterwards.
+    ``core`` unchanged for ``none`` and for ``ddp`` on one rank. Build the optimizer on ``core.parameters()``
+    afterwards.
 
     ``shard_size`` (fsdp): 0 shards over all ranks; k < world_size shards over groups of k consecutive ranks and
     replicates across the groups (HSDP: a 2-D device mesh, e.g. k = GPUs per node, so the sharded traffic stays on
     NVLink and only the gradient all-reduce crosses nodes)."""
     if world.strategy == "none":
+        return core
+    if world.strategy == "ddp" and world.world_size == 1:
+        # One rank has nothing to all-reduce, yet DDP would copy every gradient into its buckets and run the
+        # collective: 1.8-2.4 % of a T5-base step on the H200, measured with and without the all-reduce itself
+        # (a no-op comm hook). The process group stays, so the step, checkpoints and metrics are those of ddp.
         return core
     if world.strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
