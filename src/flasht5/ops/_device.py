@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 
 import torch
 from torch import Tensor
@@ -45,17 +46,16 @@ def allow_inductor_fallback() -> None:
     recursive ``str`` of the inputs' IR that took minutes on a T5 graph (measured on the H200 machine; vLLM patches
     the same hang). Newer torch formats it lazily; the list is used on every version for one behaviour."""
     global _FALLBACK_ALLOWED
-    if _FALLBACK_ALLOWED:
+    # An op module imported after the first trace adds its names at its own first trace.
+    if len(_CUSTOM_OPS) == _FALLBACK_ALLOWED:
         return
-    import sys
-
     lowering = sys.modules.get("torch._inductor.lowering")
     if lowering is not None and hasattr(lowering, "FALLBACK_ALLOW_LIST"):
         lowering.FALLBACK_ALLOW_LIST.update(_CUSTOM_OPS)
-        _FALLBACK_ALLOWED = True
+        _FALLBACK_ALLOWED = len(_CUSTOM_OPS)
 
 
-_FALLBACK_ALLOWED = False
+_FALLBACK_ALLOWED = 0  # how many of _CUSTOM_OPS are on inductor's list
 
 
 def use_custom_op(t: Tensor) -> bool:
