@@ -272,9 +272,9 @@ _SESSIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> i
 _SESSION_WITHOUT_GRAPH = False  # tests: take the session path on the CPU (no graph)
 # The decode step computes each decoder layer's self-attention q, k, v with one matmul over a fused copy of the three
 # weights (refreshed per request): on the H200, T5-base, one layer's three projections of a decode step take 9.8-11.8
-# us in a CUDA graph and the fused one 3.3-3.7 us, ~0.1 ms per token over 12 layers (~8 % of a batch-1 step, expected;
-# benchmarks/bench_fused_qkv.py, benchmarks/results/2026-12-02-h200-b/). The copy costs the memory of the decoder's
-# self-attention q, k, v weights (~8 % of a T5's parameters); False turns it off.
+# us in a CUDA graph and the fused one 3.3-3.7 us, ~0.1 ms per token over 12 layers (~8 % of a batch-1 step;
+# benchmarks/bench_fused_qkv.py, benchmarks/results/2026-12-02-h200-b/ and -c/). The copy costs the memory of the
+# decoder's self-attention q, k, v weights (~8 % of a T5's parameters); False turns it off.
 FUSE_QKV = True
 
 
