@@ -19,9 +19,9 @@ reads its K/V from HBM as a decoder layer does (all layers' caches together neve
 replays, per call. ``max|ours - current|`` is the largest output difference (bf16; both are checked against fp32
 references by the tests).
 
-Then (skipped with --quick): a sweep of num_splits and of the split kernel's tiles (BLOCK_N, num_warps) at B=1 and
-B=8, Lk=16384, T5 lookup, to check the heuristic and the default tile; and the host overhead of eager calls (wall
-time per call, tiny cache, no graph) of ours, current and sdpa.
+Then (skipped with --quick): a sweep of num_splits at B in {1, 8, 32} and Lk in {512, 2048, 16384}, and of the split
+kernel's tiles (BLOCK_N, num_warps, num_stages) at Lk=16384, T5 lookup, to check the heuristic and the default tile;
+and the host overhead of eager calls (wall time per call, tiny cache, no graph) of ours, current and sdpa.
 
 --screen (no GPU needed) compiles every kernel variant for sm90 with Triton's bundled ptxas and reports registers,
 spills and shared memory.
@@ -151,30 +151,36 @@ def main_rows(batches, lengths) -> list[dict]:
 
 
 def sweep_rows() -> list[dict]:
-    """num_splits and tile sweeps at Lk=16384 with the T5 lookup."""
+    """num_splits sweeps per (B, Lk) with the T5 lookup (is the heuristic's choice the fastest?), and tile sweeps
+    (BLOCK_N, num_warps, num_stages) at Lk=16384."""
     lut = make_lut()
     rows = []
-    for B in (1, 8):
-        cases = make_caches(B, 16384, 16384, n_copies(2 * B * 16384 * H * D * 2))
-        auto = DEC.auto_num_splits(B * H, 16384, DEC._device_sms(cases[0][0]))
-        for s in sorted({1, 2, 4, 8, 16, 32, 44, 64, 128, auto}):
-            us, note = _safe(utils.graph_us, [ours_call(c, lut, num_splits=s) for c in cases])
-            rows.append(dict(B=B, what="num_splits", value=s, auto=s == auto, us=us, note=note))
-            print(rows[-1], flush=True)
-        for block_n in (32, 64, 128):
-            for warps in (4, 8):
-                DEC._CFG_OVERRIDE = (block_n, warps, 2)
-                try:
-                    us, note = _safe(utils.graph_us, [ours_call(c, lut) for c in cases])
-                finally:
-                    DEC._CFG_OVERRIDE = None
-                default = (block_n, warps) == DEC._split_config(D, True)[:2]
-                rows.append(
-                    dict(B=B, what="BLOCK_N, warps", value=f"{block_n}, {warps}", auto=default, us=us, note=note)
-                )
+    for B in (1, 8, 32):
+        for L in (512, 2048, 16384):
+            cases = make_caches(B, L, L, n_copies(2 * B * L * H * D * 2))
+            auto = DEC.auto_num_splits(B * H, L, DEC._device_sms(cases[0][0]))
+            for s in sorted({1, 2, 4, 8, 16, 32, 64, 128, auto}):
+                if s > 1 and L // s < 64:
+                    continue
+                us, note = _safe(utils.graph_us, [ours_call(c, lut, num_splits=s) for c in cases])
+                rows.append(dict(B=B, Lk=L, what="num_splits", value=s, auto=s == auto, us=us, note=note))
                 print(rows[-1], flush=True)
-        cases = None
-        torch.cuda.empty_cache()
+            if L == 16384:
+                for block_n in (32, 64, 128):
+                    for warps in (4, 8):
+                        for stages in (2, 3, 4):
+                            DEC._CFG_OVERRIDE = (block_n, warps, stages)
+                            try:
+                                us, note = _safe(utils.graph_us, [ours_call(c, lut) for c in cases])
+                            finally:
+                                DEC._CFG_OVERRIDE = None
+                            default = (block_n, warps, stages) == DEC._split_config(D, True)
+                            rows.append(dict(B=B, Lk=L, what="BLOCK_N, warps, stages",
+                                             value=f"{block_n}, {warps}, {stages}", auto=default, us=us,
+                                             note=note))  # fmt: skip
+                            print(rows[-1], flush=True)
+            cases = None
+            torch.cuda.empty_cache()
     return rows
 
 
