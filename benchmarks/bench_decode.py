@@ -19,9 +19,10 @@ reads its K/V from HBM as a decoder layer does (all layers' caches together neve
 replays, per call. ``max|ours - current|`` is the largest output difference (bf16; both are checked against fp32
 references by the tests).
 
-Then (skipped with --quick): a sweep of num_splits at B in {1, 8, 32} and Lk in {512, 2048, 16384}, and of the split
-kernel's tiles (BLOCK_N, num_warps, num_stages) at Lk=16384, T5 lookup, to check the heuristic and the default tile;
-and the host overhead of eager calls (wall time per call, tiny cache, no graph) of ours, current and sdpa.
+Then (skipped with --quick), for both split kernels ("lanes" on the CUDA cores, "mma" on the tensor cores;
+``FLASHT5_DECODE_KERNEL`` picks the one of the main table) at B in {1, 8, 32} and Lk in {512, 2048, 16384} with the
+T5 lookup: a sweep of num_splits and one of the tiles (BLOCK_N, num_warps, num_stages); and the host overhead of
+eager calls (wall time per call, tiny cache, no graph) of ours, current and sdpa.
 
 --screen (no GPU needed) compiles every kernel variant for sm90 with Triton's bundled ptxas and reports registers,
 spills and shared memory.
@@ -150,37 +151,42 @@ def main_rows(batches, lengths) -> list[dict]:
     return rows
 
 
+# Tile candidates per split kernel (BLOCK_N, num_warps, num_stages) and the tile its num_splits sweep uses.
+SWEEP_TILES = {
+    "lanes": ((32, 4, 2), (32, 8, 2), (64, 4, 2), (64, 8, 2), (128, 4, 2)),
+    "mma": ((32, 4, 3), (64, 4, 3), (64, 4, 4), (128, 4, 3), (128, 4, 4), (128, 8, 3), (256, 8, 3)),
+}
+SWEEP_SPLIT_TILE = {"lanes": (32, 8, 2), "mma": (64, 4, 3)}
+
+
 def sweep_rows() -> list[dict]:
-    """num_splits sweeps per (B, Lk) with the T5 lookup (is the heuristic's choice the fastest?), and tile sweeps
-    (BLOCK_N, num_warps, num_stages) at Lk=16384."""
+    """Per split kernel ("lanes", "mma"), B in {1, 8, 32} and Lk in {512, 2048, 16384}, T5 lookup: num_splits
+    (with the kernel's sweep tile) and the tiles (with the heuristic's num_splits)."""
     lut = make_lut()
     rows = []
-    for B in (1, 8, 32):
-        for L in (512, 2048, 16384):
-            cases = make_caches(B, L, L, n_copies(2 * B * L * H * D * 2))
-            auto = DEC.auto_num_splits(B * H, L, DEC._device_sms(cases[0][0]))
-            for s in sorted({1, 2, 4, 8, 16, 32, 64, 128, auto}):
-                if s > 1 and L // s < 64:
-                    continue
-                us, note = _safe(utils.graph_us, [ours_call(c, lut, num_splits=s) for c in cases])
-                rows.append(dict(B=B, Lk=L, what="num_splits", value=s, auto=s == auto, us=us, note=note))
-                print(rows[-1], flush=True)
-            if L == 16384:
-                for block_n in (32, 64, 128):
-                    for warps in (4, 8):
-                        for stages in (2, 3, 4):
-                            DEC._CFG_OVERRIDE = (block_n, warps, stages)
-                            try:
-                                us, note = _safe(utils.graph_us, [ours_call(c, lut) for c in cases])
-                            finally:
-                                DEC._CFG_OVERRIDE = None
-                            default = (block_n, warps, stages) == DEC._split_config(D, True)
-                            rows.append(dict(B=B, Lk=L, what="BLOCK_N, warps, stages",
-                                             value=f"{block_n}, {warps}, {stages}", auto=default, us=us,
-                                             note=note))  # fmt: skip
-                            print(rows[-1], flush=True)
-            cases = None
-            torch.cuda.empty_cache()
+    default_variant = DEC._VARIANT
+    for variant, tiles in SWEEP_TILES.items():
+        DEC._VARIANT = variant
+        for B in (1, 8, 32):
+            for L in (512, 2048, 16384):
+                cases = make_caches(B, L, L, n_copies(2 * B * L * H * D * 2))
+                auto = DEC.auto_num_splits(B * H, L, DEC._device_sms(cases[0][0]))
+                sweeps = [("num_splits", s, SWEEP_SPLIT_TILE[variant]) for s in sorted({1, 2, 4, 8, 16, 32, 64, auto})
+                          if s == 1 or L // s >= 64]  # fmt: skip
+                sweeps += [("BLOCK_N, warps, stages", None, t) for t in tiles]
+                for what, s, tile in sweeps:
+                    DEC._CFG_OVERRIDE = tile
+                    try:
+                        us, note = _safe(utils.graph_us, [ours_call(c, lut, num_splits=s) for c in cases])
+                    finally:
+                        DEC._CFG_OVERRIDE = None
+                    value = s if s is not None else ", ".join(map(str, tile))
+                    row = dict(kernel=variant, B=B, Lk=L, what=what, value=value, auto=s in (None, auto), us=us)
+                    rows.append(dict(row, tile=", ".join(map(str, tile)), note=note))
+                    print(rows[-1], flush=True)
+                cases = None
+                torch.cuda.empty_cache()
+    DEC._VARIANT = default_variant
     return rows
 
 
@@ -310,7 +316,7 @@ def main(argv=None) -> None:
         text = f"B=1, Lk=16384, T5 lookup: {ratio:.2f}x the current path (target >= {TARGET:.0f}x: {verdict})\n"
         sections.append(("Target", text))
     if not args.quick:
-        sections.append(("Sweeps at Lk=16384, T5 lookup (us per call, CUDA graph)", utils.markdown_table(sweep_rows())))
+        sections.append(("Sweeps, T5 lookup (us per call, CUDA graph)", utils.markdown_table(sweep_rows())))
         sections.append(("Host overhead: eager wall time per call (B=1, Lk=128)", utils.markdown_table(host_rows())))
     utils.write_sections(
         "flash decode vs the current decode path and SDPA (bench_decode.py)", sections, args.out, t_start

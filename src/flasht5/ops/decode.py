@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import torch
 import triton
@@ -80,6 +81,7 @@ from flasht5.ops._device import (
     use_custom_op,
 )
 from flasht5.ops._launch import FastKernel
+from flasht5.ops.attention import _gather_f32
 
 __all__ = ["flash_decode", "flash_decode_ref"]
 
@@ -95,6 +97,8 @@ _INTERPRET_SMS = 2  # the "SM count" under the interpreter (CPU tests): few prog
 
 # Tests and benchmarks: (BLOCK_N, num_warps, num_stages) of the split kernel instead of the table.
 _CFG_OVERRIDE: tuple[int, int, int] | None = None
+# The split kernel: "lanes" (CUDA cores, per-lane online softmax) or "mma" (tensor cores, query repeated in 16 rows).
+_VARIANT = os.environ.get("FLASHT5_DECODE_KERNEL", "lanes")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -212,6 +216,83 @@ def _decode_split_kernel(
         tl.store(OUT + bh.to(tl.int64) * HEAD_DIM + offs_d, out.to(OUT.dtype.element_ty))
 
 
+@triton.jit(do_not_specialize=["H", "LMAX", "R", "LSE_OFF"])
+def _decode_split_mma_kernel(
+    Q, K, V, SEQ, LUT, ALIBI, OUT, PART,
+    sqb, sqh, skb, skm, skh, svb, svm, svh, s_seq, s_luth, s_lutw, s_alibi,
+    H, LMAX, R, LSE_OFF, scale2,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, HAS_REL: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    SPLIT: tl.constexpr, DOT_PREC: tl.constexpr, ASM_GATHER: tl.constexpr,
+):  # fmt: skip
+    """The split kernel on the tensor cores: the query repeated in all 16 rows of an MMA tile (the smallest M),
+    FlashAttention-2's forward over this program's slice of keys, row 0 stored. 15 of 16 rows are wasted work, but
+    the step is bound by reading K/V, and dot operands are what Triton's software pipeliner prefetches (the lane
+    kernel's elementwise loads are not pipelined)."""
+    bh = tl.program_id(0)
+    split = tl.program_id(1)
+    n_splits = tl.num_programs(1)
+    b = bh // H
+    h = bh - b * H
+    n = tl.load(SEQ + b * s_seq)
+    n = tl.minimum(tl.maximum(n, 0), LMAX)
+    per_split = tl.cdiv(tl.cdiv(n, n_splits), BLOCK_N) * BLOCK_N
+    start = split * per_split
+    end = tl.minimum(start + per_split, n)
+    q_pos = n - 1
+
+    offs_r = tl.arange(0, 16)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_n = tl.arange(0, BLOCK_N)
+    b64 = b.to(tl.int64)
+    q = tl.load(Q + b64 * sqb + h * sqh + offs_r[:, None] * 0 + offs_d[None, :])  # (16, D): q in every row
+    rows = (start + offs_n).to(tl.int64)[:, None]
+    k_ptrs = K + b64 * skb + h * skh + rows * skm + offs_d[None, :]
+    v_ptrs = V + b64 * svb + h * svh + rows * svm + offs_d[None, :]
+    if HAS_REL:
+        lut_base = LUT + h * s_luth
+    if HAS_ALIBI:
+        alibi2 = tl.load(ALIBI + h * s_alibi).to(tl.float32) * 1.4426950408889634
+
+    m_i = tl.full([16], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([16], dtype=tl.float32)
+    acc = tl.zeros([16, HEAD_DIM], dtype=tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        keys = n0 + offs_n
+        valid = keys < end
+        k = tl.load(k_ptrs, mask=valid[:, None], other=0.0)
+        v = tl.load(v_ptrs, mask=valid[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale2  # (16, BLOCK_N), log2 units
+        rel = (keys - q_pos)[None, :] + offs_r[:, None] * 0  # key_pos - query_pos, as a (16, BLOCK_N) tile
+        if HAS_REL:
+            idx = tl.minimum(tl.maximum(rel, -R), R) + R
+            s += _gather_f32(lut_base + idx * s_lutw, ASM_GATHER) * 1.4426950408889634
+        if HAS_ALIBI:
+            s -= alibi2 * tl.abs(rel).to(tl.float32)
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
+        m_i = m_new
+        k_ptrs += BLOCK_N * skm
+        v_ptrs += BLOCK_N * svm
+
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    row0 = offs_r == 0
+    if SPLIT:
+        part = bh.to(tl.int64) * n_splits + split
+        tl.store(PART + part * HEAD_DIM + offs_r[:, None] * 0 + offs_d[None, :], out, mask=row0[:, None])
+        lse = tl.where(empty, float("-inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
+        tl.store(PART + LSE_OFF + part + offs_r * 0, lse, mask=row0)
+    else:
+        o_ptrs = OUT + bh.to(tl.int64) * HEAD_DIM + offs_r[:, None] * 0 + offs_d[None, :]
+        tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=row0[:, None])
+
+
 @triton.jit(do_not_specialize=["LSE_OFF", "NUM_SPLITS"])
 def _decode_combine_kernel(PART, OUT, LSE_OFF, NUM_SPLITS, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr):
     # out = sum_s 2^lse_s out_s / sum_s 2^lse_s, per split lane as in the split kernel (no reduction in the loop).
@@ -255,7 +336,11 @@ def _split_config(head_dim: int, on_gpu: bool) -> tuple[int, int, int]:
 
 
 def _cfg(head_dim: int, on_gpu: bool) -> tuple[int, int, int]:
-    return _CFG_OVERRIDE if _CFG_OVERRIDE is not None else _split_config(head_dim, on_gpu)
+    if _CFG_OVERRIDE is not None:
+        return _CFG_OVERRIDE
+    if _VARIANT == "mma":
+        return (16, 4, 1) if not on_gpu else (max(16, min(128, 4096 // head_dim)), 4, 3)
+    return _split_config(head_dim, on_gpu)
 
 
 @functools.cache
@@ -286,6 +371,7 @@ def _device_sms(t: Tensor) -> int:
 # Launcher: the one implementation, called by the eager path and by the custom op
 # --------------------------------------------------------------------------------------------------------------
 _SPLIT = FastKernel(_decode_split_kernel)
+_SPLIT_MMA = FastKernel(_decode_split_mma_kernel)
 _COMBINE = FastKernel(_decode_combine_kernel)
 
 
@@ -323,17 +409,19 @@ def _forward(
     lse_off = bh * num_splits * D
     # (B*H*num_splits, D) partial outputs, then B*H*num_splits lse values; one flat fp32 buffer (one allocation)
     part = q.new_empty(lse_off + bh * num_splits, dtype=torch.float32) if split else out
-    _SPLIT(
-        (bh, num_splits),
-        (
-            q, k_cache, v_cache, seqlens_k, lut, alibi, out, part,
-            q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3], seqlens_k.stride(0),
-            *lut_strides, alibi_slopes.stride(0) if has_alibi else 0,
-            H, Lmax, R, lse_off, scale * LOG2E,
-        ),
-        (D, block_n, has_rel, has_alibi, split),
-        num_warps=num_warps, num_stages=num_stages,
+    args = (
+        q, k_cache, v_cache, seqlens_k, lut, alibi, out, part,
+        q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3], seqlens_k.stride(0),
+        *lut_strides, alibi_slopes.stride(0) if has_alibi else 0,
+        H, Lmax, R, lse_off, scale * LOG2E,
     )  # fmt: skip
+    if _VARIANT == "mma":
+        dot_prec = "ieee" if q.dtype == torch.float32 else "tf32"
+        consts = (D, block_n, has_rel, has_alibi, split, dot_prec, on_gpu)
+        _SPLIT_MMA((bh, num_splits), args, consts, num_warps=num_warps, num_stages=num_stages)
+    else:
+        _SPLIT((bh, num_splits), args, (D, block_n, has_rel, has_alibi, split), num_warps=num_warps,
+               num_stages=num_stages)  # fmt: skip
     if split:
         _COMBINE(
             (bh,), (part, out, lse_off, num_splits), (D, _combine_block(num_splits, D, on_gpu)), num_warps=4,
