@@ -19,10 +19,9 @@ reads its K/V from HBM as a decoder layer does (all layers' caches together neve
 replays, per call. ``max|ours - current|`` is the largest output difference (bf16; both are checked against fp32
 references by the tests).
 
-Then (skipped with --quick), for both split kernels ("lanes" on the CUDA cores, "mma" on the tensor cores;
-``FLASHT5_DECODE_KERNEL`` picks the one of the main table) at B in {1, 8, 32} and Lk in {512, 2048, 16384} with the
-T5 lookup: a sweep of num_splits and one of the tiles (BLOCK_N, num_warps, num_stages); and the host overhead of
-eager calls (wall time per call, tiny cache, no graph) of ours, current and sdpa.
+Then (skipped with --quick), at B in {1, 8, 32} and Lk in {512, 2048, 16384} with the T5 lookup: a sweep of
+num_splits and one of the split kernel's tiles (BLOCK_N, num_warps, num_stages); and the host overhead of eager
+calls (wall time per call, tiny cache, no graph) of ours, current and sdpa.
 
 --screen (no GPU needed) compiles every kernel variant for sm90 with Triton's bundled ptxas and reports registers,
 spills and shared memory.
@@ -151,42 +150,34 @@ def main_rows(batches, lengths) -> list[dict]:
     return rows
 
 
-# Tile candidates per split kernel (BLOCK_N, num_warps, num_stages) and the tile its num_splits sweep uses.
-SWEEP_TILES = {
-    "lanes": ((32, 4, 2), (32, 8, 2), (64, 4, 2), (64, 8, 2), (128, 4, 2)),
-    "mma": ((32, 4, 3), (64, 4, 3), (64, 4, 4), (128, 4, 3), (128, 4, 4), (128, 8, 3), (256, 8, 3)),
-}
-SWEEP_SPLIT_TILE = {"lanes": (32, 8, 2), "mma": (64, 4, 3)}
+# Tile candidates (BLOCK_N, num_warps, num_stages); the num_splits sweep uses the default tile.
+SWEEP_TILES = ((32, 4, 3), (64, 4, 3), (64, 4, 4), (128, 4, 3), (128, 4, 4), (128, 8, 3), (256, 8, 3))
 
 
 def sweep_rows() -> list[dict]:
-    """Per split kernel ("lanes", "mma"), B in {1, 8, 32} and Lk in {512, 2048, 16384}, T5 lookup: num_splits
-    (with the kernel's sweep tile) and the tiles (with the heuristic's num_splits)."""
+    """B in {1, 8, 32}, Lk in {512, 2048, 16384}, T5 lookup: num_splits (default tile) and the tiles (the
+    heuristic's num_splits)."""
     lut = make_lut()
     rows = []
-    default_variant = DEC._VARIANT
-    for variant, tiles in SWEEP_TILES.items():
-        DEC._VARIANT = variant
-        for B in (1, 8, 32):
-            for L in (512, 2048, 16384):
-                cases = make_caches(B, L, L, n_copies(2 * B * L * H * D * 2))
-                auto = DEC.auto_num_splits(B * H, L, DEC._device_sms(cases[0][0]))
-                sweeps = [("num_splits", s, SWEEP_SPLIT_TILE[variant]) for s in sorted({1, 2, 4, 8, 16, 32, 64, auto})
-                          if s == 1 or L // s >= 64]  # fmt: skip
-                sweeps += [("BLOCK_N, warps, stages", None, t) for t in tiles]
-                for what, s, tile in sweeps:
-                    DEC._CFG_OVERRIDE = tile
-                    try:
-                        us, note = _safe(utils.graph_us, [ours_call(c, lut, num_splits=s) for c in cases])
-                    finally:
-                        DEC._CFG_OVERRIDE = None
-                    value = s if s is not None else ", ".join(map(str, tile))
-                    row = dict(kernel=variant, B=B, Lk=L, what=what, value=value, auto=s in (None, auto), us=us)
-                    rows.append(dict(row, tile=", ".join(map(str, tile)), note=note))
-                    print(rows[-1], flush=True)
-                cases = None
-                torch.cuda.empty_cache()
-    DEC._VARIANT = default_variant
+    for B in (1, 8, 32):
+        for L in (512, 2048, 16384):
+            cases = make_caches(B, L, L, n_copies(2 * B * L * H * D * 2))
+            auto = DEC.auto_num_splits(B * H, L, DEC._device_sms(cases[0][0]))
+            sweeps = [("num_splits", s, None) for s in sorted({1, 2, 4, 8, 16, 32, 64, auto}) if s == 1 or L // s >= 64]
+            sweeps += [("BLOCK_N, warps, stages", None, t) for t in SWEEP_TILES]
+            for what, s, tile in sweeps:
+                DEC._CFG_OVERRIDE = tile
+                try:
+                    us, note = _safe(utils.graph_us, [ours_call(c, lut, num_splits=s) for c in cases])
+                finally:
+                    DEC._CFG_OVERRIDE = None
+                default = tile in (None, DEC._split_config(D, 2, True))
+                value = s if s is not None else ", ".join(map(str, tile))
+                rows.append(dict(B=B, Lk=L, what=what, value=value, auto=s in (None, auto) and default, us=us,
+                                 note=note))  # fmt: skip
+                print(rows[-1], flush=True)
+            cases = None
+            torch.cuda.empty_cache()
     return rows
 
 
@@ -240,11 +231,12 @@ def screen(arch: int = 90) -> list[dict]:
     jobs = []
     for dt in ("bf16", "fp32"):
         for hd in DEC.SUPPORTED_HEAD_DIMS:
-            block_n, warps, stages = DEC._split_config(hd, True)
+            block_n, warps, stages = DEC._split_config(hd, 4 if dt == "fp32" else 2, True)
             for bias in ("t5", "alibi", "none"):
                 for split in (True, False):
                     consts = dict(HEAD_DIM=hd, BLOCK_N=block_n, HAS_REL=bias == "t5", HAS_ALIBI=bias == "alibi",
-                                  SPLIT=split)  # fmt: skip
+                                  SPLIT=split, DOT_PREC="ieee" if dt == "fp32" else "tf32",
+                                  ASM_GATHER=True)  # fmt: skip
                     ptrs = dict(Q=f"*{dt}", K=f"*{dt}", V=f"*{dt}", SEQ="*i32", LUT="*fp32", ALIBI="*fp32",
                                 OUT=f"*{dt}", PART="*fp32")  # fmt: skip
                     name = f"split {dt} D={hd} {bias} {'partial' if split else 'direct'}"

@@ -150,21 +150,22 @@ def test_empty_shapes():
 
 
 def test_auto_num_splits():
-    """None fills the GPU (about 4 programs per SM) from B*H, Lmax and the SM count, never more splits than
-    Lmax / 256 or 128; a batch that already fills the GPU gets one split."""
+    """None fills the GPU (about 2 programs per SM) from B*H, Lmax and the SM count, never more splits than
+    Lmax / 64 or 128; a batch that already fills the GPU gets one split."""
     sms = 132  # H200
-    assert auto_num_splits(12, 16384, sms) == 44  # B=1, H=12: 528 programs
-    assert auto_num_splits(96, 16384, sms) == 6  # B=8
-    assert auto_num_splits(384, 16384, sms) == 2  # B=32
-    assert auto_num_splits(528, 16384, sms) == 1
-    assert auto_num_splits(12, 512, sms) == 2  # short cache: >= 256 keys per split
-    assert auto_num_splits(12, 200, sms) == 1
+    assert auto_num_splits(12, 16384, sms) == 22  # B=1, H=12: 264 programs
+    assert auto_num_splits(96, 16384, sms) == 3  # B=8
+    assert auto_num_splits(384, 16384, sms) == 1  # B=32
+    assert auto_num_splits(264, 16384, sms) == 1
+    assert auto_num_splits(263, 16384, sms) == 2
+    assert auto_num_splits(12, 512, sms) == 8  # short cache: >= 64 keys per split
+    assert auto_num_splits(12, 100, sms) == 1
     assert auto_num_splits(1, 1 << 20, sms) == 128
     for bh in (1, 5, 12, 100, 384, 1000):
         for lmax in (1, 300, 2048, 16384):
             s = auto_num_splits(bh, lmax, sms)
-            assert 1 <= s <= max(1, min(128, lmax // 256))
-            assert s == 1 or bh * (s - 1) < 4 * sms  # never more splits than needed to fill the GPU
+            assert 1 <= s <= max(1, min(128, lmax // 64))
+            assert s == 1 or bh * (s - 1) < 2 * sms  # never more splits than needed to fill the GPU
 
 
 def test_eager_routes(monkeypatch):

@@ -19,9 +19,9 @@ out-of-bounds read); they raise a ``ValueError`` for CPU tensors, and for CUDA t
 Shapes never depend on values, so a decode step that calls this is CUDA-graph capturable: no host sync, no
 allocation whose size depends on ``seqlens_k``. Inference only: the backward raises.
 
-Dtypes and limits: q/k/v one dtype, fp16/bf16/fp32 on the GPU (fp32 accumulation; fp32 inputs are computed in
-IEEE fp32: there is no matmul instruction here), fp32/fp16 under ``TRITON_INTERPRET=1``. Head dims 16, 32, 64,
-128, 256. The output is a new contiguous ``(B, H, D)`` tensor in q's dtype.
+Dtypes and limits: q/k/v one dtype, fp16/bf16/fp32 on the GPU (fp32 accumulation; fp32 inputs take IEEE fp32
+dots, not tf32), fp32/fp16 under ``TRITON_INTERPRET=1``. Head dims 16, 32, 64, 128, 256. The output is a new
+contiguous ``(B, H, D)`` tensor in q's dtype.
 
 How (Flash-Decoding)
 --------------------
@@ -31,21 +31,24 @@ Grid ``(B * H, num_splits)``. Program ``(bh, s)`` takes the ``s``-th of ``num_sp
 streams it in blocks of ``BLOCK_N`` keys and keeps an online softmax; a slice past ``n`` (a short row, or more
 splits than blocks) runs no iteration and writes an empty partial. A second kernel per (row, head) merges the
 partials ``(out_s, lse_s)`` with the usual log-sum-exp weights. With one split the first kernel writes the output
-itself (one launch). The online softmax runs per *key lane*: lane ``i`` of a block owns keys ``i, i + BLOCK_N,
-...`` with its own running max, sum and ``(D,)`` accumulator, and the lanes are merged once at the end, so the loop
-body is elementwise apart from the ``q . k`` reduction over the head dim (a per-block max and ``p @ v`` over the
-block would cost two cross-warp reductions through shared memory in every iteration); the combine kernel merges
-its splits the same way. Scores are in the exp2 domain (``log2 e`` folded into the scale and the bias).
+itself (one launch). The split kernel runs on the tensor cores: the query is repeated in all 16 rows of an MMA tile
+(the smallest M), the loop is FlashAttention-2's forward, and row 0 is stored. 15 of 16 rows are wasted matmul
+work, but the step is bound by reading K/V, and tile loads that feed ``tl.dot`` are what Triton's software
+pipeliner prefetches. The first version kept the online softmax per key lane on the CUDA cores (elementwise loop
+body, no matmul); its loads were not pipelined (num_stages changed nothing) and it reached 1.7 TB/s, against 4.1
+TB/s for this kernel (H200, batch 32, 16384 keys, T5 lookup; ``benchmarks/results/2026-12-02-h200-d``). Scores are
+in the exp2 domain (``log2 e`` folded into the scale and the bias).
 
-``num_splits=None`` picks ``ceil(4 * SMs / (B * H))`` splits (one resident wave of about four programs per SM,
-the SM count cached per device), at most 128 and at most ``Lmax / 256`` (every split streams at least a few key
-blocks); ``B * H >= 4 * SMs`` gives one split. It depends on B, H, Lmax and the device only, never on values.
+``num_splits=None`` picks ``ceil(2 * SMs / (B * H))`` splits (about two programs per SM, the SM count cached per
+device), at most 128 and at most ``Lmax / 64`` (every split streams at least one key block); ``B * H >= 2 * SMs``
+gives one split (at batch 32 x 12 heads one split was 5-12 % faster than two). It depends on B, H, Lmax and the
+device only, never on values.
 
-Tuning and hardware: written for sm90 (H200) and sm80, not yet tuned on either (the CPU machine that wrote it has
-no GPU): key blocks of ``4096 / D`` keys (16 x 4 KB tiles per program and iteration, bf16), 4 warps, 2 pipeline
-stages. ``benchmarks/bench_decode.py`` times it under CUDA graphs against the current decode path
-(``flash_attention`` with Lq = 1) and SDPA, and sweeps ``num_splits`` and the tiles; ``_CFG_OVERRIDE`` (tests,
-benchmarks) replaces the tile choice. The lse partials are fp32, ``(B * H * num_splits * (D + 1))`` floats.
+Tuning and hardware: tiles and the split heuristic measured on one H200 (``benchmarks/bench_decode.py``, which times
+the kernel under CUDA graphs against the previous decode path, ``flash_attention`` with Lq = 1, and SDPA, and sweeps
+``num_splits`` and the tiles; ``_CFG_OVERRIDE`` replaces the tile choice for tests and benchmarks): 64 keys per
+block, 4 warps, 3 stages. Not measured on sm80 (the same code compiles there: ``tl.dot`` with M = 16 is an
+mma.sync). The lse partials are fp32, ``(B * H * num_splits * (D + 1))`` floats.
 
 Host path: the public function does cheap checks (shapes, dtypes, devices, Python types), then calls the launcher
 directly when no input needs a gradient (``FastKernel`` launches, launch configs and split counts cached), through
@@ -61,7 +64,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 
 import torch
 import triton
@@ -89,16 +91,14 @@ LOG2E = 1.4426950408889634
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
 MAX_SPLITS_ARG = 65535  # the grid's second dimension
 
-# num_splits=None: programs per SM to aim for, the fewest keys per split, the most splits.
-_PROGRAMS_PER_SM = 4
-_MIN_KEYS_PER_SPLIT = 256
+# num_splits=None: programs per SM to aim for, the fewest keys per split, the most splits (bench_decode.py's sweep).
+_PROGRAMS_PER_SM = 2
+_MIN_KEYS_PER_SPLIT = 64
 _MAX_AUTO_SPLITS = 128
 _INTERPRET_SMS = 2  # the "SM count" under the interpreter (CPU tests): few programs
 
 # Tests and benchmarks: (BLOCK_N, num_warps, num_stages) of the split kernel instead of the table.
 _CFG_OVERRIDE: tuple[int, int, int] | None = None
-# The split kernel: "lanes" (CUDA cores, per-lane online softmax) or "mma" (tensor cores, query repeated in 16 rows).
-_VARIANT = os.environ.get("FLASHT5_DECODE_KERNEL", "lanes")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -148,86 +148,10 @@ def _decode_split_kernel(
     sqb, sqh, skb, skm, skh, svb, svm, svh, s_seq, s_luth, s_lutw, s_alibi,
     H, LMAX, R, LSE_OFF, scale2,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, HAS_REL: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    SPLIT: tl.constexpr,
-):  # fmt: skip
-    bh = tl.program_id(0)
-    split = tl.program_id(1)
-    n_splits = tl.num_programs(1)
-    b = bh // H
-    h = bh - b * H
-    n = tl.load(SEQ + b * s_seq)
-    n = tl.minimum(tl.maximum(n, 0), LMAX)  # out-of-range lengths never read outside the cache
-    per_split = tl.cdiv(tl.cdiv(n, n_splits), BLOCK_N) * BLOCK_N  # this row's valid keys, in equal slices
-    start = split * per_split
-    end = tl.minimum(start + per_split, n)
-    q_pos = n - 1
-
-    offs_d = tl.arange(0, HEAD_DIM)
-    offs_n = tl.arange(0, BLOCK_N)
-    b64 = b.to(tl.int64)
-    q = tl.load(Q + b64 * sqb + h * sqh + offs_d).to(tl.float32) * scale2  # (D,), log2 units
-    rows = (start + offs_n).to(tl.int64)[:, None]  # (BLOCK_N, 1); int64: row * stride can pass 2**31
-    k_ptrs = K + b64 * skb + h * skh + rows * skm + offs_d[None, :]
-    v_ptrs = V + b64 * svb + h * svh + rows * svm + offs_d[None, :]
-    if HAS_REL:
-        lut_base = LUT + h * s_luth
-    if HAS_ALIBI:
-        alibi2 = tl.load(ALIBI + h * s_alibi).to(tl.float32) * 1.4426950408889634
-
-    # Per key lane: running max, sum of exponentials and (D,) accumulator; merged once after the loop.
-    m = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
-    l = tl.zeros([BLOCK_N], dtype=tl.float32)  # noqa: E741
-    acc = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-    for n0 in range(start, end, BLOCK_N):
-        keys = n0 + offs_n
-        valid = keys < end
-        k = tl.load(k_ptrs, mask=valid[:, None], other=0.0).to(tl.float32)
-        v = tl.load(v_ptrs, mask=valid[:, None], other=0.0).to(tl.float32)
-        s = tl.sum(k * q[None, :], axis=1)  # (BLOCK_N,)
-        rel = keys - q_pos  # key_pos - query_pos (<= 0 for valid keys)
-        if HAS_REL:
-            idx = tl.minimum(tl.maximum(rel, -R), R) + R  # in range for the masked lanes too
-            s += tl.load(lut_base + idx * s_lutw) * 1.4426950408889634
-        if HAS_ALIBI:
-            s -= alibi2 * tl.abs(rel).to(tl.float32)
-        s = tl.where(valid, s, float("-inf"))
-        m_new = tl.maximum(m, s)
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a lane that has seen only -inf so far
-        alpha = tl.math.exp2(m - m_use)
-        p = tl.math.exp2(s - m_use)
-        l = l * alpha + p  # noqa: E741
-        acc = acc * alpha[:, None] + p[:, None] * v
-        m = m_new
-        k_ptrs += BLOCK_N * skm
-        v_ptrs += BLOCK_N * svm
-
-    m_max = tl.max(m, 0)
-    m_use = tl.where(m_max == float("-inf"), 0.0, m_max)
-    w = tl.math.exp2(m - m_use)  # 0 for lanes that saw no key
-    l_sum = tl.sum(l * w, 0)
-    empty = l_sum == 0.0  # no valid key in this slice (or in the row): output 0
-    out = tl.sum(acc * w[:, None], 0) / tl.where(empty, 1.0, l_sum)
-    if SPLIT:
-        part = bh.to(tl.int64) * n_splits + split
-        tl.store(PART + part * HEAD_DIM + offs_d, out)
-        lse = tl.where(empty, float("-inf"), m_use + tl.math.log2(tl.where(empty, 1.0, l_sum)))
-        tl.store(PART + LSE_OFF + part, lse)
-    else:
-        tl.store(OUT + bh.to(tl.int64) * HEAD_DIM + offs_d, out.to(OUT.dtype.element_ty))
-
-
-@triton.jit(do_not_specialize=["H", "LMAX", "R", "LSE_OFF"])
-def _decode_split_mma_kernel(
-    Q, K, V, SEQ, LUT, ALIBI, OUT, PART,
-    sqb, sqh, skb, skm, skh, svb, svm, svh, s_seq, s_luth, s_lutw, s_alibi,
-    H, LMAX, R, LSE_OFF, scale2,
-    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, HAS_REL: tl.constexpr, HAS_ALIBI: tl.constexpr,
     SPLIT: tl.constexpr, DOT_PREC: tl.constexpr, ASM_GATHER: tl.constexpr,
 ):  # fmt: skip
-    """The split kernel on the tensor cores: the query repeated in all 16 rows of an MMA tile (the smallest M),
-    FlashAttention-2's forward over this program's slice of keys, row 0 stored. 15 of 16 rows are wasted work, but
-    the step is bound by reading K/V, and dot operands are what Triton's software pipeliner prefetches (the lane
-    kernel's elementwise loads are not pipelined)."""
+    """One (row, head, split): the query repeated in all 16 rows of an MMA tile (the smallest M), FlashAttention-2's
+    forward over this split's slice of keys, row 0 stored (see the module docstring)."""
     bh = tl.program_id(0)
     split = tl.program_id(1)
     n_splits = tl.num_programs(1)
@@ -295,7 +219,7 @@ def _decode_split_mma_kernel(
 
 @triton.jit(do_not_specialize=["LSE_OFF", "NUM_SPLITS"])
 def _decode_combine_kernel(PART, OUT, LSE_OFF, NUM_SPLITS, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr):
-    # out = sum_s 2^lse_s out_s / sum_s 2^lse_s, per split lane as in the split kernel (no reduction in the loop).
+    # out = sum_s 2^lse_s out_s / sum_s 2^lse_s, with a running max per lane of splits (no reduction in the loop).
     bh = tl.program_id(0).to(tl.int64)
     row0 = bh * NUM_SPLITS
     offs_d = tl.arange(0, HEAD_DIM)
@@ -326,21 +250,18 @@ def _decode_combine_kernel(PART, OUT, LSE_OFF, NUM_SPLITS, HEAD_DIM: tl.constexp
 # Launch configuration (cached: it runs on every call)
 # --------------------------------------------------------------------------------------------------------------
 @functools.cache
-def _split_config(head_dim: int, on_gpu: bool) -> tuple[int, int, int]:
-    """(BLOCK_N, num_warps, num_stages): 4096 elements per K/V tile (32 per thread with 4 warps), i.e. 64 keys at
-    D=64. Not tuned yet (see the module docstring). Under the interpreter 16 keys, so the small CPU test shapes
-    still take several iterations per split."""
+def _split_config(head_dim: int, elem_size: int, on_gpu: bool) -> tuple[int, int, int]:
+    """(BLOCK_N, num_warps, num_stages) of the split kernel: 64 keys, 4 warps, 3 stages, the best or within 5 % of
+    the best tile at every (B, Lk) of ``bench_decode.py``'s sweep on the H200 (D=64, bf16; 2026-12-02); 32 keys at
+    D=256 and 2 stages for fp32 keep the stage buffers small. Under the interpreter 16 keys, so the small CPU test
+    shapes still take several iterations per split."""
     if not on_gpu:
         return 16, 4, 1
-    return max(16, min(256, 4096 // head_dim)), 4, 2
+    return (64 if head_dim <= 128 else 32), 4, (2 if elem_size == 4 else 3)
 
 
-def _cfg(head_dim: int, on_gpu: bool) -> tuple[int, int, int]:
-    if _CFG_OVERRIDE is not None:
-        return _CFG_OVERRIDE
-    if _VARIANT == "mma":
-        return (16, 4, 1) if not on_gpu else (max(16, min(128, 4096 // head_dim)), 4, 3)
-    return _split_config(head_dim, on_gpu)
+def _cfg(head_dim: int, elem_size: int, on_gpu: bool) -> tuple[int, int, int]:
+    return _CFG_OVERRIDE if _CFG_OVERRIDE is not None else _split_config(head_dim, elem_size, on_gpu)
 
 
 @functools.cache
@@ -371,7 +292,6 @@ def _device_sms(t: Tensor) -> int:
 # Launcher: the one implementation, called by the eager path and by the custom op
 # --------------------------------------------------------------------------------------------------------------
 _SPLIT = FastKernel(_decode_split_kernel)
-_SPLIT_MMA = FastKernel(_decode_split_mma_kernel)
 _COMBINE = FastKernel(_decode_combine_kernel)
 
 
@@ -399,7 +319,7 @@ def _forward(
     if num_splits == 0:
         num_splits = auto_num_splits(bh, Lmax, _device_sms(q))
     on_gpu = q.is_cuda
-    block_n, num_warps, num_stages = _cfg(D, on_gpu)
+    block_n, num_warps, num_stages = _cfg(D, q.element_size(), on_gpu)
     has_rel, has_alibi = rel_lut is not None, alibi_slopes is not None
     lut = rel_lut if has_rel else seqlens_k  # any pointer where the flag is off (never read)
     alibi = alibi_slopes if has_alibi else seqlens_k
@@ -415,13 +335,8 @@ def _forward(
         *lut_strides, alibi_slopes.stride(0) if has_alibi else 0,
         H, Lmax, R, lse_off, scale * LOG2E,
     )  # fmt: skip
-    if _VARIANT == "mma":
-        dot_prec = "ieee" if q.dtype == torch.float32 else "tf32"
-        consts = (D, block_n, has_rel, has_alibi, split, dot_prec, on_gpu)
-        _SPLIT_MMA((bh, num_splits), args, consts, num_warps=num_warps, num_stages=num_stages)
-    else:
-        _SPLIT((bh, num_splits), args, (D, block_n, has_rel, has_alibi, split), num_warps=num_warps,
-               num_stages=num_stages)  # fmt: skip
+    consts = (D, block_n, has_rel, has_alibi, split, "ieee" if q.dtype == torch.float32 else "tf32", on_gpu)
+    _SPLIT((bh, num_splits), args, consts, num_warps=num_warps, num_stages=num_stages)
     if split:
         _COMBINE(
             (bh,), (part, out, lse_off, num_splits), (D, _combine_block(num_splits, D, on_gpu)), num_warps=4,
