@@ -234,6 +234,25 @@ def test_alternative_kernel_paths(force, monkeypatch):
 
 
 @pytest.mark.parametrize(
+    "dq",
+    [A._Cfg(32, 16, 4, 1), A._Cfg(64, 16, 4, 1), A._Cfg(64, 8, 4, 1), A._Cfg(16, 32, 4, 1)],
+    ids=["3-wraps", "5-wraps", "9-wraps-per-tile", "BN>BM"],
+)
+@pytest.mark.parametrize(
+    "case",
+    [dict(Lq=45, Lk=38, rel=(8, 6, True)), dict(Lq=70, rel=(32, 128, False), causal=True),
+     dict(lens=([1, 0, 17, 40], [3, 2, 17, 45]), rel=(16, 20, True))],
+    ids=["narrow-band", "wide-band-causal", "varlen"],
+)  # fmt: skip
+def test_split_dq_tiles_carry_the_lut_gradient(dq, case, monkeypatch):
+    """The dQ kernel's d_lut reduction carries each key block's partial diagonal sums to the next blocks (one atomic
+    per distance and block): 2-5 wraps per tile, across far tiles (narrow band) and sequence ends; tiles with more
+    wraps (64 x 8) take the per-tile reduction."""
+    monkeypatch.setattr(A, "_FORCE", {"bwd": "split", "dq": dq})
+    run_case(torch.float32, B=1 if "lens" in case else 2, H=2, **case)
+
+
+@pytest.mark.parametrize(
     "case",
     [
         dict(Lq=61, rel=(8, 6, True)),

@@ -6,7 +6,8 @@ T5 v1.1-base attention shapes (bf16, H=12, D=64, 16k tokens: B = 16384 // L), bi
 default dispatch without bias; ours as the model calls it (a rel_lut that needs its gradient), without the lut
 gradient, without a bias; then tile sweeps of each kernel (fwd, dkdv, dq) with the others at their defaults.
 
-  PYTHONPATH=src python3 benchmarks/results/2026-12-02-h200-d/probe_bwd.py
+  PYTHONPATH=src python3 benchmarks/results/2026-12-02-h200-d/probe_bwd.py [LENGTHS [KERNELS]]
+  (defaults: 512,1024,2048 and fwd,dkdv,dq)
 """
 
 import collections
@@ -114,17 +115,20 @@ def row(rows, name, L, causal, f, fb):
 
 def main():
     print("torch", torch.__version__, torch.cuda.get_device_name(), flush=True)
+    lengths = tuple(int(x) for x in (sys.argv[1] if len(sys.argv) > 1 else "512,1024,2048").split(","))
+    kernels = (sys.argv[2] if len(sys.argv) > 2 else "fwd,dkdv,dq").split(",")
     rows, sweep = [], []
-    for L in (512, 1024, 2048):
+    for L in lengths:
         for causal in (False, True):
             row(rows, "sdpa default, no bias", L, causal, *sdpa(L, causal))
             row(rows, "ours, t5 lut + grad (model)", L, causal, *ours(L, causal))
             row(rows, "ours, t5 lut, no grad", L, causal, *ours(L, causal, "nograd"))
             row(rows, "ours, no bias", L, causal, *ours(L, causal, "none"))
     print(utils.markdown_table(rows), flush=True)
-    for L in (512, 1024, 2048):
+    for L in lengths:
         for causal in (False, True):
-            for kname, cands in SWEEP.items():
+            for kname in kernels:
+                cands = SWEEP[kname]
                 for c in cands:
                     try:
                         f, fb = ours(L, causal, force={kname: c})
