@@ -244,10 +244,9 @@ def test_alternative_kernel_paths(force, monkeypatch):
      dict(lens=([1, 0, 17, 40], [3, 2, 17, 45]), rel=(16, 20, True))],
     ids=["narrow-band", "wide-band-causal", "varlen"],
 )  # fmt: skip
-def test_split_dq_tiles_carry_the_lut_gradient(dq, case, monkeypatch):
-    """The dQ kernel's d_lut reduction carries each key block's partial diagonal sums to the next blocks (one atomic
-    per distance and block): 2-5 wraps per tile, across far tiles (narrow band) and sequence ends; tiles with more
-    wraps (64 x 8) take the per-tile reduction."""
+def test_split_dq_tiles_reduce_the_lut_gradient(dq, case, monkeypatch):
+    """The dQ kernel's d_lut reduction (rotated near tiles, masked column sums per wrap) with 2 to 9 wraps per tile,
+    with far tiles between near ones (narrow band), a band wider than the sequence, and varlen sequence ends."""
     monkeypatch.setattr(A, "_FORCE", {"bwd": "split", "dq": dq})
     run_case(torch.float32, B=1 if "lens" in case else 2, H=2, **case)
 

@@ -92,7 +92,11 @@ within rows: warp shuffles), so that each column holds one residue of the in-til
 column count; masked column sums per "wrap" are then the ``BLOCK_M + BLOCK_N - 1`` diagonal sums, each added to
 ``d_lut`` with one fp32 atomic. (Skewing the tile into diagonals-as-rows, the first version, needs a gathered tile
 twice the tile's size and spilled registers in the fused kernel.) ``d_lut`` and a broadcast ``d_bias`` are summed
-by atomics in both variants (nondeterministic order, fp32 rounding only), as is dQ in the fused one.
+by atomics in both variants (nondeterministic order, fp32 rounding only), as is dQ in the fused one. Measured cost
+(H200, kernel time, T5 v1.1-base shapes, 16k tokens, 2026-12-02): the reduction doubles the dQ kernel (220 against
+109 us at L=512, a quarter of the backward). It is not the atomics: carrying each tile's partial diagonal sums to
+the next key blocks (one atomic per distance and block instead of per wrap, 3x fewer) made the kernel 9 % slower at
+L=512 and 20 % at 2048 (four more loop-carried vectors); the rotation and the masked column sums are the cost.
 
 Host path
 ---------
@@ -481,41 +485,6 @@ def _dl_ptr(dlut_base, idx, BKT, NH, BUCKETS: tl.constexpr):
 
 
 @triton.jit
-def _rotate_diagonals(ds, ROWS: tl.constexpr, COLS: tl.constexpr, TRANSPOSED: tl.constexpr):
-    """``(g, wrap)``: every row of ``ds`` rotated by its own index, so that column ``col`` of ``g`` holds the
-    elements whose in-tile offset ``u`` (``j - i``, or ``a - b`` for ``TRANSPOSED``) is ``col`` modulo ``COLS``;
-    ``wrap = (u - col) // COLS`` (exact) tells them apart. See :func:`_diag_sums_to_lut`."""
-    r = tl.arange(0, ROWS)[:, None]
-    col = tl.arange(0, COLS)[None, :]  # the residue column: u = col (mod COLS)
-    if TRANSPOSED:
-        src = (r - col) & (COLS - 1)  # b with a - b = col (mod COLS)
-        u = r - src
-    else:
-        src = (r + col) & (COLS - 1)  # j with j - i = col (mod COLS)
-        u = src - r
-    g = tl.gather(ds, src, 1)  # (ROWS, COLS): g[row, col] = ds[row, src]
-    return g, (u - col) // COLS
-
-
-@triton.jit
-def _wrap_sum(g, wrap, W: tl.constexpr, COLS: tl.constexpr):
-    """Column sums of the rotated tile's elements of wrap ``W`` (zeros for ``W > 0``: no element has one when the
-    tile has ``COLS`` columns)."""
-    if W > 0:
-        return tl.zeros([COLS], dtype=tl.float32)
-    else:
-        return tl.sum(tl.where(wrap == W, g, 0.0), 0)
-
-
-@triton.jit
-def _flush_diag(p, dist0, R, dlut_base, BKT, NH, BUCKETS: tl.constexpr, COLS: tl.constexpr):
-    """Add the finished diagonal sums ``p`` (``COLS`` consecutive distances from ``dist0``) into d_lut: one atomic
-    per nonzero sum."""
-    idx = tl.minimum(tl.maximum(dist0 + tl.arange(0, COLS), -R), R) + R
-    tl.atomic_add(_dl_ptr(dlut_base, idx, BKT, NH, BUCKETS), p, mask=p != 0.0, sem="relaxed")
-
-
-@triton.jit
 def _diag_sums_to_lut(ds, c, R, dlut_base, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       TRANSPOSED: tl.constexpr, DIAG_GATHER: tl.constexpr, mi, nj, off, BKT, NH,
                       BUCKETS: tl.constexpr):  # fmt: skip
@@ -540,7 +509,16 @@ def _diag_sums_to_lut(ds, c, R, dlut_base, BLOCK_M: tl.constexpr, BLOCK_N: tl.co
             ROWS: tl.constexpr = BLOCK_M
             COLS: tl.constexpr = BLOCK_N
             U_LO: tl.constexpr = -(BLOCK_M - 1)
-        g, wrap = _rotate_diagonals(ds, ROWS, COLS, TRANSPOSED)
+        r = tl.arange(0, ROWS)[:, None]
+        col = tl.arange(0, COLS)[None, :]  # the residue column: u = col (mod COLS)
+        if TRANSPOSED:
+            src = (r - col) & (COLS - 1)  # b with a - b = col (mod COLS)
+            u = r - src
+        else:
+            src = (r + col) & (COLS - 1)  # j with j - i = col (mod COLS)
+            u = src - r
+        g = tl.gather(ds, src, 1)  # (ROWS, COLS): g[row, col] = ds[row, src]
+        wrap = (u - col) // COLS  # exact: u = col + COLS * wrap
         W_LO: tl.constexpr = -((-U_LO + COLS - 1) // COLS)  # floor(U_LO / COLS)
         W_HI: tl.constexpr = (BLOCK_N - 1) // COLS
         cols = tl.arange(0, COLS)
@@ -739,16 +717,6 @@ def _bwd_q_block(
     dl_left = tl.zeros([BLOCK_M], dtype=tl.float32)
     dl_right = tl.zeros([BLOCK_M], dtype=tl.float32)
     db_rows = tl.zeros([BLOCK_M], dtype=tl.float32)
-    # d_lut of near tiles, carried (CARRY): the rotated tile of key block ``blk`` has NW wraps, whose diagonal sums
-    # belong to the key-block diagonals blk + 1 - NW .. blk; the lowest is complete after this tile and is added to
-    # d_lut (one atomic per distance), the others wait in p1..p4 for the next tiles' sums of the same diagonals.
-    # One atomic per distance and tile instead of one per distance, tile and wrap (3x fewer at 64 x 32 tiles).
-    NW: tl.constexpr = (BLOCK_M + BLOCK_N - 2) // BLOCK_N + 1
-    CARRY: tl.constexpr = REL_GRAD and DIAG_GATHER and NW <= 5
-    p1 = tl.zeros([BLOCK_N], dtype=tl.float32)
-    p2 = tl.zeros([BLOCK_N], dtype=tl.float32)
-    p3 = tl.zeros([BLOCK_N], dtype=tl.float32)
-    p4 = tl.zeros([BLOCK_N], dtype=tl.float32)
     for start_n in range(0, n_end * BLOCK_N, BLOCK_N):
         blk = start_n // BLOCK_N
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -765,30 +733,7 @@ def _bwd_q_block(
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         ds = p * (dp - delta[:, None])  # dL/dS in natural units (S = scale * q k^T + bias)
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
-        if CARRY:
-            if near:
-                g, wrap = _rotate_diagonals(ds, BLOCK_M, BLOCK_N, False)
-                t0 = _wrap_sum(g, wrap, 1 - NW, BLOCK_N)
-                t1 = _wrap_sum(g, wrap, 2 - NW, BLOCK_N)
-                t2 = _wrap_sum(g, wrap, 3 - NW, BLOCK_N)
-                t3 = _wrap_sum(g, wrap, 4 - NW, BLOCK_N)
-                t4 = _wrap_sum(g, wrap, 5 - NW, BLOCK_N)
-            else:  # the whole far tile shares the bucket of distance -R (left) or +R (right): row sums suffice
-                rs = tl.sum(ds, 1)
-                dl_left += tl.where(blk < n_a, rs, 0.0)
-                dl_right += tl.where(blk < n_a, 0.0, rs)
-                t0 = tl.zeros([BLOCK_N], dtype=tl.float32)
-                t1 = t0
-                t2 = t0
-                t3 = t0
-                t4 = t0
-            # key-block diagonal blk + 1 - NW is complete: its first distance is start_n + (1 - NW) * BLOCK_N - q pos
-            _flush_diag(p1 + t0, start_n + (1 - NW) * BLOCK_N - (m0 + off), R, dlut_base, BKT, NH, BUCKETS, BLOCK_N)
-            p1 = p2 + t1
-            p2 = p3 + t2
-            p3 = p4 + t3
-            p4 = t4
-        elif REL_GRAD:
+        if REL_GRAD:
             if near:
                 c = start_n - (m0 + off)  # distance of tile element (0, 0)
                 _diag_sums_to_lut(
@@ -813,15 +758,6 @@ def _bwd_q_block(
                     tl.store(db_ptrs, ds, mask=db_mask)
     dq *= scale
     tl.store(dq_base + offs_m[:, None] * sdqm + offs_d[None, :], dq.to(dq_base.dtype.element_ty), mask=rmask[:, None])
-    if CARRY:  # the diagonals still pending after the last key block (p_j: key-block diagonal n_end - NW + j)
-        d_end = n_end * BLOCK_N - NW * BLOCK_N - (m0 + off)
-        _flush_diag(p1, d_end + BLOCK_N, R, dlut_base, BKT, NH, BUCKETS, BLOCK_N)
-        if NW > 2:
-            _flush_diag(p2, d_end + 2 * BLOCK_N, R, dlut_base, BKT, NH, BUCKETS, BLOCK_N)
-        if NW > 3:
-            _flush_diag(p3, d_end + 3 * BLOCK_N, R, dlut_base, BKT, NH, BUCKETS, BLOCK_N)
-        if NW > 4:
-            _flush_diag(p4, d_end + 4 * BLOCK_N, R, dlut_base, BKT, NH, BUCKETS, BLOCK_N)
     if REL_GRAD:
         # far tiles: two atomics per program
         tl.atomic_add(_dl_ptr(dlut_base, 0, BKT, NH, BUCKETS), tl.sum(dl_left, 0), sem="relaxed")
@@ -922,10 +858,10 @@ _SM90: dict[tuple[str, int], _Cfg] = {
     ("fwd", 256): _Cfg(64, 64, 8, 2),
     ("dkdv", 16): _Cfg(64, 64, 4, 3),
     ("dkdv", 32): _Cfg(64, 64, 4, 3),
-    ("dkdv", 64): _Cfg(32, 128, 4, 3),  # 5-9 % faster than (64, 64, 4, 3) at L=512-2048 (kernel-timed, 2026-12-02)
+    ("dkdv", 64): _Cfg(32, 128, 4, 3),  # 6 % faster than (64, 64, 4, 3) at L=512 and 2048 (kernel-timed, 2026-12-02)
     ("dkdv", 128): _Cfg(32, 64, 4, 4),
     ("dkdv", 256): _Cfg(32, 64, 8, 2),
-    # the causal dK/dV kernel (D=64: 6 % faster than the bidirectional tile at L=512-2048; the rest: dkdv's)
+    # the causal dK/dV kernel (D=64: 5-7 % faster than (64, 64, 4, 3) at L=512 and 2048; the rest: dkdv's)
     ("dkdv_causal", 16): _Cfg(64, 64, 4, 3),
     ("dkdv_causal", 32): _Cfg(64, 64, 4, 3),
     ("dkdv_causal", 64): _Cfg(16, 128, 4, 3),
