@@ -158,8 +158,8 @@ def _decode_split_kernel(
     b = bh // H
     h = bh - b * H
     n = tl.load(SEQ + b * s_seq)
-    n = tl.minimum(tl.maximum(n, 0), LMAX)
-    per_split = tl.cdiv(tl.cdiv(n, n_splits), BLOCK_N) * BLOCK_N
+    n = tl.minimum(tl.maximum(n, 0), LMAX)  # out-of-range lengths never read outside the cache
+    per_split = tl.cdiv(tl.cdiv(n, n_splits), BLOCK_N) * BLOCK_N  # this row's valid keys, in equal slices
     start = split * per_split
     end = tl.minimum(start + per_split, n)
     q_pos = n - 1
@@ -169,7 +169,7 @@ def _decode_split_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     b64 = b.to(tl.int64)
     q = tl.load(Q + b64 * sqb + h * sqh + offs_r[:, None] * 0 + offs_d[None, :])  # (16, D): q in every row
-    rows = (start + offs_n).to(tl.int64)[:, None]
+    rows = (start + offs_n).to(tl.int64)[:, None]  # (BLOCK_N, 1); int64: row * stride can pass 2**31
     k_ptrs = K + b64 * skb + h * skh + rows * skm + offs_d[None, :]
     v_ptrs = V + b64 * svb + h * svh + rows * svm + offs_d[None, :]
     if HAS_REL:
@@ -194,7 +194,7 @@ def _decode_split_kernel(
             s -= alibi2 * tl.abs(rel).to(tl.float32)
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a slice that has seen only -inf so far
         p = tl.math.exp2(s - m_use[:, None])
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
@@ -204,7 +204,7 @@ def _decode_split_kernel(
         k_ptrs += BLOCK_N * skm
         v_ptrs += BLOCK_N * svm
 
-    empty = l_i == 0.0
+    empty = l_i == 0.0  # no valid key in this slice (or in the row): output 0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     row0 = offs_r == 0
     if SPLIT:
