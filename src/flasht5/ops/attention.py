@@ -861,12 +861,8 @@ _SM90: dict[tuple[str, int], _Cfg] = {
     ("dkdv", 64): _Cfg(32, 128, 4, 3),  # 6 % faster than (64, 64, 4, 3) at L=512 and 2048 (kernel-timed, 2026-12-02)
     ("dkdv", 128): _Cfg(32, 64, 4, 4),
     ("dkdv", 256): _Cfg(32, 64, 8, 2),
-    # the causal dK/dV kernel (D=64: 5-7 % faster than (64, 64, 4, 3) at L=512 and 2048; the rest: dkdv's)
-    ("dkdv_causal", 16): _Cfg(64, 64, 4, 3),
-    ("dkdv_causal", 32): _Cfg(64, 64, 4, 3),
+    # the causal dK/dV kernel (5-7 % faster than (64, 64, 4, 3) at L=512 and 2048); other head dims take dkdv's
     ("dkdv_causal", 64): _Cfg(16, 128, 4, 3),
-    ("dkdv_causal", 128): _Cfg(32, 64, 4, 4),
-    ("dkdv_causal", 256): _Cfg(32, 64, 8, 2),
     # split2's dK/dV kernel, which also reduces d_lut (more registers: the rotated dS^T tile and its sums)
     ("dkdv_lut", 16): _Cfg(64, 64, 4, 3),
     ("dkdv_lut", 32): _Cfg(64, 64, 4, 3),
@@ -907,11 +903,6 @@ _SM80: dict[tuple[str, int], _Cfg] = {
     ("dkdv", 64): _Cfg(32, 64, 4, 2),
     ("dkdv", 128): _Cfg(32, 64, 4, 2),
     ("dkdv", 256): _Cfg(16, 32, 4, 1),
-    ("dkdv_causal", 16): _Cfg(32, 64, 4, 2),
-    ("dkdv_causal", 32): _Cfg(32, 64, 4, 2),
-    ("dkdv_causal", 64): _Cfg(32, 64, 4, 2),
-    ("dkdv_causal", 128): _Cfg(32, 64, 4, 2),
-    ("dkdv_causal", 256): _Cfg(16, 32, 4, 1),
     ("dkdv_lut", 16): _Cfg(32, 64, 4, 2),
     ("dkdv_lut", 32): _Cfg(32, 64, 4, 2),
     ("dkdv_lut", 64): _Cfg(32, 64, 4, 2),
@@ -991,13 +982,18 @@ def _table_route() -> str:
     return _TABLE_DEFAULT if v is None else v  # type: ignore[return-value]
 
 
+# A kernel's family: forcing the family's config forces the kernel's too (_FORCE), and a (kernel, head dim) that a
+# table does not list takes the family's entry.
+_FAMILY = {"kv_nolut": "kv", "dkdv_lut": "dkdv", "dkdv_causal": "dkdv", "dq2": "dq"}
+
+
 def _pick(kernel: str, head_dim: int, dtype: torch.dtype, arch: int) -> _Cfg:
     if interpreting():
         return _INTERPRET_CFG
-    if dtype == torch.float32:  # 4-byte tiles: the small Ampere tiles, single-stage at D=256 (shared memory)
-        cfg = _SM80[(kernel, head_dim)]
-        return cfg._replace(num_stages=1) if head_dim == 256 else cfg
-    return (_SM90 if arch >= 9 else _SM80)[(kernel, head_dim)]
+    fp32 = dtype == torch.float32  # 4-byte tiles: the small Ampere tiles, single-stage at D=256 (shared memory)
+    table = _SM80 if fp32 or arch < 9 else _SM90
+    cfg = table.get((kernel, head_dim)) or table[(_FAMILY.get(kernel, kernel), head_dim)]
+    return cfg._replace(num_stages=1) if fp32 and head_dim == 256 else cfg
 
 
 def _config(kernel: str, head_dim: int, device: torch.device, dtype: torch.dtype) -> _Cfg:
@@ -1005,9 +1001,7 @@ def _config(kernel: str, head_dim: int, device: torch.device, dtype: torch.dtype
     if _FORCE:
         forced = _FORCE.get(kernel)
         if forced is None:
-            forced = _FORCE.get(
-                {"kv_nolut": "kv", "dkdv_lut": "dkdv", "dkdv_causal": "dkdv", "dq2": "dq"}.get(kernel, kernel)
-            )
+            forced = _FORCE.get(_FAMILY.get(kernel, kernel))
         if forced is not None:
             return forced  # type: ignore[return-value]
         if "arch" in _FORCE:
