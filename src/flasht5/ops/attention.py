@@ -517,7 +517,7 @@ def _diag_sums_to_lut(ds, c, R, dlut_base, BLOCK_M: tl.constexpr, BLOCK_N: tl.co
         else:
             src = (r + col) & (COLS - 1)  # j with j - i = col (mod COLS)
             u = src - r
-        g = tl.gather(ds, src, 1)  # (ROWS, COLS): g[row, col] = ds[row, src]
+        g = tl.gather(ds, src, 1).to(tl.float32)  # (ROWS, COLS): g[row, col] = ds[row, src]
         wrap = (u - col) // COLS  # exact: u = col + COLS * wrap
         W_LO: tl.constexpr = -((-U_LO + COLS - 1) // COLS)  # floor(U_LO / COLS)
         W_HI: tl.constexpr = (BLOCK_N - 1) // COLS
@@ -532,7 +532,7 @@ def _diag_sums_to_lut(ds, c, R, dlut_base, BLOCK_M: tl.constexpr, BLOCK_N: tl.co
     else:
         rel = nj - (mi + off)
         idx = tl.minimum(tl.maximum(rel, -R), R) + R
-        tl.atomic_add(_dl_ptr(dlut_base, idx, BKT, NH, BUCKETS), ds, sem="relaxed")
+        tl.atomic_add(_dl_ptr(dlut_base, idx, BKT, NH, BUCKETS), ds.to(tl.float32), sem="relaxed")
 
 
 @triton.jit
@@ -732,12 +732,13 @@ def _bwd_q_block(
         p = tl.math.exp2(s - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         ds = p * (dp - delta[:, None])  # dL/dS in natural units (S = scale * q k^T + bias)
-        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
+        ds_lo = ds.to(k.dtype)
+        dq = tl.dot(ds_lo, k, dq, input_precision=DOT_PREC)
         if REL_GRAD:
             if near:
                 c = start_n - (m0 + off)  # distance of tile element (0, 0)
-                _diag_sums_to_lut(
-                    ds, c, R, dlut_base, BLOCK_M, BLOCK_N, False, DIAG_GATHER, offs_m[:, None], offs_n[None, :], off,
+                _diag_sums_to_lut(  # the tile in the matmul's dtype (as dq sees it): half the rotation's traffic
+                    ds_lo, c, R, dlut_base, BLOCK_M, BLOCK_N, False, DIAG_GATHER, offs_m[:, None], offs_n[None, :], off,
                     BKT, NH, BUCKETS,
                 )  # fmt: skip
             else:  # the whole far tile shares the bucket of distance -R (left) or +R (right): row sums suffice
