@@ -97,6 +97,8 @@ by atomics in both variants (nondeterministic order, fp32 rounding only), as is 
 109 us at L=512, a quarter of the backward). It is not the atomics: carrying each tile's partial diagonal sums to
 the next key blocks (one atomic per distance and block instead of per wrap, 3x fewer) made the kernel 9 % slower at
 L=512 and 20 % at 2048 (four more loop-carried vectors); the rotation and the masked column sums are the cost.
+Rotating the tile in the matmul's dtype (bf16, half the shuffle's bytes) instead of fp32 was slower too: 251 against
+220 us at L=512, 690 against 568 at 2048 (the conversions back to fp32 cost more than the bytes saved).
 
 Host path
 ---------
@@ -517,7 +519,7 @@ def _diag_sums_to_lut(ds, c, R, dlut_base, BLOCK_M: tl.constexpr, BLOCK_N: tl.co
         else:
             src = (r + col) & (COLS - 1)  # j with j - i = col (mod COLS)
             u = src - r
-        g = tl.gather(ds, src, 1).to(tl.float32)  # (ROWS, COLS): g[row, col] = ds[row, src]
+        g = tl.gather(ds, src, 1)  # (ROWS, COLS): g[row, col] = ds[row, src]
         wrap = (u - col) // COLS  # exact: u = col + COLS * wrap
         W_LO: tl.constexpr = -((-U_LO + COLS - 1) // COLS)  # floor(U_LO / COLS)
         W_HI: tl.constexpr = (BLOCK_N - 1) // COLS
@@ -532,7 +534,7 @@ def _diag_sums_to_lut(ds, c, R, dlut_base, BLOCK_M: tl.constexpr, BLOCK_N: tl.co
     else:
         rel = nj - (mi + off)
         idx = tl.minimum(tl.maximum(rel, -R), R) + R
-        tl.atomic_add(_dl_ptr(dlut_base, idx, BKT, NH, BUCKETS), ds.to(tl.float32), sem="relaxed")
+        tl.atomic_add(_dl_ptr(dlut_base, idx, BKT, NH, BUCKETS), ds, sem="relaxed")
 
 
 @triton.jit
@@ -732,13 +734,12 @@ def _bwd_q_block(
         p = tl.math.exp2(s - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         ds = p * (dp - delta[:, None])  # dL/dS in natural units (S = scale * q k^T + bias)
-        ds_lo = ds.to(k.dtype)
-        dq = tl.dot(ds_lo, k, dq, input_precision=DOT_PREC)
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
         if REL_GRAD:
             if near:
                 c = start_n - (m0 + off)  # distance of tile element (0, 0)
-                _diag_sums_to_lut(  # the tile in the matmul's dtype (as dq sees it): half the rotation's traffic
-                    ds_lo, c, R, dlut_base, BLOCK_M, BLOCK_N, False, DIAG_GATHER, offs_m[:, None], offs_n[None, :], off,
+                _diag_sums_to_lut(
+                    ds, c, R, dlut_base, BLOCK_M, BLOCK_N, False, DIAG_GATHER, offs_m[:, None], offs_n[None, :], off,
                     BKT, NH, BUCKETS,
                 )  # fmt: skip
             else:  # the whole far tile shares the bucket of distance -R (left) or +R (right): row sums suffice
