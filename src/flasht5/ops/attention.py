@@ -98,7 +98,7 @@ by atomics in both variants (nondeterministic order, fp32 rounding only), as is 
 the next key blocks (one atomic per distance and block instead of per wrap, 3x fewer) made the kernel 9 % slower at
 L=512 and 20 % at 2048 (four more loop-carried vectors); the rotation and the masked column sums are the cost.
 Rotating the tile in the matmul's dtype (bf16, half the shuffle's bytes) instead of fp32 was slower too: 251 against
-220 us at L=512, 690 against 568 at 2048 (the conversions back to fp32 cost more than the bytes saved).
+220 us at L=512, 690 against 568 at 2048 (not analysed further: the fp32 rotation stays).
 
 Host path
 ---------
